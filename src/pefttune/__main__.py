@@ -1,0 +1,5 @@
+import sys
+
+from pefttune.cli import main
+
+sys.exit(main())

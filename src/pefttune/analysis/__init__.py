@@ -1,0 +1,1 @@
+"""Results-store access, ensembles, statistics, exports and plots."""

@@ -1,0 +1,350 @@
+"""Frozen speech SSL encoders (wav2vec 2.0, HuBERT, WavLM), run component by component.
+
+`load_backbone(name_or_path)` accepts
+- a built-in tiny backbone name (`tiny-wav2vec2`, `tiny-hubert`, `tiny-wavlm`: random init
+  from a fixed seed, for unit tests) or a shipped self-supervised one (see `SHIPPED`),
+- a local directory written by `save_pretrained`, or
+- a Hugging Face model id (needs the model in the local HF cache or network access).
+
+The returned :class:`SpeechEncoder` keeps the transformers model frozen and runs it in
+two separable steps, so that trainers can cache what never changes:
+
+1. :meth:`SpeechEncoder.embed`: CNN feature encoder, feature projection, positional
+   convolution (always frozen, always run under ``no_grad``) -> hidden state 0;
+2. :meth:`SpeechEncoder.run_layers`: the transformer layers, where PEFT methods live.
+
+Attention in every layer is served by :mod:`pefttune.attention`, which calls the
+q/k/v/out projection modules (so wrapped projections such as LoRA train on every family,
+WavLM included) and accepts learned key/value prefixes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    HubertConfig,
+    HubertModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
+
+from pefttune import attention
+
+Family = Literal["wav2vec2", "hubert", "wavlm"]
+FAMILIES: tuple[Family, ...] = ("wav2vec2", "hubert", "wavlm")
+
+_CONFIG_CLASSES = {"wav2vec2": Wav2Vec2Config, "hubert": HubertConfig, "wavlm": WavLMConfig}
+_MODEL_CLASSES = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "wavlm": WavLMModel}
+
+#: Built-in random-init tiny backbones: name -> family. Unit tests use these.
+TINY_BACKBONES: dict[str, Family] = {
+    "tiny-wav2vec2": "wav2vec2",
+    "tiny-hubert": "hubert",
+    "tiny-wavlm": "wavlm",
+}
+
+#: Self-supervised backbones shipped inside the package (directory under pefttune/assets).
+SHIPPED: dict[str, str] = {
+    "tiny-hubert-ssl": "tiny-hubert-ssl",
+}
+
+SAMPLE_RATE = 16_000
+TINY_SEED = 1234
+
+
+def tiny_config(
+    family: Family,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    conv_dim: int | None = None,
+) -> PretrainedConfig:
+    """A small config with the real models' 20 ms frame rate and no dropout.
+
+    The CNN has kernels (10, 3, 3, 3, 2) and strides (5, 4, 4, 2, 2): total stride 320
+    samples at 16 kHz, i.e. 49 frames per second like wav2vec 2.0 base. Layer norm in the
+    CNN (not group norm) so that padded batches with attention masks are exact.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown backbone family {family!r}; expected one of {FAMILIES}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    conv = conv_dim or hidden_size
+    kwargs = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        conv_dim=(conv,) * 5,
+        conv_kernel=(10, 3, 3, 3, 2),
+        conv_stride=(5, 4, 4, 2, 2),
+        conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=False,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        mask_feature_prob=0.0,
+        vocab_size=32,
+    )
+    if family == "hubert":
+        kwargs["feat_proj_layer_norm"] = True
+    config = _CONFIG_CLASSES[family](**kwargs)
+    config._attn_implementation = "eager" if family == "wavlm" else "sdpa"
+    return config
+
+
+def build_tiny_model(family: Family, seed: int = TINY_SEED, **config_overrides) -> PreTrainedModel:
+    """Random-init tiny model, identical for the same (family, seed, overrides)."""
+    config = tiny_config(family, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[family](config)
+    return model
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type == family or model_type == f"{family}":
+            return family
+    if model_type in ("wav2vec2-conformer",):
+        raise ValueError("backbone: wav2vec2-conformer is not supported (no standard encoder layers)")
+    raise ValueError(
+        f"backbone: model_type {model_type!r} is not a supported speech SSL family {FAMILIES}"
+    )
+
+
+def shipped_dir(name: str) -> Path:
+    return Path(__file__).parent / "assets" / SHIPPED[name]
+
+
+def _load_pretrained(source: str | Path) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(str(source))
+    family = family_of(config)
+    kwargs = {"attn_implementation": "eager"} if family == "wavlm" else {}
+    return _MODEL_CLASSES[family].from_pretrained(str(source), **kwargs)
+
+
+def load_backbone(name_or_path: str | Path) -> "SpeechEncoder":
+    """Load a frozen encoder by built-in name, local directory or Hugging Face id."""
+    name = str(name_or_path)
+    if name in TINY_BACKBONES:
+        return SpeechEncoder(build_tiny_model(TINY_BACKBONES[name]), name=name)
+    if name in SHIPPED:
+        directory = shipped_dir(name)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(
+                f"backbone: shipped weights for {name!r} are missing at {directory}; "
+                "reinstall pefttune or run `pefttune backbone pretrain`"
+            )
+        return SpeechEncoder(_load_pretrained(directory), name=name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"backbone: {path} has no config.json (expected a save_pretrained directory)")
+        return SpeechEncoder(_load_pretrained(path), name=str(path.resolve()))
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"backbone: local path {name} does not exist")
+    try:
+        return SpeechEncoder(_load_pretrained(name), name=name)
+    except OSError as err:
+        raise ValueError(
+            f"backbone: {name!r} is neither a built-in backbone {sorted(TINY_BACKBONES) + sorted(SHIPPED)}, "
+            f"a local directory, nor a Hugging Face id available offline ({err.__class__.__name__})"
+        ) from err
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What placement, heads and budgets need to know about a backbone, without weights."""
+
+    name: str
+    family: Family
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, name: str = "") -> "BackboneInfo":
+        return cls(
+            name=name,
+            family=family_of(config),
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_attention_heads,
+        )
+
+
+class SpeechEncoder(nn.Module):
+    """A frozen transformers speech encoder with all hidden states exposed.
+
+    The wrapped ``model`` is put in eval mode and its parameters frozen; PEFT methods
+    added later (see :func:`pefttune.placement.apply_placement`) are the only trainable
+    parameters. ``train()`` never switches the frozen model's own dropouts on.
+    """
+
+    def __init__(self, model: PreTrainedModel, name: str = ""):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.family: Family = family_of(model.config)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        attention.install(self)
+
+    # -- structure --------------------------------------------------------------
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def info(self) -> BackboneInfo:
+        return BackboneInfo.from_config(self.config, self.name)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def stable_layer_norm(self) -> bool:
+        return bool(getattr(self.config, "do_stable_layer_norm", False))
+
+    def train(self, mode: bool = True) -> "SpeechEncoder":
+        # Keep the frozen model in eval mode (no dropout); PEFT modules follow `mode`.
+        super().train(mode)
+        self.model.eval()
+        for module in self.model.modules():
+            if getattr(module, "pefttune_trainable", False):
+                module.train(mode)
+        return self
+
+    def content_hash(self) -> str:
+        """SHA-256 over the frozen weights (names, shapes, bytes) and config."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.config.to_diff_dict(), sort_keys=True, default=str).encode())
+        frozen = {}
+        for key, tensor in self.model.state_dict().items():
+            if any(tag in key for tag in ("lora_", "ia3_", ".pefttune.")):
+                continue  # PEFT weights, not the backbone's
+            frozen[key.replace(".base_layer", "")] = tensor
+        for key, tensor in sorted(frozen.items()):
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- forward, in two steps ------------------------------------------------------
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        return self.model._get_feat_extract_output_lengths(sample_lengths).to(torch.long)
+
+    def frame_mask(self, attention_mask: torch.Tensor | None, num_frames: int, batch: int) -> torch.Tensor:
+        """Boolean (B, frames) mask of valid frames from a (B, samples) sample mask."""
+        if attention_mask is None:
+            return torch.ones(batch, num_frames, dtype=torch.bool)
+        lengths = self.frame_lengths(attention_mask.sum(-1))
+        positions = torch.arange(num_frames, device=attention_mask.device)
+        return positions[None, :] < lengths[:, None]
+
+    @torch.no_grad()
+    def embed(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen front end -> (hidden state 0 (B, T, D), frame mask (B, T) bool).
+
+        Runs under ``no_grad``: nothing here is trainable, so backward never enters the CNN.
+        """
+        model = self.model
+        features = model.feature_extractor(input_values).transpose(1, 2)
+        mask = self.frame_mask(attention_mask, features.shape[1], features.shape[0]).to(features.device)
+        projected = model.feature_projection(features)
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        hidden = hidden.masked_fill(~mask[..., None], 0.0)
+        encoder = model.encoder
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        if not self.stable_layer_norm:
+            hidden = encoder.layer_norm(hidden)
+        return hidden, mask
+
+    def position_bias(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """WavLM's relative position bias (computed by layer 0, shared by all layers)."""
+        if self.family != "wavlm":
+            return None
+        batch, frames, _ = hidden.shape
+        attn = self.layers[0].attention
+        bias = attn.compute_bias(frames, frames)
+        return bias.unsqueeze(0).repeat(batch, 1, 1, 1).view(batch * attn.num_heads, frames, frames)
+
+    def run_layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run encoder layer ``index`` (with whatever PEFT modules it holds)."""
+        layer = self.layers[index]
+        if self.family == "wavlm":
+            out, _ = layer(hidden, attention_mask=mask, position_bias=position_bias, index=index)
+            return out
+        out = layer(hidden, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        start: int = 0,
+        layer_fn=None,
+        stop: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Run layers ``start..stop-1`` (default: to the last) from ``hidden``, the input of layer ``start``.
+
+        Returns the outputs of each layer run. ``layer_fn(index, hidden, mask, bias)`` may
+        replace :meth:`run_layer` (DARTS mixes use this). For pre-LN (stable layer norm)
+        models the encoder's final layer norm is applied to the last output, as in
+        transformers.
+        """
+        run = layer_fn or self.run_layer
+        bias = self.position_bias(hidden)
+        outputs = []
+        stop = self.num_layers if stop is None else stop
+        for index in range(start, stop):
+            hidden = run(index, hidden, mask, bias)
+            outputs.append(hidden)
+        if self.stable_layer_norm and outputs and stop == self.num_layers:
+            outputs[-1] = self.model.encoder.layer_norm(outputs[-1])
+        return outputs
+
+    def forward(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """All L + 1 hidden states (embedding output, then each layer) and the frame mask."""
+        hidden, mask = self.embed(input_values, attention_mask)
+        return [hidden, *self.run_layers(hidden, mask)], mask

@@ -1,0 +1,42 @@
+"""The `pefttune` command line.
+
+Each subcommand lives in its own small module exposing ``register(subparsers)``,
+which adds its parser and sets ``func`` to a function taking the parsed args.
+Arguments are parsed only here, at the entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pefttune.cli import info
+
+# Subcommand modules, in the order `pefttune --help` lists them.
+SUBCOMMANDS = [info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pefttune",
+        description="Which PEFT method where in a frozen speech SSL encoder: search, DARTS, ensembles.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"pefttune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Speech data: offline synthesized corpora and loaders for SUPERB-style datasets."""

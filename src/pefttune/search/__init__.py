@@ -1,0 +1,1 @@
+"""Search spaces, Optuna/ASHA and experiment orchestration on Ray Tune."""

@@ -1,0 +1,1 @@
+"""Ray Tune function trainables: discrete placement and DARTS."""
