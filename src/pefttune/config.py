@@ -1,0 +1,235 @@
+"""The experiment config: one YAML file, validated before Ray starts.
+
+Every section is a pydantic model whose fields carry help text; unknown keys are
+errors (typos fail early) and messages name the field, e.g.
+``search.num_samples: Input should be greater than or equal to 1``.
+
+Shipped examples live in ``pefttune/configs/`` (``embedded.yaml`` is the default study of
+``pefttune run``; ``superb-ks-hubert-base.yaml`` is a GPU cluster example).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Section):
+    source: Literal["synth", "manifest", "speech_commands", "fluent", "voxceleb1", "librispeech", "iemocap"] = Field(
+        "synth", description="Where the data comes from: synthesized offline (synth), a manifest file, or a standard layout."
+    )
+    task: Literal["ks", "sid", "pr", "ic", "asr", "er", "custom"] = Field(
+        "ks", description="Task: keyword spotting, speaker id, phoneme recognition, intent, ASR, emotion, custom."
+    )
+    path: str | None = Field(None, description="Manifest file or dataset root (not used for synth).")
+    seed: int = Field(0, description="Seed of the synthesized corpus.")
+    per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
+    batch_size: int = Field(16, ge=1, description="Batch size for training and evaluation.")
+    max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source != "synth" and not self.path:
+            raise ValueError(f"data.path: required for data.source={self.source!r}")
+        if self.source == "synth" and self.task not in ("ks", "sid", "pr"):
+            raise ValueError(f"data.task: synthesized corpora exist for ks, sid and pr, not {self.task!r}")
+        return self
+
+
+class HeadSection(_Section):
+    kind: Literal["linear", "mlp", "bilstm"] = Field("linear", description="Head on the weighted layer sum.")
+    hidden: int = Field(128, ge=1, description="Width of the MLP / BiLSTM head.")
+
+
+class TrainSection(_Section):
+    epochs: int = Field(4, ge=1, description="Epochs per trial (ASHA's max_t).")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of PEFT weights (AdamW).")
+    lr_range: tuple[float, float] | None = Field(
+        None, description="If set, the search samples lr log-uniformly in [low, high] instead of using lr."
+    )
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the head (default: lr).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
+    seed: int = Field(0, description="Seed of every trial (the same for all, so comparisons are fair).")
+    bf16: bool = Field(False, description="bf16 autocast on GPU.")
+    metric: Literal["accuracy", "macro_f1", "per", "wer", "cer"] | None = Field(
+        None, description="Task metric (default: accuracy for classification, per/wer for CTC)."
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (smoke tests).")
+
+    @field_validator("lr_range")
+    @classmethod
+    def _range(cls, value):
+        if value is not None and not (0 < value[0] < value[1]):
+            raise ValueError("must be [low, high] with 0 < low < high")
+        return value
+
+
+class SearchSection(_Section):
+    algorithm: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna TPE (default), random, or grid.")
+    num_samples: int = Field(8, ge=0, description="Searched trials (on top of the fixed points below).")
+    scheduler: Literal["asha", "none"] = Field("asha", description="ASHA early stopping or none.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor.")
+    max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
+    uniform_baselines: bool = Field(True, description="Add one uniform trial per candidate method.")
+    hybrid: bool = Field(True, description="Add one trial with all candidate methods merged in every layer.")
+    multi_objective: bool = Field(False, description="Optimise task metric and trainable parameters (Pareto).")
+    max_failures: int = Field(2, ge=0, description="Retries of a failed trial from its last checkpoint.")
+    reuse_actors: bool = Field(True, description="Reuse Ray actors between trials (much less per-trial overhead).")
+
+
+class DartsSection(_Section):
+    enabled: bool = Field(True, description="Run the DARTS arm in `pefttune run`.")
+    mix: Literal["gated", "exact"] = Field(
+        "gated", description="gated: one pass, each method's contribution scaled; exact: softmax-weighted layer outputs."
+    )
+    relaxation: Literal["softmax", "gumbel", "fair"] = Field("softmax", description="Relaxation of the choice.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature (gumbel: start temperature).")
+    final_temperature: float = Field(0.1, gt=0, description="Gumbel: temperature at the end (exponential schedule).")
+    hard: bool = Field(False, description="Gumbel: straight-through hard one-hot samples (GDAS).")
+    order: Literal["first", "second"] = Field("first", description="First- or second-order (unrolled) approximation.")
+    arch_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the architecture weights alpha.")
+    arch_weight_decay: float = Field(1e-3, ge=0, description="Weight decay of alpha.")
+    arch_split: float = Field(0.5, gt=0, lt=1, description="Share of the training set held out for alpha updates.")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs of weight-only training before alpha updates.")
+    budget_penalty: float = Field(0.0, ge=0, description="Weight of the expected-parameters-over-budget penalty.")
+    fair_zero_one: float = Field(10.0, ge=0, description="Fair-DARTS: weight of the zero-one loss.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One DARTS search per seed.")
+    epochs: int | None = Field(None, ge=1, description="Search epochs (default: train.epochs).")
+
+
+class ResourcesSection(_Section):
+    cpu: float = Field(1, gt=0, description="CPUs per trial.")
+    gpu: float = Field(0, ge=0, description="GPUs per trial; fractions share a GPU between trials.")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("pefttune", min_length=1, description="Experiment name (folder under storage).")
+    backbone: str = Field("tiny-hubert-ssl", description="Built-in name, local model dir, or Hugging Face id.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    head: HeadSection = Field(default_factory=HeadSection)
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "sequential": {"bottleneck": 32},
+            "parallel": {"bottleneck": 32},
+            "lora": {"rank": 8},
+            "bitfit": {},
+        },
+        description="Candidate methods per layer, each with fixed values or lists of choices per hyper-parameter. "
+        "'none' is always a candidate.",
+    )
+    budget: int | None = Field(None, ge=0, description="Max trainable PEFT parameters of a placement (None: no limit).")
+    train: TrainSection = Field(default_factory=TrainSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+    darts: DartsSection = Field(default_factory=DartsSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    storage: str = Field("./pefttune-results", description="Local dir or URI Ray accepts (s3://, gs://, ...).")
+    ensemble_size: int = Field(5, ge=2, description="Members of the top-k ensembles.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if "/" in value or value.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: dict) -> dict:
+        from pefttune.methods import get_method
+
+        if not value:
+            raise ValueError("need at least one candidate method")
+        for name, ranges in value.items():
+            try:
+                spec = get_method(name)
+            except ValueError as err:
+                raise ValueError(str(err)) from None
+            if not isinstance(ranges, dict):
+                raise ValueError(f"{name}: expected a mapping of hyper-parameter -> value or list of values")
+            for hp, choices in ranges.items():
+                options = choices if isinstance(choices, list) and hp != "targets" else [choices]
+                if hp == "targets" and isinstance(choices, list) and choices and isinstance(choices[0], list):
+                    options = choices
+                if not options:
+                    raise ValueError(f"{name}.{hp}: empty list of choices")
+                for option in options:
+                    spec.resolve({hp: option}, f"{name}")
+        return value
+
+    def candidate_choices(self) -> dict[str, dict[str, list]]:
+        """Per method, per hyper-parameter: the list of allowed values."""
+        out = {}
+        for name, ranges in self.methods.items():
+            out[name] = {}
+            for hp, choices in ranges.items():
+                if hp == "targets":
+                    is_list_of_lists = isinstance(choices, list) and choices and isinstance(choices[0], list)
+                    out[name][hp] = choices if is_list_of_lists else [choices]
+                else:
+                    out[name][hp] = list(choices) if isinstance(choices, list) else [choices]
+        return out
+
+    def default_hparams(self, method: str) -> dict:
+        """First choice of every listed hyper-parameter (used for fixed points)."""
+        return {hp: values[0] for hp, values in self.candidate_choices()[method].items()}
+
+    @property
+    def task_kind(self) -> str:
+        return "ctc" if self.data.task in ("pr", "asr") else "classification"
+
+    @property
+    def metric(self) -> str:
+        if self.train.metric:
+            return self.train.metric
+        return {"pr": "per", "asr": "wer"}.get(self.data.task, "accuracy")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}")
+    return f"{source}: invalid experiment config\n" + "\n".join(lines)
+
+
+def parse_config(data: dict | None, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ValueError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
+    """Load and validate a YAML config (default: the embedded study)."""
+    path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return parse_config(data, str(path))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

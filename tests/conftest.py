@@ -1,0 +1,26 @@
+"""Shared fixtures: one private Ray instance per test session, small threads."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start one local Ray for the whole session (never `ray stop`: it kills every Ray on the machine)."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="pefttune-ray-")
+    os.environ["RAY_TMPDIR"] = tmp  # private: a crashed run's stale state is never joined
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
