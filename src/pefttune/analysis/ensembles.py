@@ -333,32 +333,38 @@ def _align_to_network(slots: list[list[Hashable]], hyp: list[Hashable], n_prev: 
     """Align ``hyp`` to the network ``slots`` (each slot: one entry per each of the
     ``n_prev`` members aligned so far); returns slots with one more entry each."""
     s, h = len(slots), len(hyp)
-    tokens = [set(x for x in slot if x is not _NULL) for slot in slots]
-    has_null = [any(x is _NULL for x in slot) for slot in slots]
-    d = np.zeros((s + 1, h + 1), dtype=np.int64)
-    d[:, 0] = np.concatenate([[0], np.cumsum([0 if hn else 1 for hn in has_null])])
-    d[0, :] = np.arange(h + 1)
+    has_null = np.array([any(x is _NULL for x in slot) for slot in slots], dtype=bool)
+    skip = np.where(has_null, 0, 1).astype(np.int64)  # cost of giving this member NULL
+    # sub[i, j] = 0 if hyp[j] equals a non-NULL entry of slot i, else 1.
+    ids: dict[Hashable, int] = {}
+    hyp_ids = np.array([ids.setdefault(t, len(ids)) for t in hyp], dtype=np.int64)
+    # Slot entries as ids; NULL and tokens absent from hyp become -1 (match nothing).
+    slot_ids = np.array([[ids.get(x, -1) if x is not _NULL else -1 for x in slot] for slot in slots],
+                        dtype=np.int64).reshape(s, n_prev)
+    sub = np.where((slot_ids[:, :, None] == hyp_ids[None, None, :]).any(axis=1), 0, 1)
+    # d[i, j]: cost of aligning the first i slots with the first j tokens.  Rows are
+    # vectorised; the horizontal (insertion, cost 1) move is a running minimum.
+    jj = np.arange(h + 1, dtype=np.int64)
+    d = np.empty((s + 1, h + 1), dtype=np.int64)
+    d[0] = jj
     for i in range(1, s + 1):
-        skip = 0 if has_null[i - 1] else 1
-        for j in range(1, h + 1):
-            diag = d[i - 1, j - 1] + (0 if hyp[j - 1] in tokens[i - 1] else 1)
-            d[i, j] = min(diag, d[i - 1, j] + skip, d[i, j - 1] + 1)
+        cand = np.empty(h + 1, dtype=np.int64)
+        cand[0] = d[i - 1, 0] + skip[i - 1]
+        cand[1:] = np.minimum(d[i - 1, :-1] + sub[i - 1], d[i - 1, 1:] + skip[i - 1])
+        d[i] = np.minimum.accumulate(cand - jj) + jj
     # Backtrace from the end; preference: slot+token, then skip slot, then insert token.
     out: list[list[Hashable]] = []
     i, j = s, h
     while i > 0 or j > 0:
-        if i > 0 and j > 0:
-            diag = d[i - 1, j - 1] + (0 if hyp[j - 1] in tokens[i - 1] else 1)
-            if d[i, j] == diag:
-                out.append(slots[i - 1] + [hyp[j - 1]])
-                i, j = i - 1, j - 1
-                continue
-        if i > 0 and d[i, j] == d[i - 1, j] + (0 if has_null[i - 1] else 1):
+        if i > 0 and j > 0 and d[i, j] == d[i - 1, j - 1] + sub[i - 1, j - 1]:
+            out.append(slots[i - 1] + [hyp[j - 1]])
+            i, j = i - 1, j - 1
+        elif i > 0 and d[i, j] == d[i - 1, j] + skip[i - 1]:
             out.append(slots[i - 1] + [_NULL])
             i -= 1
-            continue
-        out.append([_NULL] * n_prev + [hyp[j - 1]])
-        j -= 1
+        else:
+            out.append([_NULL] * n_prev + [hyp[j - 1]])
+            j -= 1
     out.reverse()
     return out
 
@@ -380,9 +386,10 @@ def rover_vote(hypotheses: Sequence[Sequence[Sequence[Hashable]]]) -> list[list[
       else 1;
     * inserting token x as a new slot (all earlier members NULL there): 1.
 
-    Among minimum-cost alignments the backtrace (from the end of both
-    sequences) prefers token-against-slot, then slot skip, then insertion.
-    Member order therefore matters; put the most trusted member first.
+    Among minimum-cost alignments, each step of the backtrace (which runs from
+    the ends of both sequences) prefers token-against-slot, then slot skip,
+    then insertion.  Member order therefore matters; put the most trusted
+    member first.  Tokens may be any hashable values except ``None``.
 
     **Vote** per slot: the most frequent entry, NULL included; ties go to the
     entry of the lowest-indexed member holding a tied entry.  NULL winners are
