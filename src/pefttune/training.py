@@ -130,11 +130,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def frozen_step(model: PeftSpeechModel, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Frozen hidden states h_0..h_k (k = lowest adapted layer) and the frame mask."""
-    hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
+def frozen_step(model: PeftSpeechModel, batch: dict, cache=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Frozen hidden states h_0..h_k (k = lowest adapted layer) and the frame mask.
+
+    With a :class:`~pefttune.cache.FrozenStateCache` they come from the cache when present.
+    """
     k = model.placement.lowest_adapted_layer()
     k = model.encoder.num_layers if k is None else k
+    if cache is not None:
+        return cache.frozen_step(model, batch, k + 1)
+    hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
     return model.frozen_states(hidden0, mask, k), mask
 
 
@@ -175,7 +180,7 @@ def unpack_sequences(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(
-    model: PeftSpeechModel, loader: Iterable[dict], config: TrainConfig, device=None, layer_fn=None
+    model: PeftSpeechModel, loader: Iterable[dict], config: TrainConfig, device=None, layer_fn=None, cache=None
 ) -> Evaluation:
     """Score a split and collect per-example predictions.
 
@@ -192,7 +197,7 @@ def evaluate(
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(config, device):
-            states, mask = frozen_step(model, batch)
+            states, mask = frozen_step(model, batch, cache)
             out = model.forward_from(states, mask, layer_fn=layer_fn)
             loss = model.loss(out, mask, batch)
         n = batch["input_values"].shape[0]
@@ -274,6 +279,7 @@ def train_epoch(
     epoch: int,
     hooks: Hooks | None = None,
     device=None,
+    cache=None,
 ) -> tuple[float, int, float]:
     """One pass over ``loader``: (mean train loss, samples seen, seconds)."""
     device = device or next(model.parameters()).device
@@ -289,7 +295,7 @@ def train_epoch(
             hooks.before_step(step, epoch)
             model.train()
         with autocast(config, device):
-            states, mask = frozen_step(model, batch)
+            states, mask = frozen_step(model, batch, cache)
             out = model.forward_from(states, mask, layer_fn=hooks.layer_fn)
             loss = model.loss(out, mask, batch)
         if not torch.isfinite(loss):
@@ -318,11 +324,13 @@ def fit(
     hooks: Hooks | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     device=None,
+    cache=None,
 ) -> list[EpochResult]:
     """Train epochs ``start_epoch..config.epochs``; evaluate on dev after each.
 
     ``on_epoch`` receives each :class:`EpochResult` (the Ray trainable reports and
-    checkpoints there). Raises :class:`DivergedError` on a NaN/inf loss.
+    checkpoints there). ``cache`` (a :class:`~pefttune.cache.FrozenStateCache`) serves the
+    frozen part of each step. Raises :class:`DivergedError` on a NaN/inf loss.
     """
     hooks = hooks or Hooks()
     device = device or next(model.parameters()).device
@@ -333,8 +341,10 @@ def fit(
         scheduler = setup_scheduler(optimizer, steps, config.warmup_ratio)
     results = []
     for epoch in range(start_epoch, config.epochs + 1):
-        train_loss, seen, seconds = train_epoch(model, train_loader, optimizer, scheduler, config, epoch, hooks, device)
-        dev = evaluate(model, dev_loader, config, device, layer_fn=hooks.layer_fn)
+        train_loss, seen, seconds = train_epoch(
+            model, train_loader, optimizer, scheduler, config, epoch, hooks, device, cache
+        )
+        dev = evaluate(model, dev_loader, config, device, layer_fn=hooks.layer_fn, cache=cache)
         extra = hooks.epoch_metrics(epoch) if hooks.epoch_metrics else {}
         result = EpochResult(epoch, train_loss, dev, seen / max(seconds, 1e-9), seconds, extra)
         results.append(result)

@@ -1,0 +1,119 @@
+"""Cache of the frozen part of the forward pass, per utterance.
+
+The backbone is frozen, so everything below the lowest adapted layer k (CNN feature
+encoder, feature projection, positional convolution, and layers 0..k-1 when they hold
+no PEFT module) gives the same hidden states h_0..h_k for an utterance in every epoch
+and every trial. :class:`FrozenStateCache` keeps those states per utterance:
+
+- in memory (up to ``max_memory_bytes``), and
+- optionally on disk under ``directory/<key>/`` as one ``.npy`` file per utterance
+  (written atomically, read with ``allow_pickle=False``, memory-mapped), so every
+  trial on a node shares them.
+
+The key must change whenever the states could: :func:`cache_key` hashes the backbone's
+weights, the dataset manifest and the preprocessing settings. A trial whose
+lowest adapted layer is k reads h_0..h_k from the cache and runs only layers >= k.
+
+With dropout off in the frozen part (always: :class:`~pefttune.backbones.SpeechEncoder`
+keeps it in eval mode), cached and uncached training give the same losses up to float
+rounding (batched vs per-utterance matmuls).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pefttune.model import PeftSpeechModel
+
+
+def cache_key(backbone_hash: str, manifest: str | Path, preprocessing: dict) -> str:
+    """Content hash naming one cache: backbone weights x manifest x preprocessing.
+
+    Utterances are keyed by their manifest row index, unique across splits.
+    """
+    digest = hashlib.sha256()
+    digest.update(backbone_hash.encode())
+    digest.update(Path(manifest).read_bytes())
+    digest.update(json.dumps(preprocessing, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def estimate_bytes(num_utterances: int, frames: int, num_states: int, hidden: int, itemsize: int = 4) -> int:
+    return num_utterances * frames * num_states * hidden * itemsize
+
+
+class FrozenStateCache:
+    """Frozen hidden states h_0..h_k per utterance index, in memory and optionally on disk."""
+
+    def __init__(self, key: str, directory: str | Path | None = None, max_memory_bytes: int = 2 * 2**30):
+        self.key = key
+        self.directory = Path(directory) / key if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_memory_bytes = max_memory_bytes
+        self.memory: dict[int, torch.Tensor] = {}
+        self.memory_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    # -- per utterance -------------------------------------------------------------------
+    def _path(self, index: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{index}.npy"
+
+    def lookup(self, index: int, num_states: int) -> torch.Tensor | None:
+        """States (>= num_states, T, D) of utterance ``index``, or None."""
+        states = self.memory.get(index)
+        if states is None and self.directory is not None and self._path(index).exists():
+            states = torch.from_numpy(np.load(self._path(index), mmap_mode="r", allow_pickle=False).copy())
+            self._remember(index, states)
+        if states is None or states.shape[0] < num_states:
+            return None
+        return states[:num_states]
+
+    def _remember(self, index: int, states: torch.Tensor) -> None:
+        size = states.numel() * states.element_size()
+        old = self.memory.get(index)
+        if old is not None:
+            self.memory_bytes -= old.numel() * old.element_size()
+        if self.memory_bytes + size <= self.max_memory_bytes:
+            self.memory[index] = states
+            self.memory_bytes += size
+
+    def store(self, index: int, states: torch.Tensor) -> None:
+        states = states.detach().to("cpu", torch.float32).contiguous()
+        self._remember(index, states)
+        if self.directory is not None:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, states.numpy(), allow_pickle=False)
+            os.replace(tmp, self._path(index))
+
+    # -- per batch -----------------------------------------------------------------------
+    def frozen_step(self, model: PeftSpeechModel, batch: dict, num_states: int):
+        """Like :func:`pefttune.training.frozen_step`, served from the cache when possible."""
+        indices = batch["index"].tolist()
+        found = [self.lookup(i, num_states) for i in indices]
+        device = batch["input_values"].device
+        if all(f is not None for f in found):
+            self.hits += len(indices)
+            lengths = torch.tensor([f.shape[1] for f in found])
+            frames = int(lengths.max())
+            padded = torch.zeros(num_states, len(found), frames, found[0].shape[-1])
+            for b, f in enumerate(found):
+                padded[:, b, : f.shape[1]] = f
+            mask = torch.arange(frames)[None, :] < lengths[:, None]
+            return [s.to(device) for s in padded.unbind(0)], mask.to(device)
+        self.misses += len(indices)
+        hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
+        states = model.frozen_states(hidden0, mask, num_states - 1)
+        stacked = torch.stack(states)  # (S, B, T, D)
+        for b, (index, length) in enumerate(zip(indices, mask.sum(1).tolist())):
+            self.store(index, stacked[:, b, :length])
+        return states, mask
