@@ -59,6 +59,12 @@ SHIPPED: dict[str, str] = {
     "tiny-hubert-ssl": "tiny-hubert-ssl",
 }
 
+#: Config keys that describe how a model was serialised, not what it computes.
+_CONFIG_METADATA = frozenset(
+    {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash",
+     "_attn_implementation", "_attn_implementation_internal", "attn_implementation"}
+)
+
 SAMPLE_RATE = 16_000
 TINY_SEED = 1234
 
@@ -243,12 +249,18 @@ class SpeechEncoder(nn.Module):
         for module in self.model.modules():
             if getattr(module, "pefttune_trainable", False):
                 module.train(mode)
+                base = getattr(module, "base_layer", None)  # a wrapper's frozen projection
+                if isinstance(base, nn.Module):
+                    base.eval()
         return self
 
     def content_hash(self) -> str:
         """SHA-256 over the frozen weights (names, shapes, bytes) and config."""
         digest = hashlib.sha256()
-        digest.update(json.dumps(self.config.to_diff_dict(), sort_keys=True, default=str).encode())
+        # Serialisation metadata (transformers version, dtype, architectures, ...) differs
+        # between the same weights built in memory, saved, or loaded elsewhere: not hashed.
+        config = {k: v for k, v in self.config.to_diff_dict().items() if k not in _CONFIG_METADATA}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         frozen = {}
         for key, tensor in self.model.state_dict().items():
             if any(tag in key for tag in ("lora_", "ia3_", ".pefttune.")):

@@ -97,6 +97,11 @@ class Placement:
         if num_layers < 1:
             raise ValueError(f"num_layers: must be >= 1, got {num_layers}")
         methods = [method] if isinstance(method, str) else list(method)
+        stray = sorted(set(hparams) - set(methods)) if len(methods) > 1 else []
+        if stray:
+            raise ValueError(
+                f"uniform: hybrid hyper-parameters are keyed by method name ({methods}), got {stray}"
+            )
         entry = [{"method": m, **(hparams if len(methods) == 1 else hparams.get(m, {}))} for m in methods]
         return cls.from_dict({"num_layers": num_layers, "layers": [entry] * num_layers})
 
@@ -106,6 +111,9 @@ class Placement:
             raise ValueError("placement: expected a mapping with a 'layers' field")
         raw = data["layers"]
         num_layers = data.get("num_layers")
+        if num_layers is not None:
+            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+                raise ValueError(f"placement.num_layers: expected a positive integer, got {num_layers!r}")
         if isinstance(raw, dict):
             if num_layers is None:
                 raise ValueError("placement.num_layers: required when 'layers' is a mapping of layer index -> methods")
@@ -176,7 +184,8 @@ class Placement:
     def validate_for(self, info: BackboneInfo) -> None:
         if self.num_layers != info.num_layers:
             raise ValueError(
-                f"placement: has {self.num_layers} layers but backbone {info.name or ''} has {info.num_layers}"
+                f"placement.num_layers: the placement has {self.num_layers} layers but backbone "
+                f"{info.name or ''} has {info.num_layers}"
             )
 
     def trainable_parameters(self, info: BackboneInfo) -> int:
@@ -204,8 +213,11 @@ def apply_placement(encoder: SpeechEncoder, placement: Placement) -> list[list[L
         modules = nn.ModuleDict()
         for choice in choices:
             spec = get_method(choice.method)
-            method = spec.build(layer, info, choice.hparams)
-            method.attach(layer)
+            try:
+                method = spec.build(layer, info, choice.hparams)
+                method.attach(layer)
+            except ValueError as err:  # e.g. two methods wrapping the same projection
+                raise ValueError(f"placement.layers[{index}].{choice.method}: {err}") from None
             modules[choice.method] = method
         layer.pefttune = modules
         attached.append(list(modules.values()))

@@ -45,6 +45,8 @@ class HParam:
             bad = [v for v in value if self.choices and v not in self.choices]
             if bad:
                 raise ValueError(f"{where}: {bad} not among {list(self.choices)}")
+            if any(v in value[:i] for i, v in enumerate(value)):
+                raise ValueError(f"{where}: duplicate entries in {list(value)}")
             return value
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):

@@ -1,0 +1,23 @@
+"""`pefttune run [CONFIG]`: the whole study (discrete arm, DARTS arm, ensembles, report)."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="Run the whole study: uniform baselines, search, hybrid, DARTS, ensembles, report.",
+        description="With no CONFIG, the embedded default study: the shipped self-supervised tiny HuBERT, "
+        "a keyword-spotting corpus synthesized offline, local Ray. Results go to <storage>/<name>/.",
+    )
+    parser.add_argument("config", nargs="?", help="Experiment YAML (default: the embedded study).")
+    parser.add_argument("--address", help="Join a Ray cluster: auto, ray://host:10001 or host:port.")
+    parser.add_argument("--resume", action="store_true", help="Finish an interrupted study of the same name.")
+    parser.add_argument("--name", help="Experiment name (overrides the config's).")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pefttune.study import run_study
+
+    run_study(args.config, address=args.address, resume=args.resume, name=args.name)
+    return 0
