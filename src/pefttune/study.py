@@ -64,11 +64,11 @@ def run_study(
         run_search(config, address=None, resume=resume, verbose=verbose)
         seconds["discrete"] = time.perf_counter() - t
         if config.darts.enabled:
-            from pefttune.darts.experiment import run_darts
+            from pefttune.darts.experiment import darts_started, run_darts
 
             _stage("DARTS arm: relaxation search, derive, retrain")
             t = time.perf_counter()
-            run_darts(config, address=None, resume=resume, verbose=verbose)
+            run_darts(config, address=None, resume=resume and darts_started(config), verbose=verbose)
             seconds["darts"] = time.perf_counter() - t
     finally:
         if started:

@@ -1,0 +1,368 @@
+"""The DARTS arm of an experiment on Ray Tune: search, derive, retrain (`pefttune darts`).
+
+:func:`run_darts` runs two Ray Tune experiments inside the experiment folder
+``<storage>/<name>/`` (the discrete search's folder):
+
+- ``<storage>/<name>/darts/``: one trial of :func:`pefttune.trainables.darts.darts_fn` per
+  (seed in ``darts.seeds``) x (variant in ``darts.variants``, default: the ``darts``
+  section itself); every trial reports alpha per epoch and ends with its derived placement
+  (``derived_placement``, a JSON string);
+- ``<storage>/<name>/darts-retrain/``: each distinct derived placement trained from scratch
+  by the *discrete* trainable (:func:`pefttune.trainables.discrete.train_fn`) exactly as
+  the uniform baselines are (``train.epochs``, ``train.lr``, ``train.seed``, the same
+  budget check and final dev/test evaluation with predictions), tagged
+  ``kind="darts-derived"``, with ``derived_from`` (the DARTS trials that derived it:
+  ``"<trial_id> seed=<s> variant=<v>"``) in its trial config.
+
+The discrete search (``<storage>/<name>/`` itself) is untouched, so the two arms can run in
+either order, and :mod:`pefttune.analysis.store` finds all three Ray experiments under the
+one folder. Retrains are a separate Ray experiment rather than fixed points of the discrete
+search so that they never enter its Optuna study (TPE would learn from them).
+
+Resuming (``resume=True``) finishes unfinished DARTS trials, then starts the retrains or
+finishes unfinished ones. A new run refuses a folder whose ``darts/`` already holds a
+search; a run in a folder whose discrete search used another config is refused too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pefttune.config import ExperimentConfig, load_config
+from pefttune.placement import Placement
+
+SEARCH_DIR = "darts"
+RETRAIN_DIR = "darts-retrain"
+
+
+@dataclass
+class DerivedPlacement:
+    """A placement derived by one or more DARTS trials."""
+
+    placement: Placement
+    trials: list[str] = field(default_factory=list)  # "<trial_id> seed=<s> variant=<v>"
+
+    @property
+    def key(self) -> str:
+        return canonical(self.placement)
+
+
+@dataclass
+class DartsRun:
+    """The two Ray experiments' results and what was derived."""
+
+    path: str
+    search: object  # ray.tune.ResultGrid of the DARTS trials
+    derived: list[DerivedPlacement]
+    retrain: object | None  # ResultGrid of the retrains (None when nothing was derived)
+
+    def frame(self) -> pd.DataFrame:
+        return darts_frame(self.search, self.retrain)
+
+
+def canonical(placement: Placement) -> str:
+    return json.dumps(placement.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def trial_space(config: ExperimentConfig) -> dict:
+    """Ray param_space of the DARTS trials: seeds x variants."""
+    from ray import tune
+
+    variants = config.darts.variants or [{}]
+    return {"seed": tune.grid_search(list(config.darts.seeds)), "variant": tune.grid_search(list(variants))}
+
+
+def validate(config: ExperimentConfig) -> None:
+    """What can be checked before Ray starts (errors name the field)."""
+    from pefttune.trainables import common
+    from pefttune.trainables.darts import check_candidates, darts_candidates, variant_settings
+
+    common.backbone_info(config.backbone)
+    check_candidates(darts_candidates(config))
+    if not config.darts.seeds:
+        raise ValueError("darts.seeds: need at least one seed")
+    for variant in config.darts.variants or [{}]:
+        settings = variant_settings(config, variant)
+        if settings.budget_penalty and config.budget is None:
+            raise ValueError("darts.budget_penalty: needs `budget` (the expected-parameter penalty is relative to it)")
+        if settings.hard and settings.relaxation != "gumbel":
+            raise ValueError("darts.hard: straight-through one-hot weights need relaxation 'gumbel'")
+        epochs = settings.epochs or config.train.epochs
+        if settings.warmup_epochs >= epochs:
+            raise ValueError(
+                f"darts.warmup_epochs: {settings.warmup_epochs} warm-up epochs of {epochs} leave no alpha update"
+            )
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs
+
+    from pefttune.trainables import common
+
+    fs, inner = common.storage_filesystem(path)
+    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def prepare_directories(config: ExperimentConfig, path: str, resume: bool) -> None:
+    """Refuse to overwrite a DARTS search; never mix configs in one experiment folder."""
+    from pefttune.search.experiment import CONFIG_COPY, TUNER_FILE, config_yaml
+    from pefttune.trainables import common
+
+    current = config.model_dump(mode="json")
+    for copy in (f"{path}/{CONFIG_COPY}", f"{path}/{SEARCH_DIR}/{CONFIG_COPY}"):
+        text = common.read_storage_text(copy)
+        if text is not None:
+            saved = yaml.safe_load(text)
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            if changed:
+                raise ValueError(
+                    f"the config differs from {copy} in {', '.join(changed)}; an experiment folder holds one "
+                    "config (choose another name, or use the saved config)"
+                )
+    search = f"{path}/{SEARCH_DIR}"
+    if resume:
+        if not _exists(f"{search}/{TUNER_FILE}"):
+            raise FileNotFoundError(f"--resume: no DARTS search to resume at {search} (missing {TUNER_FILE})")
+        return
+    if _exists(f"{search}/{TUNER_FILE}") or _exists(f"{path}/{RETRAIN_DIR}/{TUNER_FILE}"):
+        raise FileExistsError(
+            f"{search} already holds a DARTS search; resume it (--resume) or choose another name"
+        )
+    common.write_storage_text(f"{search}/{CONFIG_COPY}", config_yaml(config))
+
+
+def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbose: int):
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=path,
+        # result.json always: the per-epoch alpha history is part of the results (Ray adds
+        # no second JSON logger when its default loggers are on)
+        callbacks=[JsonLoggerCallback()],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+        progress_reporter=reporter if verbose else None,
+        verbose=verbose,
+    )
+
+
+def _reporter(config: ExperimentConfig, parameters: dict, extra: dict):
+    from ray import tune
+
+    metric = config.metric
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", f"dev_{metric}": f"dev_{metric}", **extra},
+        parameter_columns=parameters,
+        max_report_frequency=30,
+    )
+
+
+def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int, extra_config: dict | None = None):
+    from ray import tune
+
+    from pefttune.search.experiment import trial_name
+    from pefttune.trainables.darts import make_trainable
+
+    reporter = _reporter(
+        config, {"seed": "seed", "variant": "variant"},
+        {"entropy_mean": "entropy", "none_share": "none", "derived_placement_short": "derived"},
+    )
+    return tune.Tuner(
+        make_trainable(setup),
+        param_space={**trial_space(config), **(extra_config or {})},
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=config.search.max_concurrent,
+            reuse_actors=False,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose),
+    )
+
+
+def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[DerivedPlacement], verbose: int):
+    from ray import tune
+
+    from pefttune.search.experiment import trial_name
+    from pefttune.trainables.discrete import make_trainable
+
+    placements = [json.dumps(d.placement.to_dict(), separators=(",", ":")) for d in derived]
+    sources = [list(d.trials) for d in derived]
+    reporter = _reporter(config, {"point": "point"}, {f"best_dev_{config.metric}": "best", "placement_short": "placement"})
+    return tune.Tuner(
+        make_trainable(setup),
+        param_space={
+            # one trial per derived placement; its columns follow the grid index
+            "point": tune.grid_search(list(range(len(derived)))),
+            "placement": tune.sample_from(lambda config: placements[config["point"]]),
+            "derived_from": tune.sample_from(lambda config: sources[config["point"]]),
+            "kind": "darts-derived",
+            "method": "",
+            "lr": config.train.lr,  # as the uniform baselines
+        },
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=config.search.max_concurrent,
+            reuse_actors=config.search.reuse_actors,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose),
+    )
+
+
+def collect_derived(results) -> list[DerivedPlacement]:
+    """Distinct derived placements of the finished DARTS trials, in trial order."""
+    by_key: dict[str, DerivedPlacement] = {}
+    for result in results:
+        metrics = result.metrics or {}
+        text = metrics.get("derived_placement")
+        if result.error or not text or "derived_dev_loss" not in metrics:  # not finished
+            continue
+        placement = Placement.from_json(text)
+        key = canonical(placement)
+        label = f"{metrics.get('trial_id', '?')} seed={metrics.get('seed')} variant={metrics.get('variant')}"
+        by_key.setdefault(key, DerivedPlacement(placement)).trials.append(label)
+    return list(by_key.values())
+
+
+def run_darts(
+    config: ExperimentConfig | str | Path,
+    address: str | None = None,
+    resume: bool = False,
+    *,
+    name: str | None = None,
+    verbose: int = 1,
+    extra_config: dict | None = None,
+) -> DartsRun:
+    """Search (one trial per seed x variant), derive, and retrain the derived placements.
+
+    Results land in ``<storage>/<name>/darts`` and ``<storage>/<name>/darts-retrain`` (see
+    the module docstring). ``address`` joins a running Ray; ``resume`` finishes an
+    interrupted run. ``extra_config`` adds keys to every DARTS trial's config (test hooks
+    such as ``_fail_once_at_epoch``). Raises RuntimeError when no DARTS trial finished.
+    """
+    from ray import tune
+
+    from pefttune.search.experiment import TUNER_FILE, _fit_environment, connect_ray, experiment_path, make_setup
+
+    if not isinstance(config, ExperimentConfig):
+        config = load_config(config)
+    if name is not None:
+        config = ExperimentConfig.model_validate({**config.model_dump(), "name": name})
+    validate(config)
+    path = experiment_path(config)
+    prepare_directories(config, path, resume)
+    shared = make_setup(config)
+    search_path, retrain_path = f"{path}/{SEARCH_DIR}", f"{path}/{RETRAIN_DIR}"
+    # per-trial markers (divergence, test hooks) live in each Ray experiment's trial folders
+    search_setup = dataclasses.replace(shared, experiment_path=search_path)
+    retrain_setup = dataclasses.replace(shared, experiment_path=retrain_path)
+
+    started = connect_ray(address)
+    try:
+        from pefttune.trainables.darts import make_trainable as make_darts_trainable
+        from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
+
+        with _fit_environment():
+            if resume:
+                tuner = tune.Tuner.restore(
+                    search_path, trainable=make_darts_trainable(search_setup), resume_unfinished=True
+                )
+            else:
+                tuner = search_tuner(config, path, search_setup, verbose, extra_config)
+            search = tuner.fit()
+            derived = collect_derived(search)
+            if not derived:
+                errors = [str(r.error).strip().splitlines()[-1] for r in search if r.error]
+                raise RuntimeError(f"darts: no DARTS trial finished ({len(errors)} errors: {errors[:3]})")
+            if resume and _exists(f"{retrain_path}/{TUNER_FILE}"):
+                tuner = tune.Tuner.restore(
+                    retrain_path, trainable=make_discrete_trainable(retrain_setup), resume_unfinished=True
+                )
+            else:
+                tuner = retrain_tuner(config, path, retrain_setup, derived, verbose)
+            retrain = tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    run = DartsRun(path, search, derived, retrain)
+    if verbose:
+        print(summary(run, config))
+    return run
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def darts_frame(search, retrain=None) -> pd.DataFrame:
+    """One row per DARTS trial: seed, variant, search scores, collapse guard, derived
+    placement, and the retrained placement's scores (``retrain_*`` columns)."""
+    from pefttune.search.experiment import results_frame
+
+    rows = []
+    for result in search:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        row = {
+            "trial_id": metrics.get("trial_id", ""),
+            "status": "ERROR" if result.error else "TERMINATED",
+            "seed": metrics.get("seed", config.get("seed")),
+            "variant": metrics.get("variant", ""),
+        }
+        row.update({k: v for k, v in metrics.items() if not k.startswith(("alpha/", "entropy/")) and k != "config"})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if retrain is None or frame.empty or "derived_placement" not in frame:
+        return frame
+    retrained = results_frame(retrain)
+    if retrained.empty or "placement" not in retrained:
+        return frame
+    keep = [c for c in retrained.columns if c.startswith(("best_dev_", "test_")) or c in ("trial_id", "status", "epoch")]
+    retrained = retrained[keep + ["placement"]].copy()
+    retrained["key"] = [canonical(Placement.from_json(p)) for p in retrained["placement"]]
+    retrained = retrained.drop(columns=["placement"]).add_prefix("retrain_").rename(columns={"retrain_key": "key"})
+    frame["key"] = [canonical(Placement.from_json(p)) if isinstance(p, str) else None for p in frame["derived_placement"]]
+    return frame.merge(retrained, on="key", how="left").drop(columns=["key"])
+
+
+def summary(run: DartsRun, config: ExperimentConfig) -> str:
+    metric = config.metric
+    frame = run.frame()
+    columns = [
+        c for c in ["seed", "variant", f"best_dev_{metric}", "entropy_mean", "none_share", "derived_placement_short",
+                    "derived_params", f"derived_dev_{metric}", f"retrain_best_dev_{metric}", f"retrain_test_{metric}"]
+        if c in frame
+    ]
+    lines = [f"DARTS {config.name}: {len(frame)} search trial(s), {len(run.derived)} distinct derived placement(s)"]
+    with pd.option_context("display.max_colwidth", 80, "display.width", 200):
+        lines.append(frame[columns].to_string(index=False) if len(frame) else "  (none)")
+    return "\n".join(lines)
+
+
+def load_darts(path: str | Path) -> pd.DataFrame:
+    """:func:`darts_frame` of an experiment folder, read from storage without running anything."""
+    from pefttune.search.experiment import TUNER_FILE, load_results
+
+    path = str(path)
+    search = load_results(f"{path}/{SEARCH_DIR}")
+    retrain = load_results(f"{path}/{RETRAIN_DIR}") if _exists(f"{path}/{RETRAIN_DIR}/{TUNER_FILE}") else None
+    return darts_frame(search, retrain)
+
+
+def darts_started(config: ExperimentConfig) -> bool:
+    """Whether ``<storage>/<name>/darts`` holds a DARTS search (``pefttune run --resume``
+    resumes it then, and starts it otherwise)."""
+    from pefttune.search.experiment import TUNER_FILE, experiment_path
+
+    return _exists(f"{experiment_path(config)}/{SEARCH_DIR}/{TUNER_FILE}")

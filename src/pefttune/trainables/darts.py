@@ -1,0 +1,363 @@
+"""The Ray Tune function trainable of one DARTS search: ``darts_fn``.
+
+``tune.with_parameters(darts_fn, setup=TrialSetup(...))`` (see :func:`make_trainable`;
+:class:`~pefttune.trainables.discrete.TrialSetup` is shared with the discrete trainable;
+its ``experiment_path`` is the DARTS Ray experiment, ``<storage>/<name>/darts``, where
+per-trial markers live).
+The trial config holds ``seed`` (one of ``darts.seeds``) and ``variant`` (a mapping of
+``darts`` fields overriding the experiment's ``darts`` section, ``{}`` for none), so
+several seeds and variants are trials of one Ray experiment; test hook:
+``_fail_once_at_epoch`` (raise once after that epoch's checkpoint, as in the discrete
+trainable).
+
+One trial:
+
+1. splits the training set into a *weight* part and an *arch* part (``darts.arch_split``
+   of it, stratified by label for classification, fixed by ``train.seed`` so every trial
+   sees the same halves; dev and test are never used for alpha);
+2. builds the supernet (all candidate methods of ``config.methods`` in every layer, the
+   first listed value of each hyper-parameter, ``none`` always a candidate) and runs the
+   search through :func:`pefttune.training.fit` (weights on the weight part, alpha on the
+   arch part, see :mod:`pefttune.darts.architect`), ``darts.epochs`` (default
+   ``train.epochs``) epochs, with the trial's seed;
+3. reports every epoch: ``kind="darts"``, ``seed``, ``variant``, ``mix``, ``relaxation``,
+   ``order``, ``train_loss``, ``dev_<metric>``/``dev_loss`` (the relaxed supernet),
+   ``best_dev_<metric>``, ``arch_loss``/``arch_penalty``/``arch_steps``,
+   ``alpha/L03/lora`` (the relaxation's probabilities, see
+   :meth:`pefttune.darts.Supernet.metrics`), ``entropy/L03``, ``entropy_mean``,
+   ``none_share``, ``none_argmax_layers``, ``expected_params``, ``temperature``, and the
+   placement derived *now*: ``derived_placement`` (JSON string), ``derived_placement_short``,
+   ``derived_params``, ``derived_is_argmax`` (False when the budget forced another
+   choice); the last epoch adds ``derived_dev_<metric>``/``derived_dev_loss``, the dev
+   score of the derived placement with the supernet's weights (the one-hot mix, i.e.
+   exactly that discrete model before retraining);
+4. checkpoints every epoch: the common layout of :mod:`pefttune.trainables.common` (the
+   supernet's PEFT + head weights, optimizer, scheduler, RNG) plus ``alpha.safetensors``
+   (``alpha``, L x K, and the candidates in its metadata), ``arch_state.pt`` (alpha's Adam
+   state, steps, the arch sampler's epoch) and, for the derived placement,
+   ``derived_placement.json``. A restored trial continues from its last epoch.
+
+The derived placement is the argmax candidate per layer, or, when that exceeds
+``config.budget``, the most probable placement within the budget
+(:func:`pefttune.darts.derive_placement`). Retraining it is the discrete trainable's job
+(:mod:`pefttune.darts.experiment`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pefttune.config import DartsSection, ExperimentConfig
+from pefttune.darts import (
+    Relaxation,
+    Supernet,
+    build_supernet,
+    candidate_choices,
+    derivation_report,
+    derive_placement,
+    make_architect,
+    search_hooks,
+)
+from pefttune.placement import MethodChoice, Placement
+from pefttune.trainables import common
+from pefttune.trainables.common import CheckpointState
+from pefttune.trainables.discrete import TrialSetup
+from pefttune.training import DivergedError, EpochResult, evaluate, fit, is_better
+
+TRAINABLE_NAME = "pefttune_darts"
+ALPHA_FILE = "alpha.safetensors"
+ARCH_FILE = "arch_state.pt"
+DERIVED_FILE = "derived_placement.json"
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def variant_settings(experiment: ExperimentConfig, variant: dict | None) -> DartsSection:
+    """The experiment's ``darts`` section with a variant's overrides (validated)."""
+    base = experiment.darts.model_dump()
+    return DartsSection.model_validate({**base, **(variant or {})})
+
+
+def variant_label(variant: dict | None) -> str:
+    """``base`` or e.g. ``mix=exact,relaxation=gumbel`` (keys sorted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted((variant or {}).items())) or "base"
+
+
+def darts_candidates(experiment: ExperimentConfig) -> tuple[MethodChoice, ...]:
+    """``none`` and one choice per configured method (first listed value of each hyper-parameter)."""
+    return candidate_choices(experiment.methods)
+
+
+def make_relaxation(settings: DartsSection) -> Relaxation:
+    return Relaxation(
+        settings.relaxation,
+        temperature=settings.temperature,
+        final_temperature=settings.final_temperature,
+        hard=settings.hard,
+        zero_one=settings.fair_zero_one,
+    )
+
+
+def check_candidates(candidates: tuple[MethodChoice, ...]) -> None:
+    """Candidates must fit in one layer: no two may wrap the same projection (LoRA/IA3)."""
+    wrapped: dict[str, str] = {}
+    for choice in candidates:
+        if choice.method in ("lora", "ia3"):
+            for target in choice.hparams["targets"]:
+                if target in wrapped:
+                    raise ValueError(
+                        f"darts: candidates {wrapped[target]!r} and {choice.method!r} both adapt {target}; "
+                        "the supernet holds all candidates in every layer, so give them disjoint targets"
+                    )
+                wrapped[target] = choice.method
+
+
+# -- data: the weight and arch parts of the training set ----------------------------------------------------
+
+
+def split_indices(dataset, share: float, seed: int, task_kind: str) -> tuple[list[int], list[int]]:
+    """(weight positions, arch positions) of ``dataset``: ``share`` of it for alpha.
+
+    Classification: per label (each label's examples shuffled, ``round(share * n)`` to the
+    arch part), so both parts keep the class balance. CTC: one random split.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    size = len(dataset)
+    frame = getattr(dataset, "frame", None)
+    if task_kind == "classification" and frame is not None and "label" in frame:
+        labels = frame["label"].astype(str).tolist()
+        groups: dict[str, list[int]] = {}
+        for position, label in enumerate(labels):
+            groups.setdefault(label, []).append(position)
+    else:
+        groups = {"": list(range(size))}
+    weight, arch = [], []
+    for label in sorted(groups):
+        members = groups[label]
+        order = torch.randperm(len(members), generator=generator).tolist()
+        cut = int(round(share * len(members)))
+        if len(members) > 1:
+            cut = min(max(cut, 1), len(members) - 1)  # both parts see every label with 2+ examples
+        else:
+            cut = 0
+        arch += [members[i] for i in order[:cut]]
+        weight += [members[i] for i in order[cut:]]
+    if not weight or not arch:
+        raise ValueError(
+            f"darts.arch_split: {share} of {size} training examples leaves an empty part "
+            f"({len(weight)} for weights, {len(arch)} for alpha)"
+        )
+    return sorted(weight), sorted(arch)
+
+
+@dataclass
+class DartsData:
+    weight: torch.utils.data.DataLoader
+    arch: torch.utils.data.DataLoader
+    dev: torch.utils.data.DataLoader
+    weight_sampler: common.EpochSampler
+    arch_sampler: common.EpochSampler
+
+    def steps_per_epoch(self, max_steps: int | None = None) -> int:
+        steps = len(self.weight)
+        return max(1, min(steps, max_steps) if max_steps else steps)
+
+
+def darts_data(data: common.TaskData, share: float, split_seed: int, seed: int, task_kind: str) -> DartsData:
+    """Loaders over the two parts of ``data.train`` (same batch size and collation)."""
+    dataset = data.train.dataset
+    weight_idx, arch_idx = split_indices(dataset, share, split_seed, task_kind)
+    batch_size = data.train.batch_size
+    weight_sampler = common.EpochSampler(len(weight_idx), seed)
+    arch_sampler = common.EpochSampler(len(arch_idx), seed + 7919)
+
+    def loader(indices, sampler):
+        subset = torch.utils.data.Subset(dataset, indices)
+        return torch.utils.data.DataLoader(
+            subset, batch_size=batch_size, sampler=sampler, collate_fn=data.train.collate_fn,
+            num_workers=data.train.num_workers,
+        )
+
+    return DartsData(loader(weight_idx, weight_sampler), loader(arch_idx, arch_sampler), data.dev, weight_sampler, arch_sampler)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_arch(directory: Path, supernet: Supernet, architect, arch_sampler: common.EpochSampler) -> None:
+    names = json.dumps(supernet.names)
+    save_file({"alpha": supernet.alpha.detach().cpu().contiguous()}, str(directory / ALPHA_FILE), metadata={"candidates": names})
+    torch.save({**architect.state_dict(), "arch_sampler_epoch": arch_sampler.epoch}, directory / ARCH_FILE)
+
+
+def load_arch(directory: Path, supernet: Supernet, architect, arch_sampler: common.EpochSampler) -> None:
+    for name in (ALPHA_FILE, ARCH_FILE):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"checkpoint {directory}: missing {name} (not a DARTS checkpoint?)")
+    alpha = load_file(str(directory / ALPHA_FILE))["alpha"]
+    if tuple(alpha.shape) != tuple(supernet.alpha.shape):
+        raise ValueError(f"checkpoint {directory}: alpha has shape {tuple(alpha.shape)}, expected {tuple(supernet.alpha.shape)}")
+    with torch.no_grad():
+        supernet.alpha.copy_(alpha)
+    state = torch.load(directory / ARCH_FILE, map_location="cpu", weights_only=True)
+    architect.load_state_dict(state)
+    arch_sampler.set_epoch(int(state.get("arch_sampler_epoch", 0)))
+
+
+def read_alpha(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """(alpha (L, K), candidate names) from a DARTS checkpoint directory."""
+    from safetensors import safe_open
+
+    path = Path(directory) / ALPHA_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        names = json.loads(handle.metadata()["candidates"])
+        return handle.get_tensor("alpha"), names
+
+
+# -- the trainable --------------------------------------------------------------------------------------
+
+
+def make_trainable(setup: TrialSetup):
+    """``darts_fn`` bound to ``setup``, with the per-trial resources of the experiment."""
+    from ray import tune
+
+    resources = setup.experiment.resources
+    trainable = tune.with_parameters(darts_fn, setup=setup)
+    return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+
+
+def darts_fn(config: dict, setup: TrialSetup) -> None:
+    """One DARTS search (a Ray Tune function trainable); see the module docstring."""
+    from ray import tune
+
+    experiment = setup.experiment
+    seed = int(config.get("seed", experiment.darts.seeds[0]))
+    variant = dict(config.get("variant") or {})
+    settings = variant_settings(experiment, variant)
+    epochs = settings.epochs or experiment.train.epochs
+    train = common.train_config(experiment, epochs=epochs, seed=seed)
+    metric, mode = train.metric, train.mode
+    candidates = darts_candidates(experiment)
+    check_candidates(candidates)
+    budget = experiment.budget
+    if settings.budget_penalty and budget is None:
+        raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
+    columns = {
+        "kind": "darts",
+        "seed": seed,
+        "variant": variant_label(variant),
+        "mix": settings.mix,
+        "relaxation": settings.relaxation,
+        "order": settings.order,
+        "candidates": ",".join(c.short() for c in candidates),
+    }
+    if budget is not None:
+        columns["budget"] = budget
+    directory = common.trial_dir(setup.experiment_path)
+    previous = common.diverged_message(directory)
+    if previous is not None:
+        raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")
+
+    common.set_threads(experiment.resources.cpu)
+    device = common.trial_device(experiment.resources.gpu)
+    torch.manual_seed(seed)
+    data = common.load_data(experiment, setup.data, seed=seed)
+    parts = darts_data(data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind)
+    supernet = build_supernet(
+        experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
+    ).to(device)
+    optimizer, scheduler, recording, architect = make_architect(
+        supernet,
+        parts.weight,
+        parts.arch,
+        train,
+        order=settings.order,
+        lr=settings.arch_lr,
+        weight_decay=settings.arch_weight_decay,
+        warmup_epochs=settings.warmup_epochs,
+        budget=budget,
+        budget_penalty=settings.budget_penalty,
+    )
+    columns["supernet_peft_params"] = supernet.model.count_parameters()["peft"]
+
+    state = CheckpointState()
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            state, _ = common.read_checkpoint(path, supernet.model, optimizer=optimizer, scheduler=scheduler)
+            load_arch(Path(path), supernet, architect, parts.arch_sampler)
+        if state.finished:  # restored after the final report: report it again, train nothing
+            common.report(state.metrics)
+            return
+    start_epoch = state.epoch + 1
+    parts.weight_sampler.set_epoch(state.epoch)
+
+    def on_epoch(result: EpochResult) -> None:
+        score = result.dev.score
+        if is_better(score, state.best_score, mode):
+            state.best_score, state.best_epoch = score, result.epoch
+        state.epoch = result.epoch
+        placement = derive_placement(supernet, budget)
+        report = derivation_report(supernet, placement)
+        metrics = {
+            **columns,
+            **result.metrics(),
+            f"best_dev_{metric}": state.best_score,
+            "best_epoch": state.best_epoch,
+            "start_epoch": start_epoch,
+            "derived_placement": json.dumps(placement.to_dict(), separators=(",", ":")),
+            "derived_placement_short": placement.short(),
+            "derived_params": report["derived_params"],
+            "derived_is_argmax": report["derived_is_argmax"],
+            "derived_log_prob": report["derived_log_prob"],
+        }
+        if result.epoch == train.epochs:
+            with supernet.fixed_weights(supernet.one_hot(placement)):
+                derived = evaluate(supernet.model, parts.dev, train, device, layer_fn=supernet.layer_fn)
+            metrics.update(derived.metrics("derived_dev"))
+            state.finished = True
+        state.metrics = metrics
+
+        def write(path: Path) -> None:
+            common.write_checkpoint(
+                path, supernet.model, state, optimizer=optimizer, scheduler=scheduler,
+                metadata={"kind": "darts", "seed": seed, "variant": columns["variant"], "epoch": result.epoch},
+            )
+            save_arch(path, supernet, architect, parts.arch_sampler)
+            placement.save(path / DERIVED_FILE)
+
+        common.report(metrics, write)
+        fail_at = config.get("_fail_once_at_epoch")  # test hook, as in the discrete trainable
+        if fail_at is not None and int(fail_at) == result.epoch and directory is not None:
+            if common.read_marker(str(directory), "FAILED_ONCE") is None:
+                common.write_marker(str(directory), "FAILED_ONCE", json.dumps({"epoch": result.epoch}))
+                raise RuntimeError(f"_fail_once_at_epoch: injected failure after epoch {result.epoch}")
+
+    if start_epoch > train.epochs:
+        return
+    try:
+        fit(
+            supernet.model,
+            recording,
+            parts.dev,
+            train,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            start_epoch=start_epoch,
+            hooks=search_hooks(supernet, architect),
+            on_epoch=on_epoch,
+            device=device,
+        )
+    except DivergedError as err:
+        common.mark_diverged(directory, f"DivergedError: {err}")
+        raise
+
+
+def derived_from_checkpoint(directory: str | Path) -> Placement:
+    """The derived placement stored in a DARTS checkpoint."""
+    return Placement.load(Path(directory) / DERIVED_FILE)
