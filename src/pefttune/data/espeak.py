@@ -6,21 +6,26 @@ nothing has to be installed on the system and nothing is downloaded.
 Public API
 ----------
 - :func:`synthesize` -- text to a float32 mono waveform at 16 kHz (by default).
-- :func:`synthesize_many` -- many :class:`SynthRequest` at once, *deterministically*,
-  in a fresh worker process (see "Determinism" below).
+- :func:`synthesize_many` / :func:`synthesize_stream` -- many :class:`SynthRequest`,
+  *deterministically*, in a fresh worker process (see "Determinism" below).
 - :func:`phonemize` -- text to a list of IPA phoneme tokens.
 - :func:`list_variants` / :func:`list_voices` -- what the bundled data offers.
 
 Determinism
 -----------
-eSpeak NG keeps internal state (e.g. the pitch-flutter phase of its wave generator)
-in static variables that neither ``espeak_Initialize`` nor
-``espeak_ng_SetRandSeed`` resets.  The same text therefore gives slightly different
+Two things make eSpeak NG's output vary.  (1) Its noise source (breathy and whispery
+variants) is seeded from the clock: :func:`synthesize` reseeds it with ``seed``
+(``espeak_ng_SetRandSeed``) before every utterance.  (2) It keeps internal state
+(e.g. the pitch-flutter phase of its wave generator) in static variables that
+``espeak_Initialize`` does not reset, so the same text gives slightly different
 samples on each call inside one process, while a *fresh* process replays exactly the
 same sequence.  Anything that must be reproducible byte for byte (the synthesized
-corpora) goes through :func:`synthesize_many`, which runs its requests in a fixed
-order in a newly spawned process.  :func:`synthesize` itself is fine for anything
-that does not need bit-exact repeats.
+corpora) goes through :func:`synthesize_stream` / :func:`synthesize_many`, which run
+their requests in a fixed order in a newly started process.  :func:`synthesize`
+itself is fine for anything that does not need bit-exact repeats.
+
+Thread safety: the library has one global state per process; calls are serialised
+by a lock.
 
 Phoneme tokenisation
 --------------------
@@ -35,17 +40,22 @@ token to insert between words.  This matches how SUPERB's PR task scores phones
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
-import multiprocessing
+import json
+import os
 import re
+import struct
+import subprocess
+import sys
+import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
-from scipy.signal import resample_poly
 
 __all__ = [
     "ESPEAK_SAMPLE_RATE",
@@ -53,12 +63,12 @@ __all__ = [
     "SynthRequest",
     "synthesize",
     "synthesize_many",
+    "synthesize_stream",
     "phonemize",
     "list_variants",
     "list_voices",
     "voice_name",
     "data_path",
-    "run_in_fresh_process",
 ]
 
 #: Native sample rate of eSpeak NG's output.
@@ -128,6 +138,10 @@ class _Engine:
         lib.espeak_TextToPhonemes.argtypes = [
             ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int
         ]
+        self.set_rand_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+        if self.set_rand_seed is not None:
+            self.set_rand_seed.restype = None
+            self.set_rand_seed.argtypes = [ctypes.c_long]
         lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_VoiceStruct))
         lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
         rate = lib.espeak_Initialize(
@@ -139,7 +153,7 @@ class _Engine:
                 f"data path {self.data_path}"
             )
         self.lib = lib
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self._chunks: list[np.ndarray] = []
         self._callback = _CALLBACK(self._on_audio)  # keep a reference: C holds the pointer
         lib.espeak_SetSynthCallback(self._callback)
@@ -157,9 +171,11 @@ class _Engine:
             )
 
     def synth_int16(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-                    volume: int, word_gap: int) -> np.ndarray:
+                    volume: int, word_gap: int, seed: int = 0) -> np.ndarray:
         """Synthesize at the native rate; the caller holds ``self.lock``."""
         self.set_voice(voice)
+        if self.set_rand_seed is not None:
+            self.set_rand_seed(int(seed))
         for param, value in (
             (_PARAM_RATE, rate), (_PARAM_PITCH, pitch), (_PARAM_RANGE, pitch_range),
             (_PARAM_VOLUME, volume), (_PARAM_WORDGAP, word_gap),
@@ -280,6 +296,8 @@ def voice_name(voice: str, variant: str | None = None) -> str:
 def _resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate == to_rate:
         return x
+    from scipy.signal import resample_poly  # imported here: the synthesis worker never needs scipy
+
     g = gcd(int(from_rate), int(to_rate))
     # 22050 -> 16000 is up 320, down 441.
     return resample_poly(x, to_rate // g, from_rate // g).astype(np.float32)
@@ -295,6 +313,7 @@ def synthesize(
     volume: int = 100,
     word_gap: int = 0,
     sample_rate: int = TARGET_SAMPLE_RATE,
+    seed: int = 0,
 ) -> np.ndarray:
     """Speak ``text`` with eSpeak NG and return a float32 mono waveform in [-1, 1].
 
@@ -310,10 +329,27 @@ def synthesize(
         word_gap: extra pause between words, in units of 10 ms.
         sample_rate: output rate; eSpeak's 22050 Hz is resampled with
             ``scipy.signal.resample_poly`` (320/441 for the default 16 kHz).
+        seed: seed of eSpeak's noise generator (used by breathy/whispery variants),
+            set before this utterance; 0..2**31-1.
 
     Repeated calls inside one process differ slightly (see the module docstring); use
     :func:`synthesize_many` where bit-exact reproducibility matters.
     """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    pcm = _synthesize_native(text, voice, variant, rate, pitch, pitch_range, volume, word_gap, seed)
+    return _to_float(pcm, sample_rate)
+
+
+def _to_float(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
+    """eSpeak's int16 samples at 22.05 kHz -> float32 in [-1, 1] at ``sample_rate``."""
+    wav = pcm.astype(np.float32) / 32768.0
+    return _resample(wav, ESPEAK_SAMPLE_RATE, sample_rate).astype(np.float32, copy=False)
+
+
+def _synthesize_native(text: str, voice: str, variant: str | None, rate: int, pitch: int,
+                       pitch_range: int, volume: int, word_gap: int, seed: int) -> np.ndarray:
+    """Validate the arguments and synthesize int16 samples at eSpeak's native rate."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("synthesize needs non-empty text")
     if not _RATE_MIN <= rate <= _RATE_MAX:
@@ -322,14 +358,12 @@ def synthesize(
         raise ValueError(f"pitch and pitch_range must be within 0..100, got {pitch}, {pitch_range}")
     if not 0 <= volume <= 200:
         raise ValueError(f"volume must be within 0..200, got {volume}")
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be within 0..2**31-1, got {seed}")
     name = voice_name(voice, variant)
     eng = _engine()
     with eng.lock:
-        pcm = eng.synth_int16(text, name, rate, pitch, pitch_range, volume, word_gap)
-    wav = pcm.astype(np.float32) / 32768.0
-    return _resample(wav, ESPEAK_SAMPLE_RATE, sample_rate).astype(np.float32, copy=False)
+        return eng.synth_int16(text, name, rate, pitch, pitch_range, volume, word_gap, seed)
 
 
 def _split_phonemes(clauses: Sequence[str], keep_stress: bool, word_boundary: str | None) -> list[str]:
@@ -367,9 +401,10 @@ def phonemize(
         raise ValueError(f"phonemize needs a string, got {type(text).__name__}")
     if not text.strip():
         return []
+    name = voice_name(voice)
     eng = _engine()
     with eng.lock:
-        clauses = eng.text_to_phonemes(text, voice_name(voice))
+        clauses = eng.text_to_phonemes(text, name)
     return _split_phonemes(clauses, keep_stress, word_boundary)
 
 
@@ -385,17 +420,82 @@ class SynthRequest:
     pitch_range: int = 50
     volume: int = 100
     word_gap: int = 0
+    seed: int = 0
 
     def kwargs(self) -> dict:
+        """Keyword arguments of :func:`synthesize` (all fields but ``text``)."""
         return {
             "voice": self.voice, "variant": self.variant, "rate": self.rate,
             "pitch": self.pitch, "pitch_range": self.pitch_range,
-            "volume": self.volume, "word_gap": self.word_gap,
+            "volume": self.volume, "word_gap": self.word_gap, "seed": self.seed,
         }
 
 
-def _synthesize_in_worker(requests: Sequence[SynthRequest], sample_rate: int) -> list[np.ndarray]:
-    return [synthesize(r.text, sample_rate=sample_rate, **r.kwargs()) for r in requests]
+def _child_env() -> dict[str, str]:
+    """This environment, with the folder holding this ``pefttune`` package first on
+    PYTHONPATH, so the worker imports the same code even when pefttune is not installed."""
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def synthesize_stream(
+    requests: Sequence[SynthRequest],
+    sample_rate: int = TARGET_SAMPLE_RATE,
+) -> Iterator[np.ndarray]:
+    """Yield one waveform per request, in order, synthesized in a fresh process.
+
+    The requests go to a newly started ``python -m pefttune.data.espeak`` process, where
+    eSpeak starts from its initial state, so the same list always yields the same
+    waveforms, byte for byte.  The child streams each utterance back as it is made
+    (a little-endian int64 sample count followed by eSpeak's int16 samples at 22.05 kHz;
+    this process converts and resamples them, so the child needs neither scipy nor
+    much start-up time), and arbitrarily many utterances can be made without holding
+    them all in memory.  No pickle is used.
+    """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    requests = list(requests)
+    for r in requests:
+        if not isinstance(r, SynthRequest):
+            raise ValueError(f"synthesize requests must be SynthRequest, got {type(r).__name__}")
+    if not requests:
+        return
+    with tempfile.TemporaryDirectory(prefix="pefttune-espeak-") as tmp:
+        job = Path(tmp) / "requests.json"
+        job.write_text(json.dumps({"requests": [dataclasses.asdict(r) for r in requests]}))
+        # The child's stderr goes to a file: a pipe nobody reads could fill up and stall it.
+        err_path = Path(tmp) / "stderr.txt"
+        err_file = err_path.open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pefttune.data.espeak", str(job)],
+            stdout=subprocess.PIPE, stderr=err_file, env=_child_env(),
+        )
+        try:
+            for index in range(len(requests)):
+                header = proc.stdout.read(8)
+                if len(header) < 8:
+                    break
+                (count,) = struct.unpack("<q", header)
+                payload = proc.stdout.read(2 * count)
+                if len(payload) < 2 * count:
+                    break
+                yield _to_float(np.frombuffer(payload, dtype="<i2"), sample_rate)
+            else:
+                index = len(requests)
+        finally:
+            if proc.poll() is None and index < len(requests):
+                proc.kill()
+            proc.stdout.close()
+            code = proc.wait()
+            err_file.close()
+            stderr = err_path.read_text(errors="replace")
+        if index < len(requests):
+            message = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {code}"
+            if message.startswith("ValueError: "):
+                raise ValueError(message[len("ValueError: "):])
+            raise RuntimeError(f"eSpeak worker failed at request {index}: {message}")
 
 
 def synthesize_many(
@@ -405,28 +505,26 @@ def synthesize_many(
 ) -> list[np.ndarray]:
     """Synthesize ``requests`` in order; reproducible byte for byte when ``fresh_process``.
 
-    With ``fresh_process=True`` (default) the requests run in a newly spawned process,
-    where eSpeak starts from its initial state, so the same list always yields the same
-    waveforms.  ``fresh_process=False`` runs them here (faster to start, not repeatable).
+    With ``fresh_process=True`` (default) this is ``list(synthesize_stream(...))``.
+    ``fresh_process=False`` runs them in this process (no start-up cost, not repeatable).
     """
-    requests = list(requests)
-    for r in requests:
-        if not isinstance(r, SynthRequest):
-            raise ValueError(f"synthesize_many takes SynthRequest items, got {type(r).__name__}")
-    if not requests:
-        return []
-    if not fresh_process:
-        return _synthesize_in_worker(requests, sample_rate)
-    return run_in_fresh_process(_synthesize_in_worker, requests, sample_rate)
+    if fresh_process:
+        return list(synthesize_stream(requests, sample_rate))
+    return [synthesize(r.text, sample_rate=sample_rate, **r.kwargs()) for r in requests]
 
 
-def run_in_fresh_process(func, *args):
-    """Call ``func(*args)`` in a newly spawned process and return its result.
+def _worker_main(job_path: str) -> int:
+    """Child side of :func:`synthesize_stream`: read the JSON job, stream waveforms to stdout."""
+    job = json.loads(Path(job_path).read_text())
+    out = sys.stdout.buffer
+    for fields in job["requests"]:
+        request = SynthRequest(**fields)
+        pcm = _synthesize_native(request.text, **request.kwargs())
+        out.write(struct.pack("<q", pcm.shape[0]))
+        out.write(pcm.astype("<i2", copy=False).tobytes())
+    out.flush()
+    return 0
 
-    ``func`` must be a module-level function (picklable by reference).  The child
-    imports eSpeak afresh, so whatever it synthesizes in a fixed order is reproducible.
-    Errors in the child are raised here.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes=1, maxtasksperchild=1) as pool:
-        return pool.apply(func, args)
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

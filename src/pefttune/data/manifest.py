@@ -1,0 +1,275 @@
+"""The manifest: one table that describes any dataset pefttune trains on.
+
+A manifest is a table (``manifest.parquet``, ``.csv`` or ``.tsv``) with one row per
+utterance and these columns:
+
+=============  ========  ==================================================================
+column         required  meaning
+=============  ========  ==================================================================
+``path``       yes       audio file, relative to the manifest's folder or absolute
+``split``      yes       ``train``, ``dev`` or ``test`` (``valid``/``validation``/``val``
+                         and ``dev-*``/``test-*`` style names are normalised on read)
+``label``      classif.  class name (KS, SID, IC, ER)
+``transcript`` CTC       text for ``unit="char"``, or space-separated phoneme tokens
+``speaker``    no        speaker id (used to check speaker-disjoint splits)
+``duration``   no        seconds; computed from the file header if missing
+``start``      no        seconds into the file where the clip starts (default 0); when set,
+                         ``duration`` seconds are read from there (e.g. ``_silence_`` clips
+                         cut from Speech Commands' background noise without writing files)
+=============  ========  ==================================================================
+
+In memory (after :func:`read_manifest` or a layout loader) ``path`` holds absolute
+paths and the DataFrame index is the row id that batches report as ``"index"``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from pefttune.data.audio import AudioReadError, audio_duration
+
+__all__ = [
+    "SPLITS",
+    "TASK_KINDS",
+    "TASK_KIND_OF",
+    "ManifestError",
+    "read_manifest",
+    "write_manifest",
+    "normalize_split",
+    "validate_manifest",
+    "fill_durations",
+]
+
+SPLITS = ("train", "dev", "test")
+TASK_KINDS = ("classification", "ctc")
+#: Which task kind each SUPERB-style task is.
+TASK_KIND_OF = {
+    "ks": "classification",
+    "sid": "classification",
+    "ic": "classification",
+    "er": "classification",
+    "pr": "ctc",
+    "asr": "ctc",
+}
+
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "development": "dev",
+    "test": "test", "testing": "test", "eval": "test", "evaluation": "test",
+}
+_MAX_LISTED = 5
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as it is (the message says why and where)."""
+
+
+def normalize_split(name: str) -> str:
+    """Map a split name to ``train``/``dev``/``test`` (``valid`` -> ``dev``, ``dev-clean`` -> ``dev``)."""
+    key = str(name).strip().lower()
+    if key in _SPLIT_ALIASES:
+        return _SPLIT_ALIASES[key]
+    head = key.replace("_", "-").split("-", 1)[0]
+    if head in _SPLIT_ALIASES:
+        return _SPLIT_ALIASES[head]
+    raise ManifestError(f"unknown split name {name!r}; use one of {', '.join(SPLITS)}")
+
+
+def _rows(df: pd.DataFrame, mask: Iterable[bool]) -> str:
+    index = list(df.index[np.asarray(mask, dtype=bool)])
+    shown = ", ".join(str(i) for i in index[:_MAX_LISTED])
+    more = f" and {len(index) - _MAX_LISTED} more" if len(index) > _MAX_LISTED else ""
+    return f"rows {shown}{more}"
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest (parquet, CSV or TSV) and resolve its paths.
+
+    Relative ``path`` entries are taken relative to the manifest's folder and made
+    absolute; ``split`` names are normalised.  The index is reset to 0..n-1 (row ids).
+    Only tables are read (never pickles).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("manifest.parquet", "manifest.csv", "manifest.tsv"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"no manifest.parquet/.csv/.tsv in folder {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif suffix == ".csv":
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    elif suffix == ".tsv":
+        df = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+    else:
+        raise ValueError(f"unsupported manifest format {suffix!r} ({path}); use .parquet, .csv or .tsv")
+    if "path" not in df.columns:
+        raise ManifestError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
+    root = path.parent.resolve()
+    df = df.reset_index(drop=True)
+    df["path"] = [str(p) if Path(str(p)).is_absolute() else str(root / str(p)) for p in df["path"]]
+    if "split" in df.columns:
+        df["split"] = [normalize_split(s) for s in df["split"]]
+    for column in ("label", "transcript", "speaker"):
+        if column in df.columns:
+            df[column] = df[column].map(lambda v: v if pd.isna(v) else str(v))
+    df.attrs["manifest_path"] = str(path.resolve())
+    return df
+
+
+def write_manifest(df: pd.DataFrame, out_dir: str | Path, name: str = "manifest") -> Path:
+    """Write ``df`` as ``<name>.parquet`` and ``<name>.csv`` in ``out_dir``; returns the parquet path.
+
+    Paths inside ``out_dir`` are stored relative to it (so the folder can move); other
+    paths stay absolute.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir.resolve()
+    table = df.copy()
+    stored = []
+    for p in table["path"]:
+        p = Path(str(p))
+        if p.is_absolute():
+            try:
+                p = p.resolve().relative_to(root)
+            except ValueError:
+                pass
+        stored.append(p.as_posix())
+    table["path"] = stored
+    table = table.reset_index(drop=True)
+    parquet = out_dir / f"{name}.parquet"
+    table.to_parquet(parquet, index=False)
+    table.to_csv(out_dir / f"{name}.csv", index=False)
+    return parquet
+
+
+def fill_durations(df: pd.DataFrame, on_error: str = "raise") -> pd.DataFrame:
+    """Return ``df`` with a ``duration`` column, read from file headers where missing.
+
+    With ``on_error="skip"`` unreadable files get NaN instead of raising.
+    """
+    df = df.copy()
+    if "duration" not in df.columns:
+        df["duration"] = np.nan
+    missing = df["duration"].isna()
+    durations = df["duration"].to_numpy(dtype=float, copy=True)
+    for pos in np.flatnonzero(missing.to_numpy()):
+        try:
+            durations[pos] = audio_duration(df["path"].iloc[pos])
+        except (FileNotFoundError, AudioReadError) as err:
+            if on_error != "skip":
+                raise type(err)(f"manifest row {df.index[pos]}: {err}") from err
+    df["duration"] = durations
+    return df
+
+
+def validate_manifest(
+    df: pd.DataFrame,
+    task_kind: str,
+    vocab=None,
+    splits: Iterable[str] = SPLITS,
+    check_files: bool = True,
+    unit: str = "phoneme",
+) -> None:
+    """Check a manifest before any training starts; raise with a clear message if unusable.
+
+    Checks: the required columns for ``task_kind``; split names; that each split in
+    ``splits`` has rows; no empty labels/transcripts; (``check_files``) that every
+    path exists; for classification, that dev/test labels all occur in train; for CTC,
+    that every transcript token is in ``vocab`` (a :class:`~pefttune.data.vocab.TokenVocab`;
+    without one, that dev/test tokens occur in train, tokenised by ``unit``:
+    ``"phoneme"`` = whitespace-separated, ``"char"`` = characters).
+
+    Raises:
+        ManifestError: bad columns, splits, labels or tokens.
+        FileNotFoundError: audio files listed but missing.
+    """
+    if task_kind not in TASK_KINDS:
+        raise ValueError(f"task_kind must be one of {TASK_KINDS}, got {task_kind!r}")
+    target = "label" if task_kind == "classification" else "transcript"
+    missing_columns = [c for c in ("path", "split", target) if c not in df.columns]
+    if missing_columns:
+        raise ManifestError(
+            f"manifest lacks column(s) {missing_columns} needed for {task_kind} "
+            f"(columns: {list(df.columns)})"
+        )
+    split_values = df["split"].astype(str)
+    bad = ~split_values.isin(SPLITS)
+    if bad.any():
+        raise ManifestError(
+            f"unknown split names {sorted(set(split_values[bad]))} in {_rows(df, bad)}; "
+            f"use {', '.join(SPLITS)}"
+        )
+    for split in splits:
+        if not (split_values == split).any():
+            raise ManifestError(f"split {split!r} is empty: the manifest has no {split} rows")
+    values = df[target]
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise ManifestError(f"empty {target} in {_rows(df, empty)}")
+    if "duration" in df.columns:
+        nonpositive = pd.to_numeric(df["duration"], errors="coerce") <= 0
+        if nonpositive.any():
+            raise ManifestError(f"non-positive duration in {_rows(df, nonpositive)}")
+    if "start" in df.columns:
+        starts = pd.to_numeric(df["start"], errors="coerce")
+        no_window = starts.notna() & (
+            pd.to_numeric(df["duration"], errors="coerce").isna() if "duration" in df.columns else True
+        )
+        if np.any(no_window):
+            raise ManifestError(f"rows with a 'start' need a 'duration' too: {_rows(df, no_window)}")
+        if (starts < 0).any():
+            raise ManifestError(f"negative start in {_rows(df, starts < 0)}")
+    if check_files:
+        exists = np.array([Path(p).is_file() for p in df["path"]])
+        if not exists.all():
+            first = df["path"][~exists].iloc[0]
+            raise FileNotFoundError(
+                f"{int((~exists).sum())} audio file(s) listed in the manifest do not exist, "
+                f"{_rows(df, ~exists)}; first: {first}"
+            )
+    train = split_values == "train"
+    if task_kind == "classification" and train.any():
+        known = set(values[train].astype(str))
+        for split in ("dev", "test"):
+            mask = (split_values == split) & ~values.astype(str).isin(known)
+            if mask.any():
+                raise ManifestError(
+                    f"{split} has labels that never occur in train: "
+                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)})"
+                )
+    else:
+        from pefttune.data.vocab import TokenVocab
+
+        if vocab is None and not train.any():
+            return
+        if vocab is None:
+            vocab = TokenVocab.from_transcripts(values[train].astype(str), unit=unit)
+            checked = ~train
+            where = "train"
+        else:
+            checked = np.ones(len(df), dtype=bool)
+            where = "the vocabulary"
+        unknown_rows = []
+        unknown_tokens: set[str] = set()
+        for pos in np.flatnonzero(np.asarray(checked)):
+            extra = vocab.unknown_tokens(str(values.iloc[pos]))
+            if extra:
+                unknown_rows.append(pos)
+                unknown_tokens.update(extra)
+        if unknown_rows:
+            mask = np.zeros(len(df), dtype=bool)
+            mask[unknown_rows] = True
+            raise ManifestError(
+                f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
+                f"({_rows(df, mask)})"
+            )
