@@ -76,7 +76,9 @@ class TrainSection(_Section):
 
 
 class SearchSection(_Section):
-    algorithm: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna TPE (default), random, or grid.")
+    algorithm: Literal["tpe", "random", "grid", "nsga2"] = Field(
+        "tpe", description="Optuna TPE (default; MOTPE when multi_objective), random, grid, or NSGA-II."
+    )
     num_samples: int = Field(8, ge=0, description="Searched trials (on top of the fixed points below).")
     scheduler: Literal["asha", "none"] = Field("asha", description="ASHA early stopping or none.")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped.")
@@ -87,6 +89,13 @@ class SearchSection(_Section):
     multi_objective: bool = Field(False, description="Optimise task metric and trainable parameters (Pareto).")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial from its last checkpoint.")
     reuse_actors: bool = Field(True, description="Reuse Ray actors between trials (much less per-trial overhead).")
+    budget_exempt_fixed: bool = Field(
+        False, description="Train the fixed points (uniform baselines, hybrid) even when over the budget."
+    )
+    tpe_startup_trials: int = Field(5, ge=0, description="TPE: random trials (fixed points included) before TPE.")
+    optuna_storage: str | None = Field(
+        None, description="Optuna RDB URL (default: sqlite file optuna.db in the experiment dir)."
+    )
 
 
 class DartsSection(_Section):
@@ -107,6 +116,30 @@ class DartsSection(_Section):
     fair_zero_one: float = Field(10.0, ge=0, description="Fair-DARTS: weight of the zero-one loss.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One DARTS search per seed.")
     epochs: int | None = Field(None, ge=1, description="Search epochs (default: train.epochs).")
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="DARTS variants run as separate trials (each with every seed): mappings of darts fields "
+        "overriding this section, e.g. [{}, {mix: exact}, {relaxation: gumbel, hard: true}]. Empty: one variant, "
+        "this section's own settings.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: list) -> list:
+        for index, variant in enumerate(value):
+            if not isinstance(variant, dict):
+                raise ValueError(f"[{index}]: expected a mapping of darts fields, got {variant!r}")
+            fixed = sorted(set(variant) & {"enabled", "seeds", "variants"})
+            if fixed:
+                raise ValueError(f"[{index}]: {fixed} cannot vary between variants")
+            try:
+                DartsSection.model_validate(variant)
+            except ValidationError as err:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+                )
+                raise ValueError(f"[{index}]: {problems}") from None
+        return value
 
 
 class ResourcesSection(_Section):

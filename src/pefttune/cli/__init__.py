@@ -9,10 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pefttune.cli import backbone as backbone_cli
+from pefttune.cli import darts as darts_cli
+from pefttune.cli import data as data_cli
+from pefttune.cli import ensemble as ensemble_cli
+from pefttune.cli import export as export_cli
+from pefttune.cli import export_model as export_model_cli
 from pefttune.cli import info
+from pefttune.cli import predict as predict_cli
+from pefttune.cli import report as report_cli
+from pefttune.cli import run as run_cli
+from pefttune.cli import search as search_cli
 
 # Subcommand modules, in the order `pefttune --help` lists them.
-SUBCOMMANDS = [info]
+SUBCOMMANDS = [run_cli, data_cli, info, search_cli, darts_cli, ensemble_cli, export_cli, report_cli, export_model_cli, predict_cli, backbone_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,45 @@
+"""`pefttune search CONFIG`: the discrete placement search on Ray Tune."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "search",
+        help="Search which PEFT method to put in which layer (Optuna TPE + ASHA on Ray Tune).",
+        description="Run a discrete per-layer placement search described by an experiment YAML file. "
+        "Results go to <storage>/<name>/ (Ray Tune experiment, optuna.db, experiment.yaml).",
+    )
+    parser.add_argument("config", help="Experiment YAML file (see pefttune/configs/).")
+    parser.add_argument(
+        "--address",
+        help="Join a running Ray cluster: auto, ray://host:10001 or host:port "
+        "(default: start a private local Ray on the loopback interface, dashboard off).",
+    )
+    parser.add_argument("--resume", action="store_true", help="Finish the unfinished trials of an existing search.")
+    parser.add_argument(
+        "--resume-errored", action="store_true", help="With --resume: also retry trials that ended with an error."
+    )
+    parser.add_argument("--name", help="Experiment name (overrides `name` in the config).")
+    parser.add_argument("--quiet", action="store_true", help="No live progress table.")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pefttune.config import load_config
+    from pefttune.search.experiment import run_search
+
+    config = load_config(args.config)  # validated before Ray starts
+    results = run_search(
+        config,
+        address=args.address,
+        resume=args.resume,
+        name=args.name,
+        resume_errored=args.resume_errored,
+        verbose=0 if args.quiet else 1,
+    )
+    if args.quiet:
+        from pefttune.search.experiment import results_frame, summary_table
+
+        named = config if args.name is None else config.model_copy(update={"name": args.name})
+        print(summary_table(results_frame(results, config.train.epochs), named))
+    return 0

@@ -1,0 +1,269 @@
+"""The discrete placement search space, as an Optuna define-by-run function.
+
+For every encoder layer ``i`` one categorical parameter ``layer_{i:02d}`` chooses among
+``none`` and the candidate methods of ``config.methods``. Each method's listed
+hyper-parameters (e.g. ``lora.rank`` in ``[4, 8]``) are shared by all layers that use the
+method and are suggested only when some layer uses it (conditional parameters, which is
+why the space is a function and TPE runs with ``multivariate=True, group=True``).
+``lr`` is suggested log-uniformly when ``train.lr_range`` is set.
+
+The function returns the trial config the trainable reads: ``placement`` (a JSON string,
+:meth:`Placement.to_dict` form), ``kind``, ``method``, ``lr``, ``peft_params`` and
+``budget_exempt``. It also records ``kind``/``placement_short``/``peft_params`` as
+Optuna user attributes (visible in optuna-dashboard) and, when ``config.budget`` is set,
+the constraint ``budget = peft_params - budget`` (feasible when <= 0), which Optuna's TPE
+and NSGA-II use to steer away from over-budget placements.
+
+Fixed points (uniform baselines, the hybrid, DARTS-derived placements) are enqueued
+Optuna trials: :meth:`FixedPoint.optuna_params` fixes the layer parameters (uniform) and
+the user attribute ``pefttune_fixed`` tells the space function which kind of point it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pefttune.backbones import BackboneInfo
+from pefttune.config import ExperimentConfig
+from pefttune.methods import get_method
+from pefttune.placement import Placement
+
+NONE = "none"
+FIXED_ATTR = "pefttune_fixed"
+KINDS = ("uniform", "discrete", "hybrid", "darts-derived")
+
+
+def layer_param(index: int) -> str:
+    return f"layer_{index:02d}"
+
+
+def hp_param(method: str, hp: str) -> str:
+    return f"{method}.{hp}"
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna categorical values must be scalars: lists (e.g. LoRA targets) become 'a,b'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def decode_choice(method: str, hp: str, value: Any) -> Any:
+    spec = get_method(method).hparams[hp]
+    if spec.kind is tuple and isinstance(value, str):
+        return tuple(v for v in value.split(",") if v)
+    return value
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """A placement every search runs, besides the sampled ones.
+
+    ``kind`` is ``uniform`` (``method`` in every layer), ``hybrid`` (all candidate methods
+    merged in every layer) or any other label with an explicit ``placement`` (e.g.
+    ``darts-derived``). ``lr`` defaults to ``train.lr``; ``extra`` adds keys to the trial
+    config (e.g. the test hooks ``_fail_once_at_epoch``/``_nan_at_epoch``).
+    """
+
+    kind: str
+    method: str | None = None
+    placement: dict | None = None
+    lr: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind == "uniform" and not self.method:
+            raise ValueError("FixedPoint: kind 'uniform' needs a method")
+        if self.kind not in ("uniform", "hybrid") and self.placement is None:
+            raise ValueError(f"FixedPoint: kind {self.kind!r} needs an explicit placement")
+        if self.placement is not None:
+            Placement.from_dict(self.placement)  # validates
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.method}" if self.method else self.kind
+
+    def to_attr(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attr(cls, data: dict) -> "FixedPoint":
+        return cls(**data)
+
+
+def fixed_points(config: ExperimentConfig) -> list[FixedPoint]:
+    """Uniform baselines (one per candidate method) and the hybrid, as configured."""
+    points = []
+    if config.search.uniform_baselines:
+        points += [FixedPoint("uniform", method=name) for name in config.methods]
+    if config.search.hybrid and len(config.methods) > 1:
+        points.append(FixedPoint("hybrid"))
+    return points
+
+
+@dataclass(frozen=True)
+class PlacementSpace:
+    """Define-by-run search space over per-layer placements (picklable plain data).
+
+    ``choices[method][hp]`` lists the (encoded) values of each hyper-parameter;
+    ``conditional=False`` suggests every listed hyper-parameter in every trial (needed by
+    the grid sampler, whose grid is over all parameters).
+    """
+
+    info: BackboneInfo
+    choices: dict[str, dict[str, list]]
+    lr: float
+    lr_range: tuple[float, float] | None = None
+    budget: int | None = None
+    budget_exempt_fixed: bool = False
+    conditional: bool = True
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, info: BackboneInfo, conditional: bool = True) -> "PlacementSpace":
+        choices = {
+            method: {hp: [encode_choice(v) for v in values] for hp, values in hps.items()}
+            for method, hps in config.candidate_choices().items()
+        }
+        return cls(
+            info=info,
+            choices=choices,
+            lr=config.train.lr,
+            lr_range=tuple(config.train.lr_range) if config.train.lr_range else None,
+            budget=config.budget,
+            budget_exempt_fixed=config.search.budget_exempt_fixed,
+            conditional=conditional,
+        )
+
+    # -- structure ------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.info.num_layers
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.choices)
+
+    def layer_options(self) -> list[str]:
+        return [NONE, *[m for m in self.methods if m != NONE]]  # 'none' is always a candidate
+
+    def searched_hparams(self) -> dict[str, list]:
+        """Optuna parameter name -> choices, for hyper-parameters with more than one value."""
+        return {
+            hp_param(m, hp): values for m, hps in self.choices.items() for hp, values in hps.items() if len(values) > 1
+        }
+
+    def grid(self) -> dict[str, list]:
+        """Every parameter with its values (Optuna's GridSampler search space)."""
+        if self.lr_range is not None:
+            raise ValueError("search.algorithm: grid needs a finite space; unset train.lr_range (lr is then train.lr)")
+        grid = {layer_param(i): self.layer_options() for i in range(self.num_layers)}
+        grid.update(self.searched_hparams())
+        return grid
+
+    def grid_size(self) -> int:
+        return math.prod(len(v) for v in self.grid().values())
+
+    def default_hparams(self, method: str) -> dict:
+        return {hp: decode_choice(method, hp, values[0]) for hp, values in self.choices.get(method, {}).items()}
+
+    # -- building placements -----------------------------------------------------------------
+    def placement(self, layers: list[str | list[str]], hparams: dict[str, dict]) -> Placement:
+        """Placement from per-layer method names (a list = hybrid layer) and per-method hparams."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"placement: {len(layers)} layer entries for a {self.num_layers}-layer backbone")
+        entries = []
+        for layer in layers:
+            names = [layer] if isinstance(layer, str) else list(layer)
+            entries.append([{"method": m, **hparams.get(m, {})} for m in names if m != NONE])
+        return Placement.from_dict({"num_layers": self.num_layers, "layers": entries})
+
+    def uniform(self, method: str) -> Placement:
+        return self.placement([method] * self.num_layers, {method: self.default_hparams(method)})
+
+    def hybrid(self) -> Placement:
+        methods = [m for m in self.methods if m != NONE]
+        return self.placement([methods] * self.num_layers, {m: self.default_hparams(m) for m in methods})
+
+    def fixed_placement(self, point: FixedPoint) -> Placement:
+        if point.placement is not None:
+            placement = Placement.from_dict(point.placement)
+            placement.validate_for(self.info)
+            return placement
+        if point.kind == "uniform":
+            if point.method not in self.choices:
+                raise ValueError(f"FixedPoint: method {point.method!r} is not a candidate in config.methods")
+            return self.uniform(point.method)
+        if point.kind == "hybrid":
+            return self.hybrid()
+        raise ValueError(f"FixedPoint: kind {point.kind!r} needs an explicit placement")
+
+    def optuna_params(self, point: FixedPoint) -> dict:
+        """Parameters to enqueue for a fixed point (so the sampler learns from it)."""
+        params = {}
+        if self.conditional is False or point.kind in ("uniform", "hybrid"):
+            params.update({name: values[0] for name, values in self.searched_hparams().items()})
+        if point.kind == "uniform" and point.placement is None:
+            params.update({layer_param(i): point.method for i in range(self.num_layers)})
+        return params
+
+    # -- the define-by-run function ---------------------------------------------------------
+    def __call__(self, trial) -> dict:
+        fixed_attr = trial.user_attrs.get(FIXED_ATTR)
+        point = FixedPoint.from_attr(fixed_attr) if fixed_attr else None
+        lr = self.lr
+        if point is None or point.kind == "uniform" and point.placement is None:
+            layers = [trial.suggest_categorical(layer_param(i), self.layer_options()) for i in range(self.num_layers)]
+            used = set(layers) - {NONE}
+            hparams = {}
+            for method in self.methods:
+                values = {}
+                for hp, options in self.choices[method].items():
+                    if len(options) > 1 and (method in used or not self.conditional):
+                        value = trial.suggest_categorical(hp_param(method, hp), options)
+                    else:
+                        value = options[0]
+                    values[hp] = decode_choice(method, hp, value)
+                hparams[method] = values
+            placement = self.placement(layers, hparams)
+            if point is None and self.lr_range is not None:
+                lr = trial.suggest_float("lr", self.lr_range[0], self.lr_range[1], log=True)
+        else:
+            if point.kind == "hybrid" and point.placement is None:
+                for name, options in self.searched_hparams().items():  # fixed by the enqueued params
+                    trial.suggest_categorical(name, options)
+            placement = self.fixed_placement(point)
+        kind = point.kind if point else "discrete"
+        method = point.method if point else None
+        if point is not None and point.lr is not None:
+            lr = point.lr
+        peft = placement.trainable_parameters(self.info)
+        exempt = bool(point is not None and self.budget_exempt_fixed)
+        trial.set_user_attr("kind", kind)
+        trial.set_user_attr("placement_short", placement.short())
+        trial.set_user_attr("peft_params", peft)
+        if self.budget is not None:
+            trial.set_constraint("budget", 0.0 if exempt else float(peft - self.budget))
+        out = {
+            "kind": kind,
+            "method": method,
+            "placement": json.dumps(placement.to_dict(), separators=(",", ":")),
+            "lr": lr,
+            "peft_params": peft,
+            "budget_exempt": exempt,
+        }
+        if point is not None:
+            out.update(point.extra)
+        return out
+
+
+def validate_space(config: ExperimentConfig, info: BackboneInfo) -> PlacementSpace:
+    """Build the space for ``config`` and check it can be searched (errors name the field)."""
+    algorithm = config.search.algorithm
+    space = PlacementSpace.from_config(config, info, conditional=algorithm != "grid")
+    if algorithm == "grid":
+        space.grid()  # raises for a continuous lr range
+    for point in fixed_points(config):
+        space.fixed_placement(point).validate_for(info)
+    return space

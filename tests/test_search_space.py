@@ -1,0 +1,222 @@
+"""The discrete search space, fixed points, samplers and the Optuna searcher's bookkeeping
+(PRUNED for early-stopped trials, full-epoch reports, budget constraints, orphans), with a
+real sqlite Optuna storage and Ray's searcher API called the way Tune calls it."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pefttune.config import parse_config
+from pefttune.placement import Placement
+from pefttune.search.optuna_search import Objective, PefttuneSearch, classify_result, make_sampler, make_storage
+from pefttune.search.space import FixedPoint, fixed_points, layer_param, validate_space
+from pefttune.trainables.common import backbone_info
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+METHODS = {"lora": {"rank": [4, 8]}, "sequential": {"bottleneck": [8, 32]}, "bitfit": {}}
+
+
+def make_config(**overrides):
+    data = {"backbone": "tiny-hubert", "methods": METHODS, "train": {"epochs": 3}}
+    for key, value in overrides.items():
+        if key in ("train", "search") and key in data:
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+@pytest.fixture
+def info():
+    return backbone_info("tiny-hubert")
+
+
+def make_search(tmp_path, config, info, multi=False):
+    space = validate_space(config, info)
+    objective = Objective("best_dev_accuracy", "max", config.train.epochs, multi_objective=multi)
+    return PefttuneSearch(
+        space,
+        objective,
+        sampler=make_sampler(config, space),
+        storage=make_storage(f"sqlite:///{tmp_path / 'optuna.db'}"),
+        study_name="test",
+        points=fixed_points(config),
+    )
+
+
+def test_space_covers_every_layer_and_conditional_hparams(tmp_path, info):
+    config = make_config(search={"algorithm": "random"})
+    search = make_search(tmp_path, config, info)
+    seen_params = set()
+    for i in range(20):
+        out = search.suggest(f"t{i}")
+        placement = Placement.from_json(out["placement"])
+        assert placement.num_layers == info.num_layers
+        assert out["peft_params"] == placement.trainable_parameters(info)
+        if out["kind"] != "discrete":
+            continue
+        layers = [out[layer_param(i)] for i in range(info.num_layers)]
+        assert placement.layer_methods() == layers
+        # a method's hyper-parameter is a parameter only when a layer uses the method
+        assert ("lora.rank" in out) == ("lora" in layers)
+        assert ("sequential.bottleneck" in out) == ("sequential" in layers)
+        for layer in placement.layers:
+            for choice in layer:
+                if choice.method == "lora":
+                    assert choice.hparams["rank"] == out["lora.rank"]
+        seen_params.update(layers)
+    assert seen_params == {"none", "lora", "sequential", "bitfit"}
+
+
+def test_fixed_points_come_first_tagged_and_in_the_study(tmp_path, info):
+    config = make_config()
+    search = make_search(tmp_path, config, info)
+    outs = [search.suggest(f"t{i}") for i in range(5)]
+    assert [(o["kind"], o["method"]) for o in outs[:4]] == [
+        ("uniform", "lora"), ("uniform", "sequential"), ("uniform", "bitfit"), ("hybrid", None),
+    ]
+    assert outs[4]["kind"] == "discrete"
+    for out in outs[:3]:
+        placement = Placement.from_json(out["placement"])
+        assert placement.layer_methods() == [out["method"]] * info.num_layers
+        assert out["lr"] == config.train.lr
+    hybrid = Placement.from_json(outs[3]["placement"])
+    assert hybrid.layer_methods() == ["lora+sequential+bitfit"] * info.num_layers
+    # first listed value of each hyper-parameter
+    assert hybrid.layers[0][0].hparams["rank"] == 4 and hybrid.layers[0][1].hparams["bottleneck"] == 8
+    trials = search.study.get_trials()
+    assert [t.user_attrs["kind"] for t in trials] == ["uniform"] * 3 + ["hybrid", "discrete"]
+    assert trials[0].params[layer_param(0)] == "lora"
+
+
+def test_lr_range_is_searched_and_grid_rejects_it(tmp_path, info):
+    config = make_config(train={"lr_range": [1e-4, 1e-2]}, search={"uniform_baselines": False, "hybrid": False})
+    search = make_search(tmp_path, config, info)
+    lrs = [search.suggest(f"t{i}")["lr"] for i in range(6)]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 6
+    with pytest.raises(ValueError, match="search.algorithm: grid"):
+        validate_space(make_config(train={"lr_range": [1e-4, 1e-2]}, search={"algorithm": "grid"}), info)
+
+
+def test_grid_enumerates_distinct_points(tmp_path, info):
+    config = make_config(methods={"bitfit": {}}, search={"algorithm": "grid", "uniform_baselines": False, "hybrid": False})
+    search = make_search(tmp_path, config, info)
+    size = search._space.grid_size()
+    assert size == 2**info.num_layers  # none or bitfit in every layer
+    seen = {search.suggest(f"t{i}")["placement"] for i in range(size)}
+    assert len(seen) == size
+
+
+def test_budget_constraint_is_recorded(tmp_path, info):
+    config = make_config(budget=3000)
+    search = make_search(tmp_path, config, info)
+    outs = [search.suggest(f"t{i}") for i in range(8)]
+    for trial, out in zip(search.study.get_trials(), outs):
+        assert trial.user_attrs["peft_params"] == out["peft_params"]
+        assert trial.constraints["budget"] == out["peft_params"] - 3000
+    exempt = make_config(budget=3000, search={"budget_exempt_fixed": True})
+    (tmp_path / "x").mkdir()
+    search = make_search(tmp_path / "x", exempt, info)
+    out = search.suggest("u")
+    assert out["budget_exempt"] is True and search.study.get_trials()[0].constraints["budget"] == 0.0
+
+
+def test_classify_result():
+    objective = Objective("best_dev_accuracy", "max", max_epochs=3)
+    full = {"best_dev_accuracy": 0.5, "epoch": 3}
+    assert classify_result(objective, full, error=False) == (TrialState.COMPLETE, [0.5])
+    assert classify_result(objective, {**full, "epoch": 1}, error=False) == (TrialState.PRUNED, None)
+    assert classify_result(objective, full, error=True) == (TrialState.FAIL, None)
+    assert classify_result(objective, None, error=False) == (TrialState.PRUNED, None)
+    over = {"best_dev_accuracy": 0.0, "epoch": 0, "over_budget": True}
+    assert classify_result(objective, over, error=False) == (TrialState.COMPLETE, [0.0])
+    assert classify_result(objective, {**full, "best_dev_accuracy": float("nan")}, False)[0] == TrialState.FAIL
+    multi = Objective("best_dev_accuracy", "max", 3, multi_objective=True)
+    assert classify_result(multi, {**full, "trainable_params": 100}, False) == (TrialState.COMPLETE, [0.5, 100.0])
+
+
+def test_searcher_prunes_early_stopped_trials(tmp_path, info):
+    """Ray calls on_trial_result per epoch and on_trial_complete with the last result, also
+    when ASHA stops a trial: such a trial must be PRUNED in the study, not COMPLETE."""
+    config = make_config(search={"uniform_baselines": False, "hybrid": False})
+    search = make_search(tmp_path, config, info)
+    for trial_id in ("full", "stopped", "error", "over"):
+        search.suggest(trial_id)
+    search.on_trial_result("over", {"epoch": 0, "best_dev_accuracy": 0.0, "over_budget": True})
+    search.on_trial_complete("over", {"epoch": 0, "best_dev_accuracy": 0.0, "over_budget": True})
+    for epoch, score in [(1, 0.3), (2, 0.4)]:
+        search.on_trial_result("full", {"epoch": epoch, "best_dev_accuracy": score})
+    search.on_trial_result("full", {"epoch": 2, "best_dev_accuracy": 0.4})  # re-reported after a restore
+    search.on_trial_complete("full", {"epoch": 3, "best_dev_accuracy": 0.6})  # stopped at max_t
+    search.on_trial_result("stopped", {"epoch": 1, "best_dev_accuracy": 0.2})
+    # the result on which ASHA stops a trial reaches the searcher only through on_trial_complete
+    search.on_trial_complete("stopped", {"epoch": 2, "best_dev_accuracy": 0.25})
+    search.on_trial_complete("error", error=True)
+    search.on_trial_complete("error", error=True)  # twice: ignored
+    trials = search.study.get_trials()
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].value == 0.6 and trials[0].intermediate_values == {1: 0.3, 2: 0.4, 3: 0.6}
+    assert trials[1].value == 0.25  # a pruned trial keeps its last full-epoch value
+    assert trials[1].intermediate_values == {1: 0.2, 2: 0.25}
+    assert trials[3].intermediate_values == {}  # the zero-epoch row is not a full-epoch metric
+    # Ray's own OptunaSearch would have told the early-stopped trial COMPLETE
+    from ray.tune.search.optuna import OptunaSearch
+
+    plain = OptunaSearch(space=search._space, metric="best_dev_accuracy", mode="max",
+                         storage=make_storage(f"sqlite:///{tmp_path / 'plain.db'}"), study_name="plain")
+    plain.suggest("stopped")
+    plain.on_trial_result("stopped", {"epoch": 1, "best_dev_accuracy": 0.2, "training_iteration": 1})
+    plain.on_trial_complete("stopped", {"epoch": 1, "best_dev_accuracy": 0.2})
+    assert plain._ot_study.get_trials()[0].state == TrialState.COMPLETE
+
+
+def test_searcher_state_round_trip_fails_orphans(tmp_path, info):
+    config = make_config()
+    search = make_search(tmp_path, config, info)
+    search.suggest("a")
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.suggest("b")  # asked after the last save: Ray will not know it after a crash
+    restored = pickle.loads(pickle.dumps(search))  # what Tuner.restore does with tuner.pkl
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    states = [t.state for t in restored.study.get_trials()]
+    assert states[:2] == [TrialState.RUNNING, TrialState.FAIL]
+    assert set(states[2:]) == {TrialState.WAITING}  # fixed points not asked yet
+    restored.on_trial_complete("a", {"epoch": 3, "best_dev_accuracy": 0.7})
+    assert restored.study.get_trials()[0].state == TrialState.COMPLETE
+    # the fixed points are not enqueued a second time by a new searcher on the same study
+    again = make_search(tmp_path, config, info)
+    waiting = [t for t in again.study.get_trials() if t.state == TrialState.WAITING]
+    assert len(waiting) == len(fixed_points(config)) - 2
+
+
+def test_multi_objective_samplers(tmp_path, info):
+    for algorithm in ("tpe", "nsga2", "random"):
+        config = make_config(search={"algorithm": algorithm, "multi_objective": True, "uniform_baselines": False, "hybrid": False})
+        (tmp_path / algorithm).mkdir()
+        search = make_search(tmp_path / algorithm, config, info, multi=True)
+        assert search.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+        for i in range(4):
+            out = search.suggest(f"t{i}")
+            search.on_trial_complete(f"t{i}", {"epoch": 3, "best_dev_accuracy": 0.1 * i, "trainable_params": out["peft_params"]})
+        assert all(t.state == TrialState.COMPLETE for t in search.study.get_trials())
+        assert search.study.best_trials
+
+
+def test_fixed_point_validation(info):
+    with pytest.raises(ValueError, match="needs a method"):
+        FixedPoint("uniform")
+    with pytest.raises(ValueError, match="explicit placement"):
+        FixedPoint("darts-derived")
+    config = make_config()
+    space = validate_space(config, info)
+    with pytest.raises(ValueError, match="not a candidate"):
+        space.fixed_placement(FixedPoint("uniform", method="prefix"))
+    derived = FixedPoint("darts-derived", placement={"num_layers": 4, "layers": ["lora", "none", "bitfit", "none"]})
+    assert space.fixed_placement(derived).layer_methods() == ["lora", "none", "bitfit", "none"]
+    assert json.dumps(derived.to_attr())  # stored as an Optuna user attribute

@@ -1,0 +1,178 @@
+"""Trial helpers shared by the trainables (no Ray): data from a manifest, checkpoints that
+resume exactly, the final evaluation with predictions, and the result-table helpers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pefttune.config import parse_config
+from pefttune.model import build_model, load_model_dir
+from pefttune.placement import Placement
+from pefttune.search.experiment import pareto_front, summary_table, top_k
+from pefttune.trainables import common
+from pefttune.training import fit, setup_optimizer, setup_scheduler
+from test_search_fixtures import search_config, write_tone_manifest
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    manifest = write_tone_manifest(tmp_path_factory.mktemp("tones"), classes=3,
+                                   per_split={"train": 6, "dev": 2, "test": 2})
+    config = parse_config(search_config(manifest, tmp_path_factory.mktemp("results"),
+                                        data={"batch_size": 4}, train={"epochs": 2, "max_steps_per_epoch": 3}))
+    return config, common.prepare_data(config)
+
+
+def test_prepare_and_load_data(setup):
+    config, ref = setup
+    assert ref.task_kind == "classification" and ref.vocab == {"kind": "labels", "labels": ["tone0", "tone1", "tone2"]}
+    head = ref.head_config(config)
+    assert head.num_outputs == 3 and head.kind == "linear"
+    data = common.load_data(config, ref, seed=0)
+    assert len(data.train.dataset) == 18 and len(data.dev.dataset) == 6 and len(data.test.dataset) == 6
+    batch = next(iter(data.dev))
+    assert batch["input_values"].shape[0] == 4 and batch["labels"].dtype == torch.long
+    lengths = batch["attention_mask"].sum(1)
+    assert (lengths <= batch["input_values"].shape[1]).all() and (lengths >= 6400).all()
+    for row, length in zip(batch["input_values"], lengths):
+        assert (row[int(length):] == 0).all()
+    indices = torch.cat([b["index"] for b in data.test]).tolist()
+    assert len(set(indices)) == 6  # manifest row ids, unique across the split
+
+
+def test_epoch_sampler_resumes_the_order():
+    straight = common.EpochSampler(10, seed=3)
+    orders = [list(straight) for _ in range(3)]
+    assert orders[0] != orders[1] and sorted(orders[2]) == list(range(10))
+    resumed = common.EpochSampler(10, seed=3)
+    resumed.set_epoch(2)  # epochs 1 and 2 done before the interruption
+    assert list(resumed) == orders[2]
+
+
+def _trial(config, ref, device="cpu"):
+    info = common.backbone_info(config.backbone)
+    placement = Placement.from_dict({"num_layers": info.num_layers, "layers": ["lora", "none", "bitfit", "sequential"]})
+    train = common.train_config(config, lr=0.01)
+    torch.manual_seed(train.seed)
+    data = common.load_data(config, ref, seed=train.seed)
+    model = build_model(config.backbone, placement, ref.head_config(config))
+    optimizer = setup_optimizer(model, train)
+    scheduler = setup_scheduler(optimizer, train.epochs * data.steps_per_epoch(train.max_steps_per_epoch), 0.5)
+    return model, data, optimizer, scheduler, train
+
+
+def test_checkpoint_resume_gives_the_same_weights(setup, tmp_path):
+    """Two epochs straight == one epoch, checkpoint, a fresh process state, one more epoch."""
+    config, ref = setup
+    model, data, optimizer, scheduler, train = _trial(config, ref)
+    fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler)
+    straight = common.trainable_state(model)
+
+    model, data, optimizer, scheduler, train = _trial(config, ref)
+    state = common.CheckpointState()
+
+    def stop_after_first(result):
+        state.epoch, state.best_score, state.best_epoch = result.epoch, result.dev.score, result.epoch
+        common.write_checkpoint(tmp_path / "ckpt", model, state, optimizer=optimizer, scheduler=scheduler,
+                                best_weights=common.trainable_state(model), metadata={"epoch": result.epoch})
+        raise KeyboardInterrupt  # the interruption
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler, on_epoch=stop_after_first)
+    torch.manual_seed(1234)  # a different RNG state: the checkpoint must restore it
+
+    model, data, optimizer, scheduler, train = _trial(config, ref)
+    restored, best = common.read_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler)
+    assert restored.epoch == 1 and restored.best_epoch == 1 and set(best) == set(straight)
+    data.train_sampler.set_epoch(restored.epoch)
+    fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler, start_epoch=restored.epoch + 1)
+    resumed = common.trainable_state(model)
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+    assert scheduler.last_epoch == 2 * 3
+    files = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert files == {
+        "state.json", "trainer_state.pt", "model/adapter.safetensors", "model/placement.json", "model/model.json",
+        "best/adapter.safetensors", "best/placement.json", "best/model.json",
+    }
+
+
+def test_final_evaluation_uses_the_best_weights(setup, tmp_path):
+    config, ref = setup
+    model, data, optimizer, scheduler, train = _trial(config, ref)
+    best = common.trainable_state(model)  # "best" = the initial weights
+    fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler)
+    evaluations = common.final_evaluation(model, best, {"dev": data.dev, "test": data.test}, train)
+    fresh, *_ = _trial(config, ref)
+    from pefttune.training import evaluate
+
+    expected = evaluate(fresh, data.test, train)
+    np.testing.assert_allclose(evaluations["test"].arrays["probs"], expected.arrays["probs"], atol=1e-6)
+    state = common.CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 1.0})
+    common.write_checkpoint(tmp_path, model, state, best_weights=best, predictions=evaluations)
+    stored = common.checkpoint_predictions(tmp_path, "test")
+    assert set(stored) == {"index", "probs", "label", "pred"}
+    np.testing.assert_array_equal(stored["pred"], evaluations["test"].arrays["pred"])
+    assert common.read_state(tmp_path).metrics == {"test_accuracy": 1.0}
+    reloaded = load_model_dir(tmp_path / "best")
+    for name, tensor in reloaded.trainable_named_parameters().items():
+        torch.testing.assert_close(tensor.detach(), best[name])
+    with pytest.raises(FileNotFoundError, match="no dev predictions"):
+        common.checkpoint_predictions(tmp_path / "model", "dev")
+
+
+def test_placement_columns_and_worst_scores():
+    placement = Placement.from_dict({"num_layers": 3, "layers": ["lora", [], ["bitfit", "lora"]]})
+    columns = common.placement_columns(placement)
+    assert columns["layer_00"] == "lora" and columns["layer_01"] == "none" and columns["layer_02"] == "bitfit+lora"
+    assert Placement.from_json(columns["placement"]) == placement
+    assert columns["placement_short"] == placement.short()
+    assert common.parse_placement(columns["placement"]) == placement
+    with pytest.raises(ValueError, match="trial config 'placement': not valid JSON"):
+        common.parse_placement("{oops")
+    assert common.worst_score("max") == 0.0 and common.worst_score("min") == float("inf")
+
+
+def _frame():
+    rows = [
+        # kind, score, params, status, over budget, stopped early
+        ("uniform", 0.70, 900, "TERMINATED", False, False),
+        ("discrete", 0.80, 500, "TERMINATED", False, False),
+        ("discrete", 0.80, 400, "TERMINATED", False, False),
+        ("discrete", 0.60, 100, "TERMINATED", False, False),
+        ("discrete", 0.95, 300, "TERMINATED", False, True),
+        ("hybrid", 0.00, 9000, "TERMINATED", True, False),
+        ("discrete", np.nan, 200, "ERROR", False, False),
+    ]
+    frame = pd.DataFrame(rows, columns=["kind", "best_dev_accuracy", "trainable_params", "status", "over_budget",
+                                        "stopped_early"])
+    frame["trial_id"] = [f"t{i}" for i in range(len(frame))]
+    frame["method"] = ["lora", "", "", "", "", "", ""]
+    frame["placement_short"] = [f"P{i}" for i in range(len(frame))]
+    frame["epoch"] = 3
+    frame["error"] = ["", "", "", "", "", "", "DivergedError: loss became nan"]
+    return frame
+
+
+def test_top_k_and_pareto_front():
+    frame = _frame()
+    best = top_k(frame, "best_dev_accuracy", "max", k=3)
+    assert list(best["trial_id"]) == ["t2", "t1", "t0"]  # ties: fewer parameters first
+    assert list(top_k(frame, "best_dev_accuracy", "min", k=2)["trial_id"]) == ["t3", "t0"]
+    assert list(top_k(frame, "best_dev_accuracy", "max", kinds=["uniform"])["trial_id"]) == ["t0"]
+    front = pareto_front(frame, "best_dev_accuracy", "max")
+    assert list(front["trial_id"]) == ["t3", "t2"]  # t1 and t0 are dominated by t2
+
+
+def test_summary_table_sections():
+    frame = _frame()
+    config = parse_config({"search": {"multi_objective": True}})
+    text = summary_table(frame, config, k=2)
+    assert "7 trials" in text and "4 finished, 1 stopped early, 1 over budget, 1 errors" in text
+    assert "best 2 trials by best_dev_accuracy" in text and "uniform baselines and hybrid" in text
+    assert "Pareto front" in text and "DivergedError: loss became nan" in text
+    assert json.dumps(text)
