@@ -9,6 +9,10 @@ import torch
 
 torch.set_num_threads(1)
 
+# Corpora and frozen-feature caches of this test session go to a private folder
+# (set before Ray starts, so trial workers inherit it).
+os.environ.setdefault("PEFTTUNE_CACHE", tempfile.mkdtemp(prefix="pefttune-cache-"))
+
 
 @pytest.fixture(scope="session")
 def ray_session():

@@ -66,6 +66,12 @@ class TrainSection(_Section):
         None, description="Task metric (default: accuracy for classification, per/wer for CTC)."
     )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on steps per epoch (smoke tests).")
+    frozen_cache: Literal["disk", "memory", "off"] = Field(
+        "disk",
+        description="Cache the frozen part of the forward pass (front end + layers below the lowest adapted one) "
+        "per utterance: on disk under the pefttune cache (shared by the trials of a node), in memory only, or off.",
+    )
+    frozen_cache_memory_gb: float = Field(2.0, gt=0, description="In-memory share of the frozen cache per trial (GiB).")
 
     @field_validator("lr_range")
     @classmethod

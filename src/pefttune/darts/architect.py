@@ -62,7 +62,7 @@ def task_loss(supernet: Supernet, batch: dict, config: TrainConfig | None = None
     model = supernet.model
     device = supernet.alpha.device
     with autocast(config, device) if config is not None else contextlib.nullcontext():
-        states, mask = frozen_step(model, batch)
+        states, mask = frozen_step(model, batch, supernet.cache)
         out = model.forward_from(states, mask, layer_fn=supernet.layer_fn)
         return model.loss(out, mask, batch)
 

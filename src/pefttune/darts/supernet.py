@@ -100,6 +100,7 @@ class Supernet:
     alpha: nn.Parameter  # (L, K), column NONE is 'none'
     relaxation: Relaxation = field(default_factory=Relaxation)
     mix: Mix = "gated"
+    cache: object | None = field(default=None, repr=False)  # a FrozenStateCache for the frozen front end
     _noise: torch.Tensor | None = field(default=None, repr=False)
     _fixed: torch.Tensor | None = field(default=None, repr=False)
 

@@ -282,6 +282,30 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechModel):
+    """The trial's :class:`~pefttune.cache.FrozenStateCache` (None when ``train.frozen_cache: off``).
+
+    Keyed by the backbone's content hash, the manifest's bytes and the preprocessing, so a
+    changed backbone, dataset or crop never reads stale states. On disk it lives under
+    ``<pefttune cache>/frozen/`` and is shared by all trials on the node.
+    """
+    from pefttune.cache import FrozenStateCache, cache_key, estimate_bytes
+    from pefttune.data.cache import cache_root
+
+    mode = experiment.train.frozen_cache
+    if mode == "off":
+        return None
+    preprocessing = {"sample_rate": 16000, "normalize": True, "max_seconds": experiment.data.max_seconds}
+    key = cache_key(model.encoder.content_hash(), ref.manifest, preprocessing)
+    directory = cache_root() / "frozen" if mode == "disk" else None
+    k = model.placement.lowest_adapted_layer()
+    states = (model.encoder.num_layers if k is None else k) + 1
+    cfg = model.encoder.config
+    print(f"[pefttune] frozen cache {mode} key {key}: {states} hidden state(s) per utterance, about "
+          f"{estimate_bytes(1, 49, states, cfg.hidden_size) / 2**10:.0f} KiB per second of audio", flush=True)
+    return FrozenStateCache(key, directory, max_memory_bytes=int(experiment.train.frozen_cache_memory_gb * 2**30))
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 

@@ -271,6 +271,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     supernet = build_supernet(
         experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
     ).to(device)
+    supernet.cache = common.frozen_cache(experiment, setup.data, supernet.model)
     optimizer, scheduler, recording, architect = make_architect(
         supernet,
         parts.weight,
@@ -318,7 +319,8 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         }
         if result.epoch == train.epochs:
             with supernet.fixed_weights(supernet.one_hot(placement)):
-                derived = evaluate(supernet.model, parts.dev, train, device, layer_fn=supernet.layer_fn)
+                derived = evaluate(supernet.model, parts.dev, train, device, layer_fn=supernet.layer_fn,
+                                   cache=supernet.cache)
             metrics.update(derived.metrics("derived_dev"))
             state.finished = True
         state.metrics = metrics
@@ -352,6 +354,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
             hooks=search_hooks(supernet, architect),
             on_epoch=on_epoch,
             device=device,
+            cache=supernet.cache,
         )
     except DivergedError as err:
         common.mark_diverged(directory, f"DivergedError: {err}")

@@ -125,6 +125,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     workers = max(0, int(experiment.resources.cpu) - 1)  # audio decoding off the training thread
     data = common.load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
     model = build_model(experiment.backbone, placement, head).to(device)
+    cache = common.frozen_cache(experiment, setup.data, model)
     optimizer = setup_optimizer(model, train)
     steps = train.epochs * data.steps_per_epoch(train.max_steps_per_epoch)
     scheduler = setup_scheduler(optimizer, steps, train.warmup_ratio)
@@ -140,7 +141,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
             return
     start_epoch = state.epoch + 1
     data.train_sampler.set_epoch(state.epoch)
-    metadata = {"kind": columns["kind"], "method": columns["method"], "metric": metric}
+    metadata = {"kind": columns["kind"], "method": columns["method"], "metric": metric, "vocab": setup.data.vocab}
 
     def on_epoch(result: EpochResult) -> None:
         nonlocal best_weights
@@ -161,7 +162,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         if result.epoch == train.epochs:
             current = common.trainable_state(model)
             predictions = common.final_evaluation(
-                model, best_weights, {"dev": data.dev, "test": data.test}, train, device
+                model, best_weights, {"dev": data.dev, "test": data.test}, train, device, cache=cache
             )
             common.load_trainable_state(model, current)
             metrics.update(predictions["test"].metrics("test"))
@@ -215,6 +216,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
             hooks=hooks,
             on_epoch=on_epoch,
             device=device,
+            cache=cache,
         )
     except DivergedError as err:
         common.mark_diverged(directory, str(err))
