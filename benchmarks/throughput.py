@@ -45,6 +45,15 @@ CONFIGS = {
 }
 
 
+#: bf16 autocast on CUDA for every loop's step (set by --bf16)
+AUTOCAST = {"enabled": False}
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=AUTOCAST["enabled"] and device.type == "cuda")
+
+
 def make_batches(steps: int, batch: int, seconds: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     n = int(16000 * seconds)
@@ -86,9 +95,10 @@ class HFLoop:
         self.opt = torch.optim.AdamW(params, lr=1e-3)
 
     def step(self, batch):
-        out = self.model(batch["input_values"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        mask = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool, device=out.last_hidden_state.device)
-        loss = self.head.loss(self.head(list(out.hidden_states), mask), mask, batch)
+        with autocast(batch["input_values"].device):
+            out = self.model(batch["input_values"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            mask = torch.ones(out.last_hidden_state.shape[:2], dtype=torch.bool, device=out.last_hidden_state.device)
+            loss = self.head.loss(self.head(list(out.hidden_states), mask), mask, batch)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -111,8 +121,9 @@ class PefttuneLoop:
             frozen_step(self.model, batch, self.cache)
 
     def step(self, batch):
-        states, mask = frozen_step(self.model, batch, self.cache)
-        loss = self.model.loss(self.model.forward_from(states, mask), mask, batch)
+        with autocast(batch["input_values"].device):
+            states, mask = frozen_step(self.model, batch, self.cache)
+            loss = self.model.loss(self.model.forward_from(states, mask), mask, batch)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -128,7 +139,8 @@ class FloorLoop(PefttuneLoop):
 
     def step(self, batch):
         states, mask = self.states[id(batch)]
-        loss = self.model.loss(self.model.forward_from(states, mask), mask, batch)
+        with autocast(batch["input_values"].device):
+            loss = self.model.loss(self.model.forward_from(states, mask), mask, batch)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -167,14 +179,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     args = parser.parse_args(argv)
+    AUTOCAST["enabled"] = args.bf16
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = CONFIGS[args.config]
     num_layers = cfg["num_layers"]
     batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(args.steps, args.batch, args.seconds)]
     print(f"# throughput: config={args.config} family={args.family} layers={num_layers} hidden={cfg['hidden_size']} "
-          f"batch={args.batch}x{args.seconds}s steps={args.steps}x{args.repeats} device={device} threads={args.threads}")
+          f"batch={args.batch}x{args.seconds}s steps={args.steps}x{args.repeats} device={device} threads={args.threads} "
+          f"bf16={args.bf16 and device.type == 'cuda'}")
     rows = []
     for label, layers in (("a-uniform", list(range(num_layers))), ("b-upper", list(range(num_layers // 2, num_layers)))):
         placement = Placement.from_dict({"num_layers": num_layers, "layers": {str(i): "lora" for i in layers}})

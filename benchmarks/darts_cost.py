@@ -1,0 +1,120 @@
+"""DARTS epoch cost: exact vs gated mix vs a uniform-placement epoch, side by side.
+
+All three see the same training set of N utterances per epoch:
+
+  uniform   N weight steps' worth of samples through a uniform placement (LoRA everywhere);
+  gated     DARTS' split: N/2 samples for weight steps, N/2 for architecture steps, one
+            pass per layer with every candidate's contribution scaled by softmax(alpha);
+  exact     the same split, every layer run once per candidate (the paper's mix).
+
+The frozen front end is served by the frozen-prefix cache in every loop (filled in a
+warm-up pass), so the ratios compare the trainable parts. Warm-up (weight-only) epochs are
+timed separately from search epochs (arch step + weight step).
+
+  python benchmarks/darts_cost.py                 # tiny backbone, first order
+  python benchmarks/darts_cost.py --order second
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pefttune.backbones import SpeechEncoder, build_tiny_model
+from pefttune.cache import FrozenStateCache
+from pefttune.darts import Relaxation, build_supernet, make_architect, search_hooks
+from pefttune.heads import HeadConfig
+from pefttune.model import PeftSpeechModel
+from pefttune.placement import Placement
+from pefttune.training import TrainConfig, frozen_step, train_epoch
+
+CANDIDATES = {"sequential": {"bottleneck": 32}, "parallel": {"bottleneck": 32}, "lora": {"rank": 8}, "bitfit": {}}
+CONFIGS = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=128, conv_dim=64),
+    "ssl": dict(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=256, conv_dim=128),
+}
+
+
+def batches(n: int, batch: int, seconds: float, offset: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    samples = int(16000 * seconds)
+    return [
+        {
+            "input_values": torch.randn(batch, samples, generator=g),
+            "attention_mask": torch.ones(batch, samples, dtype=torch.long),
+            "labels": torch.randint(0, 12, (batch,), generator=g),
+            "index": torch.arange(offset + i * batch, offset + (i + 1) * batch),
+        }
+        for i in range(n)
+    ]
+
+
+def encoder(cfg: dict) -> SpeechEncoder:
+    return SpeechEncoder(build_tiny_model("hubert", **cfg), "bench")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--steps", type=int, default=16, help="batches in the training set (N = steps x batch)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--order", choices=["first", "second"], default="first")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config]
+    head = HeadConfig("classification", 12)
+    train = batches(args.steps, args.batch, args.seconds)
+    half = args.steps // 2
+    weight_half, arch_half = train[:half], train[half:]
+    config = TrainConfig(epochs=4, lr=1e-3, warmup_ratio=0.0)
+
+    rows = {}
+    # uniform: LoRA everywhere, a full pass over the N utterances
+    torch.manual_seed(0)
+    model = PeftSpeechModel(encoder(cfg), Placement.uniform("lora", cfg["num_layers"]), head)
+    cache = FrozenStateCache("uniform", None)
+    for b in train:
+        frozen_step(model, b, cache)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_epoch(model, train, opt, sched, config, 1, cache=cache)  # untimed warm-up
+    rows["uniform"] = (timed(lambda: train_epoch(model, train, opt, sched, config, 2, cache=cache)), None)
+
+    for mix in ("gated", "exact"):
+        torch.manual_seed(0)
+        supernet = build_supernet(encoder(cfg), CANDIDATES, head, mix=mix, relaxation=Relaxation())
+        supernet.cache = FrozenStateCache(mix, None)
+        for b in train:
+            frozen_step(supernet.model, b, supernet.cache)
+        opt, sched, recording, architect = make_architect(
+            supernet, weight_half, arch_half, config, order=args.order, warmup_epochs=1
+        )
+        hooks = search_hooks(supernet, architect)
+
+        def epoch(number: int):
+            train_epoch(supernet.model, recording, opt, sched, config, number, hooks, cache=supernet.cache)
+
+        warm = timed(lambda: epoch(1))  # warm-up epoch: weight steps only
+        search = timed(lambda: epoch(2))  # arch step + weight step
+        rows[mix] = (search, warm)
+
+    base = rows["uniform"][0]
+    print(f"# DARTS epoch cost: config={args.config} N={args.steps * args.batch} utterances x {args.seconds}s, "
+          f"order={args.order}, threads={args.threads}, candidates none+{'+'.join(CANDIDATES)}")
+    print(f"{'loop':<10} {'search epoch s':>15} {'x uniform':>10} {'warm-up epoch s':>16} {'x uniform':>10}")
+    for name, (search, warm) in rows.items():
+        warm_s = f"{warm:>16.2f} {warm / base:>9.2f}x" if warm is not None else f"{'-':>16} {'-':>10}"
+        print(f"{name:<10} {search:>15.2f} {search / base:>9.2f}x {warm_s}")
+
+
+if __name__ == "__main__":
+    main()
