@@ -22,7 +22,6 @@ def ray_session():
     tmp = tempfile.mkdtemp(prefix="pefttune-ray-")
     os.environ["RAY_TMPDIR"] = tmp  # private: a crashed run's stale state is never joined
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
                  configure_logging=False)
