@@ -174,6 +174,11 @@ class ExperimentConfig(_Section):
     darts: DartsSection = Field(default_factory=DartsSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     storage: str = Field("./pefttune-results", description="Local dir or URI Ray accepts (s3://, gs://, ...).")
+    storage_shared: bool = Field(
+        False,
+        description="The local storage path is a shared filesystem (e.g. NFS) mounted at the same path on every "
+        "node; required for a local storage path on a multi-node cluster.",
+    )
     ensemble_size: int = Field(5, ge=2, description="Members of the top-k ensembles.")
 
     @field_validator("name")

@@ -252,7 +252,15 @@ def run_darts(
     """
     from ray import tune
 
-    from pefttune.search.experiment import TUNER_FILE, _fit_environment, connect_ray, experiment_path, make_setup
+    from pefttune.search.experiment import (
+        TUNER_FILE,
+        _fit_environment,
+        alive_nodes,
+        check_cluster_storage,
+        connect_ray,
+        experiment_path,
+        make_setup,
+    )
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -269,6 +277,7 @@ def run_darts(
 
     started = connect_ray(address)
     try:
+        check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         from pefttune.trainables.darts import make_trainable as make_darts_trainable
         from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
 

@@ -3,10 +3,12 @@
 :func:`run_search` is the entry point (``pefttune search`` and ``pefttune run`` call it):
 
 1. validate the config, the space and the experiment directory ``<storage>/<name>/``
-   (a new search never reuses an existing directory; ``resume=True`` needs one) and write
-   ``experiment.yaml`` there, all before Ray starts;
+   (a new search never reuses an existing directory; ``resume=True`` needs one), all
+   before Ray starts;
 2. start a private local Ray (loopback, no dashboard, private temp dir) or join one
-   (``address``);
+   (``address``, else ``RAY_ADDRESS``); on a multi-node cluster refuse a node-local
+   ``storage`` unless ``storage_shared`` (:func:`check_cluster_storage`); write
+   ``experiment.yaml`` to the experiment directory;
 3. run a :class:`ray.tune.Tuner` of :func:`pefttune.trainables.discrete.train_fn` with
    :class:`~pefttune.search.optuna_search.PefttuneSearch` (Optuna study in
    ``<dir>/optuna.db``), ASHA on ``epoch`` (``max_t = train.epochs``) and
@@ -153,8 +155,11 @@ def config_yaml(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def prepare_directory(experiment: Experiment, resume: bool) -> None:
-    """Refuse to overwrite an experiment; on resume, require one with the same config."""
+def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) -> None:
+    """Refuse to overwrite an experiment; on resume, require one with the same config.
+
+    A new search's config copy is written unless ``write=False`` (then
+    :func:`write_config_copy` writes it later, once the cluster checks passed)."""
     path = experiment.path
     if not resume:
         if _is_experiment(path):
@@ -162,7 +167,8 @@ def prepare_directory(experiment: Experiment, resume: bool) -> None:
                 f"experiment directory {path} already holds a search; resume it (--resume) "
                 "or choose another name (--name)"
             )
-        common.write_storage_text(f"{path}/{CONFIG_COPY}", config_yaml(experiment.config))
+        if write:
+            write_config_copy(experiment)
         return
     if not _exists(f"{path}/{TUNER_FILE}"):
         raise FileNotFoundError(f"--resume: no search to resume at {path} (missing {TUNER_FILE})")
@@ -177,15 +183,23 @@ def prepare_directory(experiment: Experiment, resume: bool) -> None:
             )
 
 
+def write_config_copy(experiment: Experiment) -> None:
+    common.write_storage_text(f"{experiment.path}/{CONFIG_COPY}", config_yaml(experiment.config))
+
+
 # -- Ray ---------------------------------------------------------------------------------------------
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join Ray at ``address`` or start a private local one; True if this call started it."""
+    """Join Ray at ``address`` or start a private local one; True if this call started it.
+
+    Without ``address``, ``RAY_ADDRESS`` (set by ``ray job submit`` for its drivers) is
+    joined if set. An already initialized Ray is used as is."""
     import ray
 
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
@@ -195,6 +209,37 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
                  configure_logging=False)
     return True
+
+
+def is_node_local(storage: str) -> bool:
+    """A path (or file:// URI) on the local disk of whichever node reads it."""
+    return "://" not in storage or storage.startswith("file://")
+
+
+def check_cluster_storage(storage: str, nodes: int, storage_shared: bool = False) -> None:
+    """Refuse a node-local ``storage`` path on a multi-node cluster (``nodes`` alive).
+
+    Ray >= 2.7 no longer syncs trial directories from worker nodes to the head: trials
+    write checkpoints straight to ``storage``, so every node must see the same storage.
+    A URI (s3://, gs://, any pyarrow filesystem) passes, as does a single node or a local
+    path declared shared (``storage_shared``: e.g. NFS mounted at the same path everywhere).
+    """
+    if nodes <= 1 or storage_shared or not is_node_local(storage):
+        return
+    raise ValueError(
+        f"storage: {storage!r} is a node-local path but the Ray cluster has {nodes} nodes; "
+        "Ray >= 2.7 no longer syncs trial directories (checkpoints, results) to the head node, "
+        "so each node would write its trials to its own disk. Use a URI every node can reach "
+        "(s3://, gs://, any pyarrow filesystem) or a shared filesystem mounted at the same path "
+        "on every node and set storage_shared: true"
+    )
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 @contextlib.contextmanager
@@ -334,11 +379,15 @@ def run_search(
     if name is not None:
         config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
     experiment = build_experiment(config, extra_points)
-    prepare_directory(experiment, resume)
+    prepare_directory(experiment, resume, write=False)
     setup = make_setup(config)
 
     started = connect_ray(address)
     try:
+        # before the Tuner (and before the config copy, so a refused search can be rerun)
+        check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
+        if not resume:
+            write_config_copy(experiment)
         if resume:
             from pefttune.trainables.discrete import make_trainable
 

@@ -15,8 +15,8 @@
 Per epoch it reports (``tune.report``) the dev metric and loss, ``best_dev_<metric>``,
 ``trainable_params`` (PEFT + head), ``peft_params``, ``samples_per_s``, ``epoch``, the
 placement columns (``placement`` JSON, ``placement_short``, ``layer_00``...), ``kind``,
-``method`` and ``over_budget``, with a checkpoint of the PEFT + head weights, the
-optimizer/scheduler state and the epoch. The last epoch first scores the best-dev
+``method``, ``over_budget`` and ``node_id`` (the Ray node of this attempt), with a
+checkpoint of the PEFT + head weights, the optimizer/scheduler state and the epoch. The last epoch first scores the best-dev
 weights on dev and test and adds ``test_<metric>``/``test_loss`` and the per-example
 predictions to the final checkpoint (before the report: ASHA stops a trial right at its
 ``max_t`` report).
@@ -75,6 +75,7 @@ def _trial_value(config: dict, key: str, default=None):
 
 def train_fn(config: dict, setup: TrialSetup) -> None:
     """Train, evaluate and checkpoint one placement (a Ray Tune function trainable)."""
+    import ray
     from ray import tune
 
     experiment = setup.experiment
@@ -97,6 +98,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         "peft_params": peft,
         "head_params": head_params,
         "trainable_params": peft + head_params,
+        "node_id": ray.get_runtime_context().get_node_id(),  # where this attempt runs (clusters)
     }
     directory = common.trial_dir(setup.experiment_path)
     previous = common.diverged_message(directory)
