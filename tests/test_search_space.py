@@ -220,3 +220,30 @@ def test_fixed_point_validation(info):
     derived = FixedPoint("darts-derived", placement={"num_layers": 4, "layers": ["lora", "none", "bitfit", "none"]})
     assert space.fixed_placement(derived).layer_methods() == ["lora", "none", "bitfit", "none"]
     assert json.dumps(derived.to_attr())  # stored as an Optuna user attribute
+
+
+def test_asha_never_stops_uniform_baselines_or_the_hybrid(tmp_path):
+    """ASHA prunes bad searched trials, but fixed points always run to the last epoch."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pefttune.config import parse_config
+    from pefttune.search.experiment import build_experiment, build_scheduler
+    from test_search_fixtures import search_config
+
+    config = parse_config(search_config(tmp_path / "m.parquet", tmp_path / "out",
+                                        train={"epochs": 4},
+                                        search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}))
+    scheduler = build_scheduler(build_experiment(config))
+    metric = scheduler._metric
+    trials = {name: SimpleNamespace(trial_id=name, config={"kind": kind})
+              for name, kind in [("good1", "discrete"), ("good2", "discrete"), ("bad", "discrete"),
+                                 ("base", "uniform"), ("mix", "hybrid")]}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    scores = {"good1": 0.9, "good2": 0.8, "bad": 0.1, "base": 0.05, "mix": 0.05}
+    decisions = {name: scheduler.on_trial_result(None, trials[name], {"epoch": 1, metric: scores[name]})
+                 for name in ["good1", "good2", "bad", "base", "mix"]}
+    assert decisions["bad"] == TrialScheduler.STOP  # a bad searched trial is pruned
+    assert decisions["base"] == TrialScheduler.CONTINUE and decisions["mix"] == TrialScheduler.CONTINUE

@@ -280,13 +280,27 @@ def build_searcher(experiment: Experiment) -> PefttuneSearch:
     )
 
 
+#: Trial kinds that ASHA never stops: the baselines every comparison (and ensemble) needs.
+FIXED_KINDS = ("uniform", "hybrid")
+
+
 def build_scheduler(experiment: Experiment):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+    class BaselineKeepingASHA(AsyncHyperBandScheduler):
+        """ASHA over the searched trials; uniform baselines and the hybrid always run to the end
+        (their final dev/test predictions feed the comparisons and the ensembles)."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if trial.config.get("kind") in FIXED_KINDS:
+                return TrialScheduler.CONTINUE
+            return decision
 
     search = experiment.config.search
     if search.scheduler == "none":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return BaselineKeepingASHA(
         time_attr="epoch",
         metric=experiment.metric,
         mode=experiment.mode,
