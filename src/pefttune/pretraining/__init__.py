@@ -1,0 +1,36 @@
+"""Self-supervised pretraining of tiny speech encoders on a synthesized corpus.
+
+- :mod:`.corpus`: :class:`CorpusRecipe` / :func:`build_corpus` (eSpeak NG words and
+  phrases, keyword-spotting words excluded);
+- :mod:`.targets`: log-mel frames aligned with the encoder, k-means targets;
+- :mod:`.train`: :class:`PretrainConfig` / :func:`pretrain` (HuBERT masked prediction or
+  wav2vec 2.0 contrastive), writing a transformers model directory + ``provenance.json``
+  + ``schedule.json`` (replayable with :func:`load_schedule`).
+
+:data:`SHIPPED_SHA256` is the hash of the shipped ``tiny-hubert-ssl`` weights file.
+"""
+from pefttune.pretraining.corpus import VOCABULARY, Corpus, CorpusRecipe, build_corpus, ks_words
+from pefttune.pretraining.targets import LogMel, check_alignment, fit_kmeans, frame_count
+from pefttune.pretraining.train import (
+    OBJECTIVES,
+    PROVENANCE_FILE,
+    PretrainConfig,
+    PretrainResult,
+    command_line,
+    file_sha256,
+    load_schedule,
+    pretrain,
+    span_mask,
+)
+
+__all__ = [
+    "VOCABULARY", "Corpus", "CorpusRecipe", "build_corpus", "ks_words",
+    "LogMel", "check_alignment", "fit_kmeans", "frame_count",
+    "SHIPPED_SHA256", "OBJECTIVES", "PROVENANCE_FILE", "PretrainConfig", "PretrainResult", "command_line",
+    "file_sha256", "load_schedule", "pretrain", "span_mask",
+]
+
+#: sha256 of ``model.safetensors`` of each shipped backbone (see pefttune.backbones.SHIPPED).
+SHIPPED_SHA256: dict[str, str] = {
+    "tiny-hubert-ssl": "d8b32c43fd4de7b9c0abe97e76cef4f0e2f99ee0a7afc3dd5e017afe9d83e6c8",
+}

@@ -1,0 +1,169 @@
+"""HuBERT iteration-1 targets: k-means clusters of log-mel frames at the encoder's frame rate.
+
+Frame alignment is exact by construction. A padding-free CNN with kernels ``k_i`` and
+strides ``s_i`` has a receptive field ``R = 1 + sum_i (k_i - 1) * prod_{j<i} s_j`` and a
+total stride ``S = prod_i s_i``; output frame ``t`` sees samples ``[S t, S t + R)`` and
+``n`` samples give ``(n - R) // S + 1`` frames. For the tiny backbones (kernels
+(10, 3, 3, 3, 2), strides (5, 4, 4, 2, 2)) that is R = 380, S = 320 (20 ms).
+:class:`LogMel` built :meth:`~LogMel.for_config` uses window R, hop S and no centring, so
+log-mel frame ``t`` covers exactly the samples that encoder frame ``t`` sees and the
+counts agree for every length (:func:`check_alignment` verifies this against the
+model's own length formula).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.audio_utils import mel_filter_bank
+
+SAMPLE_RATE = 16_000
+N_FFT = 512
+
+
+def frame_count(num_samples: int, window: int, hop: int) -> int:
+    """Frames of a padding-free framing (window, hop) of ``num_samples`` samples."""
+    return 0 if num_samples < window else (num_samples - window) // hop + 1
+
+
+def receptive_field(conv_kernel, conv_stride) -> tuple[int, int]:
+    """(receptive field, total stride) in samples of a padding-free CNN."""
+    field, stride = 1, 1
+    for kernel, step in zip(conv_kernel, conv_stride):
+        field += (kernel - 1) * stride
+        stride *= step
+    return field, stride
+
+
+def check_alignment(model, log_mel: "LogMel", lengths=range(300, 40_000, 37)) -> None:
+    """Raise ``ValueError`` unless ``model``'s frames match ``log_mel``'s frame for frame."""
+    field, stride = receptive_field(model.config.conv_kernel, model.config.conv_stride)
+    if (field, stride) != (log_mel.window, log_mel.hop):
+        raise ValueError(
+            f"backbone: CNN receptive field/stride {field}/{stride} samples differ from the "
+            f"log-mel window/hop {log_mel.window}/{log_mel.hop}; targets would not align"
+        )
+    lengths = [n for n in lengths if n >= field]
+    counts = model._get_feat_extract_output_lengths(torch.tensor(lengths))
+    for n, count in zip(lengths, counts.tolist()):
+        expected = frame_count(n, log_mel.window, log_mel.hop)
+        if int(count) != expected:
+            raise ValueError(f"backbone: {count} encoder frames but {expected} log-mel frames for {n} samples")
+
+
+class LogMel:
+    """Log-mel spectrogram (Hann window, FFT 512, no centring) with a given window and hop.
+
+    Use :meth:`for_config` to match a backbone's frames exactly.
+    """
+
+    def __init__(self, num_mels: int = 40, window: int = 380, hop: int = 320):
+        if not 0 < window <= N_FFT:
+            raise ValueError(f"log_mel.window: must be within 1..{N_FFT} samples, got {window}")
+        if hop < 1:
+            raise ValueError(f"log_mel.hop: must be >= 1, got {hop}")
+        self.num_mels, self.window, self.hop = num_mels, window, hop
+        bank = mel_filter_bank(
+            num_frequency_bins=N_FFT // 2 + 1,
+            num_mel_filters=num_mels,
+            min_frequency=20.0,
+            max_frequency=SAMPLE_RATE / 2,
+            sampling_rate=SAMPLE_RATE,
+            norm="slaney",
+            mel_scale="slaney",
+        )
+        self.bank = torch.tensor(bank, dtype=torch.float32)  # (freq, mels)
+        self.taper = torch.hann_window(window, periodic=True)
+
+    @classmethod
+    def for_config(cls, config, num_mels: int = 40) -> "LogMel":
+        """Window = the CNN's receptive field, hop = its total stride (20 ms for the tiny backbones)."""
+        field, stride = receptive_field(config.conv_kernel, config.conv_stride)
+        return cls(num_mels, window=field, hop=stride)
+
+    def frames(self, num_samples: int) -> int:
+        return frame_count(num_samples, self.window, self.hop)
+
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, frames, num_mels) natural-log mel energies.
+
+        Frame ``t`` is exactly samples ``[hop * t, hop * t + window)``, Hann-tapered and
+        zero-padded at the end to the FFT size (``torch.stft`` would instead centre a
+        short window inside the FFT frame, shifting it by ``(N_FFT - window) / 2``).
+        """
+        if waveforms.dim() != 2:
+            raise ValueError(f"log_mel: expected (batch, samples), got shape {tuple(waveforms.shape)}")
+        if waveforms.shape[1] < self.window:
+            raise ValueError(f"log_mel: {waveforms.shape[1]} samples are fewer than one window ({self.window})")
+        frames = waveforms.float().unfold(1, self.window, self.hop) * self.taper  # (B, T, window)
+        power = torch.fft.rfft(frames, n=N_FFT).abs().pow(2)  # (B, T, freq)
+        return torch.log(power @ self.bank + 1e-6)
+
+
+@dataclass
+class KMeansTargets:
+    """Feature standardisation + cluster centroids; :meth:`assign` gives frame labels."""
+
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+    centroids: torch.Tensor  # (K, D) in standardised units
+    inertia: float  # mean squared distance of the fitting frames to their centroid
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., D) features -> (...) nearest-centroid labels (long)."""
+        flat = (features.reshape(-1, features.shape[-1]) - self.mean) / self.std
+        labels = torch.cdist(flat, self.centroids).argmin(-1)
+        return labels.reshape(features.shape[:-1])
+
+
+def fit_kmeans(
+    features: torch.Tensor,
+    num_clusters: int,
+    seed: int,
+    iterations: int = 25,
+    max_frames: int = 100_000,
+) -> KMeansTargets:
+    """k-means++ initialisation then Lloyd iterations on (up to ``max_frames``) frames.
+
+    ``features`` is (N, D). Deterministic for a given ``seed``. Empty clusters are
+    re-seeded with the frame farthest from its centroid.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"kmeans: expected (frames, dims), got {tuple(features.shape)}")
+    if features.shape[0] < num_clusters:
+        raise ValueError(f"kmeans: {features.shape[0]} frames are fewer than num_clusters={num_clusters}")
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-5)
+    x = (features - mean) / std
+    if x.shape[0] > max_frames:
+        x = x[torch.randperm(x.shape[0], generator=gen)[:max_frames]]
+    # k-means++ seeding
+    centroids = [x[torch.randint(x.shape[0], (1,), generator=gen)].squeeze(0)]
+    closest = torch.cdist(x, centroids[0][None]).squeeze(1).pow(2)
+    for _ in range(1, num_clusters):
+        probs = closest / closest.sum()
+        pick = torch.multinomial(probs, 1, generator=gen)
+        centroids.append(x[pick].squeeze(0))
+        closest = torch.minimum(closest, torch.cdist(x, x[pick]).squeeze(1).pow(2))
+    c = torch.stack(centroids)
+    for _ in range(iterations):
+        dist = torch.cdist(x, c)
+        labels = dist.argmin(-1)
+        counts = torch.bincount(labels, minlength=num_clusters)
+        sums = torch.zeros_like(c).index_add_(0, labels, x)
+        new = sums / counts.clamp_min(1)[:, None].to(x.dtype)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            far = dist.gather(1, labels[:, None]).squeeze(1).topk(len(empty)).indices
+            new[empty] = x[far]
+        if torch.allclose(new, c):
+            c = new
+            break
+        c = new
+    inertia = float(torch.cdist(x, c).min(-1).values.pow(2).mean())
+    return KMeansTargets(mean=mean, std=std, centroids=c, inertia=inertia)

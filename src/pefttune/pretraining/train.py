@@ -1,0 +1,577 @@
+"""Self-supervised pretraining of a tiny speech encoder, and its provenance.
+
+:func:`pretrain` builds the synthesized corpus (:mod:`.corpus`), then trains one of two
+objectives from scratch:
+
+``hubert`` (default): HuBERT iteration 1. Targets are k-means clusters of log-mel frames
+    at the encoder's 20 ms frame rate (:mod:`.targets`, exact alignment). Spans of the
+    projected CNN features are replaced by the model's ``masked_spec_embed``; a linear
+    layer maps the last hidden state to cluster logits, and the loss is cross-entropy at
+    the masked frames. Saved as a ``HubertModel``.
+``wav2vec2``: wav2vec 2.0's contrastive objective (``Wav2Vec2ForPreTraining``: Gumbel
+    vector quantizer, distractors from masked frames of the same clip, diversity loss).
+    Saved as a ``Wav2Vec2Model``.
+
+Clips are normalised per clip (zero mean, unit variance) as
+:class:`pefttune.data.dataset.SpeechDataset` does by default, so the encoder sees the
+same input scale in pretraining and downstream. Both objectives write a standard
+transformers model directory (``config.json`` +
+``model.safetensors``, encoder only) that :func:`pefttune.backbones.load_backbone`
+loads, plus ``provenance.json``.
+
+Budget and schedule: the learning rate follows the run's *progress* p in [0, 1]: linear
+warmup over the first ``warmup`` fraction, then cosine decay to 0. With ``steps`` only,
+p = step / steps and the run is deterministic: the same config, seed, thread count and
+library versions repeat it bit for bit. With ``minutes``, p = training time used /
+budget, so the schedule always completes inside the budget however busy the machine is
+(the number of steps then depends on the machine's speed; the provenance records it).
+With both, p is the larger of the two and the run stops at whichever comes first.
+Every run writes the progress value of each step to ``schedule.json``; giving that list
+back as ``schedule`` (CLI: ``--replay-schedule``) replays the run step for step, so a
+time-bounded run, too, can be repeated bit for bit (same seeds, thread count, versions).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import HubertModel, Wav2Vec2ForPreTraining
+
+from pefttune.backbones import tiny_config
+from pefttune.data.dataset import normalize_waveform
+from pefttune.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
+from pefttune.pretraining.targets import LogMel, check_alignment, fit_kmeans
+
+Objective = Literal["hubert", "wav2vec2"]
+OBJECTIVES: tuple[str, ...] = ("hubert", "wav2vec2")
+PROVENANCE_FILE = "provenance.json"
+SCHEDULE_FILE = "schedule.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What to pretrain, on what, for how long. ``corpus`` is a :class:`CorpusRecipe`."""
+
+    objective: Objective = "hubert"
+    seed: int = 0
+    # model (tiny_config: 20 ms frames, no dropout, layer-norm CNN)
+    hidden_size: int = 128
+    num_layers: int = 4
+    intermediate_size: int = 256
+    num_heads: int = 4
+    # targets / masking
+    num_clusters: int = 100
+    num_mels: int = 40
+    mask_prob: float = 0.08  # probability that a frame starts a masked span
+    mask_length: int = 10  # frames per span
+    num_negatives: int = 20  # wav2vec2 distractors per masked frame
+    # optimisation
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.08  # fraction of the run (progress) spent warming up the learning rate ...
+    warmup_steps: int = 200  # ... and at least this many steps (a slow machine makes few steps)
+    grad_clip: float = 1.0
+    # budget
+    steps: int | None = None
+    minutes: float | None = None
+    eval_utterances: int = 64
+    threads: int = 2
+    log_every_s: float = 30.0
+    corpus: CorpusRecipe = field(default_factory=CorpusRecipe)
+    schedule: tuple[float, ...] | None = None  # replay: progress of every step of an earlier run
+
+    @property
+    def budget(self) -> str:
+        if self.schedule is not None:
+            return "replayed"
+        return "by steps" if self.minutes is None else "by time" if self.steps is None else "by steps and time"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.schedule is not None:
+            if not self.schedule or any(not 0.0 <= p < 1.0 for p in self.schedule):
+                raise ValueError("schedule: expected a non-empty list of progress values within [0, 1)")
+            if any(b < a for a, b in zip(self.schedule, self.schedule[1:])):
+                raise ValueError("schedule: progress values must not decrease")
+        elif self.steps is None and self.minutes is None:
+            raise ValueError("budget: give steps and/or minutes (or a schedule to replay)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"minutes: must be > 0, got {self.minutes}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_clusters < 2:
+            raise ValueError(f"num_clusters: need at least 2, got {self.num_clusters}")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"mask_prob: must be within (0, 1), got {self.mask_prob}")
+        if self.mask_length < 1:
+            raise ValueError(f"mask_length: must be >= 1, got {self.mask_length}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup: must be a fraction within [0, 1), got {self.warmup}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.eval_utterances < self.corpus.utterances:
+            raise ValueError(
+                f"eval_utterances: must be within 0..{self.corpus.utterances - 1} "
+                f"(corpus.utterances), got {self.eval_utterances}"
+            )
+        if self.threads < 1:
+            raise ValueError(f"threads: must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["corpus"] = self.corpus.to_dict()
+        data["schedule"] = None if self.schedule is None else f"replayed ({len(self.schedule)} steps)"
+        return data
+
+
+# -- masking ------------------------------------------------------------------------------
+def span_mask(batch: int, frames: int, prob: float, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, frames) bool mask: each frame starts a span of ``length`` with probability ``prob``.
+
+    Every row gets at least one span. Spans may overlap (as in wav2vec 2.0 / HuBERT), so
+    about ``1 - (1 - prob) ** length`` of the frames are masked (57 % for 0.08 and 10).
+    """
+    if frames < 1:
+        raise ValueError("span_mask: need at least one frame")
+    length = min(length, frames)
+    last_start = frames - length + 1
+    starts = torch.rand(batch, last_start, generator=generator) < prob
+    empty = ~starts.any(1)
+    if empty.any():
+        forced = torch.randint(last_start, (int(empty.sum()),), generator=generator)
+        starts[empty.nonzero().flatten(), forced] = True
+    mask = torch.zeros(batch, frames, dtype=torch.bool)
+    for offset in range(length):
+        mask[:, offset:offset + last_start] |= starts
+    return mask
+
+
+def sample_negatives(mask: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, T, num) flat indices of distractors: other masked frames of the same clip.
+
+    Positions outside the mask get index 0 (ignored by the loss).
+    """
+    batch, frames = mask.shape
+    out = torch.zeros(batch, frames, num, dtype=torch.long)
+    for b in range(batch):
+        positions = mask[b].nonzero().flatten()
+        count = len(positions)
+        if count < 2:
+            continue
+        draw = torch.randint(0, count - 1, (count, num), generator=generator)
+        draw = draw + (draw >= torch.arange(count)[:, None]).long()  # skip the positive itself
+        out[b, positions] = positions[draw] + b * frames
+    return out
+
+
+# -- objectives -------------------------------------------------------------------------------
+class HubertObjective(nn.Module):
+    """Masked prediction of k-means(log-mel) clusters with a linear cluster classifier."""
+
+    def __init__(self, config: PretrainConfig):
+        super().__init__()
+        model_config = tiny_config(
+            "hubert", num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+        )
+        # masked_spec_embed exists only when mask_time_prob > 0; record the pretraining mask.
+        model_config.mask_time_prob = config.mask_prob
+        model_config.mask_time_length = config.mask_length
+        self.encoder = HubertModel(model_config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_clusters)
+
+    def step(self, waveforms: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, generator) -> tuple:
+        hidden = self.encoder(waveforms, mask_time_indices=mask).last_hidden_state
+        logits = self.classifier(hidden[mask])
+        target = labels[mask]
+        loss = F.cross_entropy(logits, target)
+        correct = int((logits.argmax(-1) == target).sum())
+        return loss, correct, int(target.numel())
+
+    def anneal(self, progress: float) -> None:
+        """Nothing to anneal."""
+
+    def save_encoder(self, directory: Path) -> None:
+        self.encoder.save_pretrained(str(directory))
+
+
+class Wav2Vec2Objective(nn.Module):
+    """wav2vec 2.0: contrastive loss against quantized targets plus codebook diversity."""
+
+    def __init__(self, config: PretrainConfig):
+        super().__init__()
+        model_config = tiny_config(
+            "wav2vec2", num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+        )
+        model_config.mask_time_prob = config.mask_prob
+        model_config.mask_time_length = config.mask_length
+        model_config.num_codevector_groups = 2
+        model_config.num_codevectors_per_group = 64
+        model_config.codevector_dim = config.hidden_size
+        model_config.proj_codevector_dim = config.hidden_size // 2
+        model_config.num_negatives = config.num_negatives
+        model_config.contrastive_logits_temperature = 0.1
+        model_config.diversity_loss_weight = 0.1
+        model_config.feat_quantizer_dropout = 0.0
+        self.model = Wav2Vec2ForPreTraining(model_config)
+        self.num_negatives = config.num_negatives
+
+    def step(self, waveforms: torch.Tensor, labels, mask: torch.Tensor, generator) -> tuple:
+        negatives = sample_negatives(mask, self.num_negatives, generator)
+        out = self.model(waveforms, mask_time_indices=mask, sampled_negative_indices=negatives)
+        count = int(mask.sum())
+        loss = out.loss / count  # transformers sums over masked frames
+        with torch.no_grad():
+            quantized = out.projected_quantized_states
+            batch, frames, dim = quantized.shape
+            distractors = quantized.reshape(-1, dim)[negatives.view(-1)].view(batch, frames, -1, dim)
+            candidates = torch.cat([quantized[:, :, None], distractors], dim=2)
+            sims = F.cosine_similarity(out.projected_states[:, :, None], candidates, dim=-1)
+            sims[:, :, 1:][(distractors == quantized[:, :, None]).all(-1)] = -float("inf")
+            correct = int((sims.argmax(-1) == 0)[mask].sum())
+        return loss, correct, count
+
+    def anneal(self, progress: float) -> None:
+        """Gumbel temperature: 2.0 decaying geometrically to 0.5 over the run."""
+        self.model.set_gumbel_temperature(max(0.5, 2.0 * (0.25 ** min(progress, 1.0))))
+
+    def save_encoder(self, directory: Path) -> None:
+        self.model.wav2vec2.save_pretrained(str(directory))
+
+
+def encoder_of(objective: nn.Module) -> nn.Module:
+    """The transformers encoder that gets saved (HubertModel or Wav2Vec2Model)."""
+    return objective.encoder if isinstance(objective, HubertObjective) else objective.model.wav2vec2
+
+
+def lr_factor(progress: float, step: int, warmup: float, warmup_steps: int) -> float:
+    """Cosine decay to 0 at progress 1 after a linear warmup over the first ``warmup`` of the run,
+    and over at least ``warmup_steps`` steps (whichever ends later)."""
+    ramp = min(1.0, progress / warmup if warmup else 1.0, (step + 1) / warmup_steps if warmup_steps else 1.0)
+    if progress < warmup:
+        return max(ramp, 0.01)
+    decay = (progress - warmup) / (1.0 - warmup)
+    return ramp * 0.5 * (1.0 + math.cos(math.pi * min(decay, 1.0)))
+
+
+# -- results -----------------------------------------------------------------------------------
+@dataclass
+class PretrainResult:
+    directory: Path
+    provenance: dict
+
+    @property
+    def final_loss(self) -> float:
+        return self.provenance["final"]["train_loss"]
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.provenance["final"]["train_masked_accuracy"]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import importlib.metadata as metadata
+
+    import transformers
+
+    try:
+        package = metadata.version("pefttune")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        package = "unknown"
+    return {
+        "pefttune": package,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def command_line(config: PretrainConfig, out: str | Path, replay: str | Path | None = None) -> str:
+    """The `pefttune backbone pretrain` command line equivalent to ``config``, every option spelled out.
+
+    ``replay`` names the schedule file when ``config.schedule`` came from one.
+    """
+    c, r = config, config.corpus
+    budget = (["--steps", str(c.steps)] if c.steps else []) + (["--minutes", f"{c.minutes:g}"] if c.minutes else [])
+    if c.schedule is not None:
+        budget = ["--replay-schedule", str(replay or SCHEDULE_FILE)]
+    parts = [
+        "pefttune", "backbone", "pretrain", "--out", str(out), "--objective", c.objective,
+        "--seed", str(c.seed), *budget, "--utterances", str(r.utterances),
+        "--seconds", f"{r.seconds:g}", "--corpus-seed", str(r.seed),
+        "--hidden-size", str(c.hidden_size), "--layers", str(c.num_layers),
+        "--intermediate-size", str(c.intermediate_size), "--heads", str(c.num_heads),
+        "--clusters", str(c.num_clusters), "--batch-size", str(c.batch_size), "--lr", f"{c.lr:g}",
+        "--warmup", f"{c.warmup:g}", "--warmup-steps", str(c.warmup_steps), "--eval-utterances", str(c.eval_utterances),
+        "--threads", str(c.threads),
+    ]
+    return shlex.join(parts)
+
+
+# -- the run -------------------------------------------------------------------------------------
+def pretrain(
+    config: PretrainConfig,
+    out: str | Path,
+    *,
+    command: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    corpus: Corpus | None = None,
+) -> PretrainResult:
+    """Pretrain per ``config`` and write the model directory ``out`` with provenance.
+
+    ``command`` is recorded in the provenance (default: the equivalent
+    ``pefttune backbone pretrain`` command line, see :func:`command_line`).
+    ``corpus`` may pass an already built corpus for ``config.corpus`` (it must match).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty (use --overwrite to replace it)")
+    if corpus is not None and corpus.recipe != config.corpus:
+        raise ValueError("corpus: the given corpus was built from a different recipe than config.corpus")
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _pretrain(config, out, command, log, corpus, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
+    timings = {}
+    recipe = config.corpus
+    log(f"[pretrain] building corpus: {recipe.utterances} clips of {recipe.seconds:g} s "
+        f"(vocabulary {len(recipe.vocabulary())} words, {len(recipe.excluded_words)} excluded)")
+    if corpus is None:
+        corpus = build_corpus(recipe)
+    timings["corpus_s"] = round(time.perf_counter() - started, 2)
+    # Per-clip zero mean, unit variance: what SpeechDataset(normalize=True) feeds downstream.
+    waves = torch.from_numpy(np.stack([normalize_waveform(w) for w in corpus.waveforms]))
+    num_eval = config.eval_utterances
+    train_waves, eval_waves = waves[: len(waves) - num_eval], waves[len(waves) - num_eval:]
+
+    torch.manual_seed(config.seed)
+    labels = targets = None
+    if config.objective == "hubert":
+        objective = HubertObjective(config)
+        t0 = time.perf_counter()
+        log_mel = LogMel.for_config(objective.encoder.config, config.num_mels)
+        check_alignment(objective.encoder, log_mel)
+        with torch.no_grad():
+            features = torch.cat([log_mel(chunk) for chunk in waves.split(256)])
+        train_features = features[: len(train_waves)].reshape(-1, config.num_mels)
+        targets = fit_kmeans(train_features, config.num_clusters, seed=config.seed)
+        labels = targets.assign(features)
+        usage = torch.bincount(labels[: len(train_waves)].flatten(), minlength=config.num_clusters)
+        timings["kmeans_s"] = round(time.perf_counter() - t0, 2)
+        log(f"[pretrain] k-means({config.num_clusters}) on {len(train_features)} log-mel frames "
+            f"(window {log_mel.window}, hop {log_mel.hop}): inertia {targets.inertia:.2f}, "
+            f"{int((usage > 0).sum())} clusters used, largest holds "
+            f"{usage.max().item() / usage.sum().item():.1%} ({timings['kmeans_s']} s)")
+    else:
+        objective = Wav2Vec2Objective(config)
+    encoder_params = sum(p.numel() for p in encoder_of(objective).parameters())
+    frames = int(encoder_of(objective)._get_feat_extract_output_lengths(waves.shape[1]))
+    if labels is not None and labels.shape[1] != frames:
+        raise ValueError(f"targets: {labels.shape[1]} log-mel frames per clip but {frames} encoder frames")
+
+    def new_optimizer(module):
+        decay = [p for n, p in module.named_parameters() if p.dim() > 1]
+        no_decay = [p for n, p in module.named_parameters() if p.dim() <= 1]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
+        )
+
+    # -- train -------------------------------------------------------------------------------------
+    optimizer = new_optimizer(objective)
+    batch_gen = torch.Generator().manual_seed(config.seed)
+    mask_gen = torch.Generator().manual_seed(config.seed + 1)
+    eval_gen = torch.Generator().manual_seed(config.seed + 2)
+    eval_masks = span_mask(num_eval, frames, config.mask_prob, config.mask_length, eval_gen) if num_eval else None
+    eval_neg_seed = config.seed + 3
+
+    def evaluate() -> tuple[float, float]:
+        if not num_eval:
+            return float("nan"), float("nan")
+        objective.eval()
+        total_loss, correct, count = 0.0, 0, 0
+        gen = torch.Generator().manual_seed(eval_neg_seed)
+        with torch.no_grad():
+            for start in range(0, num_eval, 16):
+                sl = slice(start, start + 16)
+                batch_labels = None if labels is None else labels[len(train_waves):][sl]
+                loss, c, n = objective.step(eval_waves[sl], batch_labels, eval_masks[sl], gen)
+                total_loss += float(loss) * n
+                correct += c
+                count += n
+        objective.train()
+        return total_loss / count, correct / count
+
+    eval_before = evaluate()
+    log(f"[pretrain] held-out ({num_eval} clips) before training: loss {eval_before[0]:.3f}, "
+        f"masked accuracy {eval_before[1]:.3f}")
+    objective.train()
+    train_start = time.perf_counter()
+    history = []  # (step, loss, accuracy) per step
+    order = torch.randperm(len(train_waves), generator=batch_gen)
+    cursor, last_log = 0, train_start
+    budget_s = None if config.minutes is None else config.minutes * 60.0
+    schedule = []  # progress value of each step taken
+
+    def progress(step: int) -> float:
+        if config.schedule is not None:
+            return config.schedule[step] if step < len(config.schedule) else 1.0
+        by_steps = step / config.steps if config.steps else 0.0
+        by_time = (time.perf_counter() - train_start) / budget_s if budget_s else 0.0
+        return max(by_steps, by_time)
+
+    step = 0
+    while (p := progress(step)) < 1.0:
+        if cursor + config.batch_size > len(order):
+            order, cursor = torch.randperm(len(train_waves), generator=batch_gen), 0
+        idx = order[cursor:cursor + config.batch_size]
+        cursor += config.batch_size
+        schedule.append(p)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(p, step, config.warmup, config.warmup_steps)
+        objective.anneal(p)
+        mask = span_mask(len(idx), frames, config.mask_prob, config.mask_length, mask_gen)
+        loss, correct, count = objective.step(train_waves[idx], None if labels is None else labels[idx], mask, mask_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), config.grad_clip)
+        optimizer.step()
+        history.append((loss.item(), correct / max(count, 1)))
+        step += 1
+        now = time.perf_counter()
+        if now - last_log >= config.log_every_s:
+            last_log = now
+            recent = history[-50:]
+            elapsed = now - train_start
+            done = max(progress(step), 1e-9)
+            eta = elapsed / done * (1.0 - done)
+            log(f"[pretrain] step {step} ({done:.0%}) "
+                f"loss {np.mean([h[0] for h in recent]):.3f} masked-acc {np.mean([h[1] for h in recent]):.3f} "
+                f"lr {optimizer.param_groups[0]['lr']:.1e} elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+    completed = len(history)
+    if history:
+        recent = history[-50:]
+        log(f"[pretrain] finished {completed} steps: loss {np.mean([h[0] for h in recent]):.3f} "
+            f"masked-acc {np.mean([h[1] for h in recent]):.3f}")
+    timings["train_s"] = round(time.perf_counter() - train_start, 2)
+    eval_after = evaluate()
+    log(f"[pretrain] held-out after {completed} steps: loss {eval_after[0]:.3f}, masked accuracy {eval_after[1]:.3f}")
+
+    # -- write -------------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    objective.save_encoder(out)
+    weights = out / WEIGHTS_FILE
+    if not weights.exists():
+        raise FileNotFoundError(f"save_pretrained did not write {weights}")
+    weights.chmod(0o644)  # written through a private temp file; the model is meant to be shared
+    (out / SCHEDULE_FILE).write_text(json.dumps({"progress": schedule}) + "\n")
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    recent = history[-50:]
+    provenance = {
+        "command": command if command is not None else command_line(config, out),
+        "objective": config.objective,
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "corpus": {
+            **recipe.to_dict(),
+            "excluded_words": list(recipe.excluded_words),
+            "example_texts": corpus.texts[:10],
+        },
+        "input_normalization": "per clip zero mean, unit variance (pefttune.data.dataset.normalize_waveform)",
+        "model": {
+            "class": "HubertModel" if config.objective == "hubert" else "Wav2Vec2Model",
+            "parameters": encoder_params,
+            "frames_per_clip": frames,
+        },
+        "steps": {
+            "completed": completed,
+            "schedule": config.budget,
+            "schedule_file": SCHEDULE_FILE,
+            "seconds_per_step": round(timings["train_s"] / max(completed, 1), 3),
+        },
+        "wall_time_s": timings,
+        "initial": {"heldout_loss": round(eval_before[0], 4), "heldout_masked_accuracy": round(eval_before[1], 4)},
+        "final": {
+            "train_loss": round(float(np.mean([h[0] for h in recent])), 4) if recent else None,
+            "train_masked_accuracy": round(float(np.mean([h[1] for h in recent])), 4) if recent else None,
+            "heldout_loss": round(eval_after[0], 4),
+            "heldout_masked_accuracy": round(eval_after[1], 4),
+        },
+        "loss_curve": [
+            {"step": i + 1, "loss": round(float(np.mean([h[0] for h in history[max(0, i - 49):i + 1]])), 4)}
+            for i in range(49, completed, max(50, completed // 40))
+        ],
+        "weights_sha256": file_sha256(weights),
+        "versions": _versions(),
+        "threads": config.threads,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if config.objective == "hubert":
+        provenance["targets"] = {
+            "features": f"log-mel {config.num_mels} (window {log_mel.window}, hop {log_mel.hop}, FFT 512, "
+                        "Hann, no centring; standardised)",
+            "num_clusters": config.num_clusters,
+            "kmeans_inertia": round(targets.inertia, 4),
+        }
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    log(f"[pretrain] wrote {out} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {provenance['weights_sha256'][:16]}...) "
+        f"in {_fmt_time(timings['total_s'])}")
+    return PretrainResult(directory=out, provenance=provenance)
+
+
+def load_schedule(path: str | Path) -> tuple[float, ...]:
+    """The per-step progress values from an earlier run's ``schedule.json`` (file or model dir)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCHEDULE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--replay-schedule: {path} does not exist")
+    try:
+        values = json.loads(path.read_text())["progress"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"--replay-schedule: {path} is not a schedule file ({err})") from None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"--replay-schedule: {path}: 'progress' must be a list of numbers")
+    return tuple(float(v) for v in values)
