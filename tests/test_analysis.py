@@ -189,10 +189,15 @@ def _make_trainable():
 
 
 def _run(trials, storage: Path, name: str, loggers: str) -> None:
+    import os
+
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     callbacks = {"json": [JsonLoggerCallback()], "csv": [CSVLoggerCallback()], "none": []}[loggers]
+    # only the loggers given here: Tune adds its default ones unless told not to
+    previous = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     tuner = tune.Tuner(
         tune.with_resources(_make_trainable(), {"cpu": 1}),
         param_space={"trial": tune.grid_search(trials)},
@@ -200,7 +205,13 @@ def _run(trials, storage: Path, name: str, loggers: str) -> None:
         run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = previous
 
 
 def _experiment_yaml(root: Path, name: str, task: str) -> None:
