@@ -176,3 +176,19 @@ def test_summary_table_sections():
     assert "best 2 trials by best_dev_accuracy" in text and "uniform baselines and hybrid" in text
     assert "Pareto front" in text and "DivergedError: loss became nan" in text
     assert json.dumps(text)
+
+
+def test_gpu_trials_wait_for_their_share_of_free_memory(monkeypatch):
+    """A GPU trial waits until the GPU's free memory reaches its share (mocked CUDA)."""
+    import torch
+
+    from pefttune.trainables import common
+
+    readings = iter([(10, 100), (20, 100), (30, 100), (60, 100)])  # memory being released
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: next(readings))
+    assert common.trial_device(0.5, wait_s=10, poll_s=0.0).type == "cuda"
+    with pytest.raises(StopIteration):  # all four readings were needed: it waited for 60 >= 50
+        next(readings)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1, 100))
+    assert common.wait_for_gpu_memory(0.5, wait_s=0.0, poll_s=0.0) == pytest.approx(0.0, abs=0.1)  # gives up

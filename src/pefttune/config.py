@@ -151,6 +151,10 @@ class DartsSection(_Section):
 class ResourcesSection(_Section):
     cpu: float = Field(1, gt=0, description="CPUs per trial.")
     gpu: float = Field(0, ge=0, description="GPUs per trial; fractions share a GPU between trials.")
+    gpu_wait_s: float = Field(
+        120, ge=0, description="Before a GPU trial starts, wait up to this long for the GPU's free memory to reach "
+        "the trial's share (gpu x total), e.g. while a finished trial's memory is released."
+    )
 
 
 class ExperimentConfig(_Section):

@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -110,12 +111,30 @@ def worst_score(mode: str) -> float:
     return 0.0 if mode == "max" else math.inf
 
 
-def trial_device(gpus: float) -> torch.device:
+def trial_device(gpus: float, wait_s: float = 0.0, poll_s: float = 1.0) -> torch.device:
+    """The trial's device. On a GPU, first wait (up to ``wait_s``) until the free memory
+    reaches the trial's share ``min(gpus, 1) x total``, so a trial does not start while the
+    previous occupant of its slot is still releasing memory."""
     if gpus > 0:
         if not torch.cuda.is_available():
             raise RuntimeError("resources.gpu > 0 but this trial sees no CUDA device")
+        wait_for_gpu_memory(min(gpus, 1.0), wait_s, poll_s)
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def wait_for_gpu_memory(share: float, wait_s: float, poll_s: float = 1.0) -> float:
+    """Seconds waited until ``free >= share x total`` GPU memory (gives up after ``wait_s``)."""
+    start = time.monotonic()
+    while True:
+        free, total = torch.cuda.mem_get_info()
+        waited = time.monotonic() - start
+        if free >= share * total or waited >= wait_s:
+            if free < share * total:
+                print(f"[pefttune] GPU memory still busy after {waited:.0f}s "
+                      f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free); starting anyway", flush=True)
+            return waited
+        time.sleep(poll_s)
 
 
 def set_threads(cpus: float) -> None:

@@ -264,7 +264,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")
 
     common.set_threads(experiment.resources.cpu)
-    device = common.trial_device(experiment.resources.gpu)
+    device = common.trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
     torch.manual_seed(seed)
     data = common.load_data(experiment, setup.data, seed=seed)
     parts = darts_data(data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind)

@@ -122,7 +122,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         return
 
     common.set_threads(experiment.resources.cpu)
-    device = common.trial_device(experiment.resources.gpu)
+    device = common.trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
     torch.manual_seed(train.seed)
     workers = max(0, int(experiment.resources.cpu) - 1)  # audio decoding off the training thread
     data = common.load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
