@@ -203,6 +203,13 @@ def test_shipped_backbone_shapes_hash_and_provenance():
     assert params == prov["model"]["parameters"] and 750_000 < params < 850_000
     assert not any(p.requires_grad for p in encoder.parameters())
     assert (directory / "model.safetensors").stat().st_size < 4_000_000
+    # the replay that reproduces the weights bit for bit: its schedule ships alongside, one entry a step
+    schedule = load_schedule(directory / "schedule.json")
+    assert len(schedule) == prov["steps"]["completed"] and list(schedule) == sorted(schedule)
+    reproduce = prov["reproduce"]["command"]
+    assert "--replay-schedule src/pefttune/assets/tiny-hubert-ssl/schedule.json" in reproduce
+    assert "--minutes" not in reproduce and "--seed 0" in reproduce
+    assert SHIPPED_SHA256["tiny-hubert-ssl"] in prov["reproduce"]["verified"]
 
 
 def _pooled(encoder, wav: np.ndarray) -> torch.Tensor:
@@ -225,7 +232,7 @@ def test_shipped_backbone_gives_word_dependent_embeddings():
     assert torch.allclose(a, a_again, atol=1e-5)
     relative = float((a - b).norm() / a.norm())
     assert relative > 0.3, f"pooled embeddings of 'yes' and 'house' differ by only {relative:.3f}"
-    # ... and far more than through a random-init encoder of the same shape (about 0.9 vs 0.4)
+    # ... and far more than through a random-init encoder of the same shape (shipped: 1.1 vs 0.4)
     ra, rb = _pooled(random_init, yes), _pooled(random_init, house)
     assert relative > 1.5 * float((ra - rb).norm() / ra.norm())
 

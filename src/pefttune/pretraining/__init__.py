@@ -32,5 +32,5 @@ __all__ = [
 
 #: sha256 of ``model.safetensors`` of each shipped backbone (see pefttune.backbones.SHIPPED).
 SHIPPED_SHA256: dict[str, str] = {
-    "tiny-hubert-ssl": "d8b32c43fd4de7b9c0abe97e76cef4f0e2f99ee0a7afc3dd5e017afe9d83e6c8",
+    "tiny-hubert-ssl": "08d9b2cb5647aee367cbfd8aaafd175e893667cbc5661f6f18d87da5c33849d3",
 }
