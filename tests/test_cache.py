@@ -1,13 +1,19 @@
 """Frozen-prefix cache: exact losses with and without it, shared on disk, keyed by content."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from pefttune.cache import FrozenStateCache, cache_key
+from pefttune.config import parse_config
+from pefttune.data.manifest import read_manifest
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model
 from pefttune.placement import Placement
+from pefttune.trainables import common
 from pefttune.training import TrainConfig, fit
+from test_search_fixtures import search_config, write_tone_manifest
 
 
 def _batches(n: int, seed: int, offset: int) -> list[dict]:
@@ -43,8 +49,6 @@ def test_cached_training_gives_the_same_losses(tmp_path):
     # h_0..h_2 per utterance on disk: 3 states, frames, hidden 64
     stored = sorted(p.name for p in (tmp_path / "test").glob("*.npy"))
     assert len(stored) == 15
-    import numpy as np
-
     arr = np.load(tmp_path / "test" / "0.npy", allow_pickle=False)
     assert arr.shape[0] == 3 and arr.shape[2] == 64
     assert arr.shape[1] < np.load(tmp_path / "test" / "1.npy").shape[1]  # the padded one is shorter
@@ -84,3 +88,81 @@ def test_memory_cap_is_respected(tmp_path):
     cache.store(2, torch.zeros(1, 10, 10))  # would exceed: not kept
     assert cache.memory_bytes == 800 and 2 not in cache.memory
     assert cache.lookup(2, 1) is None and cache.lookup(0, 1) is not None
+
+
+NPY = 10 * 10 * 4 + 128  # one (1, 10, 10) float32 state as .npy, header included
+
+
+def test_disk_cap_stops_writes_and_lookups_stay_exact(tmp_path, capsys):
+    cache = FrozenStateCache("cap", tmp_path, max_memory_bytes=400, max_disk_bytes=NPY + 100)
+    first, second, third = (torch.randn(1, 10, 10) for _ in range(3))
+    cache.store(0, first)  # on disk and in memory
+    cache.store(1, second)  # over the disk cap: memory only (the memory is full now)
+    cache.store(2, third)  # neither: recomputed when needed
+    assert sorted(p.name for p in (tmp_path / "cap").iterdir()) == ["0.npy"]
+    assert cache.disk_bytes_written == NPY and cache.disk_skipped == 2
+    out = capsys.readouterr().out
+    assert out.count("disk cap") == 1 and "further states stay in memory or are recomputed" in out
+    cache.memory.clear()
+    cache.memory_bytes = 0
+    cache.store(1, second)
+    assert torch.equal(cache.lookup(1, 1), second)  # from memory
+    assert torch.equal(cache.lookup(0, 1), first)  # from disk
+    assert cache.lookup(2, 1) is None
+
+
+def test_disk_cap_counts_the_files_of_other_keys(tmp_path):
+    (tmp_path / "other").mkdir()
+    np.save(tmp_path / "other" / "0.npy", np.zeros((1, 10, 10), np.float32))
+    full = FrozenStateCache("mine", tmp_path, max_disk_bytes=2 * NPY - 1)
+    assert full.disk_used_before == NPY
+    full.store(0, torch.zeros(1, 10, 10))
+    assert full.disk_skipped == 1 and not (tmp_path / "mine" / "0.npy").exists()
+    roomy = FrozenStateCache("mine", tmp_path, max_disk_bytes=10 * NPY)
+    for index in range(5):
+        roomy.store(index, torch.zeros(1, 10, 10))
+    roomy.store(0, torch.zeros(1, 10, 10))  # replacing a file adds nothing
+    assert roomy.disk_skipped == 0 and len(list((tmp_path / "mine").glob("*.npy"))) == 5
+    assert roomy.disk_bytes_written == 5 * NPY
+    assert (tmp_path / "other" / "0.npy").exists()  # never deleted
+
+
+def test_training_under_a_tiny_disk_cap_gives_the_same_losses(tmp_path):
+    placement = Placement.from_dict({"num_layers": 4, "layers": {"2": "lora", "3": "sequential"}})
+    plain = _train(placement, None)
+    cache = FrozenStateCache("tiny", tmp_path, max_memory_bytes=1, max_disk_bytes=50_000)
+    cached = _train(placement, cache)
+    for a, b in zip(plain, cached):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5), (a, b)
+    stored = list((tmp_path / "tiny").glob("*.npy"))
+    assert 0 < len(stored) < 15 and cache.disk_skipped > 0
+    assert sum(p.stat().st_size for p in stored) == cache.disk_bytes_written <= 50_000
+
+
+@pytest.mark.parametrize("field", ["frozen_cache_disk_gb", "frozen_cache_memory_gb"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_invalid_cache_caps_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"train.{field}: Input should be greater than 0"):
+        parse_config({"train": {field: value}})
+
+
+def test_frozen_cache_prints_the_size_for_the_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    manifest = write_tone_manifest(tmp_path / "tones", per_split={"train": 2, "dev": 1, "test": 1})
+    config = parse_config(search_config(manifest, tmp_path / "results", train={"frozen_cache_disk_gb": 0.5}))
+    model = build_model("tiny-hubert", Placement.from_dict({"num_layers": 4, "layers": {"2": "lora"}}),
+                        HeadConfig("classification", 4))
+    ref = common.DataRef(str(manifest), "classification", {"kind": "labels", "labels": []})
+    cache = common.frozen_cache(config, ref, model)
+    out = capsys.readouterr().out
+    kib = read_manifest(manifest)["duration"].sum() * 49 * 3 * 64 * 4 / 2**10  # seconds x frames x h_0..h_2 x D x 4
+    assert (f"3 hidden state(s) per utterance, about {kib:.0f} KiB for 16 utterances "
+            "(memory cap 2.0 GiB, disk cap 0.5 GiB)\n") in out
+    assert cache.max_disk_bytes == 2**29 and cache.root == tmp_path / "cache" / "frozen"
+    # without durations: per second of audio; memory mode has no disk cap
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,split,label\na.flac,train,yes\n")
+    config = parse_config(search_config(plain, tmp_path / "results", train={"frozen_cache": "memory"}))
+    cache = common.frozen_cache(config, common.DataRef(str(plain), "classification", {}), model)
+    assert "KiB per second of audio (memory cap 2.0 GiB)" in capsys.readouterr().out
+    assert cache.directory is None and cache.max_disk_bytes is None

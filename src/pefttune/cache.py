@@ -8,7 +8,10 @@ and every trial. :class:`FrozenStateCache` keeps those states per utterance:
 - in memory (up to ``max_memory_bytes``), and
 - optionally on disk under ``directory/<key>/`` as one ``.npy`` file per utterance
   (written atomically, read with ``allow_pickle=False``, memory-mapped), so every
-  trial on a node shares them.
+  trial on a node shares them. ``max_disk_bytes`` caps the ``.npy`` files under the whole
+  ``directory`` (all keys): the bytes already there are measured once at construction,
+  and past the cap states are not written (they stay in memory if there is room, else
+  they are recomputed; results are the same). Nothing is ever deleted.
 
 The key must change whenever the states could: :func:`cache_key` hashes the backbone's
 weights, the dataset manifest and the preprocessing settings. A trial whose
@@ -48,15 +51,43 @@ def estimate_bytes(num_utterances: int, frames: int, num_states: int, hidden: in
     return num_utterances * frames * num_states * hidden * itemsize
 
 
+def format_bytes(size: float) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+
+
+def disk_usage(root: str | Path) -> int:
+    """Bytes of the ``.npy`` files under ``root``, all subfolders (keys) included."""
+    total = 0
+    with os.scandir(root) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    total += disk_usage(entry.path)
+                elif entry.name.endswith(".npy"):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:  # removed meanwhile by another process
+                pass
+    return total
+
+
 class FrozenStateCache:
     """Frozen hidden states h_0..h_k per utterance index, in memory and optionally on disk."""
 
-    def __init__(self, key: str, directory: str | Path | None = None, max_memory_bytes: int = 2 * 2**30):
+    def __init__(self, key: str, directory: str | Path | None = None, max_memory_bytes: int = 2 * 2**30,
+                 max_disk_bytes: int | None = None):
         self.key = key
-        self.directory = Path(directory) / key if directory is not None else None
+        self.root = Path(directory) if directory is not None else None
+        self.directory = self.root / key if self.root is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.max_memory_bytes = max_memory_bytes
+        self.max_disk_bytes = max_disk_bytes
+        # bytes under the root when this trial started (all trials and keys), + the net bytes it adds
+        self.disk_used_before = disk_usage(self.root) if self.root is not None and max_disk_bytes is not None else 0
+        self.disk_bytes_written = 0
+        self.disk_skipped = 0
         self.memory: dict[int, torch.Tensor] = {}
         self.memory_bytes = 0
         self.hits = 0
@@ -89,11 +120,27 @@ class FrozenStateCache:
     def store(self, index: int, states: torch.Tensor) -> None:
         states = states.detach().to("cpu", torch.float32).contiguous()
         self._remember(index, states)
-        if self.directory is not None:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, states.numpy(), allow_pickle=False)
-            os.replace(tmp, self._path(index))
+        if self.directory is None:
+            return
+        path = self._path(index)
+        try:
+            old = path.stat().st_size  # replacing a file frees its bytes
+        except FileNotFoundError:
+            old = 0
+        if self.max_disk_bytes is not None:
+            used = self.disk_used_before + self.disk_bytes_written
+            if used + states.numel() * 4 + 128 - old > self.max_disk_bytes:  # + .npy header
+                if not self.disk_skipped:
+                    print(f"[pefttune] frozen cache: disk cap {format_bytes(self.max_disk_bytes)} reached "
+                          f"({format_bytes(used)} used under {self.root}); further states stay in memory "
+                          "or are recomputed", flush=True)
+                self.disk_skipped += 1
+                return
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, states.numpy(), allow_pickle=False)
+        self.disk_bytes_written += os.path.getsize(tmp) - old
+        os.replace(tmp, path)
 
     # -- per batch -----------------------------------------------------------------------
     def frozen_step(self, model: PeftSpeechModel, batch: dict, num_states: int):

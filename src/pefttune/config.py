@@ -72,6 +72,12 @@ class TrainSection(_Section):
         "per utterance: on disk under the pefttune cache (shared by the trials of a node), in memory only, or off.",
     )
     frozen_cache_memory_gb: float = Field(2.0, gt=0, description="In-memory share of the frozen cache per trial (GiB).")
+    frozen_cache_disk_gb: float = Field(
+        20.0,
+        gt=0,
+        description="Cap on the frozen cache on disk (GiB), all keys and trials of a node together; past it, "
+        "states stay in memory or are recomputed (same results).",
+    )
 
     @field_validator("lr_range")
     @classmethod

@@ -306,9 +306,11 @@ def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechMo
 
     Keyed by the backbone's content hash, the manifest's bytes and the preprocessing, so a
     changed backbone, dataset or crop never reads stale states. On disk it lives under
-    ``<pefttune cache>/frozen/`` and is shared by all trials on the node.
+    ``<pefttune cache>/frozen/`` and is shared by all trials on the node, up to
+    ``train.frozen_cache_disk_gb`` for all of them together. Prints its size: for the
+    manifest when it has durations, else per second of audio.
     """
-    from pefttune.cache import FrozenStateCache, cache_key, estimate_bytes
+    from pefttune.cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
     from pefttune.data.cache import cache_root
 
     mode = experiment.train.frozen_cache
@@ -319,10 +321,27 @@ def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechMo
     directory = cache_root() / "frozen" if mode == "disk" else None
     k = model.placement.lowest_adapted_layer()
     states = (model.encoder.num_layers if k is None else k) + 1
-    cfg = model.encoder.config
-    print(f"[pefttune] frozen cache {mode} key {key}: {states} hidden state(s) per utterance, about "
-          f"{estimate_bytes(1, 49, states, cfg.hidden_size) / 2**10:.0f} KiB per second of audio", flush=True)
-    return FrozenStateCache(key, directory, max_memory_bytes=int(experiment.train.frozen_cache_memory_gb * 2**30))
+    per_second = estimate_bytes(1, 49, states, model.encoder.config.hidden_size)
+    memory_gb, disk_gb = experiment.train.frozen_cache_memory_gb, experiment.train.frozen_cache_disk_gb
+    caps = f"memory cap {memory_gb:.1f} GiB" + (f", disk cap {disk_gb:.1f} GiB" if mode == "disk" else "")
+    size = f"about {per_second / 2**10:.0f} KiB per second of audio ({caps})"
+    try:  # the manifest's durations (train cropped to data.max_seconds); never fails the trial
+        from pefttune.data.manifest import read_manifest
+
+        rows = read_manifest(ref.manifest)
+        seconds = rows["duration"].astype(float)
+        if experiment.data.max_seconds:
+            seconds = seconds.where(rows["split"] != "train", seconds.clip(upper=experiment.data.max_seconds))
+        total = float(seconds.sum(skipna=False)) * per_second
+        if math.isfinite(total):
+            cap = disk_gb if mode == "disk" else memory_gb
+            size = (f"about {format_bytes(total)} for {len(rows)} utterances ({caps})"
+                    + (f"; above the {mode} cap" if total > cap * 2**30 else ""))
+    except Exception:
+        pass
+    print(f"[pefttune] frozen cache {mode} key {key}: {states} hidden state(s) per utterance, {size}", flush=True)
+    max_disk = int(disk_gb * 2**30) if mode == "disk" else None
+    return FrozenStateCache(key, directory, max_memory_bytes=int(memory_gb * 2**30), max_disk_bytes=max_disk)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
