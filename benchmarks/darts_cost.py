@@ -1,17 +1,20 @@
 """DARTS epoch cost: exact vs gated mix vs a uniform-placement epoch, side by side.
 
-All three see the same training set of N utterances per epoch:
+Every loop sees the same training set of N utterances per epoch:
 
-  uniform   N weight steps' worth of samples through a uniform placement (LoRA everywhere);
+  uniform   N samples of weight steps through a uniform placement, once per candidate
+            (sequential, parallel, LoRA, BitFit in every layer);
   gated     DARTS' split: N/2 samples for weight steps, N/2 for architecture steps, one
-            pass per layer with every candidate's contribution scaled by softmax(alpha);
+            pass per layer with every candidate's contribution scaled by softmax(alpha)
+            (the weight step treats the mixing weights as constants);
   exact     the same split, every layer run once per candidate (the paper's mix).
 
 The frozen front end is served by the frozen-prefix cache in every loop (filled in a
 warm-up pass), so the ratios compare the trainable parts. Warm-up (weight-only) epochs are
-timed separately from search epochs (arch step + weight step).
+timed separately from search epochs (arch step + weight step). Each loop's epoch time is
+the fastest of --repeats epochs; 'x uniform' divides by the mean of the uniform epochs.
 
-  python benchmarks/darts_cost.py                 # tiny backbone, first order
+  python benchmarks/darts_cost.py                 # tiny-hubert-ssl's shape, batch 32, first order
   python benchmarks/darts_cost.py --order second
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ CANDIDATES = {"sequential": {"bottleneck": 32}, "parallel": {"bottleneck": 32}, 
 CONFIGS = {
     "tiny": dict(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=128, conv_dim=64),
     "ssl": dict(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=256, conv_dim=128),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072, conv_dim=512),
 }
 
 
@@ -60,11 +64,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def best_of(repeats: int, epoch) -> float:
+    """Fastest of ``repeats`` epochs (numbered 0..): the least disturbed by other jobs."""
+    return min(timed(lambda: epoch(n)) for n in range(repeats))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="ssl",
+                        help="backbone shape (default ssl: the shipped tiny-hubert-ssl's)")
     parser.add_argument("--steps", type=int, default=16, help="batches in the training set (N = steps x batch)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32, the embedded study's)")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loop (the fastest counts)")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--order", choices=["first", "second"], default="first")
     parser.add_argument("--threads", type=int, default=2)
@@ -78,16 +89,21 @@ def main(argv=None) -> None:
     config = TrainConfig(epochs=4, lr=1e-3, warmup_ratio=0.0)
 
     rows = {}
-    # uniform: LoRA everywhere, a full pass over the N utterances
-    torch.manual_seed(0)
-    model = PeftSpeechModel(encoder(cfg), Placement.uniform("lora", cfg["num_layers"]), head)
-    cache = FrozenStateCache("uniform", None)
-    for b in train:
-        frozen_step(model, b, cache)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    train_epoch(model, train, opt, sched, config, 1, cache=cache)  # untimed warm-up
-    rows["uniform"] = (timed(lambda: train_epoch(model, train, opt, sched, config, 2, cache=cache)), None)
+    # uniform: each candidate in every layer, a full pass over the N utterances
+    for method, hparams in CANDIDATES.items():
+        torch.manual_seed(0)
+        model = PeftSpeechModel(encoder(cfg), Placement.uniform(method, cfg["num_layers"], **hparams), head)
+        cache = FrozenStateCache(f"uniform-{method}", None)
+        for b in train:
+            frozen_step(model, b, cache)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        train_epoch(model, train, opt, sched, config, 1, cache=cache)  # untimed warm-up
+
+        def uniform_epoch(number: int):
+            train_epoch(model, train, opt, sched, config, number + 2, cache=cache)
+
+        rows[f"uniform {method}"] = (best_of(args.repeats, uniform_epoch), None)
 
     for mix in ("gated", "exact"):
         torch.manual_seed(0)
@@ -104,16 +120,19 @@ def main(argv=None) -> None:
             train_epoch(supernet.model, recording, opt, sched, config, number, hooks, cache=supernet.cache)
 
         warm = timed(lambda: epoch(1))  # warm-up epoch: weight steps only
-        search = timed(lambda: epoch(2))  # arch step + weight step
+        search = best_of(args.repeats, lambda n: epoch(2 + n))  # arch step + weight step
         rows[mix] = (search, warm)
 
-    base = rows["uniform"][0]
+    uniform = [search for name, (search, _) in rows.items() if name.startswith("uniform")]
+    base = sum(uniform) / len(uniform)
     print(f"# DARTS epoch cost: config={args.config} N={args.steps * args.batch} utterances x {args.seconds}s, "
           f"order={args.order}, threads={args.threads}, candidates none+{'+'.join(CANDIDATES)}")
-    print(f"{'loop':<10} {'search epoch s':>15} {'x uniform':>10} {'warm-up epoch s':>16} {'x uniform':>10}")
+    print(f"# 'x uniform' = epoch time / mean uniform epoch ({base:.3f} s); best of {args.repeats} epochs each")
+    print(f"{'loop':<20} {'search epoch s':>15} {'x uniform':>10} {'x lora':>8} {'warm-up epoch s':>16} {'x uniform':>10}")
+    lora = rows["uniform lora"][0]
     for name, (search, warm) in rows.items():
-        warm_s = f"{warm:>16.2f} {warm / base:>9.2f}x" if warm is not None else f"{'-':>16} {'-':>10}"
-        print(f"{name:<10} {search:>15.2f} {search / base:>9.2f}x {warm_s}")
+        warm_s = f"{warm:>16.3f} {warm / base:>9.2f}x" if warm is not None else f"{'-':>16} {'-':>10}"
+        print(f"{name:<20} {search:>15.3f} {search / base:>9.2f}x {search / lora:>7.2f}x {warm_s}")
 
 
 if __name__ == "__main__":

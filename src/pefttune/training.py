@@ -293,7 +293,8 @@ def train_epoch(
         batch = to_device(batch, device)
         if hooks.before_step is not None:
             hooks.before_step(step, epoch)
-            model.train()
+            if not model.training:  # a hook that switched to eval (train() walks every module)
+                model.train()
         with autocast(config, device):
             states, mask = frozen_step(model, batch, cache)
             out = model.forward_from(states, mask, layer_fn=hooks.layer_fn)

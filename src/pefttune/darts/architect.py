@@ -135,7 +135,8 @@ class Architect:
         """One update of alpha; returns the arch loss parts."""
         supernet = self.supernet
         was_training = supernet.model.training
-        supernet.model.train()
+        if not was_training:  # model.train() walks every module: not on every step
+            supernet.model.train()
         with supernet.frozen_noise():
             if self.order == "first":
                 loss = task_loss(supernet, val_batch, self.train_config)
@@ -148,7 +149,8 @@ class Architect:
         supernet.alpha.grad = grad
         self.optimizer.step()
         supernet.alpha.grad = None
-        supernet.model.train(was_training)
+        if not was_training:
+            supernet.model.eval()
         self.steps += 1
         self.last = {"loss": float(loss.detach()), "penalty": float(penalty.detach())}
         for key, value in self.last.items():
@@ -214,7 +216,7 @@ def search_hooks(supernet: Supernet, architect: Architect) -> Hooks:
 
     return Hooks(
         before_step=architect.before_step,
-        layer_fn=supernet.layer_fn,
+        layer_fn=supernet.weight_step_layer_fn,  # alpha moves only in the architect's step
         epoch_metrics=epoch_metrics,
         exclude_parameters=[supernet.alpha],
     )

@@ -139,12 +139,14 @@ class Supernet:
         self.alpha.data = self.alpha.data.to(device)
         return self
 
-    def layer_weights(self, index: int) -> torch.Tensor:
-        """Mixing weights (K,) of layer ``index`` for one forward pass (fresh Gumbel noise)."""
+    def layer_weights(self, index: int, detach: bool = False) -> torch.Tensor:
+        """Mixing weights (K,) of layer ``index`` for one forward pass (fresh Gumbel noise);
+        ``detach``: constants for autograd (the weight step needs no gradient for alpha)."""
         if self._fixed is not None:
             return self._fixed[index]
         noise = None if self._noise is None else self._noise[index]
-        return self.relaxation.weights(self.alpha[index], self.model.training, noise)
+        alpha = self.alpha[index].detach() if detach else self.alpha[index]
+        return self.relaxation.weights(alpha, self.model.training, noise)
 
     @contextlib.contextmanager
     def frozen_noise(self):
@@ -181,7 +183,16 @@ class Supernet:
 
     def layer_fn(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, bias) -> torch.Tensor:
         """Run encoder layer ``index`` as the mix of its candidates (``Hooks.layer_fn``)."""
-        weights = self.layer_weights(index)
+        return self._mixed_layer(index, hidden, mask, bias, detach=False)
+
+    def weight_step_layer_fn(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, bias) -> torch.Tensor:
+        """:meth:`layer_fn` with the mixing weights as constants: the same forward values and
+        the same weight gradients, without the backward work for alpha's gradient (a mul and
+        a full-size reduction per gated contribution), which the weight step would discard."""
+        return self._mixed_layer(index, hidden, mask, bias, detach=True)
+
+    def _mixed_layer(self, index, hidden, mask, bias, detach: bool) -> torch.Tensor:
+        weights = self.layer_weights(index, detach)
         zero = self._zero_weights(weights)
         if self.mix == "gated":
             return self._gated(index, weights, zero, hidden, mask, bias)

@@ -41,7 +41,7 @@ class SequentialAdapter(LayerMethod):
             if not self.active:
                 return output
             h = first(output)
-            return replace_output(output, h + self.scale(self.adapters[site](h)))
+            return replace_output(output, h + self.adapters[site](h, self.gate))
 
         return hook
 
@@ -71,7 +71,8 @@ class ParallelAdapter(LayerMethod):
             if not self.active:
                 return output
             x = self._layer_input if self.source == "layer" else args[0]
-            return output + self.scale(self.scaling * self.adapter(x))
+            scale = self.scaling if self.gate is None else self.scaling * self.gate
+            return output + self.adapter(x, None if isinstance(scale, float) and scale == 1.0 else scale)
 
         self._handles.append(layer.feed_forward.register_forward_hook(add))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pefttune.backbones import BackboneInfo
@@ -168,8 +169,13 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``up(act(down(x)))``, times ``scale`` if given: applied to the bottleneck
+        activations and the up bias (``W (s h) + s b``), a tensor bottleneck/dim the size."""
+        h = self.act(self.down(x))
+        if scale is None:
+            return self.up(h)
+        return F.linear(h * scale, self.up.weight, self.up.bias * scale)
 
 
 def bottleneck_params(dim: int, bottleneck: int) -> int:
