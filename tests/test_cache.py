@@ -166,3 +166,18 @@ def test_frozen_cache_prints_the_size_for_the_dataset(tmp_path, monkeypatch, cap
     cache = common.frozen_cache(config, common.DataRef(str(plain), "classification", {}), model)
     assert "KiB per second of audio (memory cap 2.0 GiB)" in capsys.readouterr().out
     assert cache.directory is None and cache.max_disk_bytes is None
+
+
+def test_disk_cap_rescans_and_sees_files_written_by_another_trial(tmp_path):
+    """Two trials on one node share the cap: a rescan counts the other trial's new files."""
+    first = FrozenStateCache("a", tmp_path, max_disk_bytes=3 * NPY)
+    second = FrozenStateCache("b", tmp_path, max_disk_bytes=3 * NPY)
+    first.store(0, torch.zeros(1, 10, 10))
+    first.store(1, torch.zeros(1, 10, 10))
+    second.rescan_s = float("inf")  # without a rescan it only knows its own writes ...
+    second.store(0, torch.zeros(1, 10, 10))
+    assert second.disk_skipped == 0  # ... and the folder now holds 3 files, at the cap
+    second.rescan_s = 0.0
+    second.store(1, torch.zeros(1, 10, 10))
+    assert second.disk_skipped == 1 and second.disk_used_before == 3 * NPY
+    assert len(list(tmp_path.glob("*/*.npy"))) == 3

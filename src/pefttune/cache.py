@@ -9,9 +9,10 @@ and every trial. :class:`FrozenStateCache` keeps those states per utterance:
 - optionally on disk under ``directory/<key>/`` as one ``.npy`` file per utterance
   (written atomically, read with ``allow_pickle=False``, memory-mapped), so every
   trial on a node shares them. ``max_disk_bytes`` caps the ``.npy`` files under the whole
-  ``directory`` (all keys): the bytes already there are measured once at construction,
-  and past the cap states are not written (they stay in memory if there is room, else
-  they are recomputed; results are the same). Nothing is ever deleted.
+  ``directory`` (all keys): the bytes already there are measured at construction and
+  again every ``rescan_s`` seconds (so trials sharing the node see each other's files);
+  past the cap states are not written (they stay in memory if there is room, else they
+  are recomputed; results are the same). Nothing is ever deleted.
 
 The key must change whenever the states could: :func:`cache_key` hashes the backbone's
 weights, the dataset manifest and the preprocessing settings. A trial whose
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +86,12 @@ class FrozenStateCache:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.max_memory_bytes = max_memory_bytes
         self.max_disk_bytes = max_disk_bytes
-        # bytes under the root when this trial started (all trials and keys), + the net bytes it adds
+        # bytes under the root at the last scan (all trials and keys), + the net bytes added since;
+        # rescanned every `rescan_s` so concurrent trials on the node see each other's files
+        self.rescan_s = 30.0
         self.disk_used_before = disk_usage(self.root) if self.root is not None and max_disk_bytes is not None else 0
+        self._scanned_at = time.monotonic()
+        self._written_since_scan = 0
         self.disk_bytes_written = 0
         self.disk_skipped = 0
         self.memory: dict[int, torch.Tensor] = {}
@@ -128,7 +134,10 @@ class FrozenStateCache:
         except FileNotFoundError:
             old = 0
         if self.max_disk_bytes is not None:
-            used = self.disk_used_before + self.disk_bytes_written
+            if time.monotonic() - self._scanned_at > self.rescan_s:
+                self.disk_used_before, self._written_since_scan = disk_usage(self.root), 0
+                self._scanned_at = time.monotonic()
+            used = self.disk_used_before + self._written_since_scan
             if used + states.numel() * 4 + 128 - old > self.max_disk_bytes:  # + .npy header
                 if not self.disk_skipped:
                     print(f"[pefttune] frozen cache: disk cap {format_bytes(self.max_disk_bytes)} reached "
@@ -139,7 +148,9 @@ class FrozenStateCache:
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, states.numpy(), allow_pickle=False)
-        self.disk_bytes_written += os.path.getsize(tmp) - old
+        added = os.path.getsize(tmp) - old
+        self.disk_bytes_written += added
+        self._written_since_scan += added
         os.replace(tmp, path)
 
     # -- per batch -----------------------------------------------------------------------
