@@ -31,27 +31,9 @@ from pefttune.heads import HeadConfig
 from pefttune.model import PeftSpeechModel
 from pefttune.placement import Placement
 from pefttune.training import TrainConfig, frozen_step, train_epoch
+from throughput import CONFIGS, make_batches  # this folder: the same shapes and data
 
 CANDIDATES = {"sequential": {"bottleneck": 32}, "parallel": {"bottleneck": 32}, "lora": {"rank": 8}, "bitfit": {}}
-CONFIGS = {
-    "tiny": dict(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=128, conv_dim=64),
-    "ssl": dict(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=256, conv_dim=128),
-    "base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072, conv_dim=512),
-}
-
-
-def batches(n: int, batch: int, seconds: float, offset: int = 0, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    samples = int(16000 * seconds)
-    return [
-        {
-            "input_values": torch.randn(batch, samples, generator=g),
-            "attention_mask": torch.ones(batch, samples, dtype=torch.long),
-            "labels": torch.randint(0, 12, (batch,), generator=g),
-            "index": torch.arange(offset + i * batch, offset + (i + 1) * batch),
-        }
-        for i in range(n)
-    ]
 
 
 def encoder(cfg: dict) -> SpeechEncoder:
@@ -83,7 +65,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
     head = HeadConfig("classification", 12)
-    train = batches(args.steps, args.batch, args.seconds)
+    train = make_batches(args.steps, args.batch, args.seconds, num_classes=12)
     half = args.steps // 2
     weight_half, arch_half = train[:half], train[half:]
     config = TrainConfig(epochs=4, lr=1e-3, warmup_ratio=0.0)

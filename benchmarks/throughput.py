@@ -59,14 +59,15 @@ def autocast(device: torch.device):
                           enabled=AUTOCAST["enabled"] and device.type == "cuda")
 
 
-def make_batches(steps: int, batch: int, seconds: float, seed: int = 0):
+def make_batches(steps: int, batch: int, seconds: float, seed: int = 0, num_classes: int = 10):
+    """Random 16 kHz audio and labels, with the utterance indices the frozen cache keys on."""
     g = torch.Generator().manual_seed(seed)
     n = int(16000 * seconds)
     return [
         {
             "input_values": torch.randn(batch, n, generator=g),
             "attention_mask": torch.ones(batch, n, dtype=torch.long),
-            "labels": torch.randint(0, 10, (batch,), generator=g),
+            "labels": torch.randint(0, num_classes, (batch,), generator=g),
             "index": torch.arange(i * batch, (i + 1) * batch),
         }
         for i in range(steps)

@@ -1,0 +1,45 @@
+"""The benchmark scripts still run (tiny shapes, one epoch): their numbers are for benchmarks/README.md."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import darts_cost  # noqa: E402
+import throughput  # noqa: E402
+
+from pefttune.placement import Placement  # noqa: E402
+
+
+def test_darts_cost_prints_every_loop_with_ratios(capsys):
+    darts_cost.main(["--config", "tiny", "--steps", "2", "--batch", "2", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("uniform") else ""): line
+            for line in out.splitlines() if line and not line.startswith(("#", "loop"))}
+    assert set(rows) == {"uniform sequential", "uniform parallel", "uniform lora", "uniform bitfit", "gated", "exact"}
+    ratios = [float(rows[name].split()[3].rstrip("x")) for name in rows]
+    assert all(r > 0 for r in ratios)
+    assert float(rows["exact"].split()[2].rstrip("x")) > float(rows["gated"].split()[2].rstrip("x"))  # K passes vs 1
+
+
+@pytest.mark.parametrize("name", throughput.LOOPS)
+def test_throughput_loops_share_one_loss_trajectory(name):
+    """Every loop starts from the same LoRA weights, so all give the reference's losses."""
+    args = argparse.Namespace(config="tiny", family="hubert", steps=2, repeats=1, batch=2, seconds=0.5,
+                              threads=1, device="cpu", bf16=False)
+    layers = [2, 3]
+    placement = Placement.from_dict({"num_layers": 4, "layers": {str(i): "lora" for i in layers}})
+    import torch
+
+    torch.manual_seed(0)
+    model = throughput.HFLoop("hubert", throughput.CONFIGS["tiny"], layers, False, "cpu").model
+    lora = {k: v.detach().clone() for k, v in throughput.lora_weights(model).items()}
+    reference = throughput.run_loop(args, "hf-careful", placement, layers, lora)[1]
+    speed, losses, peak_mb, cache_mb = throughput.run_loop(args, name, placement, layers, lora)
+    assert speed > 0 and peak_mb >= 0 and len(losses) == 2  # the timed steps (after one untimed)
+    assert losses == pytest.approx(reference, abs=1e-5)
+    assert (cache_mb > 0) == (name == "pefttune")
