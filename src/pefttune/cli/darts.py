@@ -1,6 +1,8 @@
 """`pefttune darts CONFIG`: DARTS search, derivation and retraining on Ray Tune."""
 from __future__ import annotations
 
+from pefttune.cli.common import add_experiment_arguments
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -12,13 +14,7 @@ def register(sub) -> None:
         "<storage>/<name>/darts-retrain, next to the discrete search.",
     )
     parser.add_argument("config", help="Experiment YAML file (see pefttune/configs/).")
-    parser.add_argument(
-        "--address",
-        help="Join a running Ray cluster: auto, ray://host:10001 or host:port "
-        "(default: start a private local Ray on the loopback interface, dashboard off).",
-    )
-    parser.add_argument("--resume", action="store_true", help="Finish an interrupted DARTS run (search, then retrains).")
-    parser.add_argument("--name", help="Experiment name (overrides `name` in the config).")
+    add_experiment_arguments(parser, "Finish an interrupted DARTS run (search, then retrains).")
     parser.add_argument("--quiet", action="store_true", help="No live progress table.")
     parser.set_defaults(func=run)
 

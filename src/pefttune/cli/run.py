@@ -1,6 +1,8 @@
 """`pefttune run [CONFIG]`: the whole study (discrete arm, DARTS arm, ensembles, report)."""
 from __future__ import annotations
 
+from pefttune.cli.common import add_experiment_arguments
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -10,9 +12,7 @@ def register(sub) -> None:
         "a keyword-spotting corpus synthesized offline, local Ray. Results go to <storage>/<name>/.",
     )
     parser.add_argument("config", nargs="?", help="Experiment YAML (default: the embedded study).")
-    parser.add_argument("--address", help="Join a Ray cluster: auto, ray://host:10001 or host:port.")
-    parser.add_argument("--resume", action="store_true", help="Finish an interrupted study of the same name.")
-    parser.add_argument("--name", help="Experiment name (overrides the config's).")
+    add_experiment_arguments(parser, "Finish an interrupted study of the same name.")
     parser.set_defaults(func=run)
 
 

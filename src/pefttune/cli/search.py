@@ -1,6 +1,8 @@
 """`pefttune search CONFIG`: the discrete placement search on Ray Tune."""
 from __future__ import annotations
 
+from pefttune.cli.common import add_experiment_arguments
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -10,16 +12,10 @@ def register(sub) -> None:
         "Results go to <storage>/<name>/ (Ray Tune experiment, optuna.db, experiment.yaml).",
     )
     parser.add_argument("config", help="Experiment YAML file (see pefttune/configs/).")
-    parser.add_argument(
-        "--address",
-        help="Join a running Ray cluster: auto, ray://host:10001 or host:port "
-        "(default: start a private local Ray on the loopback interface, dashboard off).",
-    )
-    parser.add_argument("--resume", action="store_true", help="Finish the unfinished trials of an existing search.")
+    add_experiment_arguments(parser, "Finish the unfinished trials of an existing search.")
     parser.add_argument(
         "--resume-errored", action="store_true", help="With --resume: also retry trials that ended with an error."
     )
-    parser.add_argument("--name", help="Experiment name (overrides `name` in the config).")
     parser.add_argument("--quiet", action="store_true", help="No live progress table.")
     parser.set_defaults(func=run)
 
