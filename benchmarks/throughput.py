@@ -16,22 +16,28 @@ Loops:
   floor       forward + backward of the adapted layers and the head only, on states
               already in memory (a lower bound for any step).
 
-Prints samples/s (the fastest of --repeats epochs), peak memory (CPU: resident memory of
-the loop's own process, each loop runs in a fresh one; CUDA: peak allocated), both above
-the level after model build and cache fill, the memory the cache holds, ratios, and the
-max difference between the loss trajectories of the loops (all start from the same LoRA
-weights).
+Each loop runs in its own process (built and warmed in parallel); then rounds interleave
+them: round r times one epoch of every loop, one loop at a time, in an order rotated by r.
+Ratios are medians over rounds of epochs timed seconds apart, so a slow spell of a shared
+machine falls on all loops alike; [min-max] shows the spread. Also printed: samples/s
+(median epoch), peak memory (CPU: resident memory of the loop's own process; CUDA: peak
+allocated), both above the level after model build and cache fill, the memory the cache
+holds, and the max difference between the loss trajectories of the loops (all start from
+the same LoRA weights). At the issue's shape (base, batch 2 x 1 s, CPU) the medians are
+checked against its hand-measured figures.
 
   python benchmarks/throughput.py --config tiny            # seconds
-  python benchmarks/throughput.py --config base --steps 6  # 12 layers x 768, random weights
+  python benchmarks/throughput.py --config base --steps 6 --repeats 9  # 12 layers x 768, random weights
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -80,20 +86,26 @@ def rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond (CPU)."""
+    """Peak resident memory above a fixed base level, sampled every millisecond while running.
 
-    def __enter__(self):
+    ``start()``/``stop()`` bracket the timed work only, so a loop's process does not sample
+    (and steal CPU) while another loop's epoch is being timed."""
+
+    def __init__(self):
         self.base = self.peak = rss_bytes()
         self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
-        return self
 
     def _sample(self):
         while not self._stop.wait(0.001):
             self.peak = max(self.peak, rss_bytes())
 
-    def __exit__(self, *exc):
+    def stop(self):
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
@@ -190,19 +202,15 @@ def set_lora(loop, weights: dict[str, torch.Tensor]) -> None:
             param.copy_(weights[name])
 
 
-def time_loop(loop, batches, repeats: int) -> tuple[float, list[float]]:
-    """(samples/s of the fastest of ``repeats`` epochs, every step's loss): the fastest
-    epoch is the one least disturbed by other jobs on a shared machine."""
-    losses, best = [], float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            losses.append(loop.step(batch))
-        best = min(best, time.perf_counter() - start)
-    return sum(b["input_values"].shape[0] for b in batches) / best, losses
-
-
 LOOPS = ("hf-default", "hf-careful", "pefttune", "floor")
+
+#: figures measured by hand in the issue (CPU, base config, batch 2 x 1 s, 2 threads):
+#: pefttune's speed-up over each reference must be at least these; floor/pefttune at most 1.1
+TARGETS = {
+    "a-uniform": {"hf-careful": 1.24, "hf-default": 2.05},
+    "b-upper": {"hf-careful": 2.07, "hf-default": 3.4},
+}
+FLOOR_TARGET = 1.1
 
 
 def build_loop(name: str, args, placement: Placement, layers: list[int], device):
@@ -212,32 +220,108 @@ def build_loop(name: str, args, placement: Placement, layers: list[int], device)
     return cls(args.family, CONFIGS[args.config], placement, device, cached=name == "pefttune")
 
 
-def run_loop(args, name: str, placement: Placement, layers: list[int], lora: dict) -> tuple:
-    """One loop, timed: (samples/s, losses, peak MB above the pre-step level, cache MB).
+def serve_loop(conn, args, name: str, placement: Placement, layers: list[int], lora: dict) -> None:
+    """One loop in its own process: build, warm, then time one epoch per ``"epoch"`` request.
 
-    On CPU each loop runs in its own process, so its peak resident memory is its own."""
-    torch.set_num_threads(args.threads)
-    AUTOCAST["enabled"] = args.bf16
-    device = torch.device(args.device)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(args.steps, args.batch, args.seconds)]
-    loop = build_loop(name, args, placement, layers, device)
-    set_lora(loop, lora)
-    if hasattr(loop, "warm"):
-        loop.warm(batches)
-    cache = getattr(loop, "cache", None)
-    cache_mb = cache.memory_bytes / 2**20 if cache is not None else 0.0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start_mem = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
-        loop.step(batches[0])  # one untimed step (allocator, threads, optimizer state)
-        speed, losses = time_loop(loop, batches, args.repeats)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
-    else:
-        peak = rss.mb
-    return speed, losses, peak, cache_mb
+    Replies ``("ready", cache MB)``, then ``(seconds, losses)`` per epoch, then on ``"stop"``
+    the peak memory in MB above the level after model build and cache fill (CPU: resident
+    memory of this process; CUDA: max allocated). Errors come back as ``("error", text)``."""
+    try:
+        torch.set_num_threads(args.threads)
+        AUTOCAST["enabled"] = args.bf16
+        device = torch.device(args.device)
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in make_batches(args.steps, args.batch, args.seconds)]
+        loop = build_loop(name, args, placement, layers, device)
+        set_lora(loop, lora)
+        if hasattr(loop, "warm"):
+            loop.warm(batches)
+        cache = getattr(loop, "cache", None)
+        rss = PeakRSS()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start_mem = torch.cuda.memory_allocated()
+        rss.start()
+        losses = [loop.step(batches[0])]  # one untimed step (allocator, threads, optimizer state)
+        rss.stop()
+        conn.send(("ready", cache.memory_bytes / 2**20 if cache is not None else 0.0))
+        while conn.recv() == "epoch":
+            rss.start()
+            start = time.perf_counter()
+            losses = [loop.step(batch) for batch in batches]  # .item() syncs CUDA every step
+            elapsed = time.perf_counter() - start
+            rss.stop()
+            conn.send((elapsed, losses))
+        peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20 if device.type == "cuda" else rss.mb
+        conn.send(peak)
+    except Exception:  # noqa: BLE001 - the parent re-raises with the worker's traceback
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+
+
+@dataclass
+class LoopResult:
+    seconds: list[float]  # one timed epoch per round
+    losses: list[float]  # every timed step's loss, in order
+    peak_mb: float
+    cache_mb: float
+
+
+def _receive(conn, name: str):
+    reply = conn.recv()
+    if isinstance(reply, tuple) and reply[0] == "error":
+        raise RuntimeError(f"throughput loop {name!r} failed:\n{reply[1]}")
+    return reply
+
+
+def measure(args, placement: Placement, layers: list[int], lora: dict) -> dict[str, LoopResult]:
+    """Every loop in its own process; rounds interleave one epoch of each loop.
+
+    Only one loop computes at a time. Round r runs the loops in an order rotated by r, so
+    a slow spell of a shared machine falls on all loops alike and ratios are taken between
+    epochs run seconds apart."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in LOOPS:
+        parent, child = context.Pipe()
+        process = context.Process(target=serve_loop, args=(child, args, name, placement, layers, lora), daemon=True)
+        process.start()
+        workers[name] = (parent, process)
+    try:
+        results = {}
+        for name, (conn, _) in workers.items():  # model build and cache fill happen in parallel
+            results[name] = LoopResult([], [], 0.0, _receive(conn, name)[1])
+        for round_ in range(args.repeats):
+            shift = round_ % len(LOOPS)
+            for name in LOOPS[shift:] + LOOPS[:shift]:
+                conn = workers[name][0]
+                conn.send("epoch")
+                seconds, losses = _receive(conn, name)
+                results[name].seconds.append(seconds)
+                results[name].losses += losses
+        for name, (conn, _) in workers.items():
+            conn.send("stop")
+            results[name].peak_mb = _receive(conn, name)
+        return results
+    finally:
+        for conn, process in workers.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+            conn.close()
+
+
+def ratio(results: dict[str, LoopResult], faster: str, slower: str) -> tuple[float, float, float]:
+    """Speed of ``faster`` over ``slower``: (median, min, max) over rounds, each round's
+    epochs timed side by side."""
+    ratios = [b / a for a, b in zip(results[faster].seconds, results[slower].seconds)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def format_ratio(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
 
 
 def main(argv=None) -> None:
@@ -245,45 +329,49 @@ def main(argv=None) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--family", default="hubert", choices=["wav2vec2", "hubert", "wavlm"])
     parser.add_argument("--steps", type=int, default=8, help="distinct batches (an 'epoch')")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs timed (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each times one epoch of every loop")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = CONFIGS[args.config]
     num_layers = cfg["num_layers"]
     print(f"# throughput: config={args.config} family={args.family} layers={num_layers} hidden={cfg['hidden_size']} "
-          f"batch={args.batch}x{args.seconds}s steps={args.steps}x{args.repeats} device={device} threads={args.threads} "
-          f"bf16={args.bf16 and device.type == 'cuda'}")
-    # CPU: a fresh process per loop (spawned one after another, so timings never overlap)
-    pool = multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) if device.type == "cpu" else None
-    rows = []
+          f"batch={args.batch}x{args.seconds}s steps={args.steps} rounds={args.repeats} device={device} "
+          f"threads={args.threads} bf16={args.bf16 and device.type == 'cuda'}")
+    rows, checks = [], []
     for label, layers in (("a-uniform", list(range(num_layers))), ("b-upper", list(range(num_layers // 2, num_layers)))):
         placement = Placement.from_dict({"num_layers": num_layers, "layers": {str(i): "lora" for i in layers}})
         torch.manual_seed(0)
         lora = {k: v.detach().clone() for k, v in lora_weights(HFLoop(args.family, cfg, layers, False, "cpu").model).items()}
-        result = {}
-        for name in LOOPS:
-            task = (args, name, placement, layers, lora)
-            result[name] = pool.apply(run_loop, task) if pool is not None else run_loop(*task)
-        ref = result["hf-careful"][1]
-        for name, (speed, losses, mem, cache_mb) in result.items():
-            drift = max(abs(a - b) for a, b in zip(losses, ref))
-            rows.append((label, name, speed, speed / result["hf-careful"][0], speed / result["hf-default"][0],
-                         result["floor"][0] / speed, drift, mem, cache_mb))
-    if pool is not None:
-        pool.close()
+        results = measure(args, placement, layers, lora)
+        samples = args.steps * args.batch
+        reference = results["hf-careful"].losses
+        for name, result in results.items():
+            drift = max(abs(a - b) for a, b in zip(result.losses, reference))
+            speed = samples / statistics.median(result.seconds)
+            rows.append((label, name, speed, ratio(results, name, "hf-careful"), ratio(results, name, "hf-default"),
+                         ratio(results, "floor", name), drift, result.peak_mb, result.cache_mb))
+        for reference_loop, target in TARGETS[label].items():
+            checks.append((label, f"pefttune vs {reference_loop}", ratio(results, "pefttune", reference_loop)[0],
+                           ">=", target))
+        checks.append((label, "floor / pefttune", ratio(results, "floor", "pefttune")[0], "<=", FLOOR_TARGET))
     memory = "peak MB: CUDA max allocated" if device.type == "cuda" else "peak MB: RSS in the loop's own process"
+    print(f"# samples/s: median epoch; ratios: median over rounds [min-max], epochs timed side by side")
     print(f"# {memory}, above the level after model build and cache fill; cache MB: the frozen states held")
-    print(f"{'placement':<10} {'loop':<11} {'samples/s':>10} {'vs careful':>11} {'vs default':>11} "
-          f"{'floor/this':>11} {'max |dloss|':>12} {'peak MB':>8} {'cache MB':>9}")
+    print(f"{'placement':<10} {'loop':<11} {'samples/s':>10} {'vs careful':>20} {'vs default':>20} "
+          f"{'floor/this':>20} {'max |dloss|':>12} {'peak MB':>8} {'cache MB':>9}")
     for label, name, speed, r_careful, r_default, floor_ratio, drift, mem, cache_mb in rows:
-        print(f"{label:<10} {name:<11} {speed:>10.2f} {r_careful:>10.2f}x {r_default:>10.2f}x {floor_ratio:>10.2f}x "
-              f"{drift:>12.2e} {mem:>8.0f} {cache_mb:>9.1f}")
+        print(f"{label:<10} {name:<11} {speed:>10.2f} {format_ratio(r_careful):>20} {format_ratio(r_default):>20} "
+              f"{format_ratio(floor_ratio):>20} {drift:>12.2e} {mem:>8.0f} {cache_mb:>9.1f}")
+    if (args.config, args.batch, args.seconds, device.type) == ("base", 2, 1.0, "cpu"):
+        print("# the issue's hand-measured figures (this shape, CPU), medians against them:")
+        for label, what, value, op, target in checks:
+            met = value >= target if op == ">=" else value <= target
+            print(f"{label:<10} {what:<24} {value:.2f}x {op} {target:.2f}x  {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ def test_darts_cost_prints_every_loop_with_ratios(capsys):
     assert float(rows["exact"].split()[2].rstrip("x")) > float(rows["gated"].split()[2].rstrip("x"))  # K passes vs 1
 
 
-@pytest.mark.parametrize("name", throughput.LOOPS)
-def test_throughput_loops_share_one_loss_trajectory(name):
-    """Every loop starts from the same LoRA weights, so all give the reference's losses."""
-    args = argparse.Namespace(config="tiny", family="hubert", steps=2, repeats=1, batch=2, seconds=0.5,
+def test_throughput_loops_share_one_loss_trajectory_and_interleave():
+    """Every loop starts from the same LoRA weights, so all give the reference's losses;
+    each loop's epochs are timed once per round."""
+    args = argparse.Namespace(config="tiny", family="hubert", steps=2, repeats=2, batch=2, seconds=0.5,
                               threads=1, device="cpu", bf16=False)
     layers = [2, 3]
     placement = Placement.from_dict({"num_layers": 4, "layers": {str(i): "lora" for i in layers}})
@@ -38,8 +38,22 @@ def test_throughput_loops_share_one_loss_trajectory(name):
     torch.manual_seed(0)
     model = throughput.HFLoop("hubert", throughput.CONFIGS["tiny"], layers, False, "cpu").model
     lora = {k: v.detach().clone() for k, v in throughput.lora_weights(model).items()}
-    reference = throughput.run_loop(args, "hf-careful", placement, layers, lora)[1]
-    speed, losses, peak_mb, cache_mb = throughput.run_loop(args, name, placement, layers, lora)
-    assert speed > 0 and peak_mb >= 0 and len(losses) == 2  # the timed steps (after one untimed)
-    assert losses == pytest.approx(reference, abs=1e-5)
-    assert (cache_mb > 0) == (name == "pefttune")
+    results = throughput.measure(args, placement, layers, lora)
+    assert set(results) == set(throughput.LOOPS)
+    reference = results["hf-careful"].losses
+    assert len(reference) == 4  # 2 rounds x 2 steps (after one untimed step)
+    for name, result in results.items():
+        assert len(result.seconds) == 2 and all(s > 0 for s in result.seconds)
+        assert result.peak_mb >= 0
+        assert result.losses == pytest.approx(reference, abs=1e-5), name
+        assert (result.cache_mb > 0) == (name == "pefttune")
+    median, low, high = throughput.ratio(results, "pefttune", "hf-default")
+    assert low <= median <= high and median > 0
+
+
+def test_throughput_worker_error_names_the_loop():
+    args = argparse.Namespace(config="tiny", family="hubert", steps=1, repeats=1, batch=2, seconds=0.5,
+                              threads=1, device="cpu", bf16=False)
+    placement = Placement.from_dict({"num_layers": 4, "layers": {"3": "lora"}})
+    with pytest.raises(RuntimeError, match="throughput loop 'hf-default' failed"):
+        throughput.measure(args, placement, [3], {})  # no LoRA weights to copy: KeyError in every worker

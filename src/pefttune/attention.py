@@ -35,7 +35,9 @@ def attention_core(
 ) -> torch.Tensor:
     """Multi-head self-attention through the projection modules.
 
-    hidden: (B, T, D); mask: (B, T) bool, True = valid key; bias: (B, H, T, T) additive.
+    hidden: (B, T, D); mask: (B, T) bool, True = valid key, or None when every frame is
+    valid (:meth:`~pefttune.backbones.SpeechEncoder.run_layers` decides once per forward);
+    bias: (B, H, T, T) additive.
     A prefix provider at ``attn.pefttune_prefix`` (a callable returning None or
     (key (P, D), value (P, D), logit shift or None)) adds P always-visible key/value
     positions.
@@ -54,7 +56,7 @@ def attention_core(
         k = torch.cat([_split_heads(pk.expand(batch, -1, -1), heads), k], dim=2)
         v = torch.cat([_split_heads(pv.expand(batch, -1, -1), heads), v], dim=2)
     attn_mask = None
-    if mask is not None and not bool(mask.all()):
+    if mask is not None:
         keys = mask
         if prefix_len:
             keys = torch.cat([mask.new_ones(batch, prefix_len), mask], dim=1)

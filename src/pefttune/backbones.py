@@ -345,6 +345,10 @@ class SpeechEncoder(nn.Module):
         """
         run = layer_fn or self.run_layer
         bias = self.position_bias(hidden)
+        # Decided once per forward (one host sync, not one per layer on a GPU): with no
+        # padded frame the attention needs no mask at all.
+        if mask is not None and bool(mask.all()):
+            mask = None
         outputs = []
         stop = self.num_layers if stop is None else stop
         for index in range(start, stop):
