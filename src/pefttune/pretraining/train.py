@@ -185,19 +185,24 @@ def sample_negatives(mask: torch.Tensor, num: int, generator: torch.Generator) -
 
 
 # -- objectives -------------------------------------------------------------------------------
+def encoder_config(family: str, config: PretrainConfig):
+    """The tiny encoder's transformers config, with the pretraining time mask recorded
+    (``masked_spec_embed`` exists only when ``mask_time_prob`` > 0)."""
+    model_config = tiny_config(
+        family, num_layers=config.num_layers, hidden_size=config.hidden_size,
+        num_heads=config.num_heads, intermediate_size=config.intermediate_size,
+    )
+    model_config.mask_time_prob = config.mask_prob
+    model_config.mask_time_length = config.mask_length
+    return model_config
+
+
 class HubertObjective(nn.Module):
     """Masked prediction of k-means(log-mel) clusters with a linear cluster classifier."""
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
-        model_config = tiny_config(
-            "hubert", num_layers=config.num_layers, hidden_size=config.hidden_size,
-            num_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        )
-        # masked_spec_embed exists only when mask_time_prob > 0; record the pretraining mask.
-        model_config.mask_time_prob = config.mask_prob
-        model_config.mask_time_length = config.mask_length
-        self.encoder = HubertModel(model_config)
+        self.encoder = HubertModel(encoder_config("hubert", config))
         self.classifier = nn.Linear(config.hidden_size, config.num_clusters)
 
     def step(self, waveforms: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, generator) -> tuple:
@@ -220,12 +225,7 @@ class Wav2Vec2Objective(nn.Module):
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
-        model_config = tiny_config(
-            "wav2vec2", num_layers=config.num_layers, hidden_size=config.hidden_size,
-            num_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        )
-        model_config.mask_time_prob = config.mask_prob
-        model_config.mask_time_length = config.mask_length
+        model_config = encoder_config("wav2vec2", config)
         model_config.num_codevector_groups = 2
         model_config.num_codevectors_per_group = 64
         model_config.codevector_dim = config.hidden_size
