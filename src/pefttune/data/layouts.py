@@ -16,7 +16,7 @@ loader                  task  layout
                               (``path, speakerId, transcription, action, object, location``).
                               ``label`` is ``action|object|location``; the three slots are
                               kept as columns too.
-``voxceleb1``           sid   VoxCeleb1: ``wav/idXXXXX/<video>/<n>.wav`` and ``iden_split.txt``
+``voxceleb1``           sid   VoxCeleb1: ``wav/<speaker>/<video>/<n>.wav`` (e.g. ``id10001/1zcIwhmdeo4/00001.wav``) and ``iden_split.txt``
                               (``1``/``2``/``3`` = train/dev/test).
 ``librispeech``         asr   LibriSpeech: ``<subset>/<spk>/<chapter>/<spk>-<chapter>-<n>.flac``
                         /pr   with ``<spk>-<chapter>.trans.txt``; subsets ``train-*``,
@@ -213,7 +213,7 @@ def load_fluent_commands(root: str | Path, with_durations: bool = True, on_error
 
 def load_voxceleb1(root: str | Path, split_file: str | Path | None = None,
                    with_durations: bool = True, on_error: str = "raise") -> pd.DataFrame:
-    """VoxCeleb1 identification: ``iden_split.txt`` lines ``<1|2|3> idXXXXX/<video>/<n>.wav``."""
+    """VoxCeleb1 identification: ``iden_split.txt`` lines ``<1|2|3> <speaker>/<video>/<n>.wav`` (e.g. ``1 id10001/1zcIwhmdeo4/00001.wav``); the label is the speaker id."""
     root = _require_dir(root, "VoxCeleb1")
     if split_file is None:
         candidates = [root / "iden_split.txt", root / "meta" / "iden_split.txt"]
