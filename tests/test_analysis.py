@@ -34,13 +34,8 @@ import pytest
 
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.ensemble_runner import load_members, run_ensembles
-from pefttune.analysis.store import (
-    MissingPredictionsError,
-    best_per_method,
-    open_experiment,
-    select_members,
-    top_k,
-)
+from pefttune.analysis.selection import best_per_method, select_members, top_k
+from pefttune.analysis.store import MissingPredictionsError, open_experiment
 
 TEST_Y = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
 DEV_N = 20

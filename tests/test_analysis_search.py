@@ -9,6 +9,7 @@ from pefttune.analysis import ensembles as E
 from pefttune.analysis.ensemble_runner import load_members, run_ensembles
 from pefttune.analysis.report import analyze
 from pefttune.analysis.store import open_experiment
+from pefttune.analysis.tables import trials_table
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_store_reads_a_real_search(search_dir):
         assert arrays["probs"].shape == (9, 3)
         # the reported test score is the one of the stored predictions
         assert float(np.mean(arrays["pred"] == arrays["label"])) == pytest.approx(exp.score(trial, "test"))
-    frame = exp.trials_frame()
+    frame = trials_table(exp)
     assert frame["layer_00"].tolist() == [t.method for t in exp.trials]
 
 

@@ -11,7 +11,8 @@ from pefttune.data.manifest import read_manifest
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model
 from pefttune.placement import Placement
-from pefttune.trainables import common
+from pefttune.data import loaders
+from pefttune.trainables import setup as trial_setup
 from pefttune.training import TrainConfig, fit
 from test_search_fixtures import search_config, write_tone_manifest
 
@@ -152,8 +153,8 @@ def test_frozen_cache_prints_the_size_for_the_dataset(tmp_path, monkeypatch, cap
     config = parse_config(search_config(manifest, tmp_path / "results", train={"frozen_cache_disk_gb": 0.5}))
     model = build_model("tiny-hubert", Placement.from_dict({"num_layers": 4, "layers": {"2": "lora"}}),
                         HeadConfig("classification", 4))
-    ref = common.DataRef(str(manifest), "classification", {"kind": "labels", "labels": []})
-    cache = common.frozen_cache(config, ref, model)
+    ref = loaders.DataRef(str(manifest), "classification", {"kind": "labels", "labels": []})
+    cache = trial_setup.frozen_cache(config, ref, model)
     out = capsys.readouterr().out
     kib = read_manifest(manifest)["duration"].sum() * 49 * 3 * 64 * 4 / 2**10  # seconds x frames x h_0..h_2 x D x 4
     assert (f"3 hidden state(s) per utterance, about {kib:.0f} KiB for 16 utterances "
@@ -163,7 +164,7 @@ def test_frozen_cache_prints_the_size_for_the_dataset(tmp_path, monkeypatch, cap
     plain = tmp_path / "plain.csv"
     plain.write_text("path,split,label\na.flac,train,yes\n")
     config = parse_config(search_config(plain, tmp_path / "results", train={"frozen_cache": "memory"}))
-    cache = common.frozen_cache(config, common.DataRef(str(plain), "classification", {}), model)
+    cache = trial_setup.frozen_cache(config, loaders.DataRef(str(plain), "classification", {}), model)
     assert "KiB per second of audio (memory cap 2.0 GiB)" in capsys.readouterr().out
     assert cache.directory is None and cache.max_disk_bytes is None
 

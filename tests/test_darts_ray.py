@@ -22,8 +22,9 @@ from pefttune.data.espeak import SynthRequest, synthesize_many
 from pefttune.data.manifest import write_manifest
 from pefttune.darts.experiment import RETRAIN_DIR, SEARCH_DIR, canonical, load_darts, run_darts
 from pefttune.placement import Placement
-from pefttune.search.experiment import load_results, results_frame
-from pefttune.trainables.common import backbone_info
+from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.backbones import backbone_info
+from pefttune.testing import Faults, fail_once_after
 from pefttune.trainables.darts import ALPHA_FILE, ARCH_FILE, read_alpha
 
 WORDS = ("yes", "no", "up", "down")
@@ -77,7 +78,7 @@ def darts_config(manifest: Path, storage: Path) -> dict:
 def darts_run(ray_session, ks_manifest, tmp_path_factory):
     storage = tmp_path_factory.mktemp("results")
     config = parse_config(darts_config(ks_manifest, storage))
-    run = run_darts(config, verbose=0, extra_config={"_fail_once_at_epoch": 1})
+    run = run_darts(config, verbose=0, faults=Faults(after_epoch=fail_once_after(1)))
     return {"config": config, "run": run, "path": Path(storage) / config.name, "storage": storage}
 
 
@@ -159,11 +160,12 @@ def test_derived_placements_are_retrained_like_uniform_baselines(darts_run):
 
 def test_analysis_store_sees_both_darts_experiments(darts_run):
     from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.tables import alpha_table
 
     experiment = open_experiment(darts_run["path"])
     kinds = sorted(t.kind for t in experiment.trials)
     assert kinds.count("darts") == 2 and kinds.count("darts-derived") == len(darts_run["run"].derived)
-    alpha = experiment.alpha_frame()
+    alpha = alpha_table(experiment)
     assert set(alpha["method"]) == set(CANDIDATES) and set(alpha["layer"]) == {0, 1, 2, 3}
 
 

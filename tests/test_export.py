@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pefttune.analysis.export import (
+from pefttune.analysis.export import export_experiment
+from pefttune.analysis.tables import (
     ALPHA_COLUMNS,
     ENSEMBLE_COLUMNS,
     TABLES,
     alpha_table,
-    export_experiment,
     history_table,
     predictions_table,
     trials_table,

@@ -6,6 +6,7 @@ import pytest
 
 from pefttune.analysis import plots
 from pefttune.analysis.store import open_experiment
+from pefttune.analysis.tables import alpha_table, trials_table
 from test_analysis import classification_experiment
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +29,7 @@ def test_backend_is_headless():
 
 
 def test_placement_heatmap_and_pareto(exp, tmp_path):
-    trials = exp.trials_frame()
+    trials = trials_table(exp)
     path = plots.placement_heatmap(trials, tmp_path / "placements.png", exp.mode, top=4)
     assert path == tmp_path / "placements.png" and is_png(path)
     path = plots.pareto_plot(trials, tmp_path / "pareto.png", exp.mode, exp.metric)
@@ -48,10 +49,10 @@ def test_pareto_front():
 
 
 def test_alpha_evolution_one_png_per_darts_trial(exp, tmp_path):
-    paths = plots.alpha_evolution(exp.alpha_frame(), tmp_path)
+    paths = plots.alpha_evolution(alpha_table(exp), tmp_path)
     darts = [t for t in exp.trials if t.kind == "darts"]
     assert len(paths) == len(darts) == 1 and is_png(paths[0])
-    assert plots.alpha_evolution(exp.alpha_frame().iloc[:0], tmp_path) == []
+    assert plots.alpha_evolution(alpha_table(exp).iloc[:0], tmp_path) == []
 
 
 def test_ensemble_bar_and_agreement_heatmap(tmp_path):

@@ -46,7 +46,8 @@ def _stored(exp, trial_id):
 
 
 def test_single_model_export_reproduces_stored_predictions(experiment, tmp_path):
-    from pefttune.analysis.store import open_experiment, top_k
+    from pefttune.analysis.selection import top_k
+    from pefttune.analysis.store import open_experiment
     from pefttune.predictor import load_model
 
     path, manifest = experiment

@@ -25,9 +25,12 @@ import yaml
 from optuna.trial import TrialState
 
 from pefttune.config import parse_config
-from pefttune.search.experiment import load_results, load_study, results_frame, run_search, top_k
+from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.search.experiment import load_study, run_search
+from pefttune.search.summary import top_k
+from pefttune.testing import Faults, fail_once_after, nan_at
 from pefttune.search.space import FixedPoint
-from pefttune.trainables.common import checkpoint_predictions, read_state
+from pefttune.trainables.checkpoint import checkpoint_predictions, read_state
 from test_search_fixtures import search_config, write_tone_manifest
 
 EPOCHS = 3
@@ -55,12 +58,13 @@ def search(ray_session, manifest, tmp_path_factory):
         )
     )
     points = [
-        FixedPoint("darts-derived", placement=FAIL_ONCE, extra={"_fail_once_at_epoch": 1}),
-        FixedPoint("darts-derived", placement=NAN, extra={"_nan_at_epoch": 1}),
+        FixedPoint("darts-derived", placement=FAIL_ONCE),
+        FixedPoint("darts-derived", placement=NAN),
         FixedPoint("darts-derived", placement=SLOW, lr=1e-9),
     ]
     started = time.time()
-    results = run_search(config, extra_points=points, verbose=0)
+    faults = Faults(after_epoch=fail_once_after(1, placements=[FAIL_ONCE]), before_step=nan_at(1, placements=[NAN]))
+    results = run_search(config, extra_points=points, verbose=0, faults=faults)
     frame = results_frame(results, EPOCHS)
     return {"config": config, "results": results, "frame": frame, "seconds": time.time() - started,
             "path": Path(storage) / config.name}
@@ -195,12 +199,14 @@ DRIVER = textwrap.dedent(
     from pefttune.config import load_config
     from pefttune.search.experiment import run_search
     from pefttune.search.space import FixedPoint
+    from pefttune.testing import Faults, sleep_after
     temp = tempfile.mkdtemp(prefix="pefttune-resume-ray-")
     print("RAY_TEMP", temp, flush=True)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False)
-    slow = FixedPoint("darts-derived", placement={"num_layers": 4, "layers": ["none", "lora", "none", "none"]},
-                      extra={"_sleep_after_epoch": 2.0})
-    run_search(load_config(sys.argv[1]), extra_points=[slow], verbose=0)
+    placement = {"num_layers": 4, "layers": ["none", "lora", "none", "none"]}
+    slow = FixedPoint("darts-derived", placement=placement)
+    faults = Faults(after_epoch=sleep_after(2.0, placements=[placement]))
+    run_search(load_config(sys.argv[1]), extra_points=[slow], verbose=0, faults=faults)
     print("SEARCH DONE", flush=True)
     """
 )

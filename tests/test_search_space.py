@@ -14,7 +14,7 @@ from pefttune.config import parse_config
 from pefttune.placement import Placement
 from pefttune.search.optuna_search import Objective, PefttuneSearch, classify_result, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, fixed_points, layer_param, validate_space
-from pefttune.trainables.common import backbone_info
+from pefttune.backbones import backbone_info
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -12,8 +12,14 @@ import torch
 from pefttune.config import parse_config
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
-from pefttune.search.experiment import pareto_front, summary_table, top_k
-from pefttune.trainables import common
+from pefttune.search.summary import pareto_front, summary_table, top_k
+from pefttune import backbones
+from pefttune.trainables import checkpoint as ckpt
+from pefttune.runtime import cluster
+from pefttune.data import loaders
+from pefttune import metrics
+from pefttune.runtime import experiment as results
+from pefttune.trainables import setup as trial_setup
 from pefttune.training import fit, setup_optimizer, setup_scheduler
 from test_search_fixtures import search_config, write_tone_manifest
 
@@ -24,7 +30,7 @@ def setup(tmp_path_factory):
                                    per_split={"train": 6, "dev": 2, "test": 2})
     config = parse_config(search_config(manifest, tmp_path_factory.mktemp("results"),
                                         data={"batch_size": 4}, train={"epochs": 2, "max_steps_per_epoch": 3}))
-    return config, common.prepare_data(config)
+    return config, loaders.prepare_data(config)
 
 
 def test_prepare_and_load_data(setup):
@@ -32,7 +38,7 @@ def test_prepare_and_load_data(setup):
     assert ref.task_kind == "classification" and ref.vocab == {"kind": "labels", "labels": ["tone0", "tone1", "tone2"]}
     head = ref.head_config(config)
     assert head.num_outputs == 3 and head.kind == "linear"
-    data = common.load_data(config, ref, seed=0)
+    data = loaders.load_data(config, ref, seed=0)
     assert len(data.train.dataset) == 18 and len(data.dev.dataset) == 6 and len(data.test.dataset) == 6
     batch = next(iter(data.dev))
     assert batch["input_values"].shape[0] == 4 and batch["labels"].dtype == torch.long
@@ -45,20 +51,20 @@ def test_prepare_and_load_data(setup):
 
 
 def test_epoch_sampler_resumes_the_order():
-    straight = common.EpochSampler(10, seed=3)
+    straight = loaders.EpochSampler(10, seed=3)
     orders = [list(straight) for _ in range(3)]
     assert orders[0] != orders[1] and sorted(orders[2]) == list(range(10))
-    resumed = common.EpochSampler(10, seed=3)
+    resumed = loaders.EpochSampler(10, seed=3)
     resumed.set_epoch(2)  # epochs 1 and 2 done before the interruption
     assert list(resumed) == orders[2]
 
 
 def _trial(config, ref, device="cpu"):
-    info = common.backbone_info(config.backbone)
+    info = backbones.backbone_info(config.backbone)
     placement = Placement.from_dict({"num_layers": info.num_layers, "layers": ["lora", "none", "bitfit", "sequential"]})
-    train = common.train_config(config, lr=0.01)
+    train = trial_setup.train_config(config, lr=0.01)
     torch.manual_seed(train.seed)
-    data = common.load_data(config, ref, seed=train.seed)
+    data = loaders.load_data(config, ref, seed=train.seed)
     model = build_model(config.backbone, placement, ref.head_config(config))
     optimizer = setup_optimizer(model, train)
     scheduler = setup_scheduler(optimizer, train.epochs * data.steps_per_epoch(train.max_steps_per_epoch), 0.5)
@@ -70,15 +76,15 @@ def test_checkpoint_resume_gives_the_same_weights(setup, tmp_path):
     config, ref = setup
     model, data, optimizer, scheduler, train = _trial(config, ref)
     fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler)
-    straight = common.trainable_state(model)
+    straight = ckpt.trainable_state(model)
 
     model, data, optimizer, scheduler, train = _trial(config, ref)
-    state = common.CheckpointState()
+    state = ckpt.CheckpointState()
 
     def stop_after_first(result):
         state.epoch, state.best_score, state.best_epoch = result.epoch, result.dev.score, result.epoch
-        common.write_checkpoint(tmp_path / "ckpt", model, state, optimizer=optimizer, scheduler=scheduler,
-                                best_weights=common.trainable_state(model), metadata={"epoch": result.epoch})
+        ckpt.write_checkpoint(tmp_path / "ckpt", model, state, optimizer=optimizer, scheduler=scheduler,
+                                best_weights=ckpt.trainable_state(model), metadata={"epoch": result.epoch})
         raise KeyboardInterrupt  # the interruption
 
     with pytest.raises(KeyboardInterrupt):
@@ -86,11 +92,11 @@ def test_checkpoint_resume_gives_the_same_weights(setup, tmp_path):
     torch.manual_seed(1234)  # a different RNG state: the checkpoint must restore it
 
     model, data, optimizer, scheduler, train = _trial(config, ref)
-    restored, best = common.read_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler)
+    restored, best = ckpt.read_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler)
     assert restored.epoch == 1 and restored.best_epoch == 1 and set(best) == set(straight)
     data.train_sampler.set_epoch(restored.epoch)
     fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler, start_epoch=restored.epoch + 1)
-    resumed = common.trainable_state(model)
+    resumed = ckpt.trainable_state(model)
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
     assert scheduler.last_epoch == 2 * 3
@@ -104,37 +110,37 @@ def test_checkpoint_resume_gives_the_same_weights(setup, tmp_path):
 def test_final_evaluation_uses_the_best_weights(setup, tmp_path):
     config, ref = setup
     model, data, optimizer, scheduler, train = _trial(config, ref)
-    best = common.trainable_state(model)  # "best" = the initial weights
+    best = ckpt.trainable_state(model)  # "best" = the initial weights
     fit(model, data.train, data.dev, train, optimizer=optimizer, scheduler=scheduler)
-    evaluations = common.final_evaluation(model, best, {"dev": data.dev, "test": data.test}, train)
+    evaluations = ckpt.final_evaluation(model, best, {"dev": data.dev, "test": data.test}, train)
     fresh, *_ = _trial(config, ref)
     from pefttune.training import evaluate
 
     expected = evaluate(fresh, data.test, train)
     np.testing.assert_allclose(evaluations["test"].arrays["probs"], expected.arrays["probs"], atol=1e-6)
-    state = common.CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 1.0})
-    common.write_checkpoint(tmp_path, model, state, best_weights=best, predictions=evaluations)
-    stored = common.checkpoint_predictions(tmp_path, "test")
+    state = ckpt.CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 1.0})
+    ckpt.write_checkpoint(tmp_path, model, state, best_weights=best, predictions=evaluations)
+    stored = ckpt.checkpoint_predictions(tmp_path, "test")
     assert set(stored) == {"index", "probs", "label", "pred"}
     np.testing.assert_array_equal(stored["pred"], evaluations["test"].arrays["pred"])
-    assert common.read_state(tmp_path).metrics == {"test_accuracy": 1.0}
+    assert ckpt.read_state(tmp_path).metrics == {"test_accuracy": 1.0}
     reloaded = load_model_dir(tmp_path / "best")
     for name, tensor in reloaded.trainable_named_parameters().items():
         torch.testing.assert_close(tensor.detach(), best[name])
     with pytest.raises(FileNotFoundError, match="no dev predictions"):
-        common.checkpoint_predictions(tmp_path / "model", "dev")
+        ckpt.checkpoint_predictions(tmp_path / "model", "dev")
 
 
 def test_placement_columns_and_worst_scores():
     placement = Placement.from_dict({"num_layers": 3, "layers": ["lora", [], ["bitfit", "lora"]]})
-    columns = common.placement_columns(placement)
+    columns = results.placement_columns(placement)
     assert columns["layer_00"] == "lora" and columns["layer_01"] == "none" and columns["layer_02"] == "bitfit+lora"
     assert Placement.from_json(columns["placement"]) == placement
     assert columns["placement_short"] == placement.short()
-    assert common.parse_placement(columns["placement"]) == placement
+    assert results.parse_placement(columns["placement"]) == placement
     with pytest.raises(ValueError, match="trial config 'placement': not valid JSON"):
-        common.parse_placement("{oops")
-    assert common.worst_score("max") == 0.0 and common.worst_score("min") == float("inf")
+        results.parse_placement("{oops")
+    assert metrics.worst_score("max") == 0.0 and metrics.worst_score("min") == float("inf")
 
 
 def _frame():
@@ -182,13 +188,19 @@ def test_gpu_trials_wait_for_their_share_of_free_memory(monkeypatch):
     """A GPU trial waits until the GPU's free memory reaches its share (mocked CUDA)."""
     import torch
 
-    from pefttune.trainables import common
+    from pefttune import backbones
+    from pefttune.trainables import checkpoint as ckpt
+    from pefttune.runtime import cluster
+    from pefttune.data import loaders
+    from pefttune import metrics
+    from pefttune.runtime import experiment as results
+    from pefttune.trainables import setup as trial_setup
 
     readings = iter([(10, 100), (20, 100), (30, 100), (60, 100)])  # memory being released
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: next(readings))
-    assert common.trial_device(0.5, wait_s=10, poll_s=0.0).type == "cuda"
+    assert cluster.trial_device(0.5, wait_s=10, poll_s=0.0).type == "cuda"
     with pytest.raises(StopIteration):  # all four readings were needed: it waited for 60 >= 50
         next(readings)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1, 100))
-    assert common.wait_for_gpu_memory(0.5, wait_s=0.0, poll_s=0.0) == pytest.approx(0.0, abs=0.1)  # gives up
+    assert cluster.wait_for_gpu_memory(0.5, wait_s=0.0, poll_s=0.0) == pytest.approx(0.0, abs=0.1)  # gives up

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _loaders(seed: int = 0):
-    from pefttune.trainables.common import EpochSampler
+    from pefttune.data.loaders import EpochSampler
 
     def collate_batch(items):
         longest = max(len(x["input_values"]) for x in items)
@@ -63,27 +63,28 @@ def _trial(device):
 
 
 def test_bf16_training_checkpoint_resume_on_gpu(tmp_path=None):
-    from pefttune.trainables import common
+    from pefttune.trainables import checkpoint as ckpt
+    from pefttune.runtime import cluster
     from pefttune.training import fit
 
     tmp_path = Path(tmp_path or tempfile.mkdtemp())
-    device = common.trial_device(0.25)
+    device = cluster.trial_device(0.25)
     assert device.type == "cuda"
 
     model, optimizer, scheduler, train = _trial(device)
     train_loader, dev_loader, _ = _loaders()
     results = fit(model, train_loader, dev_loader, train, optimizer=optimizer, scheduler=scheduler, device=device)
     assert all(math.isfinite(r.train_loss) and r.samples_per_s > 0 for r in results)
-    straight = common.trainable_state(model)
+    straight = ckpt.trainable_state(model)
 
     model, optimizer, scheduler, train = _trial(device)
     train_loader, dev_loader, _ = _loaders()
-    state = common.CheckpointState()
+    state = ckpt.CheckpointState()
 
     def stop(result):
         state.epoch, state.best_score, state.best_epoch = result.epoch, result.dev.score, result.epoch
-        common.write_checkpoint(tmp_path / "ckpt", model, state, optimizer=optimizer, scheduler=scheduler,
-                                best_weights=common.trainable_state(model))
+        ckpt.write_checkpoint(tmp_path / "ckpt", model, state, optimizer=optimizer, scheduler=scheduler,
+                                best_weights=ckpt.trainable_state(model))
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -94,19 +95,19 @@ def test_bf16_training_checkpoint_resume_on_gpu(tmp_path=None):
 
     model, optimizer, scheduler, train = _trial(device)
     train_loader, dev_loader, sampler = _loaders()
-    restored, best = common.read_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler)
+    restored, best = ckpt.read_checkpoint(tmp_path / "ckpt", model, optimizer=optimizer, scheduler=scheduler)
     assert all(v.device.type == "cuda" for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
     sampler.set_epoch(restored.epoch)
     fit(model, train_loader, dev_loader, train, optimizer=optimizer, scheduler=scheduler, start_epoch=2, device=device)
-    resumed = common.trainable_state(model)
+    resumed = ckpt.trainable_state(model)
     worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
     assert worst < 1e-3, f"resumed weights differ from the uninterrupted run by {worst}"
 
-    evaluations = common.final_evaluation(model, best, {"dev": dev_loader}, train, device)
+    evaluations = ckpt.final_evaluation(model, best, {"dev": dev_loader}, train, device)
     probs = evaluations["dev"].arrays["probs"]
     assert probs.dtype.name == "float32" and probs.shape == (12, 3) and abs(probs.sum(1) - 1).max() < 1e-3
-    common.write_checkpoint(tmp_path / "final", model, restored, best_weights=best, predictions=evaluations)
-    assert common.checkpoint_predictions(tmp_path / "final", "dev")["pred"].shape == (12,)
+    ckpt.write_checkpoint(tmp_path / "final", model, restored, best_weights=best, predictions=evaluations)
+    assert ckpt.checkpoint_predictions(tmp_path / "final", "dev")["pred"].shape == (12,)
     print(f"GPU OK: {torch.cuda.get_device_name()}, max resume difference {worst:.2e}, "
           f"dev accuracy {evaluations['dev'].score:.3f}")
 

@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from pefttune.config import parse_config
-from pefttune.search.experiment import check_cluster_storage, load_study, results_frame, run_search
+from pefttune.runtime.cluster import check_cluster_storage
+from pefttune.runtime.experiment import results_frame
+from pefttune.search.experiment import load_study, run_search
 from pefttune.search.space import FixedPoint
-from pefttune.trainables.common import read_state
+from pefttune.testing import Faults, sleep_after
+from pefttune.trainables.checkpoint import read_state
 from test_search_fixtures import search_config, write_tone_manifest
 
 PER_SPLIT = {"train": 4, "dev": 2, "test": 2}
@@ -160,7 +163,8 @@ def test_node_loss_resumes_trials_from_checkpoints(cluster, manifest, tmp_path):
 
     epochs = 2
     config = _config(manifest, tmp_path, "node-loss", epochs, num_samples=0, uniform_baselines=False, hybrid=False)
-    points = [FixedPoint("uniform", method=m, extra={"_sleep_after_epoch": 4.0}) for m in ("lora", "bitfit", "sequential")]
+    points = [FixedPoint("uniform", method=m) for m in ("lora", "bitfit", "sequential")]
+    faults = Faults(after_epoch=sleep_after(4.0))
     path = tmp_path / "node-loss"
     removed: dict = {}
     stop = threading.Event()
@@ -186,7 +190,8 @@ def test_node_loss_resumes_trials_from_checkpoints(cluster, manifest, tmp_path):
     remover = threading.Thread(target=remove_a_busy_worker, daemon=True)
     remover.start()
     try:
-        results = run_search(config, address=cluster["cluster"].address, extra_points=points, verbose=0)
+        results = run_search(config, address=cluster["cluster"].address, extra_points=points, verbose=0,
+                             faults=faults)
     finally:
         stop.set()
         remover.join(timeout=60)

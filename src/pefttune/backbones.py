@@ -203,6 +203,33 @@ class BackboneInfo:
         )
 
 
+def backbone_info(name: str) -> BackboneInfo:
+    """Shape of a backbone from its config only (no weights loaded)."""
+    from transformers import AutoConfig
+
+    if name in TINY_BACKBONES:
+        return BackboneInfo.from_config(tiny_config(TINY_BACKBONES[name]), name)
+    if name in SHIPPED:
+        source = shipped_dir(name)
+        if not (source / "config.json").exists():
+            raise FileNotFoundError(f"backbone: shipped weights for {name!r} are missing at {source}")
+        return BackboneInfo.from_config(AutoConfig.from_pretrained(str(source)), name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"backbone: {path} has no config.json (expected a save_pretrained directory)")
+        return BackboneInfo.from_config(AutoConfig.from_pretrained(str(path)), str(path.resolve()))
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"backbone: local path {name} does not exist")
+    try:
+        return BackboneInfo.from_config(AutoConfig.from_pretrained(name), name)
+    except OSError as err:
+        raise ValueError(
+            f"backbone: {name!r} is neither a built-in backbone, a local directory, "
+            f"nor a Hugging Face id available offline ({err.__class__.__name__})"
+        ) from err
+
+
 class SpeechEncoder(nn.Module):
     """A frozen transformers speech encoder with all hidden states exposed.
 

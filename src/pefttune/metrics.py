@@ -9,6 +9,8 @@ with a Levenshtein alignment.  :data:`METRICS` maps each task-metric name to
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -23,7 +25,9 @@ __all__ = [
     "edit_ops",
     "error_rate",
     "macro_f1",
+    "metric_mode",
     "wer",
+    "worst_score",
 ]
 
 
@@ -293,3 +297,13 @@ METRICS: dict[str, tuple[Callable[..., float], str]] = {
     "wer": (wer, "min"),
     "cer": (cer, "min"),
 }
+
+
+def metric_mode(metric: str) -> str:
+    """``max`` or ``min``: the direction in which ``metric`` improves."""
+    return METRICS[metric][1]
+
+
+def worst_score(mode: str) -> float:
+    """Score reported by a trial that never trained (over budget): 0 for max, inf for min."""
+    return 0.0 if mode == "max" else math.inf

@@ -317,7 +317,8 @@ def export_model(
     (``top-5``, ``per-method`` or comma-separated ids) combined by ``strategy`` (default:
     majority vote / CTC frame vote).
     """
-    from pefttune.analysis.store import open_experiment, select_members, top_k
+    from pefttune.analysis.selection import select_members, top_k
+    from pefttune.analysis.store import open_experiment
     from pefttune.backbones import load_backbone
 
     out = Path(out)
@@ -351,7 +352,7 @@ def export_model(
     vocab = description.get("vocab")
     if vocab is None:
         from pefttune.config import parse_config
-        from pefttune.trainables.common import prepare_data
+        from pefttune.data.loaders import prepare_data
 
         vocab = prepare_data(parse_config(config)).vocab
     tmp = out.with_name(out.name + ".partial")

@@ -15,7 +15,7 @@ One Ray instance serves both arms.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.config import ExperimentConfig, load_config
@@ -26,6 +26,8 @@ class StudyResult:
     experiment: str
     summary: dict
     seconds: dict
+    exit_code: int = 0  # non-zero: no trial finished, or every trial of a kind failed
+    failures: list = field(default_factory=list)  # grouped trial errors
 
     @property
     def report(self) -> Path:
@@ -43,11 +45,20 @@ def run_study(
     name: str | None = None,
     verbose: int = 1,
 ) -> StudyResult:
-    """Run the discrete arm, the DARTS arm and the analysis of ``config`` (default: embedded)."""
+    """Run the discrete arm, the DARTS arm and the analysis of ``config`` (default: embedded).
+
+    ``verbose``: 0 quiet, 1 pefttune's console, 2 Ray's stream as well (``-v``). The result's
+    ``exit_code`` is non-zero when no trial finished or every trial of a kind failed; the
+    analysis is skipped when the discrete arm finished no trial.
+    """
+    import pandas as pd
     import ray
 
     from pefttune.analysis.report import analyze, format_comparison
-    from pefttune.search.experiment import connect_ray, experiment_path, run_search
+    from pefttune.runtime.cluster import connect_ray
+    from pefttune.runtime.console import failure_summary
+    from pefttune.runtime.experiment import experiment_path, results_frame
+    from pefttune.search.experiment import run_search
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -57,25 +68,42 @@ def run_study(
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
-    started = connect_ray(address)
+    started = connect_ray(address, log_to_driver=verbose >= 2)
+    frames = []
     try:
         _stage("discrete arm: uniform baselines, hybrid, per-layer search")
         t = time.perf_counter()
-        run_search(config, address=None, resume=resume, verbose=verbose)
+        results = run_search(config, address=None, resume=resume, verbose=verbose)
+        frames.append(results_frame(results, config.train.epochs))
         seconds["discrete"] = time.perf_counter() - t
-        if config.darts.enabled:
-            from pefttune.darts.experiment import darts_started, run_darts
+        if config.darts.enabled and (frames[0]["status"] == "TERMINATED").any():
+            from pefttune.darts.experiment import darts_frame, darts_started, run_darts
 
             _stage("DARTS arm: relaxation search, derive, retrain")
             t = time.perf_counter()
-            run_darts(config, address=None, resume=resume and darts_started(config), verbose=verbose)
+            try:
+                run = run_darts(config, address=None, resume=resume and darts_started(config), verbose=verbose)
+                frames.append(darts_frame(run.search).assign(kind="darts"))
+                if run.retrain is not None:
+                    frames.append(results_frame(run.retrain))
+            except RuntimeError as err:  # no DARTS trial finished: the rest of the study stands
+                print(f"DARTS arm failed: {err}", flush=True)
+                frames.append(pd.DataFrame([{"status": "ERROR", "kind": "darts", "error": str(err)}]))
             seconds["darts"] = time.perf_counter() - t
     finally:
         if started:
             ray.shutdown()
+    frame = pd.concat(frames, ignore_index=True)
+    if "error" not in frame:
+        frame["error"] = ""
+    outcome = failure_summary(frame)
+    path = experiment_path(config)
+    if not (frames[0]["status"] == "TERMINATED").any():
+        print("\n".join(outcome.lines + [f"no analysis: the discrete arm finished no trial (see {path}/errors.log)"]))
+        seconds["total"] = time.perf_counter() - start
+        return StudyResult(str(path), {}, seconds, 1, outcome.lines)
     _stage("analysis: ensembles, tables, statistics, plots, report")
     t = time.perf_counter()
-    path = experiment_path(config)
     summary = analyze(path)
     seconds["analysis"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
@@ -89,4 +117,6 @@ def run_study(
     if files.get("report"):
         print(f"report:  {files['report']}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
-    return StudyResult(str(path), summary, seconds)
+    if outcome.lines:
+        print("\n".join(outcome.lines), flush=True)
+    return StudyResult(str(path), summary, seconds, outcome.exit_code, outcome.lines)

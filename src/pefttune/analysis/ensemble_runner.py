@@ -33,15 +33,11 @@ import numpy as np
 
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.stats import mcnemar_exact
-from pefttune.analysis.store import (
-    Experiment,
-    MissingPredictionsError,
-    TrialRecord,
-    atomic_write_text,
-    open_experiment,
-    select_members,
-)
+from pefttune.analysis.selection import select_members
+from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
+from pefttune.analysis.tables import ensembles_table, write_table
 from pefttune.metrics import METRICS, error_rate
+from pefttune.runtime.storage import atomic_write_text
 from pefttune.training import unpack_sequences
 
 __all__ = [
@@ -457,7 +453,6 @@ def ensembles_json(experiment: Experiment, runs: Sequence[EnsembleRun]) -> dict:
 
 def save_ensembles(experiment: Experiment, runs: Sequence[EnsembleRun], out_dir: str | Path) -> dict[str, Path]:
     """Write ``ensembles.json`` and the ``ensembles`` table (parquet + CSV) to ``out_dir``."""
-    from pefttune.analysis.export import ensembles_table, write_table
 
     out_dir = Path(out_dir)
     path = atomic_write_text(out_dir / "ensembles.json", json.dumps(ensembles_json(experiment, runs), indent=2) + "\n")

@@ -25,7 +25,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-from pefttune.analysis.store import atomic_output  # noqa: E402
+from pefttune.runtime.storage import atomic_output  # noqa: E402
 
 __all__ = ["agreement_heatmap", "alpha_evolution", "ensemble_bar", "pareto_front", "pareto_plot", "placement_heatmap"]
 

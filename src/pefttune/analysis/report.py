@@ -46,17 +46,12 @@ from pefttune.analysis.ensemble_runner import (
     score,
     strategies_for,
 )
-from pefttune.analysis.export import export_experiment, write_table
+from pefttune.analysis.export import export_experiment
+from pefttune.analysis.selection import best_per_method, ranked
 from pefttune.analysis.stats import agreement_matrix, mcnemar_exact, pairwise_table
-from pefttune.analysis.store import (
-    Experiment,
-    MissingPredictionsError,
-    TrialRecord,
-    atomic_write_text,
-    best_per_method,
-    open_experiment,
-    ranked,
-)
+from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
+from pefttune.analysis.tables import alpha_table, trials_table, write_table
+from pefttune.runtime.storage import atomic_write_text
 
 __all__ = ["ALPHA", "OVERLAP_THRESHOLD", "analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
 
@@ -394,11 +389,11 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
         tables_dir, "pairwise"))
     files["tables"] = {k: str(v) for k, v in exported.items()}
 
-    trials = experiment.trials_frame()
+    trials = trials_table(experiment)
     plots: dict[str, Any] = {}
     plots["placements"] = _plot(lambda: _plots().placement_heatmap(trials, plots_dir / "placements.png", experiment.mode))
     plots["pareto"] = _plot(lambda: _plots().pareto_plot(trials, plots_dir / "pareto.png", experiment.mode, experiment.metric))
-    plots["alpha"] = [str(p) for p in _plots().alpha_evolution(experiment.alpha_frame(), plots_dir)]
+    plots["alpha"] = [str(p) for p in _plots().alpha_evolution(alpha_table(experiment), plots_dir)]
     plots["agreement"] = _plot(lambda: _plots().agreement_heatmap(kappa, plots_dir / "kappa.png",
                                                                  "Cohen's kappa between uniform methods (test)"))
     for run in runs:

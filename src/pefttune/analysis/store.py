@@ -13,7 +13,7 @@ last result, start/end times, error file name and trial dir from that JSON, the 
 from ``result.json`` (JSON lines; ``progress.csv`` as a fall-back; the last result only
 when a run disabled Ray's loggers), the checkpoints by listing ``checkpoint_NNNNNN``
 dirs, and predictions with safetensors (``<checkpoint>/predictions/{dev,test}.safetensors``,
-written by :mod:`pefttune.trainables.common`).
+written by :mod:`pefttune.trainables.checkpoint`).
 
 Outcome of a trial (column ``outcome``):
 
@@ -28,9 +28,14 @@ Only ``completed`` trials with test predictions, of a kind other than ``darts`` 
 supernets are searches, not placements), are **usable** as ensemble members unless a
 trial is listed explicitly.
 
-Main entry points: :func:`open_experiment`, :func:`top_k`, :func:`best_per_method`,
-:func:`select_members`, and :meth:`Experiment.trials_frame` / :meth:`Experiment.history_frame`
-/ :meth:`Experiment.alpha_frame` / :meth:`Experiment.predictions`.
+Main entry points: :func:`open_experiment`, :meth:`Experiment.history`,
+:meth:`Experiment.predictions`. The store only reads: tables are built on it by
+:mod:`pefttune.analysis.tables`, selections (top-k, per-method) by
+:mod:`pefttune.analysis.selection`, ensembles and the report above those.
+
+One concept, one module: reading Ray's experiment state, result logs, checkpoints and
+predictions, locally or from a URI, is what this module is; it stays whole (about 600 lines)
+rather than be split along Ray's file formats.
 """
 from __future__ import annotations
 
@@ -53,18 +58,14 @@ import pyarrow.fs as pafs
 import yaml
 
 from pefttune.metrics import METRICS
+from pefttune.runtime.storage import atomic_output
 from pefttune.training import load_predictions
 
 __all__ = [
     "Experiment",
     "MissingPredictionsError",
     "TrialRecord",
-    "atomic_output",
-    "atomic_write_text",
-    "best_per_method",
     "open_experiment",
-    "select_members",
-    "top_k",
 ]
 
 #: How deep below the experiment folder Ray experiment dirs are looked for.
@@ -73,7 +74,7 @@ MAX_DEPTH = 3
 SKIP_DIRS = {"analysis", "driver_artifacts", "__pycache__"}
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
-PREDICTIONS_DIR = "predictions"  # pefttune.trainables.common.PREDICTIONS_DIR
+PREDICTIONS_DIR = "predictions"  # pefttune.trainables.checkpoint.PREDICTIONS_DIR
 SPLITS = ("dev", "test")
 CTC_METRICS = ("per", "wer", "cer")
 #: Ray's bookkeeping keys of a result row (kept out of the metric columns).
@@ -123,31 +124,6 @@ def _read_text(fs: pafs.FileSystem, path: str) -> str:
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces ``path``.
-
-    The folder is created if needed; on an exception the temporary file is removed and
-    ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 # --------------------------------------------------------------------------- records
@@ -552,13 +528,6 @@ class Experiment:
         best = _finite(trial.last_result.get(f"best_dev_{self.metric}"))
         return best if best is not None else _finite(trial.last_result.get(f"dev_{self.metric}"))
 
-    # -- tables ------------------------------------------------------------------------------
-    def trials_frame(self) -> pd.DataFrame:
-        """One row per trial; columns documented in :mod:`pefttune.analysis.export`."""
-        from pefttune.analysis.export import trials_table
-
-        return trials_table(self)
-
     def history(self, trial: TrialRecord) -> pd.DataFrame:
         """Every result row the trial reported (result.json, else progress.csv, else the last
         result), one per ``training_iteration`` (the last report of a re-reported one)."""
@@ -586,16 +555,6 @@ class Experiment:
             frame = frame.drop_duplicates("training_iteration", keep="last").reset_index(drop=True)
         self._history[trial.trial_id] = frame
         return frame
-
-    def history_frame(self) -> pd.DataFrame:
-        from pefttune.analysis.export import history_table
-
-        return history_table(self)
-
-    def alpha_frame(self) -> pd.DataFrame:
-        from pefttune.analysis.export import alpha_table
-
-        return alpha_table(self)
 
     # -- predictions -------------------------------------------------------------------------
     def local_file(self, path: str) -> str:
@@ -643,102 +602,3 @@ class Experiment:
 def open_experiment(path: str | os.PathLike | Experiment) -> Experiment:
     """Open an experiment folder (local path or URI) without the Tuner that made it."""
     return path if isinstance(path, Experiment) else Experiment(path)
-
-
-# --------------------------------------------------------------------------- selections
-def _rank_key(experiment: Experiment, metric: str | None, mode: str | None) -> tuple[str, str]:
-    metric = metric or experiment.metric
-    if metric in METRICS:  # a task metric name: rank by its best dev score
-        return f"best_dev_{metric}", mode or METRICS[metric][1]
-    if mode is None:
-        base = metric.split("_")[-1]
-        if metric == "trainable_params":
-            mode = "min"
-        elif base in METRICS:
-            mode = METRICS[base][1]
-        else:
-            raise ValueError(f"top_k: give mode='max' or 'min' for column {metric!r}")
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    return metric, mode
-
-
-def ranked(
-    experiment: Experiment | str,
-    metric: str | None = None,
-    mode: str | None = None,
-    trials: Iterable[TrialRecord] | None = None,
-) -> list[TrialRecord]:
-    """Trials (default: the usable ones) sorted best first by ``metric``; ties by trial id.
-
-    ``metric`` is a task metric name (ranked by ``best_dev_<metric>``, falling back to the
-    last ``dev_<metric>``) or any numeric column of :meth:`Experiment.trials_frame`.
-    Trials without a value are dropped.
-    """
-    experiment = open_experiment(experiment)
-    column, mode = _rank_key(experiment, metric, mode)
-    pool = list(trials) if trials is not None else [t for t in experiment.trials if t.usable]
-    frame = experiment.trials_frame().set_index("trial_id")
-    if column not in frame.columns:
-        if column == f"best_dev_{experiment.metric}":
-            column = "best_dev_score"
-        else:
-            raise ValueError(f"no column {column!r} in the trials table of {experiment.uri}")
-    values = pd.to_numeric(frame[column], errors="coerce")
-    if column.startswith("best_dev_"):
-        values = values.fillna(pd.to_numeric(frame["dev_score"], errors="coerce"))
-    scored = [(float(values.get(t.trial_id)), t) for t in pool if pd.notna(values.get(t.trial_id))]
-    scored.sort(key=lambda item: (-item[0] if mode == "max" else item[0], item[1].trial_id))
-    return [t for _, t in scored]
-
-
-def top_k(experiment: Experiment | str, k: int, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
-    """The ``k`` best usable trials by ``metric`` (default: the experiment's dev metric).
-
-    Ray has no top-k: the trials table is sorted here and mapped back to the trials (and
-    so to their final checkpoints).  Errored, over-budget, early-stopped and DARTS-search
-    trials are never returned.
-    """
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k}")
-    return ranked(experiment, metric, mode)[: int(k)]
-
-
-def best_per_method(
-    experiment: Experiment | str, metric: str | None = None, mode: str | None = None
-) -> dict[str, TrialRecord]:
-    """The best usable *uniform* trial of each method, best method first."""
-    experiment = open_experiment(experiment)
-    out: dict[str, TrialRecord] = {}
-    for trial in ranked(experiment, metric, mode, [t for t in experiment.trials if t.usable and t.kind == "uniform"]):
-        out.setdefault(trial.method or "?", trial)
-    return out
-
-
-def select_members(experiment: Experiment | str, spec: str | Iterable[str] = "top-5") -> tuple[str, list[TrialRecord]]:
-    """Resolve a member choice to ``(label, trials)``.
-
-    ``top-K`` / ``topK`` (``top-k``: the config's ``ensemble_size``), ``per-method``
-    (best uniform trial per method), or explicit trial ids (a list, or one comma-separated
-    string).  Explicit trials may be of any outcome but must have test predictions.
-    """
-    experiment = open_experiment(experiment)
-    if isinstance(spec, str):
-        text = spec.strip()
-        match = re.fullmatch(r"top-?(\d+|k)", text, flags=re.IGNORECASE)
-        if match:
-            k = experiment.ensemble_size if match.group(1).lower() == "k" else int(match.group(1))
-            members = top_k(experiment, k)
-            return f"top-{k}", members
-        if text.lower() in ("per-method", "per_method", "permethod", "diverse"):
-            return "per-method", list(best_per_method(experiment).values())
-        ids = [part.strip() for part in text.removeprefix("ids:").split(",") if part.strip()]
-    else:
-        ids = [str(part) for part in spec]
-    if not ids:
-        raise ValueError("members: give top-K, per-method, or a comma-separated list of trial ids")
-    members = [experiment.trial(key) for key in ids]
-    for trial in members:
-        if not trial.has_predictions:
-            experiment.predictions(trial, "test")  # raises MissingPredictionsError with the details
-    return "ids", members

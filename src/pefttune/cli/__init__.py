@@ -20,9 +20,10 @@ from pefttune.cli import predict as predict_cli
 from pefttune.cli import report as report_cli
 from pefttune.cli import run as run_cli
 from pefttune.cli import search as search_cli
+from pefttune.cli import status as status_cli
 
 # Subcommand modules, in the order `pefttune --help` lists them.
-SUBCOMMANDS = [run_cli, data_cli, info, search_cli, darts_cli, ensemble_cli, export_cli, report_cli, export_model_cli, predict_cli, backbone_cli]
+SUBCOMMANDS = [run_cli, status_cli, data_cli, info, search_cli, darts_cli, ensemble_cli, export_cli, report_cli, export_model_cli, predict_cli, backbone_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: before any compute
         print(f"pefttune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a run that failed (e.g. no DARTS trial finished)
+        print(f"pefttune {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -13,3 +13,15 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, resume_help: str) 
     )
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--name", help="Experiment name (overrides `name` in the config).")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="Also show Ray's status tables, checkpoint lines and the workers' output (default: one line per "
+        "finished trial and a progress line; full tracebacks go to <experiment>/errors.log).",
+    )
+
+
+def verbosity(args) -> int:
+    """0 (--quiet), 1 (default: pefttune's console) or 2 (-v: Ray's stream as well)."""
+    if getattr(args, "quiet", False):
+        return 0
+    return 2 if args.verbose else 1

@@ -1,7 +1,7 @@
 """`pefttune darts CONFIG`: DARTS search, derivation and retraining on Ray Tune."""
 from __future__ import annotations
 
-from pefttune.cli.common import add_experiment_arguments
+from pefttune.cli.common import add_experiment_arguments, verbosity
 
 
 def register(sub) -> None:
@@ -21,11 +21,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pefttune.config import load_config
-    from pefttune.darts.experiment import run_darts, summary
+    from pefttune.darts.experiment import run_darts, run_outcome, summary
 
     config = load_config(args.config)  # validated before Ray starts
-    result = run_darts(config, address=args.address, resume=args.resume, name=args.name, verbose=0 if args.quiet else 1)
+    result = run_darts(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
+    outcome = run_outcome(result)
     if args.quiet:
         named = config if args.name is None else config.model_copy(update={"name": args.name})
         print(summary(result, named))
-    return 0
+        print("\n".join(outcome.lines))
+    return outcome.exit_code

@@ -1,7 +1,7 @@
 """`pefttune run [CONFIG]`: the whole study (discrete arm, DARTS arm, ensembles, report)."""
 from __future__ import annotations
 
-from pefttune.cli.common import add_experiment_arguments
+from pefttune.cli.common import add_experiment_arguments, verbosity
 
 
 def register(sub) -> None:
@@ -19,5 +19,5 @@ def register(sub) -> None:
 def run(args) -> int:
     from pefttune.study import run_study
 
-    run_study(args.config, address=args.address, resume=args.resume, name=args.name)
-    return 0
+    result = run_study(args.config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
+    return result.exit_code

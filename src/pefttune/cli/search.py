@@ -1,7 +1,7 @@
 """`pefttune search CONFIG`: the discrete placement search on Ray Tune."""
 from __future__ import annotations
 
-from pefttune.cli.common import add_experiment_arguments
+from pefttune.cli.common import add_experiment_arguments, verbosity
 
 
 def register(sub) -> None:
@@ -22,6 +22,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pefttune.config import load_config
+    from pefttune.runtime.console import failure_summary
+    from pefttune.runtime.experiment import results_frame
     from pefttune.search.experiment import run_search
 
     config = load_config(args.config)  # validated before Ray starts
@@ -31,11 +33,14 @@ def run(args) -> int:
         resume=args.resume,
         name=args.name,
         resume_errored=args.resume_errored,
-        verbose=0 if args.quiet else 1,
+        verbose=verbosity(args),
     )
+    frame = results_frame(results, config.train.epochs)
+    outcome = failure_summary(frame, kinds=("uniform", "hybrid", "discrete", "frozen", "darts-derived"))
     if args.quiet:
-        from pefttune.search.experiment import results_frame, summary_table
+        from pefttune.search.summary import summary_table
 
         named = config if args.name is None else config.model_copy(update={"name": args.name})
-        print(summary_table(results_frame(results, config.train.epochs), named))
-    return 0
+        print(summary_table(frame, named))
+        print("\n".join(outcome.lines))
+    return outcome.exit_code

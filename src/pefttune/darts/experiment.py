@@ -31,10 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from pefttune.backbones import backbone_info
 from pefttune.config import ExperimentConfig, load_config
 from pefttune.placement import Placement
+from pefttune.metrics import metric_mode
+from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
+from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
+from pefttune.runtime.experiment import (
+    CONFIG_COPY,
+    check_same_config,
+    error_text,
+    experiment_path,
+    holds_run,
+    load_results,
+    require_resumable,
+    results_frame,
+    write_config_copy,
+)
+from pefttune.trainables.setup import Faults, make_setup
 
 SEARCH_DIR = "darts"
 RETRAIN_DIR = "darts-retrain"
@@ -79,10 +94,9 @@ def trial_space(config: ExperimentConfig) -> dict:
 
 def validate(config: ExperimentConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
-    from pefttune.trainables import common
     from pefttune.trainables.darts import check_candidates, darts_candidates, variant_settings
 
-    common.backbone_info(config.backbone)
+    backbone_info(config.backbone)
     check_candidates(darts_candidates(config))
     if not config.darts.seeds:
         raise ValueError("darts.seeds: need at least one seed")
@@ -99,44 +113,23 @@ def validate(config: ExperimentConfig) -> None:
             )
 
 
-def _exists(path: str) -> bool:
-    import pyarrow.fs
-
-    from pefttune.trainables import common
-
-    fs, inner = common.storage_filesystem(path)
-    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
-
-
 def prepare_directories(config: ExperimentConfig, path: str, resume: bool) -> None:
     """Refuse to overwrite a DARTS search; never mix configs in one experiment folder."""
-    from pefttune.search.experiment import CONFIG_COPY, TUNER_FILE, config_yaml
-    from pefttune.trainables import common
-
-    current = config.model_dump(mode="json")
+    hint = "an experiment folder holds one config (choose another name, or use the saved config)"
     for copy in (f"{path}/{CONFIG_COPY}", f"{path}/{SEARCH_DIR}/{CONFIG_COPY}"):
-        text = common.read_storage_text(copy)
-        if text is not None:
-            saved = yaml.safe_load(text)
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            if changed:
-                raise ValueError(
-                    f"the config differs from {copy} in {', '.join(changed)}; an experiment folder holds one "
-                    "config (choose another name, or use the saved config)"
-                )
+        check_same_config(config, copy, hint)
     search = f"{path}/{SEARCH_DIR}"
     if resume:
-        if not _exists(f"{search}/{TUNER_FILE}"):
-            raise FileNotFoundError(f"--resume: no DARTS search to resume at {search} (missing {TUNER_FILE})")
+        require_resumable(search, "DARTS search")
         return
-    if _exists(f"{search}/{TUNER_FILE}") or _exists(f"{path}/{RETRAIN_DIR}/{TUNER_FILE}"):
+    if holds_run(search) or holds_run(f"{path}/{RETRAIN_DIR}"):
         raise FileExistsError(
             f"{search} already holds a DARTS search; resume it (--resume) or choose another name"
         )
-    common.write_storage_text(f"{search}/{CONFIG_COPY}", config_yaml(config))
+    write_config_copy(config, search)
 
 
-def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbose: int):
+def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -145,11 +138,11 @@ def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbos
         storage_path=path,
         # result.json always: the per-epoch alpha history is part of the results (Ray adds
         # no second JSON logger when its default loggers are on)
-        callbacks=[JsonLoggerCallback()],
+        callbacks=[JsonLoggerCallback()] + ([console.callback()] if console is not None and verbose == 1 else []),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        progress_reporter=reporter if verbose else None,
-        verbose=verbose,
+        progress_reporter=reporter if verbose >= 2 else None,
+        verbose=1 if verbose >= 2 else 0,
     )
 
 
@@ -164,10 +157,17 @@ def _reporter(config: ExperimentConfig, parameters: dict, extra: dict):
     )
 
 
-def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int, extra_config: dict | None = None):
+def _mode(config: ExperimentConfig) -> str:
+    return metric_mode(config.metric)
+
+
+def _search_trials(config: ExperimentConfig) -> int:
+    return len(config.darts.seeds) * len(config.darts.variants or [{}])
+
+
+def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
     from ray import tune
 
-    from pefttune.search.experiment import trial_name
     from pefttune.trainables.darts import make_trainable
 
     reporter = _reporter(
@@ -176,7 +176,7 @@ def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int, extra
     )
     return tune.Tuner(
         make_trainable(setup),
-        param_space={**trial_space(config), **(extra_config or {})},
+        param_space=trial_space(config),
         tune_config=tune.TuneConfig(
             num_samples=1,
             max_concurrent_trials=config.search.max_concurrent,
@@ -184,14 +184,15 @@ def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int, extra
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose),
+        run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose,
+                               Console("DARTS search", config.metric, _mode(config), total=_search_trials(config),
+                                       experiment_path=path)),
     )
 
 
 def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[DerivedPlacement], verbose: int):
     from ray import tune
 
-    from pefttune.search.experiment import trial_name
     from pefttune.trainables.discrete import make_trainable
 
     placements = [json.dumps(d.placement.to_dict(), separators=(",", ":")) for d in derived]
@@ -215,7 +216,9 @@ def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[Deri
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose),
+        run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose,
+                               Console("DARTS retrain", config.metric, _mode(config), total=len(derived),
+                                       experiment_path=path)),
     )
 
 
@@ -241,26 +244,16 @@ def run_darts(
     *,
     name: str | None = None,
     verbose: int = 1,
-    extra_config: dict | None = None,
+    faults: Faults | None = None,
 ) -> DartsRun:
     """Search (one trial per seed x variant), derive, and retrain the derived placements.
 
     Results land in ``<storage>/<name>/darts`` and ``<storage>/<name>/darts-retrain`` (see
     the module docstring). ``address`` joins a running Ray; ``resume`` finishes an
-    interrupted run. ``extra_config`` adds keys to every DARTS trial's config (test hooks
-    such as ``_fail_once_at_epoch``). Raises RuntimeError when no DARTS trial finished.
+    interrupted run. ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`),
+    given to the DARTS trials. Raises RuntimeError when no DARTS trial finished.
     """
     from ray import tune
-
-    from pefttune.search.experiment import (
-        TUNER_FILE,
-        _fit_environment,
-        alive_nodes,
-        check_cluster_storage,
-        connect_ray,
-        experiment_path,
-        make_setup,
-    )
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -269,31 +262,30 @@ def run_darts(
     validate(config)
     path = experiment_path(config)
     prepare_directories(config, path, resume)
-    shared = make_setup(config)
     search_path, retrain_path = f"{path}/{SEARCH_DIR}", f"{path}/{RETRAIN_DIR}"
-    # per-trial markers (divergence, test hooks) live in each Ray experiment's trial folders
-    search_setup = dataclasses.replace(shared, experiment_path=search_path)
-    retrain_setup = dataclasses.replace(shared, experiment_path=retrain_path)
+    # per-trial markers (divergence, test seams) live in each Ray experiment's trial folders
+    search_setup = make_setup(config, search_path, faults)
+    retrain_setup = dataclasses.replace(search_setup, experiment_path=retrain_path, faults=None)
 
-    started = connect_ray(address)
+    started = connect_ray(address, log_to_driver=verbose >= 2)
     try:
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         from pefttune.trainables.darts import make_trainable as make_darts_trainable
         from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
 
-        with _fit_environment():
+        with fit_environment(), quiet_ray_loggers(verbose):
             if resume:
                 tuner = tune.Tuner.restore(
                     search_path, trainable=make_darts_trainable(search_setup), resume_unfinished=True
                 )
             else:
-                tuner = search_tuner(config, path, search_setup, verbose, extra_config)
+                tuner = search_tuner(config, path, search_setup, verbose)
             search = tuner.fit()
             derived = collect_derived(search)
             if not derived:
                 errors = [str(r.error).strip().splitlines()[-1] for r in search if r.error]
                 raise RuntimeError(f"darts: no DARTS trial finished ({len(errors)} errors: {errors[:3]})")
-            if resume and _exists(f"{retrain_path}/{TUNER_FILE}"):
+            if resume and holds_run(retrain_path):
                 tuner = tune.Tuner.restore(
                     retrain_path, trainable=make_discrete_trainable(retrain_setup), resume_unfinished=True
                 )
@@ -308,7 +300,20 @@ def run_darts(
     run = DartsRun(path, search, derived, retrain)
     if verbose:
         print(summary(run, config))
+        print("\n".join(run_outcome(run).lines))
     return run
+
+
+def run_outcome(run: DartsRun) -> Outcome:
+    """Grouped failures of the DARTS search and the retrains, and the exit status: non-zero
+    when every DARTS search trial or every retrain failed."""
+    frames = [darts_frame(run.search).assign(kind="darts")]
+    if run.retrain is not None:
+        frames.append(results_frame(run.retrain))
+    frame = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+    if "error" not in frame:
+        frame["error"] = ""
+    return failure_summary(frame)
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -317,8 +322,6 @@ def run_darts(
 def darts_frame(search, retrain=None) -> pd.DataFrame:
     """One row per DARTS trial: seed, variant, search scores, collapse guard, derived
     placement, and the retrained placement's scores (``retrain_*`` columns)."""
-    from pefttune.search.experiment import results_frame
-
     rows = []
     for result in search:
         metrics = result.metrics or {}
@@ -326,6 +329,7 @@ def darts_frame(search, retrain=None) -> pd.DataFrame:
         row = {
             "trial_id": metrics.get("trial_id", ""),
             "status": "ERROR" if result.error else "TERMINATED",
+            "error": error_text(result.error) if result.error else "",
             "seed": metrics.get("seed", config.get("seed")),
             "variant": metrics.get("variant", ""),
         }
@@ -354,24 +358,19 @@ def summary(run: DartsRun, config: ExperimentConfig) -> str:
         if c in frame
     ]
     lines = [f"DARTS {config.name}: {len(frame)} search trial(s), {len(run.derived)} distinct derived placement(s)"]
-    with pd.option_context("display.max_colwidth", 80, "display.width", 200):
-        lines.append(frame[columns].to_string(index=False) if len(frame) else "  (none)")
+    lines.append(format_table(frame, columns, WIDTH))
     return "\n".join(lines)
 
 
 def load_darts(path: str | Path) -> pd.DataFrame:
     """:func:`darts_frame` of an experiment folder, read from storage without running anything."""
-    from pefttune.search.experiment import TUNER_FILE, load_results
-
     path = str(path)
     search = load_results(f"{path}/{SEARCH_DIR}")
-    retrain = load_results(f"{path}/{RETRAIN_DIR}") if _exists(f"{path}/{RETRAIN_DIR}/{TUNER_FILE}") else None
+    retrain = load_results(f"{path}/{RETRAIN_DIR}") if holds_run(f"{path}/{RETRAIN_DIR}") else None
     return darts_frame(search, retrain)
 
 
 def darts_started(config: ExperimentConfig) -> bool:
     """Whether ``<storage>/<name>/darts`` holds a DARTS search (``pefttune run --resume``
     resumes it then, and starts it otherwise)."""
-    from pefttune.search.experiment import TUNER_FILE, experiment_path
-
-    return _exists(f"{experiment_path(config)}/{SEARCH_DIR}/{TUNER_FILE}")
+    return holds_run(f"{experiment_path(config)}/{SEARCH_DIR}")

@@ -3,6 +3,10 @@
 The shared library and its voice data come from the ``espeakng-loader`` wheel, so
 nothing has to be installed on the system and nothing is downloaded.
 
+One concept, one module (about 530 lines): the ctypes binding of the eSpeak NG library and
+the deterministic worker process that drives it belong together, since the determinism
+guarantee rests on how the two interact.
+
 Public API
 ----------
 - :func:`synthesize` -- text to a float32 mono waveform at 16 kHz (by default).

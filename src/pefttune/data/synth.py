@@ -13,6 +13,9 @@ variant and a pitch/rate profile) over generated background noise:
   from :func:`pefttune.data.espeak.phonemize`; splits with disjoint sentences and
   speakers; ``vocab.json`` (a :class:`~pefttune.data.vocab.TokenVocab`) next to the data.
 
+One concept, one module (about 630 lines): the three tasks share speakers, noise, splits and
+the corpus folder format, so their plans sit beside one renderer and one writer.
+
 A corpus folder holds ``audio/<split>/<label or speaker>/<id>.flac`` (16 kHz, 16-bit),
 ``manifest.parquet`` + ``manifest.csv`` (see :mod:`pefttune.data.manifest`), a marker
 ``pefttune_corpus.json`` and, for ``pr``, ``vocab.json``.  The same task, seed and sizes

@@ -34,26 +34,32 @@ Design choices
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-import yaml
-
+from pefttune.backbones import backbone_info
 from pefttune.config import ExperimentConfig, load_config, parse_config
-from pefttune.search.optuna_search import PARAMS_METRIC, Objective, PefttuneSearch, make_sampler, make_storage
+from pefttune.metrics import metric_mode
+from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
+from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
+from pefttune.runtime.experiment import (
+    CONFIG_COPY,
+    check_same_config,
+    experiment_path,
+    refuse_existing,
+    require_resumable,
+    results_frame,
+    write_config_copy,
+)
+from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
-from pefttune.trainables import common
+from pefttune.search.summary import summary_table
+from pefttune.trainables.setup import Faults, make_setup
 
 logger = logging.getLogger(__name__)
 
-CONFIG_COPY = "experiment.yaml"
 OPTUNA_DB = "optuna.db"
-TUNER_FILE = "tuner.pkl"
 
 
 # -- the experiment -----------------------------------------------------------------------------
@@ -106,21 +112,14 @@ class Experiment:
         return searched + len(self.points)
 
 
-def experiment_path(config: ExperimentConfig) -> str:
-    storage = config.storage
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{config.name}"
-    return str(Path(storage).expanduser().resolve() / config.name)
-
-
 def build_experiment(config: ExperimentConfig, extra_points: list[FixedPoint] | None = None) -> Experiment:
     """Validate everything that can be checked without Ray (errors name the field)."""
-    info = common.backbone_info(config.backbone)
+    info = backbone_info(config.backbone)
     space = validate_space(config, info)
     metric = config.metric
     objective = Objective(
         metric=f"best_dev_{metric}",
-        mode=common.metric_mode(metric),
+        mode=metric_mode(metric),
         max_epochs=config.train.epochs,
         multi_objective=config.search.multi_objective,
     )
@@ -139,132 +138,23 @@ def build_experiment(config: ExperimentConfig, extra_points: list[FixedPoint] | 
 # -- the experiment directory ---------------------------------------------------------------------
 
 
-def _exists(path: str) -> bool:
-    import pyarrow.fs
-
-    fs, inner = common.storage_filesystem(path)
-    return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
-
-
-def _is_experiment(path: str) -> bool:
-    """The directory holds a search (its config copy or Ray's tuner state)."""
-    return _exists(f"{path}/{CONFIG_COPY}") or _exists(f"{path}/{TUNER_FILE}")
-
-
-def config_yaml(config: ExperimentConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
 def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) -> None:
     """Refuse to overwrite an experiment; on resume, require one with the same config.
 
     A new search's config copy is written unless ``write=False`` (then
-    :func:`write_config_copy` writes it later, once the cluster checks passed)."""
+    :func:`~pefttune.runtime.experiment.write_config_copy` writes it later, once the cluster
+    checks passed)."""
     path = experiment.path
     if not resume:
-        if _is_experiment(path):
-            raise FileExistsError(
-                f"experiment directory {path} already holds a search; resume it (--resume) "
-                "or choose another name (--name)"
-            )
+        refuse_existing(path, "a search")
         if write:
-            write_config_copy(experiment)
+            write_config_copy(experiment.config, path)
         return
-    if not _exists(f"{path}/{TUNER_FILE}"):
-        raise FileNotFoundError(f"--resume: no search to resume at {path} (missing {TUNER_FILE})")
-    if _exists(f"{path}/{CONFIG_COPY}"):
-        saved = yaml.safe_load(common.read_storage_text(f"{path}/{CONFIG_COPY}"))
-        current = experiment.config.model_dump(mode="json")
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from {path}/{CONFIG_COPY} in {', '.join(changed)}; "
-                "resume with the saved config"
-            )
-
-
-def write_config_copy(experiment: Experiment) -> None:
-    common.write_storage_text(f"{experiment.path}/{CONFIG_COPY}", config_yaml(experiment.config))
+    require_resumable(path, "search")
+    check_same_config(experiment.config, f"{path}/{CONFIG_COPY}", "resume with the saved config", prefix="--resume: ")
 
 
 # -- Ray ---------------------------------------------------------------------------------------------
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join Ray at ``address`` or start a private local one; True if this call started it.
-
-    Without ``address``, ``RAY_ADDRESS`` (set by ``ray job submit`` for its drivers) is
-    joined if set. An already initialized Ray is used as is."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    temp_dir = tempfile.mkdtemp(prefix="pefttune-ray-")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    with _loopback_only():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
-    return True
-
-
-def is_node_local(storage: str) -> bool:
-    """A path (or file:// URI) on the local disk of whichever node reads it."""
-    return "://" not in storage or storage.startswith("file://")
-
-
-def check_cluster_storage(storage: str, nodes: int, storage_shared: bool = False) -> None:
-    """Refuse a node-local ``storage`` path on a multi-node cluster (``nodes`` alive).
-
-    Ray >= 2.7 no longer syncs trial directories from worker nodes to the head: trials
-    write checkpoints straight to ``storage``, so every node must see the same storage.
-    A URI (s3://, gs://, any pyarrow filesystem) passes, as does a single node or a local
-    path declared shared (``storage_shared``: e.g. NFS mounted at the same path everywhere).
-    """
-    if nodes <= 1 or storage_shared or not is_node_local(storage):
-        return
-    raise ValueError(
-        f"storage: {storage!r} is a node-local path but the Ray cluster has {nodes} nodes; "
-        "Ray >= 2.7 no longer syncs trial directories (checkpoints, results) to the head node, "
-        "so each node would write its trials to its own disk. Use a URI every node can reach "
-        "(s3://, gs://, any pyarrow filesystem) or a shared filesystem mounted at the same path "
-        "on every node and set storage_shared: true"
-    )
-
-
-def alive_nodes() -> int:
-    """Alive nodes of the connected Ray cluster."""
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
-@contextlib.contextmanager
-def _loopback_only():
-    """Make a local Ray listen on 127.0.0.1 only.
-
-    Ray maps ``_node_ip_address="127.0.0.1"`` to the machine's routable address unless
-    clusters are disabled (its switch for laptops: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read
-    by the GCS, raylet and workers it starts, and by this process at import, hence the
-    constant is set too). Both are restored once Ray runs; its node address stays 127.0.0.1.
-    """
-    from ray._private import ray_constants
-
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    previous_env, previous_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
-        if previous_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous_env
 
 
 def build_searcher(experiment: Experiment) -> PefttuneSearch:
@@ -330,7 +220,9 @@ def progress_reporter(experiment: Experiment):
     )
 
 
-def run_config(experiment: Experiment, verbose: int = 1):
+def run_config(experiment: Experiment, verbose: int = 1, callbacks: list | None = None):
+    """Ray's run config. ``verbose``: 0 silent, 1 pefttune's console (``callbacks``), 2 (``-v``)
+    Ray's own status table as well."""
     from ray import tune
 
     return tune.RunConfig(
@@ -340,16 +232,13 @@ def run_config(experiment: Experiment, verbose: int = 1):
         # last experiment snapshot refers to still exists when a resume needs it
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=experiment.config.search.max_failures),
-        progress_reporter=progress_reporter(experiment) if verbose else None,
-        verbose=verbose,
+        progress_reporter=progress_reporter(experiment) if verbose >= 2 else None,
+        verbose=1 if verbose >= 2 else 0,
+        callbacks=list(callbacks or []),
     )
 
 
-def trial_name(trial) -> str:
-    return f"{trial.trainable_name}_{trial.trial_id}"
-
-
-def build_tuner(experiment: Experiment, setup, verbose: int = 1):
+def build_tuner(experiment: Experiment, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
     from pefttune.trainables.discrete import make_trainable
@@ -366,7 +255,7 @@ def build_tuner(experiment: Experiment, setup, verbose: int = 1):
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=run_config(experiment, verbose),
+        run_config=run_config(experiment, verbose, callbacks),
     )
 
 
@@ -379,12 +268,17 @@ def run_search(
     extra_points: list[FixedPoint] | None = None,
     resume_errored: bool = False,
     verbose: int = 1,
+    faults: Faults | None = None,
 ):
     """Run (or resume) the discrete placement search of ``config``; returns the ResultGrid.
 
     ``extra_points`` adds fixed points (e.g. ``FixedPoint("darts-derived", placement=...)``)
     to a new search. ``resume=True`` finishes the unfinished trials of ``<storage>/<name>``
     and never re-runs finished ones (``resume_errored=True`` also retries errored trials).
+    ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`).
+
+    ``verbose``: 0 prints nothing; 1 (default) one line per finished trial, a progress line
+    and the summary (:mod:`pefttune.runtime.console`); 2 adds Ray's own console stream.
     """
     from ray import tune
 
@@ -394,14 +288,14 @@ def run_search(
         config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
     experiment = build_experiment(config, extra_points)
     prepare_directory(experiment, resume, write=False)
-    setup = make_setup(config)
+    setup = make_setup(config, experiment.path, faults)
 
-    started = connect_ray(address)
+    started = connect_ray(address, log_to_driver=verbose >= 2)
     try:
         # before the Tuner (and before the config copy, so a refused search can be rerun)
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         if not resume:
-            write_config_copy(experiment)
+            write_config_copy(config, experiment.path)
         if resume:
             from pefttune.trainables.discrete import make_trainable
 
@@ -412,8 +306,10 @@ def run_search(
                 resume_errored=resume_errored,
             )
         else:
-            tuner = build_tuner(experiment, setup, verbose)
-        with _fit_environment():
+            console = Console("discrete arm", config.metric, experiment.mode, total=experiment.num_samples,
+                              experiment_path=experiment.path)
+            tuner = build_tuner(experiment, setup, verbose, [console.callback()] if verbose == 1 else None)
+        with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
     finally:
         if started:
@@ -421,47 +317,10 @@ def run_search(
 
             ray.shutdown()
     if verbose:
-        print(summary_table(results_frame(results, config.train.epochs), config))
+        frame = results_frame(results, config.train.epochs)
+        print(summary_table(frame, config))
+        print("\n".join(failure_summary(frame).lines))
     return results
-
-
-#: Driver environment while the Tuner runs: Ray's classic CLIReporter table (the new output
-#: engine ignores progress reporters), and no warning about the experiment snapshot that
-#: Tune takes after each trial checkpoint (wanted: it keeps resumes exact).
-_FIT_ENVIRONMENT = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-
-
-@contextlib.contextmanager
-def _fit_environment():
-    previous = {key: os.environ.get(key) for key in _FIT_ENVIRONMENT}
-    os.environ.update(_FIT_ENVIRONMENT)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def make_setup(config: ExperimentConfig):
-    """The trials' shared setup; a local backbone path is made absolute (trials run in
-    their own working directories)."""
-    from pefttune.trainables.discrete import TrialSetup
-
-    backbone = Path(config.backbone).expanduser()
-    if config.backbone.startswith((".", "/", "~")) or backbone.exists():
-        config = config.model_copy(update={"backbone": str(backbone.resolve())})
-    return TrialSetup(experiment=config, data=common.prepare_data(config), experiment_path=experiment_path(config))
-
-
-def load_results(path: str | Path):
-    """The ResultGrid of a finished (or interrupted) search directory, without running it."""
-    from ray import tune
-    from ray.tune import ResultGrid
-
-    return ResultGrid(tune.ExperimentAnalysis(str(path)))
 
 
 def load_study(path: str | Path, name: str | None = None):
@@ -472,125 +331,4 @@ def load_study(path: str | Path, name: str | None = None):
     url = f"sqlite:///{path / OPTUNA_DB}"
     return optuna.load_study(study_name=name or path.name, storage=url)
 
-
-# -- results ---------------------------------------------------------------------------------------------
-
-#: Columns every row of :func:`results_frame` has.
-BASE_COLUMNS = [
-    "trial_id", "status", "kind", "method", "placement_short", "peft_params", "trainable_params",
-    "over_budget", "epoch", "stopped_early", "error",
-]
-
-
-def results_frame(results, epochs: int | None = None) -> pd.DataFrame:
-    """One row per trial: its last reported metrics, ``status`` (TERMINATED/ERROR),
-    ``error``, ``stopped_early``, ``checkpoint`` and the placement columns (taken from the
-    trial config when the trial errored before reporting)."""
-    rows = []
-    for result in results:
-        metrics = {k: v for k, v in (result.metrics or {}).items() if k != "config"}
-        config = result.config or {}
-        row = dict(metrics)
-        row["trial_id"] = metrics.get("trial_id") or getattr(result, "path", "").rsplit("/", 1)[-1]
-        row["status"] = "ERROR" if result.error else "TERMINATED"
-        row["error"] = _error_text(result.error) if result.error else ""
-        row["checkpoint"] = result.checkpoint.path if result.checkpoint else ""
-        row["path"] = result.path
-        if "placement" not in row and "placement" in config:
-            row.update(common.placement_columns(common.parse_placement(config["placement"])))
-        for key in ("kind", "method", "lr", "peft_params"):
-            if row.get(key) is None and key in config:
-                row[key] = config[key] if config[key] is not None else ""
-        row.setdefault("over_budget", False)
-        row.setdefault("epoch", 0)
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return pd.DataFrame(columns=BASE_COLUMNS)
-    if "head_params" in frame:
-        head = frame["head_params"].dropna()
-        if len(head):
-            frame["head_params"] = frame["head_params"].fillna(head.iloc[0])
-            missing = frame["trainable_params"].isna() if "trainable_params" in frame else True
-            frame.loc[missing, "trainable_params"] = frame["peft_params"] + frame["head_params"]
-    frame["over_budget"] = frame["over_budget"].fillna(False).astype(bool)
-    frame["epoch"] = frame["epoch"].fillna(0).astype(int)
-    if epochs is None:  # default: the most epochs any trial ran
-        epochs = int(frame["epoch"].max())
-    frame["stopped_early"] = (frame["status"] == "TERMINATED") & ~frame["over_budget"] & (frame["epoch"] < epochs)
-    layers = sorted(c for c in frame.columns if c.startswith("layer_"))
-    ordered = [c for c in BASE_COLUMNS if c in frame] + layers
-    return frame[ordered + [c for c in frame.columns if c not in ordered]]
-
-
-def _error_text(error) -> str:
-    text = str(error)
-    for line in reversed(text.strip().splitlines()):
-        if "Error" in line:
-            return line.strip()
-    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
-
-
-def top_k(frame: pd.DataFrame, metric: str, mode: str, k: int = 5, kinds: list[str] | None = None) -> pd.DataFrame:
-    """The k best finished trials by ``metric`` (e.g. ``best_dev_accuracy``): no errors, no
-    over-budget or early-stopped trials; ties broken by fewer trainable parameters."""
-    if metric not in frame:
-        return frame.iloc[0:0]
-    keep = (frame["status"] == "TERMINATED") & ~frame["over_budget"] & ~frame["stopped_early"]
-    keep &= frame[metric].notna()
-    if kinds is not None:
-        keep &= frame["kind"].isin(kinds)
-    chosen = frame[keep]
-    by = [metric, "trainable_params"] if "trainable_params" in chosen else [metric]
-    ascending = [mode == "min", True][: len(by)]
-    return chosen.sort_values(by, ascending=ascending, kind="mergesort").head(k)
-
-
-def pareto_front(frame: pd.DataFrame, metric: str, mode: str, params: str = PARAMS_METRIC) -> pd.DataFrame:
-    """Finished trials not dominated in (metric, trainable parameters), fewest parameters first."""
-    chosen = top_k(frame, metric, mode, k=len(frame))
-    sign = 1.0 if mode == "max" else -1.0
-    front = []
-    for index, row in chosen.iterrows():
-        score, size = sign * row[metric], row[params]
-        dominated = any(
-            (sign * other[metric] >= score and other[params] <= size)
-            and (sign * other[metric] > score or other[params] < size)
-            for _, other in chosen.iterrows()
-        )
-        if not dominated:
-            front.append(index)
-    return chosen.loc[front].sort_values(params, kind="mergesort")
-
-
-def summary_table(frame: pd.DataFrame, config: ExperimentConfig, k: int = 5) -> str:
-    """Text summary: counts, best trials, uniform baselines (+ hybrid), Pareto front."""
-    metric = f"best_dev_{config.metric}"
-    mode = common.metric_mode(config.metric)
-    test = f"test_{config.metric}"
-    columns = [c for c in ["kind", "method", "placement_short", "trainable_params", metric, test, "epoch"] if c in frame]
-    lines = [f"experiment {config.name}: {len(frame)} trials"]
-    if len(frame):
-        counts = {
-            "finished": int(((frame["status"] == "TERMINATED") & ~frame["over_budget"] & ~frame["stopped_early"]).sum()),
-            "stopped early": int(frame["stopped_early"].sum()),
-            "over budget": int(frame["over_budget"].sum()),
-            "errors": int((frame["status"] == "ERROR").sum()),
-        }
-        lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
-    with pd.option_context("display.max_colwidth", 80, "display.width", 200):
-        best = top_k(frame, metric, mode, k)
-        lines += [f"\nbest {len(best)} trials by {metric}:", best[columns].to_string(index=False) if len(best) else "  (none)"]
-        if "kind" in frame:
-            fixed = frame[frame["kind"].isin(["uniform", "hybrid"])]
-            if len(fixed):
-                lines += ["\nuniform baselines and hybrid:", fixed[columns + ["status"]].to_string(index=False)]
-        if config.search.multi_objective:
-            front = pareto_front(frame, metric, mode)
-            lines += ["\nPareto front (metric vs trainable parameters):",
-                      front[columns].to_string(index=False) if len(front) else "  (none)"]
-        errors = frame[frame["status"] == "ERROR"]
-        if len(errors):
-            lines += ["\nerrors:", errors[["trial_id", "kind", "error"]].to_string(index=False)]
-    return "\n".join(lines)
 

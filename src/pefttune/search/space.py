@@ -64,7 +64,7 @@ class FixedPoint:
     ``kind`` is ``uniform`` (``method`` in every layer), ``hybrid`` (all candidate methods
     merged in every layer) or any other label with an explicit ``placement`` (e.g.
     ``darts-derived``). ``lr`` defaults to ``train.lr``; ``extra`` adds keys to the trial
-    config (e.g. the test hooks ``_fail_once_at_epoch``/``_nan_at_epoch``).
+    config (e.g. ``derived_from``, or ``seed`` and ``config_id`` of a replicate).
     """
 
     kind: str

@@ -1,14 +1,13 @@
 """The Ray Tune function trainable of one DARTS search: ``darts_fn``.
 
 ``tune.with_parameters(darts_fn, setup=TrialSetup(...))`` (see :func:`make_trainable`;
-:class:`~pefttune.trainables.discrete.TrialSetup` is shared with the discrete trainable;
+:class:`~pefttune.trainables.setup.TrialSetup` is shared with the discrete trainable;
 its ``experiment_path`` is the DARTS Ray experiment, ``<storage>/<name>/darts``, where
 per-trial markers live).
 The trial config holds ``seed`` (one of ``darts.seeds``) and ``variant`` (a mapping of
 ``darts`` fields overriding the experiment's ``darts`` section, ``{}`` for none), so
-several seeds and variants are trials of one Ray experiment; test hook:
-``_fail_once_at_epoch`` (raise once after that epoch's checkpoint, as in the discrete
-trainable).
+several seeds and variants are trials of one Ray experiment. Tests inject failures through
+``setup.faults`` (``after_epoch``), as for the discrete trainable.
 
 One trial:
 
@@ -31,7 +30,7 @@ One trial:
    choice); the last epoch adds ``derived_dev_<metric>``/``derived_dev_loss``, the dev
    score of the derived placement with the supernet's weights (the one-hot mix, i.e.
    exactly that discrete model before retraining);
-4. checkpoints every epoch: the common layout of :mod:`pefttune.trainables.common` (the
+4. checkpoints every epoch: the common layout of :mod:`pefttune.trainables.checkpoint` (the
    supernet's PEFT + head weights, optimizer, scheduler, RNG) plus ``alpha.safetensors``
    (``alpha``, L x K, and the candidates in its metadata), ``arch_state.pt`` (alpha's Adam
    state, steps, the arch sampler's epoch) and, for the derived placement,
@@ -63,9 +62,12 @@ from pefttune.darts import (
     search_hooks,
 )
 from pefttune.placement import MethodChoice, Placement
-from pefttune.trainables import common
-from pefttune.trainables.common import CheckpointState
-from pefttune.trainables.discrete import TrialSetup
+from pefttune.data.loaders import EpochSampler, TaskData, load_data
+from pefttune.runtime import storage
+from pefttune.runtime.cluster import set_threads, trial_device
+from pefttune.trainables import checkpoint as ckpt
+from pefttune.trainables.checkpoint import CheckpointState
+from pefttune.trainables.setup import TrialSetup, frozen_cache, train_config
 from pefttune.training import DivergedError, EpochResult, evaluate, fit, is_better
 
 TRAINABLE_NAME = "pefttune_darts"
@@ -160,21 +162,21 @@ class DartsData:
     weight: torch.utils.data.DataLoader
     arch: torch.utils.data.DataLoader
     dev: torch.utils.data.DataLoader
-    weight_sampler: common.EpochSampler
-    arch_sampler: common.EpochSampler
+    weight_sampler: EpochSampler
+    arch_sampler: EpochSampler
 
     def steps_per_epoch(self, max_steps: int | None = None) -> int:
         steps = len(self.weight)
         return max(1, min(steps, max_steps) if max_steps else steps)
 
 
-def darts_data(data: common.TaskData, share: float, split_seed: int, seed: int, task_kind: str) -> DartsData:
+def darts_data(data: TaskData, share: float, split_seed: int, seed: int, task_kind: str) -> DartsData:
     """Loaders over the two parts of ``data.train`` (same batch size and collation)."""
     dataset = data.train.dataset
     weight_idx, arch_idx = split_indices(dataset, share, split_seed, task_kind)
     batch_size = data.train.batch_size
-    weight_sampler = common.EpochSampler(len(weight_idx), seed)
-    arch_sampler = common.EpochSampler(len(arch_idx), seed + 7919)
+    weight_sampler = EpochSampler(len(weight_idx), seed)
+    arch_sampler = EpochSampler(len(arch_idx), seed + 7919)
 
     def loader(indices, sampler):
         subset = torch.utils.data.Subset(dataset, indices)
@@ -189,13 +191,13 @@ def darts_data(data: common.TaskData, share: float, split_seed: int, seed: int, 
 # -- checkpoints ----------------------------------------------------------------------------------------
 
 
-def save_arch(directory: Path, supernet: Supernet, architect, arch_sampler: common.EpochSampler) -> None:
+def save_arch(directory: Path, supernet: Supernet, architect, arch_sampler: EpochSampler) -> None:
     names = json.dumps(supernet.names)
     save_file({"alpha": supernet.alpha.detach().cpu().contiguous()}, str(directory / ALPHA_FILE), metadata={"candidates": names})
     torch.save({**architect.state_dict(), "arch_sampler_epoch": arch_sampler.epoch}, directory / ARCH_FILE)
 
 
-def load_arch(directory: Path, supernet: Supernet, architect, arch_sampler: common.EpochSampler) -> None:
+def load_arch(directory: Path, supernet: Supernet, architect, arch_sampler: EpochSampler) -> None:
     for name in (ALPHA_FILE, ARCH_FILE):
         if not (directory / name).exists():
             raise FileNotFoundError(f"checkpoint {directory}: missing {name} (not a DARTS checkpoint?)")
@@ -240,7 +242,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     variant = dict(config.get("variant") or {})
     settings = variant_settings(experiment, variant)
     epochs = settings.epochs or experiment.train.epochs
-    train = common.train_config(experiment, epochs=epochs, seed=seed)
+    train = train_config(experiment, epochs=epochs, seed=seed)
     metric, mode = train.metric, train.mode
     candidates = darts_candidates(experiment)
     check_candidates(candidates)
@@ -258,20 +260,20 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     }
     if budget is not None:
         columns["budget"] = budget
-    directory = common.trial_dir(setup.experiment_path)
-    previous = common.diverged_message(directory)
+    directory = storage.trial_dir(setup.experiment_path)
+    previous = storage.diverged_message(directory)
     if previous is not None:
         raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")
 
-    common.set_threads(experiment.resources.cpu)
-    device = common.trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
+    set_threads(experiment.resources.cpu)
+    device = trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
     torch.manual_seed(seed)
-    data = common.load_data(experiment, setup.data, seed=seed)
+    data = load_data(experiment, setup.data, seed=seed)
     parts = darts_data(data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind)
     supernet = build_supernet(
         experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
     ).to(device)
-    supernet.cache = common.frozen_cache(experiment, setup.data, supernet.model)
+    supernet.cache = frozen_cache(experiment, setup.data, supernet.model)
     optimizer, scheduler, recording, architect = make_architect(
         supernet,
         parts.weight,
@@ -290,10 +292,10 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state, _ = common.read_checkpoint(path, supernet.model, optimizer=optimizer, scheduler=scheduler)
+            state, _ = ckpt.read_checkpoint(path, supernet.model, optimizer=optimizer, scheduler=scheduler)
             load_arch(Path(path), supernet, architect, parts.arch_sampler)
         if state.finished:  # restored after the final report: report it again, train nothing
-            common.report(state.metrics)
+            ckpt.report(state.metrics)
             return
     start_epoch = state.epoch + 1
     parts.weight_sampler.set_epoch(state.epoch)
@@ -326,19 +328,15 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         state.metrics = metrics
 
         def write(path: Path) -> None:
-            common.write_checkpoint(
+            ckpt.write_checkpoint(
                 path, supernet.model, state, optimizer=optimizer, scheduler=scheduler,
                 metadata={"kind": "darts", "seed": seed, "variant": columns["variant"], "epoch": result.epoch},
             )
             save_arch(path, supernet, architect, parts.arch_sampler)
             placement.save(path / DERIVED_FILE)
 
-        common.report(metrics, write)
-        fail_at = config.get("_fail_once_at_epoch")  # test hook, as in the discrete trainable
-        if fail_at is not None and int(fail_at) == result.epoch and directory is not None:
-            if common.read_marker(str(directory), "FAILED_ONCE") is None:
-                common.write_marker(str(directory), "FAILED_ONCE", json.dumps({"epoch": result.epoch}))
-                raise RuntimeError(f"_fail_once_at_epoch: injected failure after epoch {result.epoch}")
+        ckpt.report(metrics, write)
+        setup.after_epoch(config, result.epoch, directory)
 
     if start_epoch > train.epochs:
         return
@@ -357,7 +355,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
             cache=supernet.cache,
         )
     except DivergedError as err:
-        common.mark_diverged(directory, f"DivergedError: {err}")
+        storage.mark_diverged(directory, f"DivergedError: {err}")
         raise
 
 

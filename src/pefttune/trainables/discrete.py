@@ -7,10 +7,8 @@
 - ``kind``: ``uniform`` / ``discrete`` / ``hybrid`` / ``darts-derived``; ``method``
   (uniform baselines); ``lr`` (default ``train.lr``); ``budget_exempt`` (train even over
   ``config.budget``);
-- test hooks: ``_fail_once_at_epoch`` (raise once after that epoch's checkpoint; a marker
-  file in the trial dir makes it once), ``_nan_at_epoch`` (set the head's weights to NaN
-  at that epoch's first step, so the real NaN-loss path runs) and ``_sleep_after_epoch``
-  (seconds to wait after each report: a trial slow enough to interrupt).
+- tests inject failures, NaNs and delays through ``setup.faults``
+  (:class:`~pefttune.trainables.setup.Faults`), never through the trial config.
 
 Per epoch it reports (``tune.report``) the dev metric and loss, ``best_dev_<metric>``,
 ``trainable_params`` (PEFT + head), ``peft_params``, ``samples_per_s``, ``epoch``, the
@@ -33,30 +31,19 @@ train that trial again with ``resume_errored``.)
 """
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
-
 import torch
 
-from pefttune.config import ExperimentConfig
-from pefttune.heads import HeadConfig
+from pefttune.backbones import backbone_info
+from pefttune.data.loaders import load_data
+from pefttune.metrics import worst_score
 from pefttune.model import build_model
+from pefttune.runtime import storage
+from pefttune.runtime.cluster import set_threads, trial_device
+from pefttune.runtime.experiment import parse_placement, placement_columns
+from pefttune.trainables import checkpoint as ckpt
+from pefttune.trainables.checkpoint import CheckpointState
+from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
 from pefttune.training import DivergedError, EpochResult, Hooks, fit, is_better, setup_optimizer, setup_scheduler
-from pefttune.trainables import common
-from pefttune.trainables.common import CheckpointState
-
-@dataclass
-class TrialSetup:
-    """What every trial shares (passed once through ``tune.with_parameters``)."""
-
-    experiment: ExperimentConfig
-    data: common.DataRef
-    experiment_path: str | None = None  # <storage>/<name>: per-trial markers live there
-
-    @property
-    def head(self) -> HeadConfig:
-        return self.data.head_config(self.experiment)
 
 
 def make_trainable(setup: TrialSetup):
@@ -81,17 +68,17 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     experiment = setup.experiment
     if "placement" not in config:
         raise ValueError("trial config: missing 'placement'")
-    placement = common.parse_placement(config["placement"])
-    info = common.backbone_info(experiment.backbone)
+    placement = parse_placement(config["placement"])
+    info = backbone_info(experiment.backbone)
     placement.validate_for(info)
     lr = float(_trial_value(config, "lr", experiment.train.lr))
-    train = common.train_config(experiment, lr=lr)
+    train = train_config(experiment, lr=lr)
     metric, mode = train.metric, train.mode
     head = setup.head
     peft = placement.trainable_parameters(info)
-    head_params = common.head_parameters(info, head)
+    head_params = head_parameters(info, head)
     columns = {
-        **common.placement_columns(placement),
+        **placement_columns(placement),
         "kind": _trial_value(config, "kind", "discrete"),
         "method": _trial_value(config, "method", ""),
         "lr": lr,
@@ -100,15 +87,15 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         "trainable_params": peft + head_params,
         "node_id": ray.get_runtime_context().get_node_id(),  # where this attempt runs (clusters)
     }
-    directory = common.trial_dir(setup.experiment_path)
-    previous = common.diverged_message(directory)
+    directory = storage.trial_dir(setup.experiment_path)
+    previous = storage.diverged_message(directory)
     if previous is not None:
         raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")
 
     budget = experiment.budget
     if budget is not None and peft > budget and not config.get("budget_exempt"):
-        worst = common.worst_score(mode)
-        common.report(
+        worst = worst_score(mode)
+        ckpt.report(
             {
                 **columns,
                 "over_budget": True,
@@ -121,13 +108,13 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         )
         return
 
-    common.set_threads(experiment.resources.cpu)
-    device = common.trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
+    set_threads(experiment.resources.cpu)
+    device = trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
     torch.manual_seed(train.seed)
     workers = max(0, int(experiment.resources.cpu) - 1)  # audio decoding off the training thread
-    data = common.load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
+    data = load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
     model = build_model(experiment.backbone, placement, head).to(device)
-    cache = common.frozen_cache(experiment, setup.data, model)
+    cache = frozen_cache(experiment, setup.data, model)
     optimizer = setup_optimizer(model, train)
     steps = train.epochs * data.steps_per_epoch(train.max_steps_per_epoch)
     scheduler = setup_scheduler(optimizer, steps, train.warmup_ratio)
@@ -137,9 +124,9 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state, best_weights = common.read_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler)
+            state, best_weights = ckpt.read_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler)
         if state.finished:  # restored after the final report: report it again, train nothing
-            common.report(state.metrics)
+            ckpt.report(state.metrics)
             return
     start_epoch = state.epoch + 1
     data.train_sampler.set_epoch(state.epoch)
@@ -150,7 +137,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         score = result.dev.score
         if is_better(score, state.best_score, mode):
             state.best_score, state.best_epoch = score, result.epoch
-            best_weights = common.trainable_state(model)
+            best_weights = ckpt.trainable_state(model)
         state.epoch = result.epoch
         metrics = {
             **columns,
@@ -162,17 +149,17 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         }
         predictions = None
         if result.epoch == train.epochs:
-            current = common.trainable_state(model)
-            predictions = common.final_evaluation(
+            current = ckpt.trainable_state(model)
+            predictions = ckpt.final_evaluation(
                 model, best_weights, {"dev": data.dev, "test": data.test}, train, device, cache=cache
             )
-            common.load_trainable_state(model, current)
+            ckpt.load_trainable_state(model, current)
             metrics.update(predictions["test"].metrics("test"))
             state.finished = True
         state.metrics = metrics
 
         def write(path):
-            common.write_checkpoint(
+            ckpt.write_checkpoint(
                 path,
                 model,
                 state,
@@ -183,26 +170,10 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
                 metadata={**metadata, "epoch": result.epoch},
             )
 
-        common.report(metrics, write)
-        if config.get("_sleep_after_epoch"):
-            time.sleep(float(config["_sleep_after_epoch"]))
-        fail_at = config.get("_fail_once_at_epoch")
-        if fail_at is not None and int(fail_at) == result.epoch and directory is not None:
-            if common.read_marker(str(directory), "FAILED_ONCE") is None:
-                common.write_marker(str(directory), "FAILED_ONCE", json.dumps({"epoch": result.epoch}))
-                raise RuntimeError(f"_fail_once_at_epoch: injected failure after epoch {result.epoch}")
+        ckpt.report(metrics, write)
+        setup.after_epoch(config, result.epoch, directory)
 
-    hooks = Hooks()
-    nan_at = config.get("_nan_at_epoch")
-    if nan_at is not None:
-
-        def poison(step: int, epoch: int) -> None:
-            if epoch == int(nan_at) and step == 0:
-                with torch.no_grad():
-                    for param in model.head.parameters():
-                        param.fill_(float("nan"))
-
-        hooks.before_step = poison
+    hooks = Hooks(before_step=setup.before_step(config, model))
 
     if start_epoch > train.epochs:
         return
@@ -221,5 +192,5 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
             cache=cache,
         )
     except DivergedError as err:
-        common.mark_diverged(directory, str(err))
+        storage.mark_diverged(directory, str(err))
         raise

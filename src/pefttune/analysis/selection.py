@@ -1,0 +1,115 @@
+"""Choosing trials from the results store: ranked, top-k, best per method, ensemble members.
+
+Ray has no top-k: the trials table (:func:`pefttune.analysis.tables.trials_table`) is
+sorted here and mapped back to the trials (and so to their final checkpoints).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import pandas as pd
+
+from pefttune.analysis.store import Experiment, TrialRecord, open_experiment
+from pefttune.analysis.tables import trials_table
+from pefttune.metrics import METRICS
+
+__all__ = ["best_per_method", "ranked", "select_members", "top_k"]
+
+
+def _rank_key(experiment: Experiment, metric: str | None, mode: str | None) -> tuple[str, str]:
+    metric = metric or experiment.metric
+    if metric in METRICS:  # a task metric name: rank by its best dev score
+        return f"best_dev_{metric}", mode or METRICS[metric][1]
+    if mode is None:
+        base = metric.split("_")[-1]
+        if metric == "trainable_params":
+            mode = "min"
+        elif base in METRICS:
+            mode = METRICS[base][1]
+        else:
+            raise ValueError(f"top_k: give mode='max' or 'min' for column {metric!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    return metric, mode
+
+
+def ranked(
+    experiment: Experiment | str,
+    metric: str | None = None,
+    mode: str | None = None,
+    trials: Iterable[TrialRecord] | None = None,
+) -> list[TrialRecord]:
+    """Trials (default: the usable ones) sorted best first by ``metric``; ties by trial id.
+
+    ``metric`` is a task metric name (ranked by ``best_dev_<metric>``, falling back to the
+    last ``dev_<metric>``) or any numeric column of the trials table.
+    Trials without a value are dropped.
+    """
+    experiment = open_experiment(experiment)
+    column, mode = _rank_key(experiment, metric, mode)
+    pool = list(trials) if trials is not None else [t for t in experiment.trials if t.usable]
+    frame = trials_table(experiment).set_index("trial_id")
+    if column not in frame.columns:
+        if column == f"best_dev_{experiment.metric}":
+            column = "best_dev_score"
+        else:
+            raise ValueError(f"no column {column!r} in the trials table of {experiment.uri}")
+    values = pd.to_numeric(frame[column], errors="coerce")
+    if column.startswith("best_dev_"):
+        values = values.fillna(pd.to_numeric(frame["dev_score"], errors="coerce"))
+    scored = [(float(values.get(t.trial_id)), t) for t in pool if pd.notna(values.get(t.trial_id))]
+    scored.sort(key=lambda item: (-item[0] if mode == "max" else item[0], item[1].trial_id))
+    return [t for _, t in scored]
+
+
+def top_k(experiment: Experiment | str, k: int, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
+    """The ``k`` best usable trials by ``metric`` (default: the experiment's dev metric).
+
+    Ray has no top-k: the trials table is sorted here and mapped back to the trials (and
+    so to their final checkpoints).  Errored, over-budget, early-stopped and DARTS-search
+    trials are never returned.
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    return ranked(experiment, metric, mode)[: int(k)]
+
+
+def best_per_method(
+    experiment: Experiment | str, metric: str | None = None, mode: str | None = None
+) -> dict[str, TrialRecord]:
+    """The best usable *uniform* trial of each method, best method first."""
+    experiment = open_experiment(experiment)
+    out: dict[str, TrialRecord] = {}
+    for trial in ranked(experiment, metric, mode, [t for t in experiment.trials if t.usable and t.kind == "uniform"]):
+        out.setdefault(trial.method or "?", trial)
+    return out
+
+
+def select_members(experiment: Experiment | str, spec: str | Iterable[str] = "top-5") -> tuple[str, list[TrialRecord]]:
+    """Resolve a member choice to ``(label, trials)``.
+
+    ``top-K`` / ``topK`` (``top-k``: the config's ``ensemble_size``), ``per-method``
+    (best uniform trial per method), or explicit trial ids (a list, or one comma-separated
+    string).  Explicit trials may be of any outcome but must have test predictions.
+    """
+    experiment = open_experiment(experiment)
+    if isinstance(spec, str):
+        text = spec.strip()
+        match = re.fullmatch(r"top-?(\d+|k)", text, flags=re.IGNORECASE)
+        if match:
+            k = experiment.ensemble_size if match.group(1).lower() == "k" else int(match.group(1))
+            members = top_k(experiment, k)
+            return f"top-{k}", members
+        if text.lower() in ("per-method", "per_method", "permethod", "diverse"):
+            return "per-method", list(best_per_method(experiment).values())
+        ids = [part.strip() for part in text.removeprefix("ids:").split(",") if part.strip()]
+    else:
+        ids = [str(part) for part in spec]
+    if not ids:
+        raise ValueError("members: give top-K, per-method, or a comma-separated list of trial ids")
+    members = [experiment.trial(key) for key in ids]
+    for trial in members:
+        if not trial.has_predictions:
+            experiment.predictions(trial, "test")  # raises MissingPredictionsError with the details
+    return "ids", members

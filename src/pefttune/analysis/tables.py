@@ -1,0 +1,411 @@
+"""Flat tables of an experiment (parquet and CSV), built on the results store.
+
+:func:`pefttune.analysis.export.export_experiment` writes them all (``pefttune export EXPERIMENT --out DIR``).
+
+Every table is written as ``<name>.parquet`` and ``<name>.csv``, each atomically (a
+temporary file in the same folder, then ``os.replace``).  Column reference (COLUMNS):
+
+``trials`` -- one row per trial (of every Ray experiment under the experiment folder)
+    trial_id (str)            Ray trial id (prefixed ``<ray experiment>/`` only if two collide)
+    experiment (str)          Ray experiment dir, relative to the experiment folder (``.`` = itself)
+    trial_name (str)          trial dir name
+    status (str)              Ray status: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
+    outcome (str)             completed, stopped_early, over_budget, error, running, pending, paused
+    usable (bool)             ensemble member by default (completed, test predictions, not a DARTS search)
+    kind (str)                uniform, discrete, hybrid, darts-derived, darts (DARTS search supernet)
+    method (str, null)        the method of a uniform trial
+    metric (str)              the task metric (accuracy, macro_f1, per, wer, cer)
+    dev_score (float64)       last reported ``dev_<metric>``
+    best_dev_score (float64)  ``best_dev_<metric>`` (else the best ``dev_<metric>`` of its history)
+    test_score (float64)      ``test_<metric>`` of the final row (null if the trial did not finish)
+    trainable_params (Int64)  reported trainable parameters (PEFT + head), else ``peft_params``
+    epochs (Int64)            epochs run (last reported ``epoch``)
+    time_total_s (float64)    training time Ray measured (``time_total_s``)
+    wall_time_s (float64)     first start to last result, seconds
+    start_time (float64)      unix time of the trial's (last) start
+    num_failures (Int64)      failures Ray retried
+    placement (str)           placement JSON (``Placement.to_dict``; DARTS search: the supernet's)
+    placement_short (str)     e.g. ``L0:lora(r=8) L1:none``
+    num_layers (Int64)        layers of the placement
+    layer_00, layer_01, ... (str)  method per layer: ``none``, ``lora``, ``houlsby+lora`` (hybrid)
+    derived_placement (str, null)  DARTS: the placement derived from alpha (JSON)
+    error (str, null)         last line of Ray's error file
+    checkpoint (str, null)    the final checkpoint dir (holding the predictions when stored)
+    has_predictions (bool)    test predictions are stored
+    <reported keys>           every other scalar the trial reported in its last row
+                              (``dev_<metric>``, ``test_loss``, ``lr``, ``over_budget``...;
+                              not ``alpha/...``, which is in ``alpha``)
+    config/<key> (mixed)      the trial config, flattened with ``/``; lists/dicts as JSON
+
+``history`` -- one row per trial per reported result (normally one per epoch)
+    trial_id, experiment, kind, method (str); training_iteration, epoch (Int64);
+    time_total_s, time_this_iter_s (float64); then every numeric/bool key the trial
+    reported (``dev_<metric>``, ``dev_loss``, ``train_loss``, ``best_dev_<metric>``,
+    ``samples_per_s``, DARTS ``entropy/Lxx``...), float64 (bool as 0/1).  From Ray's
+    ``result.json`` (else ``progress.csv``; a run without Ray's loggers keeps only its last row).
+
+``alpha`` -- DARTS architecture weights, one row per trial, result, layer and candidate
+    trial_id, experiment (str); training_iteration, epoch, layer (Int64); method (str);
+    prob (float64): the reported ``alpha/Lxx/<method>``, the relaxation's probabilities,
+    softmax(alpha / T) (Gumbel: softmax(alpha); Fair-DARTS: sigmoid(alpha), not summing to 1).
+    Empty, with these columns, when no trial reported alpha.
+
+``predictions`` -- one row per trial with stored predictions, split and example
+    trial_id, experiment, kind, method, split (``dev``/``test``) (str); index (int64, the
+    example id); correct (bool);
+    classification: label, pred (int64); prob_pred (float64, probability of ``pred``);
+    prob_0 ... prob_{C-1} (float64);
+    CTC: ref, hyp (str, space-separated token ids); ref_len, hyp_len, edits (int64: edit
+    distance hyp -> ref); frames (int64).  ``correct`` = exact match for CTC.
+
+``ensembles`` -- one row per ensemble (member choice x strategy)
+    ensemble_id (str)         ``<members>:<strategy>``, e.g. ``per-method:vote``
+    members (str)             top-K, per-method or ids
+    strategy (str)            vote, weighted, soft, caruana, frame_vote, posterior_avg, rover
+    member_ids (str)          comma-separated trial ids, best dev first
+    n_members (int64)
+    selected (str)            Caruana: the selected ids with repeats (weights); else = member_ids
+    metric, mode (str)
+    dev_score, test_score (float64)   the ensemble's scores (Caruana dev = fitted, optimistic)
+    best_member_id (str)      the member with the best dev score
+    best_member_dev, best_member_test (float64)
+    oracle_member_test (float64)      the best member test score (picked on test)
+    delta_vs_best (float64)   test gain over the best member, positive = better (either mode)
+    mcnemar_b, mcnemar_c (int64)      ensemble right & best member wrong / the reverse (test)
+    mcnemar_p (float64)       exact McNemar p-value of ensemble vs best member
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pefttune.analysis.store import RAY_KEYS, Experiment, TrialRecord, open_experiment
+from pefttune.metrics import edit_distance
+from pefttune.runtime.storage import atomic_output
+from pefttune.training import unpack_sequences
+
+__all__ = [
+    "ALPHA_COLUMNS",
+    "ENSEMBLE_COLUMNS",
+    "TABLES",
+    "alpha_table",
+    "ensembles_table",
+    "history_table",
+    "predictions_table",
+    "trials_table",
+    "write_table",
+]
+
+TABLES = ("trials", "history", "alpha", "predictions", "ensembles")
+FORMATS = ("parquet", "csv")
+LAYER_COLUMN = re.compile(r"^layer_\d+$")
+ALPHA_KEY = re.compile(r"^alpha/L(\d+)/(.+)$")
+
+TRIAL_COLUMNS = [
+    "trial_id", "experiment", "trial_name", "status", "outcome", "usable", "kind", "method", "metric",
+    "dev_score", "best_dev_score", "test_score", "trainable_params", "epochs", "time_total_s",
+    "wall_time_s", "start_time", "num_failures", "placement", "placement_short", "num_layers",
+]
+TRIAL_TAIL = ["derived_placement", "error", "checkpoint", "has_predictions"]
+HISTORY_COLUMNS = ["trial_id", "experiment", "kind", "method", "training_iteration", "epoch",
+                   "time_total_s", "time_this_iter_s"]
+ALPHA_COLUMNS = ["trial_id", "experiment", "training_iteration", "epoch", "layer", "method", "prob"]
+PREDICTION_COLUMNS = ["trial_id", "experiment", "kind", "method", "split", "index", "correct"]
+ENSEMBLE_COLUMNS = [
+    "ensemble_id", "members", "strategy", "member_ids", "n_members", "selected", "metric", "mode",
+    "dev_score", "test_score", "best_member_id", "best_member_dev", "best_member_test",
+    "oracle_member_test", "delta_vs_best", "mcnemar_b", "mcnemar_c", "mcnemar_p",
+]
+_STR = ["trial_id", "experiment", "trial_name", "status", "outcome", "kind", "method", "metric", "placement",
+        "placement_short", "derived_placement", "error", "checkpoint", "split", "ensemble_id", "members",
+        "strategy", "member_ids", "selected", "mode", "best_member_id", "ref", "hyp"]
+_INT = ["trainable_params", "epochs", "num_failures", "num_layers", "training_iteration", "epoch", "layer"]
+_FLOAT = ["dev_score", "best_dev_score", "test_score", "time_total_s", "wall_time_s", "start_time",
+          "time_this_iter_s", "prob", "best_member_dev", "best_member_test", "oracle_member_test",
+          "delta_vs_best", "mcnemar_p", "prob_pred"]
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, np.generic))
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}/{key}", item, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(value, default=str)
+    else:
+        out[prefix] = value
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fix dtypes: documented str / Int64 / float64 columns; mixed object columns -> str."""
+    for col in frame.columns:
+        if col in _STR or LAYER_COLUMN.match(col):
+            frame[col] = frame[col].astype("string")
+        elif col in _INT:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")
+        elif col in _FLOAT:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+        elif frame[col].dtype == object:
+            values = [v for v in frame[col] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            kinds = {type(v) for v in values}
+            if kinds <= {bool, np.bool_} and values:
+                frame[col] = frame[col].astype("boolean")
+            elif kinds and kinds <= {int, float, np.int64, np.float64}:
+                frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+            else:
+                frame[col] = frame[col].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
+                                            else v if isinstance(v, str) else json.dumps(v, default=str))
+                frame[col] = frame[col].astype("string")
+    return frame
+
+
+def _metric_columns(trial: TrialRecord, skip: set[str]) -> dict:
+    out = {}
+    for key, value in trial.last_result.items():
+        if key in skip or key in RAY_KEYS or key.startswith("alpha/") or LAYER_COLUMN.match(key):
+            continue
+        if key in ("placement", "placement_short", "derived_placement"):
+            continue
+        if _is_scalar(value):
+            out[key] = value.item() if isinstance(value, np.generic) else value
+    return out
+
+
+def _best_dev(experiment: Experiment, trial: TrialRecord) -> float | None:
+    value = trial.last_result.get(f"best_dev_{experiment.metric}")
+    if value is not None:
+        return value
+    frame = experiment.history(trial)
+    col = f"dev_{experiment.metric}"
+    if col in frame.columns:
+        values = pd.to_numeric(frame[col], errors="coerce").dropna()
+        if len(values):
+            return float(values.max() if experiment.mode == "max" else values.min())
+    return None
+
+
+# --------------------------------------------------------------------------- tables
+def trials_table(experiment: Experiment | str) -> pd.DataFrame:
+    """One row per trial (columns in the module docstring)."""
+    experiment = open_experiment(experiment)
+    cached = getattr(experiment, "_trials_table", None)
+    if cached is not None:
+        return cached.copy()
+    num_layers = max((len(t.layers) for t in experiment.trials), default=0)
+    layer_cols = [f"layer_{i:02d}" for i in range(num_layers)]
+    fixed = set(TRIAL_COLUMNS) | set(TRIAL_TAIL) | set(layer_cols)
+    rows, extra_keys, config_keys = [], [], []
+    for t in experiment.trials:
+        derived = t.last_result.get("derived_placement", t.config.get("derived_placement"))
+        row = {
+            "trial_id": t.trial_id,
+            "experiment": t.experiment,
+            "trial_name": t.trial_name,
+            "status": t.status,
+            "outcome": t.outcome,
+            "usable": t.usable,
+            "kind": t.kind,
+            "method": t.method,
+            "metric": experiment.metric,
+            "dev_score": t.last_result.get(f"dev_{experiment.metric}"),
+            "best_dev_score": _best_dev(experiment, t),
+            "test_score": t.last_result.get(f"test_{experiment.metric}"),
+            "trainable_params": t.trainable_params,
+            "epochs": t.epochs,
+            "time_total_s": t.time_total_s,
+            "wall_time_s": t.wall_time_s,
+            "start_time": t.start_time,
+            "num_failures": t.num_failures,
+            "placement": json.dumps(t.placement, separators=(",", ":")) if t.placement is not None else None,
+            "placement_short": t.placement_short or None,
+            "num_layers": len(t.layers) if t.layers else None,
+        }
+        for i, col in enumerate(layer_cols):
+            row[col] = t.layers[i] if i < len(t.layers) else None
+        row["derived_placement"] = (
+            derived if isinstance(derived, str) or derived is None else json.dumps(derived, separators=(",", ":"))
+        )
+        row["error"] = t.error
+        row["checkpoint"] = t.checkpoint
+        row["has_predictions"] = t.has_predictions
+        for key, value in _metric_columns(t, fixed).items():
+            if key not in extra_keys:
+                extra_keys.append(key)
+            row[key] = value
+        flat: dict = {}
+        for key, value in t.config.items():
+            _flatten(f"config/{key}", value, flat)
+        for key, value in flat.items():
+            if key not in config_keys:
+                config_keys.append(key)
+            row[key] = value
+        rows.append(row)
+    columns = TRIAL_COLUMNS + layer_cols + TRIAL_TAIL + extra_keys + sorted(config_keys)
+    frame = _typed(pd.DataFrame(rows, columns=columns))
+    for col in ("usable", "has_predictions"):
+        frame[col] = frame[col].astype(bool)
+    experiment._trials_table = frame
+    return frame.copy()
+
+
+def history_table(experiment: Experiment | str) -> pd.DataFrame:
+    """One row per trial per reported result (columns in the module docstring)."""
+    experiment = open_experiment(experiment)
+    frames, keys = [], []
+    for t in experiment.trials:
+        hist = experiment.history(t)
+        if hist.empty:
+            continue
+        part = pd.DataFrame({
+            "trial_id": t.trial_id, "experiment": t.experiment, "kind": t.kind, "method": t.method,
+        }, index=hist.index)
+        for col in hist.columns:
+            if col in RAY_KEYS or col.startswith("alpha/") or col.startswith("config/") or col in part.columns:
+                continue
+            values = hist[col]
+            if values.dtype == bool or values.dtype == "boolean":
+                values = values.astype("float64")
+            elif values.dtype == object:
+                if not all(isinstance(v, (bool, int, float, np.generic)) or v is None for v in values):
+                    continue
+                values = pd.to_numeric(values.map(lambda v: float(v) if v is not None else np.nan), errors="coerce")
+            elif not pd.api.types.is_numeric_dtype(values):
+                continue
+            part[col] = values.astype("float64")
+            if col not in keys:
+                keys.append(col)
+        if "epoch" not in part.columns and "training_iteration" in part.columns:
+            part["epoch"] = part["training_iteration"]
+        frames.append(part)
+    extra = [k for k in keys if k not in HISTORY_COLUMNS]
+    columns = HISTORY_COLUMNS + extra
+    if not frames:
+        return _typed(pd.DataFrame({c: pd.Series(dtype="float64") for c in columns}))
+    frame = pd.concat(frames, ignore_index=True).reindex(columns=columns)
+    frame = _typed(frame)
+    for col in extra:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    return frame
+
+
+def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
+    """DARTS probabilities per trial, result, layer and method (columns in the module docstring)."""
+    experiment = open_experiment(experiment)
+    rows = []
+    for t in experiment.trials:
+        if not any(k.startswith("alpha/") for k in t.last_result):
+            continue
+        hist = experiment.history(t)
+        for _, result in hist.iterrows():
+            iteration = result.get("training_iteration")
+            epoch = result.get("epoch", iteration)
+            for key, value in result.items():
+                match = ALPHA_KEY.match(str(key))
+                if match is None or value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue
+                rows.append({
+                    "trial_id": t.trial_id, "experiment": t.experiment, "training_iteration": iteration,
+                    "epoch": epoch, "layer": int(match.group(1)), "method": match.group(2), "prob": float(value),
+                })
+    frame = pd.DataFrame(rows, columns=ALPHA_COLUMNS)
+    return _typed(frame)
+
+
+def predictions_table(
+    experiment: Experiment | str,
+    trials: Iterable[TrialRecord] | None = None,
+    splits: Sequence[str] = ("dev", "test"),
+) -> pd.DataFrame:
+    """Per-example predictions of ``trials`` (default: every trial with stored predictions)."""
+    experiment = open_experiment(experiment)
+    trials = [t for t in experiment.trials if t.prediction_files] if trials is None else list(trials)
+    frames = []
+    num_classes = 0
+    for t in trials:
+        for split in splits:
+            if split not in t.prediction_files:
+                continue
+            arrays = experiment.predictions(t, split)
+            index = np.asarray(arrays["index"], dtype=np.int64)
+            part = pd.DataFrame({
+                "trial_id": t.trial_id, "experiment": t.experiment, "kind": t.kind, "method": t.method,
+                "split": split, "index": index,
+            })
+            if "probs" in arrays:
+                probs = np.asarray(arrays["probs"], dtype=np.float64)
+                label = np.asarray(arrays["label"], dtype=np.int64)
+                pred = np.asarray(arrays.get("pred", probs.argmax(-1)), dtype=np.int64)
+                part["correct"] = pred == label
+                part["label"] = label
+                part["pred"] = pred
+                part["prob_pred"] = probs[np.arange(len(pred)), pred]
+                num_classes = max(num_classes, probs.shape[1])
+                for c in range(probs.shape[1]):
+                    part[f"prob_{c}"] = probs[:, c]
+            else:
+                hyps = unpack_sequences(arrays["hyp_flat"], arrays["hyp_len"])
+                refs = unpack_sequences(arrays["ref_flat"], arrays["ref_len"])
+                part["correct"] = [h == r for h, r in zip(hyps, refs)]
+                part["ref"] = [" ".join(map(str, r)) for r in refs]
+                part["hyp"] = [" ".join(map(str, h)) for h in hyps]
+                part["ref_len"] = np.array([len(r) for r in refs], dtype=np.int64)
+                part["hyp_len"] = np.array([len(h) for h in hyps], dtype=np.int64)
+                part["edits"] = np.array([edit_distance(h, r) for h, r in zip(hyps, refs)], dtype=np.int64)
+                part["frames"] = np.asarray(arrays["frames"], dtype=np.int64)
+            frames.append(part)
+    if experiment.task == "classification":
+        tail = ["label", "pred", "prob_pred"] + [f"prob_{c}" for c in range(num_classes)]
+    else:
+        tail = ["ref", "hyp", "ref_len", "hyp_len", "edits", "frames"]
+    columns = PREDICTION_COLUMNS + tail
+    if not frames:
+        frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+        frame["correct"] = frame["correct"].astype(bool)
+        frame["index"] = frame["index"].astype("int64")
+        return _typed(frame)
+    frame = _typed(pd.concat(frames, ignore_index=True).reindex(columns=columns))
+    frame["correct"] = frame["correct"].astype(bool)
+    for col in ("index", "label", "pred", "ref_len", "hyp_len", "edits", "frames"):
+        if col in frame.columns:
+            frame[col] = frame[col].astype("int64")
+    for col in frame.columns:
+        if col.startswith("prob_"):
+            frame[col] = frame[col].astype("float64")
+    return frame
+
+
+def ensembles_table(results: Iterable[Any] = ()) -> pd.DataFrame:
+    """One row per :class:`~pefttune.analysis.ensemble_runner.EnsembleResult` (or row dict)."""
+    rows = [r if isinstance(r, dict) else r.row() for r in results]
+    frame = _typed(pd.DataFrame(rows, columns=ENSEMBLE_COLUMNS))
+    for col in ("n_members", "mcnemar_b", "mcnemar_c"):
+        frame[col] = pd.to_numeric(frame[col]).astype("int64")
+    return frame
+
+
+# --------------------------------------------------------------------------- writing
+def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+    """Write ``frame`` as ``<out_dir>/<name>.<format>`` for each format, atomically."""
+    out_dir = Path(out_dir)
+    files = {}
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; use {list(FORMATS)}")
+        path = out_dir / f"{name}.{fmt}"
+        with atomic_output(path) as tmp:
+            if fmt == "parquet":
+                frame.to_parquet(tmp, index=False, engine="pyarrow")
+            else:
+                frame.to_csv(tmp, index=False)
+        files[f"{name}.{fmt}"] = path
+    return files

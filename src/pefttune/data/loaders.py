@@ -1,0 +1,147 @@
+"""A trial's data: what the driver fixes once, and the loaders each trial builds from it.
+
+- :func:`prepare_data` (driver, before Ray starts): make sure the corpus/manifest exists
+  through :mod:`pefttune.data.sources`, check the splits, fix the vocabulary from train;
+  returns a small picklable :class:`DataRef`;
+- :func:`load_data` (trial): :class:`~pefttune.data.dataset.SpeechDataset` loaders with an
+  :class:`EpochSampler`, so a resumed trial sees the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from pefttune.heads import HeadConfig
+
+if TYPE_CHECKING:  # pydantic is not needed to train
+    from pefttune.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """What a trial needs to load its data: small and picklable, made once on the driver."""
+
+    manifest: str  # absolute path of the manifest (parquet/csv/tsv)
+    task_kind: str  # classification | ctc
+    vocab: dict  # LabelVocab/TokenVocab.to_dict(), fixed from the train split
+
+    def vocabulary(self):
+        from pefttune.data.vocab import LabelVocab, TokenVocab
+
+        if self.vocab["kind"] == "labels":
+            return LabelVocab(tuple(self.vocab["labels"]))
+        return TokenVocab(tuple(self.vocab["tokens"]), self.vocab.get("unit", "phoneme"))
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.vocabulary())
+
+    def head_config(self, experiment: ExperimentConfig) -> HeadConfig:
+        return HeadConfig(self.task_kind, self.num_outputs, experiment.head.kind, experiment.head.hidden)
+
+
+def _unit(config: ExperimentConfig) -> str:
+    return "char" if config.data.task == "asr" else "phoneme"
+
+
+def prepare_data(config: ExperimentConfig) -> DataRef:
+    """Driver side, before Ray starts: make sure the data exist (synthesize the corpus or
+    index the dataset folder once, :func:`pefttune.data.sources.manifest_for`), check every
+    split and fix the vocabulary from train. Errors name ``data.path``/``data.source``."""
+    from pefttune.data.dataset import SpeechDataset
+    from pefttune.data.sources import manifest_for
+
+    data = config.data
+    where = f"data.path: {data.path}" if data.path else f"data.source: {data.source}"
+    try:
+        manifest = manifest_for(data.source, data.task, path=data.path, seed=data.seed, per_class=data.per_class)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {err}") from None
+    task_kind = config.task_kind
+    try:
+        train = SpeechDataset(manifest, "train", task_kind, unit=_unit(config), on_error=data.on_error)
+        for split in ("dev", "test"):
+            SpeechDataset(manifest, split, task_kind, vocab=train.vocab, on_error=data.on_error)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{where} (manifest {manifest}): {err}") from None
+    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict())
+
+
+def _trial_dataset_class():
+    from pefttune.data.dataset import SpeechDataset
+
+    class TrialDataset(SpeechDataset):
+        """A split of the manifest; ``frame`` is its manifest rows (labels for stratified splits)."""
+
+        @property
+        def frame(self):
+            return self.rows
+
+    return TrialDataset
+
+
+@dataclass
+class TaskData:
+    """A trial's data loaders; ``train_sampler`` lets a resumed trial continue the order."""
+
+    train: torch.utils.data.DataLoader
+    dev: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+    train_sampler: "EpochSampler"
+
+    def steps_per_epoch(self, max_steps: int | None = None) -> int:
+        steps = len(self.train)
+        return max(1, min(steps, max_steps) if max_steps else steps)
+
+
+def load_data(config: ExperimentConfig, ref: DataRef, seed: int = 0, num_workers: int = 0) -> TaskData:
+    """Data loaders of the train/dev/test splits (trial side), batches as
+    :func:`pefttune.data.dataset.collate_batch` makes them. Train is shuffled by an
+    :class:`EpochSampler` and cropped to ``data.max_seconds``; dev/test keep manifest order."""
+    from pefttune.data.dataset import collate_batch
+
+    dataset = _trial_dataset_class()
+    vocab = ref.vocabulary()
+    data = config.data
+
+    def split(name: str, max_seconds=None):
+        return dataset(ref.manifest, name, ref.task_kind, vocab=vocab, unit=_unit(config), on_error=data.on_error,
+                       max_seconds=max_seconds, validate=False)
+
+    train = split("train", data.max_seconds)
+    sampler = EpochSampler(len(train), seed)
+    loader = dict(batch_size=data.batch_size, collate_fn=collate_batch, num_workers=num_workers)
+    return TaskData(
+        train=torch.utils.data.DataLoader(train, sampler=sampler, **loader),
+        dev=torch.utils.data.DataLoader(split("dev"), shuffle=False, **loader),
+        test=torch.utils.data.DataLoader(split("test"), shuffle=False, **loader),
+        train_sampler=sampler,
+    )
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with seed ``(seed, epoch)``; each ``__iter__`` is the next epoch.
+
+    A resumed trial calls :meth:`set_epoch` with the last finished epoch, so its next
+    epoch sees the same order as in an uninterrupted run.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch += 1
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())

@@ -1,0 +1,141 @@
+"""What every trial of an experiment shares, built once on the driver.
+
+- :class:`TrialSetup` (passed to the trainables through ``tune.with_parameters``) and
+  :func:`make_setup`;
+- :class:`Faults`: the test seam; tests fill it to inject failures, NaNs or delays into
+  trials; production runs pass none;
+- the trial's :class:`~pefttune.training.TrainConfig` (:func:`train_config`), the head's
+  parameter count, and the frozen-prefix cache (:func:`frozen_cache`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from pefttune.backbones import BackboneInfo
+from pefttune.data.loaders import DataRef, prepare_data
+from pefttune.heads import Head, HeadConfig
+from pefttune.model import PeftSpeechModel
+from pefttune.training import TrainConfig
+
+if TYPE_CHECKING:  # pydantic is not needed to train or to read checkpoints
+    from pefttune.config import ExperimentConfig
+
+
+@dataclass
+class Faults:
+    """Faults a test injects into trials (a test seam: production passes ``None``).
+
+    Each hook receives the trial's config, so one hook object can target some trials only.
+
+    - ``before_step(trial_config, model, step, epoch)``: runs before every training step;
+    - ``after_epoch(trial_config, epoch, trial_dir)``: runs after each epoch's report (and
+      checkpoint); ``trial_dir`` is the trial's folder in the experiment storage (stable
+      across retries), where a hook can leave markers.
+    """
+
+    before_step: Callable | None = None
+    after_epoch: Callable | None = None
+
+
+@dataclass
+class TrialSetup:
+    """What every trial shares (passed once through ``tune.with_parameters``)."""
+
+    experiment: ExperimentConfig
+    data: DataRef
+    experiment_path: str | None = None  # the Ray experiment's folder: per-trial markers live there
+    faults: Faults | None = None
+
+    @property
+    def head(self) -> HeadConfig:
+        return self.data.head_config(self.experiment)
+
+    def before_step(self, trial_config: dict, model):
+        """A ``Hooks.before_step`` callback for this trial, or None."""
+        hook = self.faults.before_step if self.faults else None
+        if hook is None:
+            return None
+        return lambda step, epoch: hook(trial_config, model, step, epoch)
+
+    def after_epoch(self, trial_config: dict, epoch: int, trial_dir) -> None:
+        if self.faults and self.faults.after_epoch:
+            self.faults.after_epoch(trial_config, epoch, None if trial_dir is None else str(trial_dir))
+
+
+def make_setup(config: ExperimentConfig, experiment_path: str, faults: Faults | None = None) -> TrialSetup:
+    """The trials' shared setup; a local backbone path is made absolute (trials run in
+    their own working directories)."""
+    backbone = Path(config.backbone).expanduser()
+    if config.backbone.startswith((".", "/", "~")) or backbone.exists():
+        config = config.model_copy(update={"backbone": str(backbone.resolve())})
+    return TrialSetup(experiment=config, data=prepare_data(config), experiment_path=experiment_path, faults=faults)
+
+
+def train_config(config: ExperimentConfig, **overrides) -> TrainConfig:
+    """The training loop's settings for one trial of ``config`` (``overrides``: e.g. lr)."""
+    train = config.train
+    values = dict(
+        epochs=train.epochs,
+        lr=train.lr,
+        head_lr=train.head_lr,
+        weight_decay=train.weight_decay,
+        warmup_ratio=train.warmup_ratio,
+        grad_clip=train.grad_clip,
+        seed=train.seed,
+        bf16=train.bf16,
+        metric=config.metric,
+        max_steps_per_epoch=train.max_steps_per_epoch,
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def head_parameters(info: BackboneInfo, head: HeadConfig) -> int:
+    """Trainable parameters of the head (weighted layer sum + task head), without a backbone."""
+    return sum(p.numel() for p in Head(info.num_layers + 1, info.hidden_size, head).parameters())
+
+
+def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechModel):
+    """The trial's :class:`~pefttune.cache.FrozenStateCache` (None when ``train.frozen_cache: off``).
+
+    Keyed by the backbone's content hash, the manifest's bytes and the preprocessing, so a
+    changed backbone, dataset or crop never reads stale states. On disk it lives under
+    ``<pefttune cache>/frozen/`` and is shared by all trials on the node, up to
+    ``train.frozen_cache_disk_gb`` for all of them together. Prints its size: for the
+    manifest when it has durations, else per second of audio.
+    """
+    from pefttune.cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
+    from pefttune.data.cache import cache_root
+
+    mode = experiment.train.frozen_cache
+    if mode == "off":
+        return None
+    preprocessing = {"sample_rate": 16000, "normalize": True, "max_seconds": experiment.data.max_seconds}
+    key = cache_key(model.encoder.content_hash(), ref.manifest, preprocessing)
+    directory = cache_root() / "frozen" if mode == "disk" else None
+    k = model.placement.lowest_adapted_layer()
+    states = (model.encoder.num_layers if k is None else k) + 1
+    per_second = estimate_bytes(1, 49, states, model.encoder.config.hidden_size)
+    memory_gb, disk_gb = experiment.train.frozen_cache_memory_gb, experiment.train.frozen_cache_disk_gb
+    caps = f"memory cap {memory_gb:.1f} GiB" + (f", disk cap {disk_gb:.1f} GiB" if mode == "disk" else "")
+    size = f"about {per_second / 2**10:.0f} KiB per second of audio ({caps})"
+    try:  # the manifest's durations (train cropped to data.max_seconds); never fails the trial
+        from pefttune.data.manifest import read_manifest
+
+        rows = read_manifest(ref.manifest)
+        seconds = rows["duration"].astype(float)
+        if experiment.data.max_seconds:
+            seconds = seconds.where(rows["split"] != "train", seconds.clip(upper=experiment.data.max_seconds))
+        total = float(seconds.sum(skipna=False)) * per_second
+        if math.isfinite(total):
+            cap = disk_gb if mode == "disk" else memory_gb
+            size = (f"about {format_bytes(total)} for {len(rows)} utterances ({caps})"
+                    + (f"; above the {mode} cap" if total > cap * 2**30 else ""))
+    except Exception:
+        pass
+    print(f"[pefttune] frozen cache {mode} key {key}: {states} hidden state(s) per utterance, {size}", flush=True)
+    max_disk = int(disk_gb * 2**30) if mode == "disk" else None
+    return FrozenStateCache(key, directory, max_memory_bytes=int(memory_gb * 2**30), max_disk_bytes=max_disk)

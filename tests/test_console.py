@@ -1,0 +1,157 @@
+"""The console while a run goes, how a run ends (grouped errors, exit status), and `pefttune status`."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pefttune.analysis.status import experiment_status, format_status
+from pefttune.runtime.console import WIDTH, Console, failure_summary, format_table
+
+LONG = " ".join(f"L{i}:sequential(b=32)+lora(r=8)" for i in range(12))
+
+
+def test_trial_lines_fit_and_carry_the_scores(tmp_path):
+    out = io.StringIO()
+    console = Console("discrete arm", "accuracy", "max", total=3, experiment_path=str(tmp_path), stream=out)
+    console.trial_started("a1")
+    console.trial_finished("a1", {"kind": "uniform"}, {"placement_short": LONG, "best_dev_accuracy": 0.51234,
+                                                       "test_accuracy": 0.4, "time_total_s": 90})
+    console.trial_finished("b2", {"kind": "discrete"}, {"placement_short": "L0:lora", "over_budget": True})
+    console.trial_failed("c3", {"kind": "hybrid", "placement": "{}"},
+                         "Traceback (most recent call last):\n  File x\nAudioReadError: cannot decode /data/bad.wav")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(len(line) <= WIDTH for line in lines)
+    assert lines[0].startswith("a1") and "uniform" in lines[0] and "dev 0.512 test 0.400" in lines[0]
+    assert "1.5 min" in lines[0] and "..." in lines[0]  # the long placement is clipped
+    assert "over budget" in lines[1]
+    assert "failed: AudioReadError: cannot decode /data/bad.wav" in lines[2] and "Traceback" not in out.getvalue()
+    log = (tmp_path / "errors.log").read_text()
+    assert "Traceback (most recent call last)" in log and "trial c3" in log  # the full traceback goes to the log
+    assert console.done == 2 and console.errored == 1 and console.best == pytest.approx(0.51234)
+
+
+def test_progress_line_counts_and_eta():
+    out = io.StringIO()
+    console = Console("DARTS search", "per", "min", total=4, stream=out, interval=3600)
+    for trial in ("a", "b", "c"):
+        console.trial_started(trial)
+    console.result({"best_dev_per": 0.7})
+    console.trial_finished("a", {"kind": "darts"}, {"best_dev_per": 0.6, "time_total_s": 10})
+    console.progress()  # the first call prints; the next one within the interval does not
+    console.progress()
+    lines = out.getvalue().splitlines()
+    progress = [line for line in lines if line.startswith("[DARTS search]")]
+    assert len(progress) == 1
+    assert "trials 1/4 done, 2 running, 0 errored, best dev per 0.600" in progress[0]
+    assert "ETA" in progress[0] and "ETA -" not in progress[0]
+
+
+def _frame(rows):
+    return pd.DataFrame(rows, columns=["trial_id", "status", "kind", "error"])
+
+
+def test_failure_summary_groups_errors_and_sets_the_exit_status():
+    bad = "AudioReadError: cannot decode /data/x.wav"
+    some = _frame([("a", "TERMINATED", "uniform", ""), ("b", "ERROR", "uniform", f"Traceback...\n{bad}"),
+                   ("c", "ERROR", "discrete", bad), ("d", "TERMINATED", "discrete", "")])
+    outcome = failure_summary(some)
+    assert outcome.exit_code == 0 and outcome.lines == [f"2 trials failed: {bad}"]
+
+    kind_lost = _frame([("a", "TERMINATED", "uniform", ""), ("b", "ERROR", "hybrid", "ValueError: x")])
+    outcome = failure_summary(kind_lost)
+    assert outcome.exit_code == 1 and "every hybrid trial failed (1)" in outcome.lines
+
+    nothing = _frame([("a", "ERROR", "uniform", bad), ("b", "ERROR", "uniform", bad)])
+    outcome = failure_summary(nothing)
+    assert outcome.exit_code == 1 and "no trial finished" in outcome.lines and f"2 trials failed: {bad}" in outcome.lines
+    assert failure_summary(_frame([])).exit_code == 1
+
+
+def test_format_table_fits_the_width():
+    frame = pd.DataFrame({"trial_id": ["abc"], "placement_short": [LONG], "best_dev_accuracy": [0.5], "epoch": [5]})
+    text = format_table(frame, ["trial_id", "placement_short", "best_dev_accuracy", "epoch"], 120)
+    assert all(len(line) <= 120 for line in text.splitlines()) and "0.500" in text and "..." in text
+
+
+# -- a real search: console lines, grouped errors, exit status, status -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing_search(ray_session, tmp_path_factory):
+    """Two uniform methods diverge (NaN), the hybrid and one searched trial train."""
+    from pefttune.config import parse_config
+    from pefttune.search.experiment import run_search
+    from pefttune.testing import Faults, nan_at
+    from test_search_fixtures import search_config, write_tone_manifest
+
+    manifest = write_tone_manifest(tmp_path_factory.mktemp("tones"))
+    storage = tmp_path_factory.mktemp("results")
+    config = parse_config(search_config(
+        manifest, storage, methods={"lora": {"rank": [2]}, "bitfit": {}},
+        train={"epochs": 1, "max_steps_per_epoch": 2}, search={"num_samples": 1, "max_failures": 0},
+    ))
+    import contextlib
+    import io as _io
+
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = run_search(config, verbose=1, faults=Faults(before_step=nan_at(1, kinds=["uniform"])))
+    return {"results": results, "out": out.getvalue(), "path": Path(storage) / config.name, "config": config}
+
+
+def test_console_of_a_real_search(failing_search):
+    from pefttune.runtime.experiment import results_frame
+
+    out = failing_search["out"]
+    assert "Checkpoint successfully created" not in out and "Trial status" not in out  # no Ray stream
+    assert "Traceback" not in out
+    finished = [line for line in out.splitlines() if " dev " in line and " test " in line and " min" in line]
+    assert len(finished) == 2  # the hybrid and the searched trial
+    failed = [line for line in out.splitlines() if re.match(r"^\w+\s+uniform\s+failed: .*DivergedError", line)]
+    assert len(failed) == 2
+    assert all(len(line) <= 120 for line in out.splitlines())
+    log = (failing_search["path"] / "errors.log").read_text()
+    assert log.count("=== ") == 2 and 'File "' in log and "in train_fn" in log  # full tracebacks, in the log
+    outcome = failure_summary(results_frame(failing_search["results"]))
+    assert outcome.exit_code == 1  # every uniform trial failed
+    assert any(line.startswith("2 trials failed: ") and "DivergedError" in line for line in outcome.lines)
+    assert "every uniform trial failed (2)" in outcome.lines
+
+
+def test_status_of_a_finished_search(failing_search, capsys):
+    from pefttune.cli import main
+
+    status = experiment_status(failing_search["path"])
+    kinds = {k.kind: k for k in status.kinds}
+    assert status.state == "finished"
+    assert kinds["uniform"].errored == 2 and kinds["uniform"].done == 0
+    assert kinds["hybrid"].done == 1 and kinds["discrete"].done == 1 and kinds["hybrid"].best is not None
+    assert main(["status", str(failing_search["path"])]) == 0
+    text = capsys.readouterr().out
+    assert "finished" in text and "uniform" in text and all(len(line) <= 120 for line in text.splitlines())
+
+
+def test_status_of_a_running_and_of_a_crashed_experiment(ray_session, tmp_path):
+    """A trial still RUNNING in Ray's state: running while the state is fresh, interrupted once stale."""
+    from test_analysis import classification_experiment
+
+    root = tmp_path / "ks"
+    shutil.copytree(classification_experiment(), root)
+    state_file = sorted(root.glob("experiment_state-*.json"))[-1]
+    data = json.loads(state_file.read_text())
+    state = json.loads(data["trial_data"][0][0])
+    state["status"] = "RUNNING"
+    data["trial_data"][0][0] = json.dumps(state)
+    state_file.write_text(json.dumps(data))
+
+    status = experiment_status(root)
+    assert status.state == "running" and status.totals.running == 1
+    assert status.eta_s is not None and status.elapsed_s is not None
+    assert "running" in format_status(status)
+    assert experiment_status(root, stale_after=-1).state == "interrupted"

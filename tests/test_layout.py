@@ -1,0 +1,120 @@
+"""The package's layering: no import cycle, and the runtime layer sits below both arms and the analysis.
+
+Every ``import``/``from ... import`` of a pefttune module counts, lazy ones inside functions
+included (a lazy import is still a dependency; only ``TYPE_CHECKING`` blocks are skipped).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pefttune"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # TYPE_CHECKING blocks are not runtime dependencies
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for b in node.body for n in ast.walk(b))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name.startswith("pefttune"):
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    graph = {}
+    for name, path in files.items():
+        deps = _imports(path, modules) - {name}
+        # a package __init__ importing its own submodules is not a dependency of theirs
+        graph[name] = {d for d in deps if not (path.name == "__init__.py" and d.startswith(name + "."))}
+        # importing pefttune.x.y executes pefttune.x/__init__ first: not counted as an edge
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep == "pefttune" or dep not in graph:
+                continue
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def _deps_under(graph, prefix):
+    return {(m, d) for m, deps in graph.items() if m == prefix or m.startswith(prefix + ".") for d in deps}
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("pefttune.runtime", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
+                              "pefttune.study", "pefttune.cli")),
+        ("pefttune.trainables", ("pefttune.search", "pefttune.darts.experiment", "pefttune.analysis",
+                                 "pefttune.study", "pefttune.cli")),
+        ("pefttune.search", ("pefttune.darts", "pefttune.analysis", "pefttune.study", "pefttune.cli")),
+        ("pefttune.darts", ("pefttune.search", "pefttune.analysis", "pefttune.study", "pefttune.cli")),
+        ("pefttune.analysis", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.study",
+                               "pefttune.cli")),
+        ("pefttune.analysis.store", ("pefttune.analysis",)),  # the store only reads
+        ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
+                           "pefttune.runtime", "pefttune.cli")),
+    ],
+)
+def test_layers_import_only_downwards(layer, forbidden):
+    graph = import_graph()
+    bad = sorted(
+        f"{m} -> {d}" for m, d in _deps_under(graph, layer)
+        if any(d == f or d.startswith(f + ".") for f in forbidden) and not d.startswith(layer + ".")
+        and not (layer == "pefttune.analysis.store" and d == layer)
+    )
+    assert not bad, bad
