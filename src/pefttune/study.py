@@ -55,6 +55,7 @@ def run_study(
     import ray
 
     from pefttune.analysis.report import analyze, format_comparison
+    from pefttune.data.loaders import prepare_data
     from pefttune.runtime.cluster import connect_ray
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.experiment import experiment_path, results_frame
@@ -68,6 +69,7 @@ def run_study(
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
+    prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
     started = connect_ray(address, log_to_driver=verbose >= 2)
     frames = []
     try:

@@ -1,8 +1,10 @@
 """A trial's data: what the driver fixes once, and the loaders each trial builds from it.
 
 - :func:`prepare_data` (driver, before Ray starts): make sure the corpus/manifest exists
-  through :mod:`pefttune.data.sources`, check the splits, fix the vocabulary from train;
-  returns a small picklable :class:`DataRef`;
+  through :mod:`pefttune.data.sources`, check every audio file it names
+  (:func:`pefttune.data.check.check_audio`: all bad files in one error, or dropped under
+  ``data.on_error: skip``), check the splits, fix the vocabulary from train; returns a small
+  picklable :class:`DataRef`;
 - :func:`load_data` (trial): :class:`~pefttune.data.dataset.SpeechDataset` loaders with an
   :class:`EpochSampler`, so a resumed trial sees the same batches as an uninterrupted one.
 """
@@ -27,6 +29,16 @@ class DataRef:
     manifest: str  # absolute path of the manifest (parquet/csv/tsv)
     task_kind: str  # classification | ctc
     vocab: dict  # LabelVocab/TokenVocab.to_dict(), fixed from the train split
+    skipped: tuple = ()  # (row, split, path, reason) of rows dropped by the audio check (on_error: skip)
+
+    def rows(self):
+        """The manifest without the rows the audio check dropped."""
+        from pefttune.data.manifest import read_manifest
+
+        frame = read_manifest(self.manifest)
+        if self.skipped:
+            frame = frame.drop(index=[row for row, *_ in self.skipped], errors="ignore")
+        return frame
 
     def vocabulary(self):
         from pefttune.data.vocab import LabelVocab, TokenVocab
@@ -47,11 +59,15 @@ def _unit(config: ExperimentConfig) -> str:
     return "char" if config.data.task == "asr" else "phoneme"
 
 
-def prepare_data(config: ExperimentConfig) -> DataRef:
+def prepare_data(config: ExperimentConfig, progress: bool | None = None) -> DataRef:
     """Driver side, before Ray starts: make sure the data exist (synthesize the corpus or
     index the dataset folder once, :func:`pefttune.data.sources.manifest_for`), check every
-    split and fix the vocabulary from train. Errors name ``data.path``/``data.source``."""
+    audio file (one error naming every bad file; under ``data.on_error: skip`` they are
+    dropped and listed in the DataRef), check every split and fix the vocabulary from train.
+    Errors name ``data.path``/``data.source``."""
+    from pefttune.data.check import check_audio
     from pefttune.data.dataset import SpeechDataset
+    from pefttune.data.manifest import read_manifest
     from pefttune.data.sources import manifest_for
 
     data = config.data
@@ -62,12 +78,20 @@ def prepare_data(config: ExperimentConfig) -> DataRef:
         raise FileNotFoundError(f"{where}: {err}") from None
     task_kind = config.task_kind
     try:
-        train = SpeechDataset(manifest, "train", task_kind, unit=_unit(config), on_error=data.on_error)
+        checked = check_audio(read_manifest(manifest), on_error=data.on_error, progress=progress)
+    except ValueError as err:  # AudioCheckError: every bad file, before any compute
+        raise ValueError(f"{where} (manifest {manifest}): {err}") from None
+    if checked.bad:
+        print(f"[pefttune] {checked.summary()} (data.on_error: skip)", flush=True)
+    rows = checked.kept
+    try:
+        train = SpeechDataset(rows, "train", task_kind, unit=_unit(config), on_error=data.on_error)
         for split in ("dev", "test"):
-            SpeechDataset(manifest, split, task_kind, vocab=train.vocab, on_error=data.on_error)
+            SpeechDataset(rows, split, task_kind, vocab=train.vocab, on_error=data.on_error)
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{where} (manifest {manifest}): {err}") from None
-    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict())
+    skipped = tuple((int(b.row), b.split, b.path, b.reason) for b in checked.bad)
+    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped)
 
 
 def _trial_dataset_class():
@@ -107,8 +131,10 @@ def load_data(config: ExperimentConfig, ref: DataRef, seed: int = 0, num_workers
     vocab = ref.vocabulary()
     data = config.data
 
+    rows = ref.rows()
+
     def split(name: str, max_seconds=None):
-        return dataset(ref.manifest, name, ref.task_kind, vocab=vocab, unit=_unit(config), on_error=data.on_error,
+        return dataset(rows, name, ref.task_kind, vocab=vocab, unit=_unit(config), on_error=data.on_error,
                        max_seconds=max_seconds, validate=False)
 
     train = split("train", data.max_seconds)

@@ -18,6 +18,8 @@ from pefttune.backbones import BackboneInfo
 from pefttune.data.loaders import DataRef, prepare_data
 from pefttune.heads import Head, HeadConfig
 from pefttune.model import PeftSpeechModel
+from pefttune.runtime.experiment import experiment_path as experiment_root
+from pefttune.runtime.storage import write_storage_text
 from pefttune.training import TrainConfig
 
 if TYPE_CHECKING:  # pydantic is not needed to train or to read checkpoints
@@ -71,7 +73,25 @@ def make_setup(config: ExperimentConfig, experiment_path: str, faults: Faults | 
     backbone = Path(config.backbone).expanduser()
     if config.backbone.startswith((".", "/", "~")) or backbone.exists():
         config = config.model_copy(update={"backbone": str(backbone.resolve())})
-    return TrialSetup(experiment=config, data=prepare_data(config), experiment_path=experiment_path, faults=faults)
+    data = prepare_data(config)
+    if data.skipped:  # recorded in the experiment folder (and so in the report)
+        write_skipped_audio(data, experiment_root(config))
+    return TrialSetup(experiment=config, data=data, experiment_path=experiment_path, faults=faults)
+
+
+SKIPPED_AUDIO = "skipped_audio.csv"
+
+
+def write_skipped_audio(data: DataRef, root: str) -> None:
+    """``<experiment>/skipped_audio.csv``: the manifest rows the audio check dropped."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", "split", "path", "reason"])
+    writer.writerows(data.skipped)
+    write_storage_text(f"{root}/{SKIPPED_AUDIO}", buffer.getvalue())
 
 
 def train_config(config: ExperimentConfig, **overrides) -> TrainConfig:
