@@ -99,6 +99,8 @@ def _make_trainable():
             "kind": spec["kind"], "method": spec["method"] or "", "lr": 0.001,
             "peft_params": spec["params"] - 10, "head_params": 10, "trainable_params": spec["params"],
             "over_budget": False,
+            **({"seed": spec["seed"]} if "seed" in spec else {}),
+            **({"config_id": spec["config_id"]} if "config_id" in spec else {}),
         }
         if spec.get("over_budget"):
             tune.report({**columns, "over_budget": True, "epoch": 0, f"dev_{metric}": 0.0, f"best_dev_{metric}": 0.0})
@@ -106,6 +108,7 @@ def _make_trainable():
 
         def classification(labels, index, wrong, conf, reverse):
             labels = _np.asarray(labels, dtype=_np.int64)
+            wrong = set(wrong)
             pred = _np.array([(y + 1) % 3 if i in wrong else y for i, y in enumerate(labels)], dtype=_np.int64)
             probs = _np.full((len(labels), 3), (1.0 - conf) / 2, dtype=_np.float32)
             probs[_np.arange(len(labels)), pred] = conf
@@ -143,8 +146,9 @@ def _make_trainable():
 
         if task == "classification":
             dev = classification([i % 3 for i in range(20)], range(20), spec["dev_wrong"], spec["conf"], spec.get("reverse"))
-            test = classification([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], range(100, 110), spec["test_wrong"], spec["conf"],
-                                  spec.get("reverse"))
+            n_test = spec.get("n_test", 10)
+            test = classification([i % 3 for i in range(n_test)], range(100, 100 + n_test), spec["test_wrong"],
+                                  spec["conf"], spec.get("reverse"))
         else:
             dev = test = ctc(spec["corrupt"])
         epochs = spec["epochs"]
@@ -157,7 +161,8 @@ def _make_trainable():
                        f"best_dev_{metric}": best, "best_epoch": epoch}
             if spec.get("alpha"):
                 for layer in range(len(layers)):
-                    logits = _np.array([0.0, epoch * (layer + 1) * 0.3, -epoch * 0.2])
+                    scale = spec.get("alpha_scale", 0.3)
+                    logits = _np.array([0.0, epoch * (layer + 1) * scale, -epoch * 0.2])
                     probs = _np.exp(logits) / _np.exp(logits).sum()
                     for name, p in zip(("none", "lora", "bitfit"), probs):
                         metrics[f"alpha/L{layer:02d}/{name}"] = float(p)

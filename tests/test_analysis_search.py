@@ -56,6 +56,6 @@ def test_ensemble_and_report_over_a_real_search(search_dir, tmp_path):
     assert run.result("soft").test_score == pytest.approx(float(np.mean(E.soft_vote(data.probs)[0] == data.labels)))
     result = analyze(exp, tmp_path)
     assert result["findings"]["1"]["verdict"] == "not run"
-    assert result["findings"]["2"]["verdict"] != "not run" and result["findings"]["3"]["pairs"] == 1
+    assert result["findings"]["2"]["verdict"] != "not run" and len(result["findings"]["3"]["pairs"]) == 1
     assert len(pd.read_parquet(tmp_path / "tables" / "predictions.parquet")) == 2 * (9 + 9)
     assert "### Finding 2:" in (tmp_path / "report.md").read_text()

@@ -49,14 +49,16 @@ def test_trials_table_schema(exp, exported):
     out, _ = exported
     frame = pd.read_parquet(out / "trials.parquet")
     assert len(frame) == 10
-    fixed = ["trial_id", "experiment", "trial_name", "status", "outcome", "usable", "kind", "method", "metric",
+    fixed = ["trial_id", "experiment", "trial_name", "status", "outcome", "usable", "kind", "method", "config_id",
+             "seed", "metric",
              "dev_score", "best_dev_score", "test_score", "trainable_params", "epochs", "time_total_s",
              "wall_time_s", "start_time", "num_failures", "placement", "placement_short", "num_layers",
              "layer_00", "layer_01", "layer_02", "layer_03", "derived_placement", "error", "checkpoint",
              "has_predictions"]
     assert list(frame.columns[: len(fixed)]) == fixed
-    for col in ("trial_id", "kind", "outcome", "layer_00", "placement"):
+    for col in ("trial_id", "kind", "outcome", "layer_00", "placement", "config_id"):
         assert pd.api.types.is_string_dtype(frame[col]), col
+    assert frame["seed"].dropna().astype(int).tolist() == [0] * int(frame["seed"].notna().sum())  # train.seed
     for col in ("dev_score", "best_dev_score", "test_score", "time_total_s", "wall_time_s"):
         assert frame[col].dtype == np.float64, col
     assert str(frame["trainable_params"].dtype) == "Int64" and str(frame["epochs"].dtype) == "Int64"

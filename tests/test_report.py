@@ -28,24 +28,31 @@ def test_analyze_returns_the_key_numbers(analysis):
     assert result["best"]["darts-derived"]["test"] == pytest.approx(0.7)
     assert list(result["uniform"]) == ["lora", "bitfit", "sequential"]
     f1, f2, f3 = (result["findings"][k] for k in ("1", "2", "3"))
-    # finding 1: darts-derived 0.7 vs uniform lora 0.7, b = c = 1
-    assert f1["verdict"] == "reproduced"
-    assert (f1["comparison"]["mcnemar_b"], f1["comparison"]["mcnemar_c"], f1["comparison"]["mcnemar_p"]) == (1, 1, 1.0)
-    # finding 2: per-method majority vote 1.0 vs the best member (lora, by dev) 0.7, p = 0.25
-    assert f2["verdict"] == "reproduced" and f2["members"] == "per-method"
-    assert f2["vote_test"] == 1.0 and f2["best_member_test"] == pytest.approx(0.7)
-    assert f2["mcnemar_p"] == pytest.approx(0.25) and f2["best_strategy"] == "vote"
-    # finding 3: disjoint errors between the three uniform methods
-    assert f3["verdict"] == "reproduced" and f3["pairs"] == 3
-    assert f3["mean_error_overlap"] == 0.0 and f3["share_mcnemar_significant"] == 0.0
-    assert f3["mean_agreement"] == pytest.approx(0.4)
+    # one seed and 10 test examples: no configuration beats the most frequent label (0.4) by an
+    # interval above the margin (lora 0.7: [-0.1, ...]), so nothing is judged; the rules' own
+    # outcomes are kept next to it
+    assert result["decision"]["learned"] is False
+    assert all(f["verdict"] == "inconclusive: nothing learned" for f in (f1, f2, f3))
+    # finding 1: darts-derived 0.7 vs uniform lora 0.7: difference 0, but the interval straddles +delta
+    assert f1["own_verdict"] == "inconclusive" and f1["comparison"]["diff"] == 0.0
+    assert f1["comparison"]["ci_low"] < 0 < 0.01 < f1["comparison"]["ci_high"]
+    assert "[-0.3000, +0.3000]" in f1["rule"] and "delta = +0.0100" in f1["rule"]
+    assert f1["mcnemar_by_seed"][0]["mcnemar_b"] == 1 and f1["mcnemar_by_seed"][0]["mcnemar_c"] == 1
+    # finding 2: per-seed vote 1.0 vs the best member (lora, by dev) 0.7: the gain interval touches 0
+    assert f2["own_verdict"] == "inconclusive" and f2["majority_strategy"] == "vote"
+    assert f2["vote_gain"]["diff"] == pytest.approx(0.3) and f2["vote_gain"]["ci_low"] <= 0
+    assert f2["per_seed"][0]["vote_test"] == 1.0 and f2["per_seed"][0]["best_member_test"] == pytest.approx(0.7)
+    assert f2["per_seed"][0]["mcnemar_p"] == pytest.approx(0.25)
+    # finding 3: disjoint errors between the three uniform methods: overlap 0 with any resample
+    assert f3["own_verdict"] == "reproduced" and len(f3["pairs"]) == 3
+    assert all(r["error_overlap"] == 0.0 and r["overlap_ci_high"] == 0.0 for r in f3["pairs"])
     names = [row["name"] for row in result["comparison"]]
     assert names[:3] == ["uniform:lora", "uniform:bitfit", "uniform:sequential"]
     assert "best darts-derived" in names and "ensemble per-method:vote" in names
     text = format_comparison(result)
     assert re.search(r"ensemble per-method:vote\s+3,300\s+1\.0000\s+1\.0000", text)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["findings"]["2"]["vote_test"] == 1.0
+    assert summary["findings"]["2"]["per_seed"][0]["vote_test"] == 1.0
 
 
 def test_analyze_writes_report_tables_and_plots(analysis):
@@ -53,10 +60,12 @@ def test_analyze_writes_report_tables_and_plots(analysis):
     report = (out / "report.md").read_text()
     for n in ("1", "2", "3"):
         assert f"### Finding {n}:" in report
-    assert "DARTS does not significantly beat uniform placement" in report
-    assert "McNemar b=1, c=1, p=1.000" in report  # finding 1's numbers
-    assert "test accuracy 1.0000 vs 0.7000" in report and "p=0.250" in report  # finding 2
-    assert "mean error overlap (Jaccard) 0.0000" in report and "0/3 pairs" in report  # finding 3
+    assert "the finding's own rule said: inconclusive: the 95% CI of DARTS - best uniform [-0.3000, +0.3000]" in report
+    assert "**Nothing learned**" in report
+    assert "b=1, c=1, p=1.000" in report  # finding 1's supporting McNemar
+    assert "seed 0: 1.0000 vs 0.7000, b=3, c=0, p=0.250" in report  # finding 2's supporting McNemar
+    assert "own rule said: reproduced: 3 of 3 pairs" in report
+    assert "## Configurations (mean over seeds" in report and "no interval: one seed" in report
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     assert {"placements", "pareto", "agreement", "ensembles_per-method", "ensembles_top-3"} <= set(
@@ -73,10 +82,12 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
     """A CTC experiment without DARTS: finding 1 is 'not run', the others use ROVER / whole hypotheses."""
     result = analyze(ctc_experiment(), tmp_path)
     f1, f2, f3 = (result["findings"][k] for k in ("1", "2", "3"))
-    assert f1["verdict"] == "not run" and "darts-derived" in f1["text"]
-    assert f2["majority_strategy"] == "rover" and f2["vote_test"] == 0.0 and f2["verdict"] == "reproduced"
-    assert f2["best_member_test"] == pytest.approx(1 / 6)
-    assert f3["verdict"] == "reproduced" and f3["mean_error_overlap"] == 0.0
+    assert f1["verdict"] == "not run" and "DARTS-derived" in f1["text"]
+    # 4 utterances, one seed: PER 0 (ROVER) vs 1/6 for the best member, but the interval reaches 0
+    assert f2["majority_strategy"] == "rover" and f2["per_seed"][0]["vote_test"] == 0.0
+    assert f2["per_seed"][0]["best_member_test"] == pytest.approx(1 / 6) and f2["verdict"] == "inconclusive"
+    assert f2["vote_gain"]["diff"] == pytest.approx(1 / 6) and f2["vote_gain"]["ci_low"] <= 0  # edits over lengths
+    assert f3["verdict"] == "inconclusive" and all(r["error_overlap"] == 0.0 for r in f3["pairs"])
     report = (tmp_path / "report.md").read_text()
     assert "Finding 1: DARTS vs uniform placement -- not run" in report
     assert "No DARTS search trials: no alpha plot." in report
@@ -89,7 +100,8 @@ def test_report_cli(ray_session, tmp_path, capsys):
 
     assert main(["report", str(classification_experiment()), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "finding 1" in out and "finding 2" in out and "finding 3" in out and "reproduced" in out
+    assert "finding 1" in out and "finding 2" in out and "finding 3" in out and "nothing learned" in out
+    assert out.count("  rule: ") == 3 and "own rule said: reproduced" in out
     assert (tmp_path / "report.md").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

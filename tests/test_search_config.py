@@ -115,7 +115,8 @@ def test_experiment_counts_fixed_points_and_grid(tmp_path, manifest):
     assert experiment.metric == "best_dev_accuracy" and experiment.mode == "max"
     assert experiment.optuna_url == f"sqlite:///{tmp_path / 'search-test' / 'optuna.db'}"
     grid = parse_config(search_config(manifest, tmp_path, methods={"bitfit": {}},
-                                      search={"algorithm": "grid", "num_samples": 0, "uniform_baselines": False}))
+                                      search={"algorithm": "grid", "num_samples": 0, "uniform_baselines": False,
+                                                 "hybrid": False}))
     assert build_experiment(grid).num_samples == 2**4  # every layer: none or bitfit
 
 

@@ -41,8 +41,9 @@ def search_config(manifest: Path, storage: Path, **sections) -> dict:
         "methods": {"lora": {"rank": [2, 4]}, "bitfit": {}, "sequential": {"bottleneck": [8, 32]}},
         "train": {"epochs": 2, "lr": 0.005, "max_steps_per_epoch": 3, "warmup_ratio": 0.0},
         "search": {"algorithm": "tpe", "num_samples": 2, "scheduler": "none", "max_concurrent": 2,
-                   "max_failures": 1},
+                   "max_failures": 1, "frozen_reference": False},
         "resources": {"cpu": 1},
+        "analysis": {"logmel_reference": False},
         "storage": str(storage),
     }
     for key, value in sections.items():  # sections are merged, `methods` is replaced

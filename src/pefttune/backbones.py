@@ -3,8 +3,10 @@
 `load_backbone(name_or_path)` accepts
 - a built-in tiny backbone name (`tiny-wav2vec2`, `tiny-hubert`, `tiny-wavlm`: random init
   from a fixed seed, for unit tests) or a shipped self-supervised one (see `SHIPPED`),
-- a local directory written by `save_pretrained`, or
-- a Hugging Face model id (needs the model in the local HF cache or network access).
+- a local directory written by `save_pretrained`,
+- a Hugging Face model id (needs the model in the local HF cache or network access), or
+- ``log-mel`` (:data:`LOG_MEL`): the reference pseudo-backbone, no SSL encoder at all
+  (:class:`LogMelEncoder`: 40-band log-mel frames at 20 ms, zero layers).
 
 The returned :class:`SpeechEncoder` keeps the transformers model frozen and runs it in
 two separable steps, so that trainers can cache what never changes:
@@ -41,7 +43,8 @@ from transformers import (
 
 from pefttune import attention
 
-Family = Literal["wav2vec2", "hubert", "wavlm"]
+Family = Literal["wav2vec2", "hubert", "wavlm", "log-mel"]
+#: The transformers SSL families (``log-mel`` is the pseudo-backbone's family, not one of these).
 FAMILIES: tuple[Family, ...] = ("wav2vec2", "hubert", "wavlm")
 
 _CONFIG_CLASSES = {"wav2vec2": Wav2Vec2Config, "hubert": HubertConfig, "wavlm": WavLMConfig}
@@ -67,6 +70,9 @@ _CONFIG_METADATA = frozenset(
 
 SAMPLE_RATE = 16_000
 TINY_SEED = 1234
+
+#: The reference pseudo-backbone: the same head on log-mel filterbank features, no SSL encoder.
+LOG_MEL = "log-mel"
 
 
 def tiny_config(
@@ -154,6 +160,8 @@ def _load_pretrained(source: str | Path) -> PreTrainedModel:
 def load_backbone(name_or_path: str | Path) -> "SpeechEncoder":
     """Load a frozen encoder by built-in name, local directory or Hugging Face id."""
     name = str(name_or_path)
+    if name == LOG_MEL:
+        return LogMelEncoder()
     if name in TINY_BACKBONES:
         return SpeechEncoder(build_tiny_model(TINY_BACKBONES[name]), name=name)
     if name in SHIPPED:
@@ -207,6 +215,8 @@ def backbone_info(name: str) -> BackboneInfo:
     """Shape of a backbone from its config only (no weights loaded)."""
     from transformers import AutoConfig
 
+    if name == LOG_MEL:
+        return LogMelConfig().info()
     if name in TINY_BACKBONES:
         return BackboneInfo.from_config(tiny_config(TINY_BACKBONES[name]), name)
     if name in SHIPPED:
@@ -391,3 +401,124 @@ class SpeechEncoder(nn.Module):
         """All L + 1 hidden states (embedding output, then each layer) and the frame mask."""
         hidden, mask = self.embed(input_values, attention_mask)
         return [hidden, *self.run_layers(hidden, mask)], mask
+
+
+# -- the log-mel reference ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogMelConfig:
+    """Settings of the ``log-mel`` pseudo-backbone (all of them enter its content hash).
+
+    Window 380 / hop 320 samples (23.75 ms / 20 ms at 16 kHz) are the tiny backbones'
+    CNN receptive field and total stride (:func:`pefttune.pretraining.targets.receptive_field`
+    of :func:`tiny_config`): log-mel frame ``t`` covers exactly the samples that a tiny
+    backbone's frame ``t`` sees, so the head pools over the same frames as on the default
+    ``tiny-hubert-ssl``. Normalisation ``utterance``: one mean and one standard deviation
+    per utterance, over all its valid frames and bands. It removes the gain and keeps the
+    spectral shape; per-band (cepstral) mean normalisation would erase a stationary
+    spectrum, e.g. a speaker's average spectrum that speaker identification relies on.
+    """
+
+    num_mels: int = 40
+    window: int = 380
+    hop: int = 320
+    normalize: Literal["utterance"] = "utterance"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_mels
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return 0
+
+    def to_diff_dict(self) -> dict:
+        return {"model_type": LOG_MEL, "num_mels": self.num_mels, "window": self.window, "hop": self.hop,
+                "normalize": self.normalize, "sample_rate": SAMPLE_RATE}
+
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(name=LOG_MEL, family="log-mel", num_layers=0, hidden_size=self.num_mels,
+                            intermediate_size=0, num_heads=0)
+
+
+class LogMelEncoder(SpeechEncoder):
+    """The ``log-mel`` reference: a :class:`SpeechEncoder` without an SSL encoder.
+
+    :meth:`embed` computes normalised log-mel frames (:class:`LogMelConfig`) with
+    :class:`pefttune.pretraining.targets.LogMel`; there are zero transformer layers, so the
+    head's weighted layer sum sees one hidden state (the features), the only placement is
+    the empty one (``{"num_layers": 0, "layers": []}``) and the head holds every trainable
+    parameter. It has no weights of its own (``model`` is an empty module), so
+    :func:`~pefttune.placement.apply_placement`, the frozen cache and saved models treat it
+    like any other backbone; :meth:`content_hash` hashes the settings.
+    """
+
+    def __init__(self, settings: LogMelConfig | None = None):
+        nn.Module.__init__(self)  # no transformers model to wrap (SpeechEncoder.__init__ needs one)
+        from pefttune.pretraining.targets import LogMel  # lazy: pefttune.pretraining imports this module
+
+        self.settings = settings or LogMelConfig()
+        self.name = LOG_MEL
+        self.family: Family = "log-mel"
+        self.model = nn.Module()  # holds no weights: nothing to freeze, nothing to adapt
+        self._layers = nn.ModuleList()
+        self.log_mel = LogMel(self.settings.num_mels, window=self.settings.window, hop=self.settings.hop)
+
+    @property
+    def config(self) -> LogMelConfig:
+        return self.settings
+
+    @property
+    def info(self) -> BackboneInfo:
+        return self.settings.info()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers
+
+    def train(self, mode: bool = True) -> "LogMelEncoder":
+        nn.Module.train(self, mode)
+        return self
+
+    def content_hash(self) -> str:
+        """SHA-256 over the settings: the features are a fixed function of them."""
+        return hashlib.sha256(json.dumps(self.settings.to_diff_dict(), sort_keys=True).encode()).hexdigest()
+
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        """Whole windows within the valid samples (the tiny backbones' count for the defaults)."""
+        window, hop = self.settings.window, self.settings.hop
+        lengths = sample_lengths.to(torch.long)
+        return torch.where(lengths >= window, torch.div(lengths - window, hop, rounding_mode="floor") + 1, 0)
+
+    @torch.no_grad()
+    def embed(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised log-mel frames (B, T, num_mels), frame mask (B, T) bool); padded frames are 0.
+
+        A valid frame sees only valid samples, so an utterance gets the same features alone
+        or in a padded batch.
+        """
+        log_mel = self.log_mel
+        if log_mel.bank.device != input_values.device:  # LogMel keeps plain tensors: follow the input
+            log_mel.bank, log_mel.taper = log_mel.bank.to(input_values.device), log_mel.taper.to(input_values.device)
+        waveforms = input_values.float()
+        if waveforms.shape[1] < self.settings.window:  # shorter than one window: no valid frame
+            waveforms = nn.functional.pad(waveforms, (0, self.settings.window - waveforms.shape[1]))
+        features = log_mel(waveforms)  # (B, T, M)
+        batch, frames = features.shape[:2]
+        if attention_mask is None:
+            samples = torch.full((batch,), input_values.shape[1], device=features.device)
+        else:
+            samples = attention_mask.sum(-1).to(features.device)
+        mask = torch.arange(frames, device=features.device)[None, :] < self.frame_lengths(samples)[:, None]
+        valid = mask[..., None].to(features.dtype)
+        count = valid.sum((1, 2), keepdim=True) * features.shape[-1]
+        mean = (features * valid).sum((1, 2), keepdim=True) / count.clamp_min(1.0)
+        var = ((features - mean).pow(2) * valid).sum((1, 2), keepdim=True) / count.clamp_min(1.0)
+        features = (features - mean) / var.sqrt().clamp_min(1e-5)
+        return features.masked_fill(~mask[..., None], 0.0), mask
+
+    def run_layer(self, index, hidden, mask, position_bias=None):
+        raise IndexError(f"backbone {LOG_MEL!r} has no layers (asked for layer {index})")

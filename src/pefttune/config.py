@@ -60,7 +60,14 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
-    seed: int = Field(0, description="Seed of every trial (the same for all, so comparisons are fair).")
+    seed: int = Field(0, description="Seed of the search: its trials, the fixed points' first replicate and the "
+                      "DARTS search (the same for all, so comparisons are fair).")
+    seeds: list[int] | None = Field(
+        None,
+        description="Replicate seeds (default: [seed]). Every fixed point (uniform baselines, hybrid, frozen "
+        "reference), the top search.replicate_top searched placements and every DARTS-derived placement is "
+        "trained once per seed; the first seed is the search's.",
+    )
     bf16: bool = Field(False, description="bf16 autocast on GPU.")
     metric: Literal["accuracy", "macro_f1", "per", "wer", "cer"] | None = Field(
         None, description="Task metric (default: accuracy for classification, per/wer for CTC)."
@@ -78,6 +85,29 @@ class TrainSection(_Section):
         description="Cap on the frozen cache on disk (GiB), all keys and trials of a node together; past it, "
         "states stay in memory or are recomputed (same results).",
     )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one seed, or leave it out")
+            if len(set(value)) != len(value):
+                raise ValueError(f"seeds must be distinct, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _search_seed(self):
+        if self.seeds is not None:
+            if "seed" in self.model_fields_set and self.seed != self.seeds[0]:
+                raise ValueError(f"seed: {self.seed} must be train.seeds[0] ({self.seeds[0]}), the search's "
+                                 "seed, or be left out")
+            self.seed = self.seeds[0]
+        return self
+
+    @property
+    def replicate_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
 
     @field_validator("lr_range")
     @classmethod
@@ -97,7 +127,22 @@ class SearchSection(_Section):
     reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor.")
     max_concurrent: int = Field(2, ge=1, description="Trials running at once.")
     uniform_baselines: bool = Field(True, description="Add one uniform trial per candidate method.")
-    hybrid: bool = Field(True, description="Add one trial with all candidate methods merged in every layer.")
+    hybrid: Any = Field(
+        True,
+        description="The hybrid fixed point: one trial with several methods merged inside every layer. true: the "
+        "study's mix {sequential: {bottleneck: 10}, parallel: {bottleneck: 10}, lora: {rank: 2}}; a mapping of "
+        "member method -> hyper-parameters (at least two members); auto: the study's mix with each member's size "
+        "scaled so the hybrid's PEFT parameters come as close as possible to `budget` without going over (no "
+        "budget: to the mean of the uniform baselines'); candidates: every candidate method at its first listed "
+        "values; false: none.",
+    )
+    frozen_reference: bool = Field(
+        True, description="Train the 'frozen' reference (no PEFT in any layer, head only) once per seed."
+    )
+    replicate_top: int = Field(
+        2, ge=0, description="The best searched placements (by dev) trained again with every other seed of "
+        "train.seeds."
+    )
     multi_objective: bool = Field(False, description="Optimise task metric and trainable parameters (Pareto).")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial from its last checkpoint.")
     reuse_actors: bool = Field(True, description="Reuse Ray actors between trials (much less per-trial overhead).")
@@ -105,6 +150,19 @@ class SearchSection(_Section):
         False, description="Train the fixed points (uniform baselines, hybrid) even when over the budget."
     )
     tpe_startup_trials: int = Field(5, ge=0, description="TPE: random trials (fixed points included) before TPE.")
+
+    @field_validator("hybrid")
+    @classmethod
+    def _hybrid(cls, value: Any) -> Any:
+        from pefttune.methods.hybrid import resolve_members
+
+        if isinstance(value, bool) or value in ("auto", "candidates"):
+            return value
+        if isinstance(value, dict):
+            resolve_members(value, "")  # errors name the member: "search.hybrid: lora.rank: must be >= 1"
+            return value
+        raise ValueError(f"expected true, false, auto, candidates or a mapping of member method -> "
+                         f"hyper-parameters, got {value!r}")
     optuna_storage: str | None = Field(
         None, description="Optuna RDB URL (default: sqlite file optuna.db in the experiment dir)."
     )
@@ -124,6 +182,22 @@ class DartsSection(_Section):
     arch_weight_decay: float = Field(1e-3, ge=0, description="Weight decay of alpha.")
     arch_split: float = Field(0.5, gt=0, lt=1, description="Share of the training set held out for alpha updates.")
     warmup_epochs: int = Field(1, ge=0, description="Epochs of weight-only training before alpha updates.")
+    arch_steps_per_weight_step: int = Field(
+        1, ge=1, description="Architecture steps (each on the next arch batch) before every weight step; DARTS: 1. "
+        "More lets alpha converge in a search with few weight steps, at one arch pass per step each."
+    )
+    arch_betas: tuple[float, float] = Field(
+        (0.5, 0.999), description="Adam betas of alpha (DARTS: 0.5, 0.999). A first beta near 0.9 averages the "
+        "arch-batch gradients over about 10 steps: steadier alpha when each batch's gradient is noisy."
+    )
+    arch_batch_size: int | None = Field(
+        None, ge=1, description="Batch size of the architecture split's loader (default: data.batch_size); larger "
+        "batches give alpha less noisy gradients."
+    )
+    converged_entropy: float = Field(
+        0.7, gt=0, le=1, description="The relaxation counts as converged when its mean normalised entropy "
+        "H/ln K over layers is at most this at the end of the search (1 = uniform, 0 = one-hot)."
+    )
     budget_penalty: float = Field(0.0, ge=0, description="Weight of the expected-parameters-over-budget penalty.")
     fair_zero_one: float = Field(10.0, ge=0, description="Fair-DARTS: weight of the zero-one loss.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One DARTS search per seed.")
@@ -134,6 +208,13 @@ class DartsSection(_Section):
         "overriding this section, e.g. [{}, {mix: exact}, {relaxation: gumbel, hard: true}]. Empty: one variant, "
         "this section's own settings.",
     )
+
+    @field_validator("arch_betas")
+    @classmethod
+    def _betas(cls, value: tuple) -> tuple:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("must be two numbers in [0, 1)")
+        return value
 
     @field_validator("variants")
     @classmethod
@@ -152,6 +233,19 @@ class DartsSection(_Section):
                 )
                 raise ValueError(f"[{index}]: {problems}") from None
         return value
+
+
+class AnalysisSection(_Section):
+    margin: float = Field(
+        0.01, ge=0, description="Equivalence margin delta of the verdicts, in units of the metric: a difference "
+        "whose interval lies within +delta counts as 'no better'."
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of every interval in the report.")
+    bootstrap_draws: int = Field(2000, ge=200, description="Paired bootstrap draws per comparison.")
+    logmel_reference: bool = Field(
+        True, description="Add the 'log-mel' reference: the same head on log-mel filterbank features, no SSL "
+        "encoder, once per seed (classification tasks)."
+    )
 
 
 class ResourcesSection(_Section):
@@ -183,6 +277,7 @@ class ExperimentConfig(_Section):
     search: SearchSection = Field(default_factory=SearchSection)
     darts: DartsSection = Field(default_factory=DartsSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    analysis: AnalysisSection = Field(default_factory=AnalysisSection)
     storage: str = Field("./pefttune-results", description="Local dir or URI Ray accepts (s3://, gs://, ...).")
     storage_shared: bool = Field(
         False,
@@ -206,6 +301,11 @@ class ExperimentConfig(_Section):
         if not value:
             raise ValueError("need at least one candidate method")
         for name, ranges in value.items():
+            if name == "hybrid":  # a per-layer candidate merging several methods (pefttune.methods.hybrid)
+                from pefttune.methods.hybrid import resolve_members
+
+                resolve_members(ranges, "hybrid")
+                continue
             try:
                 spec = get_method(name)
             except ValueError as err:

@@ -11,7 +11,11 @@ JSON form (``to_dict``)::
      "layers": [[{"method": "lora", "rank": 8}], [], [{"method": "houlsby"}], []]}
 
 ``from_dict`` also accepts a method as a bare name (``"lora"``), ``"none"`` for an empty
-layer, and a sparse mapping ``{"layers": {"0": "lora", "2": ["houlsby", "lora"]}}``.
+layer, a sparse mapping ``{"layers": {"0": "lora", "2": ["houlsby", "lora"]}}``, and a
+hybrid entry ``{"method": "hybrid", "sequential": {"bottleneck": 10}, "lora": {"rank": 2}}``,
+which the layer holds as its members (:mod:`pefttune.methods.hybrid`).
+``{"num_layers": 0, "layers": []}`` is the empty placement of a backbone without layers
+(the ``log-mel`` reference).
 """
 from __future__ import annotations
 
@@ -24,25 +28,44 @@ import yaml
 
 from pefttune.backbones import BackboneInfo, SpeechEncoder
 from pefttune.methods import LayerMethod, get_method
+from pefttune.methods import hybrid as hybrid_spec
 
 
 @dataclass(frozen=True)
 class MethodChoice:
-    """One method in one layer, with all hyper-parameters resolved (defaults filled)."""
+    """One method in one layer, with all hyper-parameters resolved (defaults filled).
+
+    ``method == "hybrid"`` is a per-layer choice of several merged methods (a candidate of
+    the search or of DARTS): ``hparams`` maps each member method to its resolved
+    hyper-parameters (:mod:`pefttune.methods.hybrid`). A placement layer never holds it as
+    such: it holds the :meth:`members`.
+    """
 
     method: str
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        if self.method == hybrid_spec.HYBRID:
+            return {"method": self.method, **{e.pop("method"): e for e in hybrid_spec.member_entries(self.hparams)}}
         return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.hparams.items()}}
 
     def short(self) -> str:
+        if self.method == hybrid_spec.HYBRID:
+            return f"hybrid[{hybrid_spec.short(self.hparams)}]"
         spec = get_method(self.method)
         parts = [f"{spec.hparams[k].short}={_fmt(v)}" for k, v in self.hparams.items() if spec.hparams[k].short]
         return f"{self.method}({','.join(parts)})" if parts else self.method
 
     def count(self, info: BackboneInfo) -> int:
+        if self.method == hybrid_spec.HYBRID:
+            return hybrid_spec.count(info, self.hparams)
         return get_method(self.method).count(info, self.hparams)
+
+    def members(self) -> tuple["MethodChoice", ...]:
+        """The choices this one puts into a layer: a hybrid's members, else itself."""
+        if self.method == hybrid_spec.HYBRID:
+            return tuple(MethodChoice(name, dict(hparams)) for name, hparams in self.hparams.items())
+        return (self,)
 
 
 def _fmt(value) -> str:
@@ -64,6 +87,8 @@ def _parse_choice(entry: Any, where: str) -> MethodChoice:
         raise ValueError(f"{where}: expected a method name or mapping, got {entry!r}")
     if not isinstance(name, str):
         raise ValueError(f"{where}.method: expected a method name, got {name!r}")
+    if name == hybrid_spec.HYBRID:
+        return MethodChoice(name, hybrid_spec.resolve_members(hparams, f"{where}.hybrid"))
     try:
         spec = get_method(name)
     except ValueError as err:
@@ -76,7 +101,7 @@ def _parse_layer(entry: Any, where: str) -> tuple[MethodChoice, ...]:
         return ()
     items = entry if isinstance(entry, (list, tuple)) else [entry]
     choices = [_parse_choice(item, f"{where}[{i}]" if len(items) > 1 else where) for i, item in enumerate(items)]
-    choices = [c for c in choices if c.method != "none"]
+    choices = [m for c in choices for m in c.members() if m.method != "none"]  # a hybrid: its members
     names = [c.method for c in choices]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -112,8 +137,12 @@ class Placement:
         raw = data["layers"]
         num_layers = data.get("num_layers")
         if num_layers is not None:
-            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-                raise ValueError(f"placement.num_layers: expected a positive integer, got {num_layers!r}")
+            if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+                raise ValueError(f"placement.num_layers: expected a non-negative integer, got {num_layers!r}")
+            if num_layers == 0:  # a backbone without layers (the log-mel reference): nothing to place
+                if raw not in ([], {}, ()):
+                    raise ValueError(f"placement.layers: num_layers is 0, so 'layers' must be empty, got {raw!r}")
+                return cls(())
         if isinstance(raw, dict):
             if num_layers is None:
                 raise ValueError("placement.num_layers: required when 'layers' is a mapping of layer index -> methods")

@@ -113,7 +113,7 @@ def run_study(
     for key in ("1", "2", "3"):
         finding = summary.get("findings", {}).get(key)
         if finding:
-            print(f"finding {key}: {finding.get('verdict')}: {finding.get('text')}")
+            print(f"finding {key}: {finding.get('verdict')}\n  rule: {finding.get('rule', '')}")
     files = summary.get("files", {})
     print(f"\nresults: {path}")
     if files.get("report"):

@@ -15,6 +15,7 @@ from pefttune.analysis.tables import (
     FORMATS,
     TABLES,
     alpha_table,
+    configs_table,
     ensembles_table,
     history_table,
     predictions_table,
@@ -46,6 +47,7 @@ def export_experiment(
     files: dict[str, Path] = {}
     builders = {
         "trials": lambda: trials_table(experiment),
+        "configs": lambda: configs_table(experiment),
         "history": lambda: history_table(experiment),
         "alpha": lambda: alpha_table(experiment),
         "predictions": lambda: predictions_table(experiment),

@@ -1,7 +1,8 @@
 """PNG plots of an experiment (headless: matplotlib's Agg backend).
 
 - :func:`placement_heatmap`: layers x top trials, each cell coloured by its method;
-- :func:`alpha_evolution`: DARTS probabilities per layer over the epochs, one PNG per trial;
+- :func:`alpha_evolution`: DARTS probabilities per layer over the epochs, and each layer's
+  normalised entropy against the convergence threshold, one PNG per trial;
 - :func:`pareto_plot`: score vs trainable parameters (log scale) with the Pareto front;
 - :func:`ensemble_bar`: members' and ensembles' test scores;
 - :func:`agreement_heatmap`: a pairwise agreement / kappa matrix.
@@ -88,8 +89,25 @@ def placement_heatmap(trials: pd.DataFrame, path: str | Path, mode: str = "max",
 
 
 # --------------------------------------------------------------------------- DARTS
-def alpha_evolution(alpha: pd.DataFrame, out_dir: str | Path, prefix: str = "alpha") -> list[Path]:
-    """One PNG per DARTS trial: a panel per layer, a line per candidate (prob vs epoch)."""
+def _entropy_norm(frame: pd.DataFrame, x_col: str) -> pd.DataFrame:
+    """(x, layer, entropy_norm) per result and layer: the alpha table's column, else H / ln K
+    of the normalised probabilities."""
+    if "entropy_norm" in frame and frame["entropy_norm"].notna().all():
+        return frame.groupby([x_col, "layer"], as_index=False)["entropy_norm"].first()
+    rows = []
+    for (x, layer), part in frame.groupby([x_col, "layer"]):
+        p = part["prob"].to_numpy(dtype=float)
+        p = p / max(p.sum(), 1e-12)
+        h = float(-(p * np.log(np.clip(p, 1e-12, None))).sum())
+        rows.append({x_col: x, "layer": layer, "entropy_norm": h / np.log(len(p)) if len(p) > 1 else np.nan})
+    return pd.DataFrame(rows, columns=[x_col, "layer", "entropy_norm"])
+
+
+def alpha_evolution(alpha: pd.DataFrame, out_dir: str | Path, prefix: str = "alpha",
+                    threshold: float | None = 0.7) -> list[Path]:
+    """One PNG per DARTS trial: a panel per layer, a line per candidate (prob vs epoch), and a
+    bottom panel with each layer's normalised entropy H / ln K over the epochs (1 = uniform)
+    and the convergence ``threshold`` (``darts.converged_entropy``; None: no line)."""
     if alpha.empty:
         return []
     out = []
@@ -97,8 +115,9 @@ def alpha_evolution(alpha: pd.DataFrame, out_dir: str | Path, prefix: str = "alp
         layers = sorted(frame["layer"].dropna().astype(int).unique())
         cols = min(4, len(layers))
         rows = int(np.ceil(len(layers) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.6), squeeze=False, sharey=True,
-                                 layout="constrained")
+        fig = plt.figure(figsize=(3.2 * cols, 2.4 * (rows + 1) + 0.6), layout="constrained")
+        grid = fig.add_gridspec(rows + 1, cols)
+        axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(cols)] for r in range(rows)])
         methods = sorted(frame["method"].unique())
         colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
         x_col = "epoch" if frame["epoch"].notna().all() else "training_iteration"
@@ -116,6 +135,24 @@ def alpha_evolution(alpha: pd.DataFrame, out_dir: str | Path, prefix: str = "alp
         axes[0, 0].set_ylabel("probability")
         axes[-1, 0].set_xlabel(x_col)
         fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+        # convergence: normalised entropy per layer, and the threshold
+        ent_ax = fig.add_subplot(grid[rows, :])
+        entropy = _entropy_norm(frame, x_col)
+        shades = plt.get_cmap("viridis")
+        for i, layer in enumerate(layers):
+            line = entropy[entropy["layer"] == layer].sort_values(x_col)
+            ent_ax.plot(line[x_col].astype(float), line["entropy_norm"], marker="o", ms=3,
+                        color=shades(i / max(1, len(layers) - 1)), label=f"L{layer}")
+        mean = entropy.groupby(x_col)["entropy_norm"].mean()
+        ent_ax.plot(mean.index.astype(float), mean.to_numpy(), color="black", lw=2, label="mean")
+        if threshold is not None:
+            ent_ax.axhline(threshold, color="tab:red", ls="--", lw=1.2, label=f"converged <= {threshold:g}")
+        ent_ax.set_ylim(0, 1.02)
+        ent_ax.set_ylabel("entropy H / ln K")
+        ent_ax.set_xlabel(x_col)
+        ent_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ent_ax.grid(alpha=0.3)
+        ent_ax.legend(fontsize=7, ncol=min(8, len(layers) + 2), loc="lower left")
         fig.suptitle(f"DARTS architecture weights, trial {trial_id}")
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(trial_id))
         out.append(_save(fig, Path(out_dir) / f"{prefix}_{safe}.png"))

@@ -3,26 +3,21 @@
 :func:`analyze` runs everything (ensembles, exports, statistics, plots, ``report.md``)
 and returns the key numbers; ``pefttune report EXPERIMENT`` calls it.
 
-Findings of Lin et al. 2024 and how each verdict is decided (all on the test split;
-trials are *selected* on dev, never on test):
+Trials are *selected* on dev, compared on test. Every configuration is trained once per
+seed of ``train.seeds``; each finding is decided on intervals over seeds and test examples
+by :mod:`pefttune.analysis.findings` (the rules are printed next to the verdicts):
 
-1. **DARTS placement does not beat uniform placement.**  The best darts-derived trial
-   (by dev) against the best uniform trial (by dev): test scores and the exact McNemar
-   test on per-example correctness.  *reproduced* unless darts-derived is better with
-   p < :data:`ALPHA`.  The best discrete-search trial is compared the same way (shown,
-   not part of the verdict).  *not run* without darts-derived or uniform trials.
-2. **Ensembles, particularly majority voting, perform best.**  On the headline member
-   set (best trial per uniform method when there are >= 2 methods, else top-k): the
-   majority vote (``vote``; CTC: ``rover``) against the best member by dev.
-   *reproduced* if the vote beats that member and no other strategy beats the vote;
-   *partly reproduced* if some ensemble beats the member but the vote is not the best
-   (or not better); *not reproduced* if no ensemble beats it.
-3. **Different PEFT methods make different errors.**  Between the best trials of the
-   uniform methods, pairwise: agreement, Cohen's kappa, error overlap (Jaccard of the
-   error sets) and McNemar.  *reproduced* if the mean error overlap is below
-   :data:`OVERLAP_THRESHOLD` (most errors of a pair are made by one method only);
-   *partly reproduced* if not, but some pair's error rates differ (McNemar p < ALPHA);
-   *not reproduced* otherwise; *inconclusive* if no pair has errors.
+1. **DARTS placement does not beat uniform placement** (best DARTS-derived vs best uniform
+   configuration; inconclusive while the relaxation has not converged);
+2. **ensembles, particularly majority voting, perform best** (per-seed ensembles of the
+   uniform methods; gains over the best member with intervals);
+3. **different PEFT methods make different errors** (kappa and error overlap of each pair
+   of uniform methods, with simultaneous intervals).
+
+The margin delta (``analysis.margin``), the confidence (``analysis.confidence``) and the
+bootstrap draws (``analysis.bootstrap_draws``) come from the experiment's config. When no
+configuration beats the trivial reference by more than delta, every finding is
+*inconclusive: nothing learned*. McNemar and kappa per seed stay as supporting numbers.
 """
 from __future__ import annotations
 
@@ -50,14 +45,41 @@ from pefttune.analysis.export import export_experiment
 from pefttune.analysis.selection import best_per_method, ranked
 from pefttune.analysis.stats import agreement_matrix, mcnemar_exact, pairwise_table
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
-from pefttune.analysis.tables import alpha_table, trials_table, write_table
+from pefttune.analysis.findings import configurations, decide
+from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
 from pefttune.runtime.storage import atomic_write_text
 
-__all__ = ["ALPHA", "OVERLAP_THRESHOLD", "analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
+__all__ = ["analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
 
-ALPHA = 0.05
-OVERLAP_THRESHOLD = 0.5
 NOT_RUN = "not run"
+SKIPPED_AUDIO = "skipped_audio.csv"  # written by pefttune.trainables.setup when data.on_error: skip dropped files
+
+
+def analysis_settings(experiment: Experiment) -> dict:
+    """``analysis`` and ``darts.converged_entropy`` of the experiment's saved config (defaults
+    when absent)."""
+    config = experiment.config or {}
+    section = config.get("analysis") or {}
+    darts = config.get("darts") or {}
+    return {
+        "margin": float(section.get("margin", 0.01)),
+        "confidence": float(section.get("confidence", 0.95)),
+        "draws": int(section.get("bootstrap_draws", 2000)),
+        "converged_entropy": float(darts.get("converged_entropy", 0.7)),
+    }
+
+
+def _mcnemar_by_seed(experiment: Experiment, a: list[TrialRecord], b: list[TrialRecord]) -> list[dict]:
+    """Supporting numbers: McNemar of a vs b for every seed both have."""
+    by_seed = {t.seed: t for t in b}
+    rows = []
+    for trial in a:
+        other = by_seed.get(trial.seed)
+        if other is not None:
+            cmp = _compare(experiment, trial, other)
+            if cmp:
+                rows.append({"seed": trial.seed, **cmp})
+    return rows
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -125,103 +147,6 @@ def _best_of_kind(experiment: Experiment, kind: str) -> TrialRecord | None:
     return pool[0] if pool else None
 
 
-# --------------------------------------------------------------------------- findings
-def finding_darts(experiment: Experiment) -> dict:
-    uniform = _best_of_kind(experiment, "uniform")
-    darts = _best_of_kind(experiment, "darts-derived")
-    discrete = _best_of_kind(experiment, "discrete")
-    out: dict[str, Any] = {"finding": 1, "claim": "DARTS over per-layer placement does not beat uniform placement"}
-    out["uniform"], out["darts_derived"] = _trial_summary(experiment, uniform), _trial_summary(experiment, darts)
-    out["discrete"] = _trial_summary(experiment, discrete)
-    if discrete is not None and uniform is not None:
-        out["discrete_vs_uniform"] = _compare(experiment, discrete, uniform)
-    n_search = sum(t.kind == "darts" for t in experiment.trials)
-    if uniform is None or darts is None:
-        missing = "uniform baselines" if uniform is None else "darts-derived (retrained) trials"
-        extra = f" ({n_search} DARTS search trial(s) found, but no retrained placement)" if n_search and darts is None else ""
-        out.update(verdict=NOT_RUN, text=f"Not run: this experiment has no usable {missing}{extra}.")
-        return out
-    cmp = _compare(experiment, darts, uniform)
-    out["comparison"] = cmp
-    if not cmp:
-        out.update(verdict=NOT_RUN, text="Not run: test predictions are missing for the compared trials.")
-        return out
-    darts_better = cmp["gain"] > 0
-    significant = cmp["mcnemar_p"] < ALPHA
-    verdict = "not reproduced" if darts_better and significant else "reproduced"
-    relation = "better than" if darts_better else ("equal to" if cmp["gain"] == 0 else "worse than")
-    text = (
-        f"Best darts-derived trial `{darts.trial_id}` ({darts.placement_short}) scores test "
-        f"{experiment.metric} {_fmt(cmp['a_test'])}, {relation} the best uniform trial `{uniform.trial_id}` "
-        f"({uniform.label}) at {_fmt(cmp['b_test'])} (McNemar b={cmp['mcnemar_b']}, c={cmp['mcnemar_c']}, "
-        f"p={_p(cmp['mcnemar_p'])}, n={cmp['n']}). "
-    )
-    text += (
-        "DARTS is significantly better here, so the finding is **not reproduced**."
-        if verdict == "not reproduced"
-        else "DARTS does not significantly beat uniform placement: **reproduced**."
-    )
-    if out.get("discrete_vs_uniform"):
-        d = out["discrete_vs_uniform"]
-        text += (
-            f" (Discrete search, best `{discrete.trial_id}`: {_fmt(d['a_test'])} vs uniform {_fmt(d['b_test'])}, "
-            f"McNemar p={_p(d['mcnemar_p'])}.)"
-        )
-    out.update(verdict=verdict, text=text)
-    return out
-
-
-def finding_ensembles(experiment: Experiment, runs: Sequence[EnsembleRun], error: str | None = None) -> dict:
-    out: dict[str, Any] = {"finding": 2, "claim": "ensembles, particularly majority voting, perform best"}
-    if not runs:
-        reason = error or "fewer than 2 usable trials with stored predictions"
-        out.update(verdict=NOT_RUN, text=f"Not run: {reason}.")
-        return out
-    headline = next((r for r in runs if r.members == "per-method"), runs[0])
-    majority = majority_strategy(experiment.task)
-    results = {r.strategy: r for r in headline.results}
-    out["members"] = headline.members
-    out["member_ids"] = [t.trial_id for t in headline.trials]
-    out["strategies"] = {s: {"dev": r.dev_score, "test": r.test_score, "delta_vs_best": r.delta_vs_best,
-                             "mcnemar_p": r.mcnemar_p} for s, r in results.items()}
-    if majority not in results:
-        out.update(verdict=NOT_RUN, text=f"Not run: the majority vote ({majority}) was not computed.")
-        return out
-    vote = results[majority]
-    # the best strategy on test; ties go to the majority vote, then to the listed order
-    ordered = [vote] + [r for r in results.values() if r is not vote]
-    best_strategy = max(ordered, key=lambda r: gain(r.test_score, vote.test_score, experiment.mode))
-    out.update(
-        majority_strategy=majority, vote_test=vote.test_score, best_member_id=vote.best_member_id,
-        best_member_test=vote.best_member_test, oracle_member_test=vote.oracle_member_test,
-        vote_gain=vote.delta_vs_best, mcnemar_b=vote.mcnemar_b, mcnemar_c=vote.mcnemar_c, mcnemar_p=vote.mcnemar_p,
-        best_strategy=best_strategy.strategy, best_strategy_test=best_strategy.test_score,
-    )
-    any_beats = any(r.delta_vs_best > 0 for r in results.values())
-    vote_is_best = gain(best_strategy.test_score, vote.test_score, experiment.mode) <= 0
-    if vote.delta_vs_best > 0 and vote_is_best:
-        verdict = "reproduced"
-    elif any_beats:
-        verdict = "partly reproduced"
-    else:
-        verdict = "not reproduced"
-    text = (
-        f"On the {headline.members} members ({len(headline.trials)} trials), the majority vote ({majority}) scores "
-        f"test {experiment.metric} {_fmt(vote.test_score)} vs {_fmt(vote.best_member_test)} for the best single "
-        f"member by dev `{vote.best_member_id}` (gain {_fmt(vote.delta_vs_best)}, McNemar b={vote.mcnemar_b}, "
-        f"c={vote.mcnemar_c}, p={_p(vote.mcnemar_p)}; best member on test: {_fmt(vote.oracle_member_test)}). "
-        f"Best strategy: {best_strategy.strategy} ({_fmt(best_strategy.test_score)}). "
-    )
-    text += {
-        "reproduced": "Majority voting beats the best single member and no strategy beats it: **reproduced**.",
-        "partly reproduced": "An ensemble beats the best single member, but majority voting is not the best "
-        "(or does not beat it): **partly reproduced**.",
-        "not reproduced": "No ensemble beats the best single member: **not reproduced**.",
-    }[verdict]
-    out.update(verdict=verdict, text=text)
-    return out
-
-
 def pairwise_trials(
     experiment: Experiment | str, trials: dict[str, TrialRecord] | Sequence[TrialRecord], split: str = "test"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -252,50 +177,6 @@ def pairwise_methods(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame
     best = best_per_method(experiment)
     pairs, kappa = pairwise_trials(experiment, best)
     return pairs, kappa, best
-
-
-def finding_errors(experiment: Experiment, pairs: pd.DataFrame, error: str | None = None) -> dict:
-    out: dict[str, Any] = {"finding": 3, "claim": "different PEFT methods make different errors"}
-    if pairs.empty:
-        reason = error or "fewer than 2 uniform methods with stored test predictions"
-        out.update(verdict=NOT_RUN, text=f"Not run: {reason}.")
-        return out
-    sig = pairs["mcnemar_p"] < ALPHA
-    overlap = pairs["error_overlap"].astype(float)
-    stats = {
-        "pairs": int(len(pairs)),
-        "mean_agreement": float(pairs["agreement"].mean()),
-        "mean_kappa": float(pairs["kappa"].astype(float).mean()),
-        "mean_error_overlap": float(overlap.mean()) if overlap.notna().any() else float("nan"),
-        "share_mcnemar_significant": float(sig.mean()),
-        "significant_pairs": [f"{a}/{b}" for a, b in pairs.loc[sig, ["a", "b"]].itertuples(index=False)],
-        "min_mcnemar_p": float(pairs["mcnemar_p"].min()),
-    }
-    out.update(stats)
-    if overlap.notna().sum() == 0:
-        verdict = "inconclusive"
-    elif stats["mean_error_overlap"] < OVERLAP_THRESHOLD:
-        verdict = "reproduced"
-    elif stats["share_mcnemar_significant"] > 0:
-        verdict = "partly reproduced"
-    else:
-        verdict = "not reproduced"
-    text = (
-        f"Over {stats['pairs']} pairs of uniform methods: mean agreement {_fmt(stats['mean_agreement'])}, "
-        f"mean Cohen's kappa {_fmt(stats['mean_kappa'])}, mean error overlap (Jaccard) "
-        f"{_fmt(stats['mean_error_overlap'])}; {sum(sig)}/{len(pairs)} pairs "
-        f"({stats['share_mcnemar_significant']:.0%}) differ in error rate at McNemar p < {ALPHA} "
-        f"(smallest p={_p(stats['min_mcnemar_p'])}). "
-    )
-    text += {
-        "reproduced": f"Most errors are not shared (overlap < {OVERLAP_THRESHOLD}): **reproduced**.",
-        "partly reproduced": "Errors overlap largely, but some methods' error rates differ significantly: "
-        "**partly reproduced**.",
-        "not reproduced": "The methods largely make the same errors: **not reproduced**.",
-        "inconclusive": "No method makes errors on the test set: **inconclusive**.",
-    }[verdict]
-    out.update(verdict=verdict, text=text)
-    return out
 
 
 # --------------------------------------------------------------------------- analyze
@@ -341,6 +222,16 @@ def _run_default_ensembles(experiment: Experiment) -> tuple[list[EnsembleRun], s
             return default_ensembles(experiment, [s for s in strategies_for(experiment.task) if s not in needs_dev]), None
     except (ValueError, FileNotFoundError) as err:  # e.g. members evaluated on different examples
         return [], str(err)
+
+
+def _skipped_audio(experiment: Experiment) -> int:
+    """Manifest rows the audio check dropped (``data.on_error: skip``), 0 when none."""
+    if not experiment.is_local:
+        return 0
+    path = Path(experiment.root) / SKIPPED_AUDIO
+    if not path.exists():
+        return 0
+    return max(0, len(path.read_text().strip().splitlines()) - 1)
 
 
 def _json_safe(value: Any) -> Any:
@@ -405,11 +296,20 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
             f"Ensembles of {run.members} members vs the members (test {experiment.metric})"))
     files["plots"] = plots
 
-    findings = {
-        "1": finding_darts(experiment),
-        "2": finding_ensembles(experiment, runs, ensemble_error),
-        "3": finding_errors(experiment, pairs, pairwise_error),
-    }
+    settings = analysis_settings(experiment)
+    decided = decide(experiment, alpha=alpha_table(experiment), **settings)
+    findings = decided["findings"]
+    f1 = findings["1"]
+    if f1["verdict"] != NOT_RUN:
+        configs = configurations(experiment)
+        f1["mcnemar_by_seed"] = _mcnemar_by_seed(experiment, configs[f1["darts_config"]].trials,
+                                                 configs[f1["uniform_config"]].trials)
+    if findings["2"]["verdict"] == NOT_RUN and ensemble_error:
+        findings["2"]["text"] += f" ({ensemble_error})"
+    if findings["3"]["verdict"] == NOT_RUN and pairwise_error:
+        findings["3"]["text"] += f" ({pairwise_error})"
+    config_rows = configs_table(experiment, settings["confidence"])
+    skipped = _skipped_audio(experiment)
     best = {kind: _trial_summary(experiment, _best_of_kind(experiment, kind))
             for kind in ("uniform", "discrete", "hybrid", "darts-derived")}
     overall = ranked(experiment)
@@ -427,6 +327,10 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
         "uniform": {m: _trial_summary(experiment, t) for m, t in by_method.items()},
         "ensembles": [r.row() for r in ensemble_rows],
         "findings": findings,
+        "decision": {k: v for k, v in decided.items() if k != "findings"},
+        "settings": settings,
+        "configs": config_rows.astype(object).where(config_rows.notna(), None).to_dict("records"),
+        "skipped_audio": skipped,
         "comparison": _comparison(experiment, runs),
         "out_dir": str(out),
     }
@@ -473,18 +377,78 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
         f"- trials: {len(experiment.trials)} ("
         + ", ".join(f"{k}: {v}" for k, v in sorted(result["outcomes"].items())) + ")",
         "",
+    ]
+    settings = result.get("settings", {})
+    if result.get("skipped_audio"):
+        lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
+                     f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
+    lines += [
+        f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
+        f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
+        f"margin delta = {settings.get('margin', 0.01)} ({m})",
+        "",
         "## Findings of Lin et al. 2024 on this experiment",
         "",
-        "| # | claim | verdict |",
-        "|---|---|---|",
+        "| # | claim | verdict | rule |",
+        "|---|---|---|---|",
     ]
     for key, f in result["findings"].items():
-        lines.append(f"| {key} | {f['claim']} | **{f['verdict']}** |")
+        lines.append(f"| {key} | {f['claim']} | **{f['verdict']}** | {f.get('rule', '')} |")
     lines.append("")
+    if not result.get("decision", {}).get("learned", True):
+        lines += ["**Nothing learned**: no configuration beats the trivial reference (most frequent label; CTC: "
+                  "all blank) by more than the margin, so no finding is judged.", ""]
     titles = {"1": "DARTS vs uniform placement", "2": "Ensembles and majority voting",
               "3": "Different methods, different errors"}
     for key, f in result["findings"].items():
-        lines += [f"### Finding {key}: {titles[key]} -- {f['verdict']}", "", f["text"], ""]
+        lines += [f"### Finding {key}: {titles[key]} -- {f['verdict']}", "", f.get("text", ""), "",
+                  f"Rule: {f.get('rule', '')}", ""]
+        if key == "1" and f.get("convergence", {}).get("trials"):
+            conv = f["convergence"]
+            lines += [f"DARTS convergence (final mean normalised entropy H/ln K of alpha, threshold "
+                      f"{conv['threshold']}): " + ", ".join(
+                          f"`{t}` {v['entropy_norm_mean']:.3f} (min top-2 margin {v['margin_min']:.3f})"
+                          for t, v in conv["trials"].items())
+                      + f" -> {'converged' if conv['converged'] else 'not converged'}.", ""]
+        if key == "1" and f.get("mcnemar_by_seed"):
+            lines += ["Supporting, per seed (DARTS-derived vs uniform, McNemar): " + "; ".join(
+                f"seed {r['seed']}: {_fmt(r['a_test'])} vs {_fmt(r['b_test'])}, b={r['mcnemar_b']}, c={r['mcnemar_c']}, "
+                f"p={_p(r['mcnemar_p'])}" for r in f["mcnemar_by_seed"]), ""]
+        if key == "2" and f.get("per_seed"):
+            lines += ["Supporting, per seed (majority vote vs its best member, McNemar): " + "; ".join(
+                f"seed {r['seed']}: {_fmt(r['vote_test'])} vs {_fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
+                f"c={r['mcnemar_c']}, p={_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
+
+    if result.get("configs"):
+        conf = settings.get("confidence", 0.95)
+        lines += [f"## Configurations (mean over seeds, {conf:.0%} t-interval)", "",
+                  "Reference rows: `frozen` (the head only, no PEFT) and `log-mel` (the same head on log-mel "
+                  "features, no SSL encoder) show what PEFT and the encoder add.", ""]
+        rows = []
+        for r in result["configs"]:
+            ci = ("no interval: " + r["note"]) if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
+            rows.append({**r, "test": f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])}", "ci": ci,
+                         "dev": _fmt(r["dev_mean"])})
+        lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test", "ci"],
+                           ["configuration", "kind", "placement", "params", "seeds", f"dev {m} (mean)",
+                            f"test {m} (mean ± std)", "test CI"]), ""]
+    refs = result.get("decision", {}).get("references", {})
+    ref_lines = []
+    for name, label in (("uniform_vs_frozen", "best uniform minus frozen (what PEFT adds)"),
+                        ("uniform_vs_log-mel", "best uniform minus log-mel (what the SSL encoder adds)")):
+        c = refs.get(name)
+        if c:
+            ref_lines.append(f"- {label}: {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+    if ref_lines:
+        lines += ["## References", ""] + ref_lines + [""]
+    hybrid = result.get("decision", {}).get("hybrid")
+    if hybrid:
+        lines += ["## Hybrid (merged in each layer) vs the best uniform", "",
+                  f"This experiment's result, not a claim of the paper: the hybrid ({hybrid['hybrid']}, "
+                  f"{_fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
+                  f"`{hybrid['uniform']}` ({_fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
+                  f"{hybrid['diff']:+.4f} [{hybrid['ci_low']:+.4f}, {hybrid['ci_high']:+.4f}] "
+                  f"({hybrid['confidence']:.0%} paired bootstrap over seeds and examples).", ""]
 
     lines += ["## Best trials (completed, by dev)", ""]
     cols = ["trial_id", "kind", "method", "placement_short", "trainable_params", "best_dev_score", "test_score", "outcome"]

@@ -58,6 +58,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pefttune.metrics import METRICS
+from pefttune.runtime.experiment import config_id
 from pefttune.runtime.storage import atomic_output
 from pefttune.training import load_predictions
 
@@ -154,6 +155,8 @@ class TrialRecord:
     checkpoints: list[str] = field(default_factory=list)  # checkpoint dir paths, oldest first
     checkpoint: str | None = None  # the final one (holding predictions when any has them)
     prediction_files: dict[str, str] = field(default_factory=dict)  # split -> file path
+    seed: int | None = None  # the training seed (replicates of a configuration differ only in it)
+    config_id: str | None = None  # the configuration, the same for all its seeds
 
     def value(self, key: str) -> Any:
         return self.last_result.get(key)
@@ -500,7 +503,25 @@ class Experiment:
         epoch = last.get("epoch", last.get("training_iteration"))
         trial.epochs = int(epoch) if _finite(epoch) is not None else None
         trial.time_total_s = _finite(last.get("time_total_s"))
+        trial.seed, trial.config_id = self._replicate_of(trial)
         trial.outcome = self._outcome(trial)
+
+    def _replicate_of(self, trial: TrialRecord) -> tuple[int | None, str | None]:
+        """(seed, config_id): as the trial reported them; for older trials, the experiment's
+        ``train.seed`` and the id computed from kind, method and placement."""
+        last, config = trial.last_result, trial.config
+        seed = _finite(last.get("seed", config.get("seed")))
+        if seed is None:
+            seed = _finite(((self.config or {}).get("train") or {}).get("seed", 0))
+        cid = last.get("config_id") or config.get("config_id")
+        if not cid:
+            if trial.kind == "darts":
+                variant = last.get("variant") or "base"
+                cid = f"darts:{variant}"
+            elif trial.placement is not None or trial.kind in ("uniform", "hybrid", "frozen"):
+                with contextlib.suppress(Exception):
+                    cid = config_id(trial.kind, trial.method, trial.placement)
+        return (None if seed is None else int(seed)), (str(cid) if cid else None)
 
     def _outcome(self, trial: TrialRecord) -> str:
         status = trial.status.upper()

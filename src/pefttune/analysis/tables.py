@@ -12,8 +12,11 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     status (str)              Ray status: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
     outcome (str)             completed, stopped_early, over_budget, error, running, pending, paused
     usable (bool)             ensemble member by default (completed, test predictions, not a DARTS search)
-    kind (str)                uniform, discrete, hybrid, darts-derived, darts (DARTS search supernet)
+    kind (str)                uniform, discrete, hybrid, frozen, darts-derived, darts (DARTS search supernet)
     method (str, null)        the method of a uniform trial
+    config_id (str)           the configuration the trial replicates (same for all its seeds): uniform:<method>,
+                              hybrid, frozen, discrete:<hash>, darts-derived:<hash>, darts:<variant>
+    seed (Int64)              the training seed
     metric (str)              the task metric (accuracy, macro_f1, per, wer, cer)
     dev_score (float64)       last reported ``dev_<metric>``
     best_dev_score (float64)  ``best_dev_<metric>`` (else the best ``dev_<metric>`` of its history)
@@ -36,6 +39,12 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
                               (``dev_<metric>``, ``test_loss``, ``lr``, ``over_budget``...;
                               not ``alpha/...``, which is in ``alpha``)
     config/<key> (mixed)      the trial config, flattened with ``/``; lists/dicts as JSON
+
+``configs`` -- one row per configuration over its seeds (``train.seeds``)
+    config_id, kind, method, placement_short (str); trainable_params, n_seeds (Int64); seeds (str,
+    comma-separated); metric (str); dev_mean, dev_std, dev_ci_low, dev_ci_high, test_mean, test_std,
+    test_ci_low, test_ci_high (float64: mean, std and Student-t interval over seeds, dev = best dev);
+    confidence (float64); note (why an interval is missing, e.g. one seed); trial_ids (str).
 
 ``history`` -- one row per trial per reported result (normally one per epoch)
     trial_id, experiment, kind, method (str); training_iteration, epoch (Int64);
@@ -102,30 +111,33 @@ __all__ = [
     "write_table",
 ]
 
-TABLES = ("trials", "history", "alpha", "predictions", "ensembles")
+TABLES = ("trials", "configs", "history", "alpha", "predictions", "ensembles")
 FORMATS = ("parquet", "csv")
 LAYER_COLUMN = re.compile(r"^layer_\d+$")
 ALPHA_KEY = re.compile(r"^alpha/L(\d+)/(.+)$")
 
 TRIAL_COLUMNS = [
-    "trial_id", "experiment", "trial_name", "status", "outcome", "usable", "kind", "method", "metric",
+    "trial_id", "experiment", "trial_name", "status", "outcome", "usable", "kind", "method", "config_id", "seed",
+    "metric",
     "dev_score", "best_dev_score", "test_score", "trainable_params", "epochs", "time_total_s",
     "wall_time_s", "start_time", "num_failures", "placement", "placement_short", "num_layers",
 ]
 TRIAL_TAIL = ["derived_placement", "error", "checkpoint", "has_predictions"]
 HISTORY_COLUMNS = ["trial_id", "experiment", "kind", "method", "training_iteration", "epoch",
                    "time_total_s", "time_this_iter_s"]
-ALPHA_COLUMNS = ["trial_id", "experiment", "training_iteration", "epoch", "layer", "method", "prob"]
+ALPHA_COLUMNS = ["trial_id", "experiment", "training_iteration", "epoch", "layer", "method", "prob",
+                 "entropy_norm", "margin"]
 PREDICTION_COLUMNS = ["trial_id", "experiment", "kind", "method", "split", "index", "correct"]
 ENSEMBLE_COLUMNS = [
     "ensemble_id", "members", "strategy", "member_ids", "n_members", "selected", "metric", "mode",
     "dev_score", "test_score", "best_member_id", "best_member_dev", "best_member_test",
     "oracle_member_test", "delta_vs_best", "mcnemar_b", "mcnemar_c", "mcnemar_p",
 ]
-_STR = ["trial_id", "experiment", "trial_name", "status", "outcome", "kind", "method", "metric", "placement",
+_STR = ["trial_id", "experiment", "trial_name", "status", "outcome", "kind", "method", "config_id", "metric",
+        "placement",
         "placement_short", "derived_placement", "error", "checkpoint", "split", "ensemble_id", "members",
         "strategy", "member_ids", "selected", "mode", "best_member_id", "ref", "hyp"]
-_INT = ["trainable_params", "epochs", "num_failures", "num_layers", "training_iteration", "epoch", "layer"]
+_INT = ["seed", "trainable_params", "epochs", "num_failures", "num_layers", "training_iteration", "epoch", "layer"]
 _FLOAT = ["dev_score", "best_dev_score", "test_score", "time_total_s", "wall_time_s", "start_time",
           "time_this_iter_s", "prob", "best_member_dev", "best_member_test", "oracle_member_test",
           "delta_vs_best", "mcnemar_p", "prob_pred"]
@@ -216,6 +228,8 @@ def trials_table(experiment: Experiment | str) -> pd.DataFrame:
             "usable": t.usable,
             "kind": t.kind,
             "method": t.method,
+            "config_id": t.config_id,
+            "seed": t.seed,
             "metric": experiment.metric,
             "dev_score": t.last_result.get(f"dev_{experiment.metric}"),
             "best_dev_score": _best_dev(experiment, t),
@@ -299,7 +313,13 @@ def history_table(experiment: Experiment | str) -> pd.DataFrame:
 
 
 def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
-    """DARTS probabilities per trial, result, layer and method (columns in the module docstring)."""
+    """DARTS probabilities per trial, result, layer and method (columns in the module docstring).
+
+    Also, repeated on each of a layer's method rows: ``entropy_norm`` (float64), that
+    result's normalised entropy H / ln K of the layer's probabilities (rows normalised to
+    sum 1; 1 = uniform, 0 = one-hot), and ``margin`` (float64), the difference between the
+    layer's two largest normalised probabilities (see :mod:`pefttune.darts.convergence`).
+    """
     experiment = open_experiment(experiment)
     rows = []
     for t in experiment.trials:
@@ -317,7 +337,19 @@ def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
                     "trial_id": t.trial_id, "experiment": t.experiment, "training_iteration": iteration,
                     "epoch": epoch, "layer": int(match.group(1)), "method": match.group(2), "prob": float(value),
                 })
-    frame = pd.DataFrame(rows, columns=ALPHA_COLUMNS)
+    frame = pd.DataFrame(rows, columns=ALPHA_COLUMNS[:-2])
+    # per (trial, result, layer): normalised entropy and top-2 margin of the normalised row
+    keys = ["trial_id", "experiment", "training_iteration", "layer"]
+    share = frame["prob"] / frame.groupby(keys, dropna=False)["prob"].transform("sum").clip(lower=1e-12)
+    plogp = -(share * np.log(share.clip(lower=1e-12)))
+    size = frame.groupby(keys, dropna=False)["prob"].transform("size").astype("float64")
+    entropy = plogp.groupby([frame[k] for k in keys], dropna=False).transform("sum")
+    frame["entropy_norm"] = np.where(size > 1, entropy / np.log(size.where(size > 1, 2.0)), np.nan)
+    top = share.groupby([frame[k] for k in keys], dropna=False)
+    frame["margin"] = top.transform(lambda x: np.sort(x.to_numpy())[-1] - np.sort(x.to_numpy())[-2] if len(x) > 1 else np.nan)
+    frame = frame.reindex(columns=ALPHA_COLUMNS)
+    frame["entropy_norm"] = frame["entropy_norm"].astype("float64").clip(0.0, 1.0)
+    frame["margin"] = frame["margin"].astype("float64")
     return _typed(frame)
 
 
@@ -381,6 +413,48 @@ def predictions_table(
     for col in frame.columns:
         if col.startswith("prob_"):
             frame[col] = frame[col].astype("float64")
+    return frame
+
+
+CONFIG_COLUMNS = [
+    "config_id", "kind", "method", "placement_short", "trainable_params", "n_seeds", "seeds", "metric",
+    "dev_mean", "dev_std", "dev_ci_low", "dev_ci_high", "test_mean", "test_std", "test_ci_low", "test_ci_high",
+    "confidence", "note", "trial_ids",
+]
+
+
+def configs_table(experiment: Experiment | str, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per configuration (``config_id``) over its completed seeds: mean, std and a
+    Student-t interval over seeds of the dev (best-dev) and test scores
+    (:func:`pefttune.analysis.intervals.seed_summary`; one seed: no interval, ``note`` says so).
+    DARTS search trials (supernets) are not configurations and are left out."""
+    from pefttune.analysis.intervals import seed_summary
+
+    experiment = open_experiment(experiment)
+    trials = trials_table(experiment)
+    done = trials[(trials["outcome"] == "completed") & (trials["kind"] != "darts") & trials["config_id"].notna()]
+    rows = []
+    for cid, group in done.groupby("config_id", sort=False):
+        group = group.sort_values("seed", kind="mergesort")
+        dev = seed_summary(group["best_dev_score"].astype(float).tolist(), confidence)
+        test = seed_summary(group["test_score"].astype(float).tolist(), confidence)
+        first = group.iloc[0]
+        rows.append({
+            "config_id": cid, "kind": first["kind"], "method": first["method"],
+            "placement_short": first["placement_short"], "trainable_params": first["trainable_params"],
+            "n_seeds": len(group), "seeds": ",".join(str(int(s)) for s in group["seed"].dropna()),
+            "metric": experiment.metric,
+            "dev_mean": dev.mean, "dev_std": dev.std, "dev_ci_low": dev.ci_low, "dev_ci_high": dev.ci_high,
+            "test_mean": test.mean, "test_std": test.std, "test_ci_low": test.ci_low, "test_ci_high": test.ci_high,
+            "confidence": confidence, "note": test.note or dev.note,
+            "trial_ids": ",".join(group["trial_id"]),
+        })
+    frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS)
+    for col in ("dev_mean", "dev_std", "dev_ci_low", "dev_ci_high", "test_mean", "test_std", "test_ci_low",
+                "test_ci_high", "confidence"):
+        frame[col] = frame[col].astype("float64")
+    for col in ("trainable_params", "n_seeds"):
+        frame[col] = pd.to_numeric(frame[col]).astype("Int64")
     return frame
 
 

@@ -21,5 +21,6 @@ def run(args) -> int:
     print()
     for key, finding in result["findings"].items():
         print(f"finding {key} ({finding['claim']}): {finding['verdict']}")
+        print(f"  rule: {finding.get('rule', '')}")
     print(f"\nwrote {result['files']['report']}")
     return 0

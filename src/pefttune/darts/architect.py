@@ -2,9 +2,10 @@
 
 The weights (PEFT + head) are trained by the one loop, :func:`pefttune.training.fit`; the
 architecture step runs in its ``Hooks.before_step``, before each weight step (DARTS'
-order: arch step, then weight step). :class:`Architect` owns alpha's Adam optimizer and an
-endless iterator over the *arch* split (a held-out part of the training set, never dev or
-test).
+order: arch step, then weight step). :class:`Architect` owns alpha's Adam optimizer (DARTS'
+betas (0.5, 0.999) by default; a larger first beta averages the noisy arch-batch gradients
+over more steps) and an endless iterator over the *arch* split (a held-out part of the
+training set, never dev or test).
 
 - First order (default): alpha <- alpha - lr * grad_alpha L_arch(w, alpha).
 - Second order (DARTS' unrolled step): with w' = w - xi grad_w L_weight(w, alpha) (xi = the
@@ -17,6 +18,12 @@ test).
 The arch loss adds, on alpha only: the budget penalty ``budget_penalty * relu(E - B) / B``
 (E the expected PEFT parameters under the relaxation, B the experiment's budget) and the
 Fair-DARTS zero-one loss. No alpha update before ``warmup_epochs`` are done.
+
+``steps_per_weight_step`` (k, default 1 as in DARTS) runs k architecture steps, each on the
+next arch batch, before every weight step: k times the alpha updates and arch data per
+epoch, at k arch passes per weight step, so that the relaxation can leave uniform in a
+search with few weight steps (see :mod:`pefttune.darts.convergence`). Second order: each of
+the k steps unrolls around the same weights and weight batch.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from typing import Iterable, Iterator, Literal
 
 import torch
 
+from pefttune.darts.convergence import CONVERGED_ENTROPY, ConvergenceTracker
 from pefttune.darts.supernet import Supernet
 from pefttune.training import EpochResult, Hooks, TrainConfig, autocast, fit, frozen_step, to_device
 
@@ -78,6 +86,8 @@ class Architect:
     weight_decay: float = 1e-3
     warmup_epochs: int = 0
     total_epochs: int = 1
+    steps_per_weight_step: int = 1
+    betas: tuple[float, float] = (0.5, 0.999)  # DARTS' Adam betas for alpha
     budget: int | None = None
     budget_penalty: float = 0.0
     weight_optimizer: torch.optim.Optimizer | None = None  # second order: xi = its current lrs
@@ -96,10 +106,15 @@ class Architect:
             raise ValueError("darts: the second-order step needs the weight optimizer and a RecordingLoader")
         if self.budget_penalty and self.budget is None:
             raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
+        if int(self.steps_per_weight_step) < 1:
+            raise ValueError(f"darts.arch_steps_per_weight_step: must be >= 1, got {self.steps_per_weight_step!r}")
         self.device = self.device or self.supernet.alpha.device
         # DARTS: Adam, betas (0.5, 0.999), L2 weight decay on alpha
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"darts.arch_betas: expected two numbers in [0, 1), got {self.betas!r}")
         self.optimizer = torch.optim.Adam(
-            [self.supernet.alpha], lr=self.lr, betas=(0.5, 0.999), weight_decay=self.weight_decay
+            [self.supernet.alpha], lr=self.lr, betas=betas, weight_decay=self.weight_decay
         )
         self._batches = endless(self.arch_loader)
 
@@ -112,11 +127,12 @@ class Architect:
             self._batches = endless(self.arch_loader)
         if epoch <= self.warmup_epochs:
             return
-        val_batch = to_device(next(self._batches), self.device)
         train_batch = None
         if self.order == "second":
             train_batch = to_device(self.train_loader.current, self.device)
-        self.step(val_batch, train_batch)
+        for _ in range(self.steps_per_weight_step):
+            val_batch = to_device(next(self._batches), self.device)
+            self.step(val_batch, train_batch)
 
     def epoch_metrics(self) -> dict:
         """Means of the arch-step losses over the epoch so far (empty during warm-up)."""
@@ -208,11 +224,27 @@ class Architect:
         self.steps = int(state.get("steps", 0))
 
 
-def search_hooks(supernet: Supernet, architect: Architect) -> Hooks:
-    """Hooks that make :func:`pefttune.training.fit` a DARTS search."""
+def convergence_tracker(supernet: Supernet, threshold: float = CONVERGED_ENTROPY, stable_epochs: int = 0) -> ConvergenceTracker:
+    """A tracker whose previous argmax is the supernet's current one (fresh or restored alpha)."""
+    with torch.no_grad():
+        previous = supernet.probabilities().detach().cpu().numpy().argmax(-1)
+    return ConvergenceTracker(threshold, previous=previous, stable_epochs=stable_epochs)
+
+
+def search_hooks(supernet: Supernet, architect: Architect, tracker: ConvergenceTracker | None = None) -> Hooks:
+    """Hooks that make :func:`pefttune.training.fit` a DARTS search.
+
+    Each epoch reports the supernet's probabilities and entropies, the arch losses, and the
+    convergence metrics of ``tracker`` (default: a fresh one at threshold 0.7, see
+    :mod:`pefttune.darts.convergence`).
+    """
+    tracker = tracker or convergence_tracker(supernet)
 
     def epoch_metrics(epoch: int) -> dict:
-        return {**supernet.metrics(), **architect.epoch_metrics(), "arch_steps": architect.steps}
+        with torch.no_grad():
+            probabilities = supernet.probabilities().detach().float().cpu().numpy()
+        return {**supernet.metrics(), **tracker.update(probabilities), **architect.epoch_metrics(),
+                "arch_steps": architect.steps}
 
     return Hooks(
         before_step=architect.before_step,
@@ -232,6 +264,8 @@ def make_architect(
     lr: float = 3e-3,
     weight_decay: float = 1e-3,
     warmup_epochs: int = 0,
+    steps_per_weight_step: int = 1,
+    betas: tuple[float, float] = (0.5, 0.999),
     budget: int | None = None,
     budget_penalty: float = 0.0,
 ):
@@ -255,6 +289,8 @@ def make_architect(
         weight_decay=weight_decay,
         warmup_epochs=warmup_epochs,
         total_epochs=train_config.epochs,
+        steps_per_weight_step=steps_per_weight_step,
+        betas=betas,
         budget=budget,
         budget_penalty=budget_penalty,
         weight_optimizer=optimizer,
@@ -275,6 +311,8 @@ def search_architecture(
     arch_lr: float = 3e-3,
     arch_weight_decay: float = 1e-3,
     warmup_epochs: int = 0,
+    arch_steps_per_weight_step: int = 1,
+    arch_betas: tuple[float, float] = (0.5, 0.999),
     budget: int | None = None,
     budget_penalty: float = 0.0,
     on_epoch=None,
@@ -289,6 +327,8 @@ def search_architecture(
         lr=arch_lr,
         weight_decay=arch_weight_decay,
         warmup_epochs=warmup_epochs,
+        steps_per_weight_step=arch_steps_per_weight_step,
+        betas=arch_betas,
         budget=budget,
         budget_penalty=budget_penalty,
     )

@@ -41,6 +41,7 @@ from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect
 from pefttune.runtime.experiment import (
     CONFIG_COPY,
     check_same_config,
+    config_id,
     error_text,
     experiment_path,
     holds_run,
@@ -197,13 +198,16 @@ def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[Deri
 
     placements = [json.dumps(d.placement.to_dict(), separators=(",", ":")) for d in derived]
     sources = [list(d.trials) for d in derived]
+    ids = [config_id("darts-derived", None, d.placement) for d in derived]
     reporter = _reporter(config, {"point": "point"}, {f"best_dev_{config.metric}": "best", "placement_short": "placement"})
     return tune.Tuner(
         make_trainable(setup),
         param_space={
-            # one trial per derived placement; its columns follow the grid index
+            # one trial per derived placement and seed of train.seeds; its columns follow the grid index
             "point": tune.grid_search(list(range(len(derived)))),
+            "seed": tune.grid_search(config.train.replicate_seeds),
             "placement": tune.sample_from(lambda config: placements[config["point"]]),
+            "config_id": tune.sample_from(lambda config: ids[config["point"]]),
             "derived_from": tune.sample_from(lambda config: sources[config["point"]]),
             "kind": "darts-derived",
             "method": "",
@@ -217,7 +221,8 @@ def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[Deri
             trial_dirname_creator=trial_name,
         ),
         run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose,
-                               Console("DARTS retrain", config.metric, _mode(config), total=len(derived),
+                               Console("DARTS retrain", config.metric, _mode(config),
+                                       total=len(derived) * len(config.train.replicate_seeds),
                                        experiment_path=path)),
     )
 
@@ -344,7 +349,15 @@ def darts_frame(search, retrain=None) -> pd.DataFrame:
     keep = [c for c in retrained.columns if c.startswith(("best_dev_", "test_")) or c in ("trial_id", "status", "epoch")]
     retrained = retrained[keep + ["placement"]].copy()
     retrained["key"] = [canonical(Placement.from_json(p)) for p in retrained["placement"]]
-    retrained = retrained.drop(columns=["placement"]).add_prefix("retrain_").rename(columns={"retrain_key": "key"})
+    # one row per derived placement: scores are the mean over its seeds (train.seeds)
+    scores = [c for c in keep if c.startswith(("best_dev_", "test_"))]
+    how = {c: "mean" for c in scores}
+    how.update({c: f for c, f in (("trial_id", lambda ids: ",".join(map(str, ids))),
+                                  ("status", lambda s: s.iloc[0] if s.nunique() == 1 else "MIXED"),
+                                  ("epoch", "min")) if c in retrained})
+    grouped = retrained.groupby("key", sort=False)
+    retrained = grouped.agg(how).join(grouped.size().rename("seeds")).reset_index()
+    retrained = retrained.add_prefix("retrain_").rename(columns={"retrain_key": "key"})
     frame["key"] = [canonical(Placement.from_json(p)) if isinstance(p, str) else None for p in frame["derived_placement"]]
     return frame.merge(retrained, on="key", how="left").drop(columns=["key"])
 

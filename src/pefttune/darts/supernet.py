@@ -50,6 +50,7 @@ from pefttune.backbones import SpeechEncoder, load_backbone
 from pefttune.darts.relaxation import NONE, Relaxation, entropy, sample_gumbel
 from pefttune.heads import HeadConfig
 from pefttune.methods import LayerMethod, get_method
+from pefttune.methods import hybrid as hybrid_spec
 from pefttune.model import PeftSpeechModel
 from pefttune.placement import MethodChoice, Placement
 
@@ -62,13 +63,17 @@ def candidate_choices(methods: dict[str, dict] | list) -> tuple[MethodChoice, ..
 
     ``methods`` maps method name -> hyper-parameters (single values; a list of values is
     taken at its first entry, as a layer cannot hold one method twice), or is a list of
-    names / :class:`MethodChoice`.
+    names / :class:`MethodChoice`. A ``hybrid`` candidate (members merged in the layer,
+    :mod:`pefttune.methods.hybrid`) adds its members to every layer of the supernet, so none
+    of its member methods may also be a candidate on its own (a layer holds each method once).
     """
     entries = list(methods.items()) if isinstance(methods, dict) else [(m, {}) for m in methods]
     choices = [MethodChoice("none", {})]
     for name, hparams in entries:
         if isinstance(name, MethodChoice):
             choice = name
+        elif name == hybrid_spec.HYBRID:
+            choice = MethodChoice(name, hybrid_spec.resolve_members(hparams, "darts.candidates.hybrid"))
         else:
             fixed = {}
             for key, value in (hparams or {}).items():
@@ -79,6 +84,16 @@ def candidate_choices(methods: dict[str, dict] | list) -> tuple[MethodChoice, ..
             continue
         if any(c.method == choice.method for c in choices):
             raise ValueError(f"darts: method {choice.method!r} is a candidate twice")
+        held = {m.method: c for c in choices for m in c.members()}
+        for member in choice.members():
+            if member.method in held:
+                hybrid, other = (choice, held[member.method]) if choice.method == hybrid_spec.HYBRID else (
+                    held[member.method], choice)
+                raise ValueError(
+                    f"darts: the hybrid candidate's member {member.method!r} is also a candidate on its own; the "
+                    f"supernet holds every candidate in every layer and a layer holds each method once, so drop "
+                    f"{member.method!r} from methods or from methods.hybrid ({hybrid.short()} vs {other.short()})"
+                )
         choices.append(choice)
     if len(choices) < 2:
         raise ValueError("darts: need at least one candidate method besides 'none'")
@@ -112,11 +127,14 @@ class Supernet:
         shape = (self.model.encoder.num_layers, len(self.candidates))
         if tuple(self.alpha.shape) != shape:
             raise ValueError(f"darts: alpha has shape {tuple(self.alpha.shape)}, expected {shape}")
-        # per layer: the attached LayerMethod of candidate k (None for 'none')
+        # per layer: the attached LayerMethod of candidate k (None for 'none'; a hybrid: its members, gated as one)
         self._modules: list[list[LayerMethod | None]] = []
         for index, layer_methods in enumerate(self.model.methods):
             by_name = dict(zip((c.method for c in self.model.placement.layers[index]), layer_methods))
-            self._modules.append([None if c.method == "none" else by_name[c.method] for c in self.candidates])
+            self._modules.append([
+                None if c.method == "none" else by_name[c.method] if c.method != hybrid_spec.HYBRID
+                else _Members([by_name[m.method] for m in c.members()]) for c in self.candidates
+            ])
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -172,13 +190,14 @@ class Supernet:
     def one_hot(self, placement: Placement) -> torch.Tensor:
         """(L, K) one-hot weights of a placement with at most one candidate per layer."""
         weights = torch.zeros(self.alpha.shape)
+        held = [c.members() if c.method != "none" else () for c in self.candidates]  # a hybrid: its members
         for index, layer in enumerate(placement.layers):
-            if len(layer) > 1:
-                raise ValueError(f"darts: layer {index} of the placement holds {len(layer)} methods")
-            choice = layer[0] if layer else self.candidates[NONE]
-            if choice not in self.candidates:
-                raise ValueError(f"darts: {choice.short()} in layer {index} is not a candidate")
-            weights[index, self.candidates.index(choice)] = 1.0
+            if layer not in held:
+                if len(layer) > 1:
+                    raise ValueError(f"darts: layer {index} of the placement holds {len(layer)} methods "
+                                     "that are not one hybrid candidate")
+                raise ValueError(f"darts: {layer[0].short()} in layer {index} is not a candidate")
+            weights[index, held.index(layer)] = 1.0
         return weights
 
     def layer_fn(self, index: int, hidden: torch.Tensor, mask: torch.Tensor, bias) -> torch.Tensor:
@@ -292,6 +311,20 @@ class Supernet:
         """Every method active with gate 1 (the model is then the plain hybrid)."""
         for modules in self._modules:
             _reset(modules)
+
+
+class _Members:
+    """A hybrid candidate's member modules, switched and gated together as one candidate."""
+
+    def __init__(self, members: list[LayerMethod]):
+        self.members = members
+
+    def __setattr__(self, name, value):
+        if name in ("active", "gate"):
+            for member in self.members:
+                setattr(member, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
 
 def _reset(modules: list[LayerMethod | None]) -> None:

@@ -170,3 +170,19 @@ def parse_placement(value) -> Placement:
     if not isinstance(value, dict):
         raise ValueError(f"trial config 'placement': expected a placement mapping or JSON string, got {value!r}")
     return Placement.from_dict(value)
+
+
+def config_id(kind: str, method: str | None, placement: Placement | dict | str) -> str:
+    """The configuration a trial replicates, the same for every seed: ``uniform:lora``,
+    ``hybrid``, ``frozen``, ``log-mel``, or ``<kind>:<8 hex digits of the placement>`` (searched and
+    DARTS-derived placements)."""
+    import hashlib
+    import json
+
+    if kind == "uniform" and method:
+        return f"uniform:{method}"
+    if kind in ("hybrid", "frozen", "log-mel"):
+        return kind
+    placement = parse_placement(placement)
+    digest = hashlib.sha1(json.dumps(placement.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{kind}:{digest}"

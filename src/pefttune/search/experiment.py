@@ -269,13 +269,16 @@ def run_search(
     resume_errored: bool = False,
     verbose: int = 1,
     faults: Faults | None = None,
+    replicates: bool = True,
 ):
     """Run (or resume) the discrete placement search of ``config``; returns the ResultGrid.
 
     ``extra_points`` adds fixed points (e.g. ``FixedPoint("darts-derived", placement=...)``)
     to a new search. ``resume=True`` finishes the unfinished trials of ``<storage>/<name>``
     and never re-runs finished ones (``resume_errored=True`` also retries errored trials).
-    ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`).
+    ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`). Once the search
+    finished, ``replicates`` trains the configurations again with the other seeds of
+    ``train.seeds`` and the frozen reference (:mod:`pefttune.search.replicates`).
 
     ``verbose``: 0 prints nothing; 1 (default) one line per finished trial, a progress line
     and the summary (:mod:`pefttune.runtime.console`); 2 adds Ray's own console stream.
@@ -311,6 +314,10 @@ def run_search(
             tuner = build_tuner(experiment, setup, verbose, [console.callback()] if verbose == 1 else None)
         with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
+        if replicates:
+            from pefttune.search.replicates import run_replicates
+
+            run_replicates(config, results_frame(results, config.train.epochs), resume, verbose=verbose, faults=faults)
     finally:
         if started:
             import ray

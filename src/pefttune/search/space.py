@@ -1,7 +1,8 @@
 """The discrete placement search space, as an Optuna define-by-run function.
 
 For every encoder layer ``i`` one categorical parameter ``layer_{i:02d}`` chooses among
-``none`` and the candidate methods of ``config.methods``. Each method's listed
+``none`` and the candidate methods of ``config.methods`` (a ``hybrid`` candidate puts its
+members, merged, into the layer: :mod:`pefttune.methods.hybrid`). Each method's listed
 hyper-parameters (e.g. ``lora.rank`` in ``[4, 8]``) are shared by all layers that use the
 method and are suggested only when some layer uses it (conditional parameters, which is
 why the space is a function and TPE runs with ``multivariate=True, group=True``).
@@ -28,6 +29,7 @@ from typing import Any
 from pefttune.backbones import BackboneInfo
 from pefttune.config import ExperimentConfig
 from pefttune.methods import get_method
+from pefttune.methods import hybrid as hybrid_spec
 from pefttune.placement import Placement
 
 NONE = "none"
@@ -51,6 +53,8 @@ def encode_choice(value: Any) -> Any:
 
 
 def decode_choice(method: str, hp: str, value: Any) -> Any:
+    if method == hybrid_spec.HYBRID:  # a member's hyper-parameters (one value, never an Optuna parameter)
+        return value
     spec = get_method(method).hparams[hp]
     if spec.kind is tuple and isinstance(value, str):
         return tuple(v for v in value.split(",") if v)
@@ -61,8 +65,8 @@ def decode_choice(method: str, hp: str, value: Any) -> Any:
 class FixedPoint:
     """A placement every search runs, besides the sampled ones.
 
-    ``kind`` is ``uniform`` (``method`` in every layer), ``hybrid`` (all candidate methods
-    merged in every layer) or any other label with an explicit ``placement`` (e.g.
+    ``kind`` is ``uniform`` (``method`` in every layer), ``hybrid`` (``search.hybrid``'s
+    members merged in every layer, see :meth:`PlacementSpace.hybrid`) or any other label with an explicit ``placement`` (e.g.
     ``darts-derived``). ``lr`` defaults to ``train.lr``; ``extra`` adds keys to the trial
     config (e.g. ``derived_from``, or ``seed`` and ``config_id`` of a replicate).
     """
@@ -93,13 +97,22 @@ class FixedPoint:
         return cls(**data)
 
 
+def uniform_methods(config: ExperimentConfig) -> list[str]:
+    """The candidates that get a uniform baseline: all but a ``hybrid`` candidate (the
+    hybrid in every layer is a hybrid, not one method everywhere)."""
+    return [name for name in config.methods if name != hybrid_spec.HYBRID]
+
+
 def fixed_points(config: ExperimentConfig) -> list[FixedPoint]:
     """Uniform baselines (one per candidate method) and the hybrid, as configured."""
+    seed = {"seed": config.train.seed}
     points = []
     if config.search.uniform_baselines:
-        points += [FixedPoint("uniform", method=name) for name in config.methods]
-    if config.search.hybrid and len(config.methods) > 1:
-        points.append(FixedPoint("hybrid"))
+        points += [FixedPoint("uniform", method=name, extra={**seed, "config_id": f"uniform:{name}"})
+                   for name in uniform_methods(config)]
+    hybrid = config.search.hybrid
+    if hybrid is not False and (hybrid != "candidates" or len(uniform_methods(config)) > 1):
+        points.append(FixedPoint("hybrid", extra={**seed, "config_id": "hybrid"}))
     return points
 
 
@@ -119,6 +132,7 @@ class PlacementSpace:
     budget: int | None = None
     budget_exempt_fixed: bool = False
     conditional: bool = True
+    hybrid_spec: Any = True  # search.hybrid: true (the study's mix), auto, candidates or a members mapping
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, info: BackboneInfo, conditional: bool = True) -> "PlacementSpace":
@@ -134,6 +148,7 @@ class PlacementSpace:
             budget=config.budget,
             budget_exempt_fixed=config.search.budget_exempt_fixed,
             conditional=conditional,
+            hybrid_spec=config.search.hybrid,
         )
 
     # -- structure ------------------------------------------------------------------------
@@ -170,7 +185,8 @@ class PlacementSpace:
 
     # -- building placements -----------------------------------------------------------------
     def placement(self, layers: list[str | list[str]], hparams: dict[str, dict]) -> Placement:
-        """Placement from per-layer method names (a list = hybrid layer) and per-method hparams."""
+        """Placement from per-layer method names (a list = hybrid layer) and per-method hparams
+        (for the ``hybrid`` candidate: its members, which the layer then holds)."""
         if len(layers) != self.num_layers:
             raise ValueError(f"placement: {len(layers)} layer entries for a {self.num_layers}-layer backbone")
         entries = []
@@ -182,9 +198,42 @@ class PlacementSpace:
     def uniform(self, method: str) -> Placement:
         return self.placement([method] * self.num_layers, {method: self.default_hparams(method)})
 
+    def hybrid_members(self) -> dict[str, dict]:
+        """The members of the hybrid fixed point, per ``search.hybrid`` (resolved hyper-parameters).
+
+        ``true``: the study's mix; a mapping: those members; ``candidates``: every candidate
+        (a ``hybrid`` candidate excluded) at its first listed values; ``auto``: the study's
+        mix scaled to the budget, or without one to the mean PEFT parameters of the uniform
+        baselines (every candidate but a ``hybrid`` one), see
+        :func:`pefttune.methods.hybrid.auto_members`.
+        """
+        spec = self.hybrid_spec
+        if spec is True:
+            return hybrid_spec.resolve_members(hybrid_spec.STUDY_MIX, "search.hybrid")
+        if isinstance(spec, dict):
+            return hybrid_spec.resolve_members(spec, "search.hybrid")
+        uniform = [m for m in self.methods if m not in (NONE, hybrid_spec.HYBRID)]
+        if spec == "candidates":
+            return {m: get_method(m).resolve(self.default_hparams(m), m) for m in uniform}
+        if spec == "auto":
+            return hybrid_spec.auto_members(self.info, self.hybrid_target(), self.num_layers)
+        raise ValueError(f"search.hybrid: no hybrid configured ({spec!r})")
+
+    def hybrid_target(self) -> int:
+        """What ``search.hybrid: auto`` aims at: the budget, else the uniform baselines' mean."""
+        if self.budget is not None:
+            return int(self.budget)
+        uniform = [m for m in self.methods if m not in (NONE, hybrid_spec.HYBRID)]
+        if not uniform:
+            raise ValueError("search.hybrid: auto without a budget needs a uniform baseline to match; "
+                             "set budget or add a candidate method")
+        counts = [self.uniform(m).trainable_parameters(self.info) for m in uniform]
+        return int(sum(counts) // len(counts))
+
     def hybrid(self) -> Placement:
-        methods = [m for m in self.methods if m != NONE]
-        return self.placement([methods] * self.num_layers, {m: self.default_hparams(m) for m in methods})
+        """The hybrid fixed point: :meth:`hybrid_members` merged in every layer."""
+        entry = {"method": hybrid_spec.HYBRID, **{m: hp for m, hp in self.hybrid_members().items()}}
+        return Placement.from_dict({"num_layers": self.num_layers, "layers": [[entry]] * self.num_layers})
 
     def fixed_placement(self, point: FixedPoint) -> Placement:
         if point.placement is not None:

@@ -24,7 +24,13 @@ One trial:
    ``best_dev_<metric>``, ``arch_loss``/``arch_penalty``/``arch_steps``,
    ``alpha/L03/lora`` (the relaxation's probabilities, see
    :meth:`pefttune.darts.Supernet.metrics`), ``entropy/L03``, ``entropy_mean``,
-   ``none_share``, ``none_argmax_layers``, ``expected_params``, ``temperature``, and the
+   ``none_share``, ``none_argmax_layers``, ``expected_params``, ``temperature``, the
+   convergence of the relaxation (:mod:`pefttune.darts.convergence`): ``entropy_norm/L03``
+   (H / ln K), ``entropy_norm_mean``, ``margin/L03`` (top-2 probability margin),
+   ``margin_min``, ``margin_mean``, ``argmax_changed`` (the argmax placement differs from
+   the previous epoch's), ``argmax_stable_epochs``, ``none_argmax_share``,
+   ``entropy_converged`` (mean normalised entropy <= ``darts.converged_entropy``),
+   ``converged`` (that, and the argmax unchanged this epoch) and ``converged_entropy``; and the
    placement derived *now*: ``derived_placement`` (JSON string), ``derived_placement_short``,
    ``derived_params``, ``derived_is_argmax`` (False when the budget forced another
    choice); the last epoch adds ``derived_dev_<metric>``/``derived_dev_loss``, the dev
@@ -56,6 +62,7 @@ from pefttune.darts import (
     Supernet,
     build_supernet,
     candidate_choices,
+    convergence_tracker,
     derivation_report,
     derive_placement,
     make_architect,
@@ -108,7 +115,7 @@ def make_relaxation(settings: DartsSection) -> Relaxation:
 def check_candidates(candidates: tuple[MethodChoice, ...]) -> None:
     """Candidates must fit in one layer: no two may wrap the same projection (LoRA/IA3)."""
     wrapped: dict[str, str] = {}
-    for choice in candidates:
+    for choice in (member for candidate in candidates for member in candidate.members()):  # a hybrid: its members
         if choice.method in ("lora", "ia3"):
             for target in choice.hparams["targets"]:
                 if target in wrapped:
@@ -170,22 +177,28 @@ class DartsData:
         return max(1, min(steps, max_steps) if max_steps else steps)
 
 
-def darts_data(data: TaskData, share: float, split_seed: int, seed: int, task_kind: str) -> DartsData:
-    """Loaders over the two parts of ``data.train`` (same batch size and collation)."""
+def darts_data(
+    data: TaskData, share: float, split_seed: int, seed: int, task_kind: str, arch_batch_size: int | None = None
+) -> DartsData:
+    """Loaders over the two parts of ``data.train`` (same collation; the arch part's batches
+    hold ``arch_batch_size`` examples, default the training batch size)."""
     dataset = data.train.dataset
     weight_idx, arch_idx = split_indices(dataset, share, split_seed, task_kind)
     batch_size = data.train.batch_size
     weight_sampler = EpochSampler(len(weight_idx), seed)
     arch_sampler = EpochSampler(len(arch_idx), seed + 7919)
 
-    def loader(indices, sampler):
+    def loader(indices, sampler, size):
         subset = torch.utils.data.Subset(dataset, indices)
         return torch.utils.data.DataLoader(
-            subset, batch_size=batch_size, sampler=sampler, collate_fn=data.train.collate_fn,
+            subset, batch_size=size, sampler=sampler, collate_fn=data.train.collate_fn,
             num_workers=data.train.num_workers,
         )
 
-    return DartsData(loader(weight_idx, weight_sampler), loader(arch_idx, arch_sampler), data.dev, weight_sampler, arch_sampler)
+    return DartsData(
+        loader(weight_idx, weight_sampler, batch_size), loader(arch_idx, arch_sampler, arch_batch_size or batch_size),
+        data.dev, weight_sampler, arch_sampler,
+    )
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -256,6 +269,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         "mix": settings.mix,
         "relaxation": settings.relaxation,
         "order": settings.order,
+        "arch_steps_per_weight_step": settings.arch_steps_per_weight_step,
         "candidates": ",".join(c.short() for c in candidates),
     }
     if budget is not None:
@@ -269,7 +283,9 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     device = trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
     torch.manual_seed(seed)
     data = load_data(experiment, setup.data, seed=seed)
-    parts = darts_data(data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind)
+    parts = darts_data(
+        data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind, settings.arch_batch_size
+    )
     supernet = build_supernet(
         experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
     ).to(device)
@@ -283,6 +299,8 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         lr=settings.arch_lr,
         weight_decay=settings.arch_weight_decay,
         warmup_epochs=settings.warmup_epochs,
+        steps_per_weight_step=settings.arch_steps_per_weight_step,
+        betas=settings.arch_betas,
         budget=budget,
         budget_penalty=settings.budget_penalty,
     )
@@ -299,6 +317,10 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
             return
     start_epoch = state.epoch + 1
     parts.weight_sampler.set_epoch(state.epoch)
+    # the previous argmax is the restored alpha's (the last reported epoch's); the count goes on
+    tracker = convergence_tracker(
+        supernet, settings.converged_entropy, int((state.metrics or {}).get("argmax_stable_epochs", 0))
+    )
 
     def on_epoch(result: EpochResult) -> None:
         score = result.dev.score
@@ -349,7 +371,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
             optimizer=optimizer,
             scheduler=scheduler,
             start_epoch=start_epoch,
-            hooks=search_hooks(supernet, architect),
+            hooks=search_hooks(supernet, architect, tracker),
             on_epoch=on_epoch,
             device=device,
             cache=supernet.cache,

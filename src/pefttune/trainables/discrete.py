@@ -4,6 +4,8 @@
 :func:`make_trainable`); the trial config holds:
 
 - ``placement``: the placement (JSON string or mapping, :meth:`Placement.to_dict` form);
+- ``backbone`` (optional): overrides ``experiment.backbone`` for this trial (the ``log-mel``
+  reference: ``{"backbone": "log-mel", "placement": {"num_layers": 0, "layers": []}}``);
 - ``kind``: ``uniform`` / ``discrete`` / ``hybrid`` / ``darts-derived``; ``method``
   (uniform baselines); ``lr`` (default ``train.lr``); ``budget_exempt`` (train even over
   ``config.budget``);
@@ -39,7 +41,7 @@ from pefttune.metrics import worst_score
 from pefttune.model import build_model
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
-from pefttune.runtime.experiment import parse_placement, placement_columns
+from pefttune.runtime.experiment import config_id, parse_placement, placement_columns
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
@@ -60,6 +62,11 @@ def _trial_value(config: dict, key: str, default=None):
     return default if value is None else value
 
 
+def trial_backbone(config: dict, experiment) -> str:
+    """The trial's backbone: the trial config's ``backbone`` (reference trials), else the experiment's."""
+    return str(_trial_value(config, "backbone", experiment.backbone))
+
+
 def train_fn(config: dict, setup: TrialSetup) -> None:
     """Train, evaluate and checkpoint one placement (a Ray Tune function trainable)."""
     import ray
@@ -69,18 +76,23 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     if "placement" not in config:
         raise ValueError("trial config: missing 'placement'")
     placement = parse_placement(config["placement"])
-    info = backbone_info(experiment.backbone)
+    backbone = trial_backbone(config, experiment)
+    info = backbone_info(backbone)
     placement.validate_for(info)
     lr = float(_trial_value(config, "lr", experiment.train.lr))
-    train = train_config(experiment, lr=lr)
+    seed = int(_trial_value(config, "seed", experiment.train.seed))
+    train = train_config(experiment, lr=lr, seed=seed)
     metric, mode = train.metric, train.mode
     head = setup.head
     peft = placement.trainable_parameters(info)
     head_params = head_parameters(info, head)
+    kind = _trial_value(config, "kind", "discrete")
     columns = {
         **placement_columns(placement),
-        "kind": _trial_value(config, "kind", "discrete"),
+        "kind": kind,
         "method": _trial_value(config, "method", ""),
+        "seed": seed,
+        "config_id": _trial_value(config, "config_id", None) or config_id(kind, config.get("method"), placement),
         "lr": lr,
         "peft_params": peft,
         "head_params": head_params,
@@ -113,7 +125,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     torch.manual_seed(train.seed)
     workers = max(0, int(experiment.resources.cpu) - 1)  # audio decoding off the training thread
     data = load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
-    model = build_model(experiment.backbone, placement, head).to(device)
+    model = build_model(backbone, placement, head).to(device)
     cache = frozen_cache(experiment, setup.data, model)
     optimizer = setup_optimizer(model, train)
     steps = train.epochs * data.steps_per_epoch(train.max_steps_per_epoch)

@@ -1,0 +1,169 @@
+"""Replicates of the discrete arm: the same configurations trained with the other seeds.
+
+The search itself (Optuna/ASHA) runs once, with ``train.seed`` (= ``train.seeds[0]``). Once it
+finished, :func:`run_replicates` trains, as one Ray experiment ``<storage>/<name>/replicates``
+(FIFO, no early stopping, never told to Optuna):
+
+- every fixed point (one uniform trial per method, the hybrid) with each other seed;
+- the ``frozen`` reference (no PEFT in any layer, head only) with every seed
+  (``search.frozen_reference``);
+- the ``log-mel`` reference (the same head on log-mel features, no SSL encoder: the
+  ``log-mel`` pseudo-backbone) with every seed (``analysis.logmel_reference``);
+- the ``search.replicate_top`` best searched placements by dev (completed trials, distinct
+  placements) with each other seed.
+
+Each trial config carries ``seed`` and ``config_id`` (the configuration it replicates, the
+same for every seed: :func:`pefttune.runtime.experiment.config_id`), so the analysis groups
+a configuration's seeds. DARTS-derived placements get their seeds in the DARTS arm's retrain
+experiment.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+
+from pefttune.backbones import LOG_MEL, backbone_info
+from pefttune.config import ExperimentConfig
+from pefttune.placement import Placement
+from pefttune.runtime.cluster import fit_environment, trial_name
+from pefttune.runtime.console import Console, quiet_ray_loggers
+from pefttune.runtime.experiment import (
+    config_id,
+    experiment_path,
+    holds_run,
+    load_results,
+    results_frame,
+)
+from pefttune.search.space import fixed_points, validate_space
+from pefttune.search.summary import top_k
+from pefttune.trainables.setup import Faults, make_setup
+
+REPLICATES_DIR = "replicates"
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One trial of the replicates experiment."""
+
+    config_id: str
+    kind: str
+    method: str
+    placement: str  # JSON
+    seed: int
+    budget_exempt: bool = False  # as in the search: fixed points per search.budget_exempt_fixed
+
+    def trial_config(self, lr: float) -> dict:
+        return {"config_id": self.config_id, "kind": self.kind, "method": self.method, "placement": self.placement,
+                "seed": self.seed, "lr": lr, "budget_exempt": self.budget_exempt,
+                "backbone": LOG_MEL if self.kind == "log-mel" else None}
+
+
+def frozen_placement(num_layers: int) -> Placement:
+    return Placement.from_dict({"num_layers": num_layers, "layers": ["none"] * num_layers})
+
+
+def plan_replicates(config: ExperimentConfig, search: pd.DataFrame) -> list[Replicate]:
+    """The replicates of ``config`` given the search's results (one row per trial)."""
+    seeds = config.train.replicate_seeds
+    others = seeds[1:]
+    space = validate_space(config, backbone_info(config.backbone))
+    out: list[Replicate] = []
+
+    def add(cid: str, kind: str, method: str, placement: Placement, with_seeds, exempt: bool = False) -> None:
+        text = json.dumps(placement.to_dict(), separators=(",", ":"))
+        out.extend(Replicate(cid, kind, method, text, s, exempt) for s in with_seeds)
+
+    for point in fixed_points(config):
+        placement = space.fixed_placement(point)
+        add(point.extra.get("config_id") or config_id(point.kind, point.method, placement), point.kind,
+            point.method or "", placement, others, config.search.budget_exempt_fixed)
+    if config.search.frozen_reference:
+        add("frozen", "frozen", "", frozen_placement(space.info.num_layers), seeds, True)
+    if config.analysis.logmel_reference:
+        add("log-mel", "log-mel", "", Placement.from_dict({"num_layers": 0, "layers": []}), seeds, True)
+    if config.search.replicate_top and others and len(search) and "kind" in search:
+        metric = f"best_dev_{config.metric}"
+        best = top_k(search, metric, space_mode(config), k=len(search), kinds=["discrete"])
+        chosen: list[str] = []
+        for _, row in best.iterrows():
+            placement = Placement.from_json(row["placement"])
+            cid = config_id("discrete", None, placement)
+            if cid not in chosen:
+                chosen.append(cid)
+                add(cid, "discrete", "", placement, others)
+            if len(chosen) == config.search.replicate_top:
+                break
+    return out
+
+
+def space_mode(config: ExperimentConfig) -> str:
+    from pefttune.metrics import metric_mode
+
+    return metric_mode(config.metric)
+
+
+def run_replicates(
+    config: ExperimentConfig,
+    search: pd.DataFrame,
+    resume: bool = False,
+    *,
+    verbose: int = 1,
+    faults: Faults | None = None,
+):
+    """Train the replicates of ``config`` (Ray must be connected); returns the ResultGrid, or
+    None when there is nothing to replicate. ``resume`` finishes an interrupted replicates run."""
+    from ray import tune
+
+    from pefttune.trainables.discrete import make_trainable
+
+    path = f"{experiment_path(config)}/{REPLICATES_DIR}"
+    if resume and holds_run(path):
+        setup = make_setup(config, path, faults)
+        tuner = tune.Tuner.restore(path, trainable=make_trainable(setup), resume_unfinished=True)
+    else:
+        plan = plan_replicates(config, search)
+        if not plan:
+            return None
+        if holds_run(path):
+            raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
+        setup = make_setup(config, path, faults)
+        configs = [r.trial_config(config.train.lr) for r in plan]
+        console = Console("replicates", config.metric, space_mode(config), total=len(plan),
+                          experiment_path=experiment_path(config))
+        tuner = tune.Tuner(
+            make_trainable(setup),
+            param_space={
+                "point": tune.grid_search(list(range(len(plan)))),
+                **{key: tune.sample_from(lambda spec, key=key: configs[spec["point"]][key])
+                   for key in configs[0]},
+            },
+            tune_config=tune.TuneConfig(
+                num_samples=1,
+                max_concurrent_trials=config.search.max_concurrent,
+                reuse_actors=config.search.reuse_actors,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=REPLICATES_DIR,
+                storage_path=experiment_path(config),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+                callbacks=[console.callback()] if verbose == 1 else [],
+                verbose=1 if verbose >= 2 else 0,
+            ),
+        )
+    with fit_environment(), quiet_ray_loggers(verbose):
+        results = tuner.fit()
+    if verbose:
+        frame = results_frame(results, config.train.epochs)
+        ok = int((frame["status"] == "TERMINATED").sum()) if len(frame) else 0
+        print(f"replicates: {ok} of {len(frame)} trials finished", flush=True)
+    return results
+
+
+def load_replicates(config: ExperimentConfig):
+    path = f"{experiment_path(config)}/{REPLICATES_DIR}"
+    return load_results(path) if holds_run(path) else None

@@ -1,0 +1,136 @@
+"""The findings decided on intervals over seeds, on crafted Ray experiments with replicates."""
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pefttune.analysis.findings import configurations, darts_convergence, decide
+from pefttune.analysis.report import analyze
+from pefttune.analysis.store import open_experiment
+from pefttune.analysis.tables import alpha_table, configs_table, trials_table
+from test_analysis import _experiment_yaml, _run, _spec
+
+N = 300
+SEEDS = (0, 1, 2)
+METHODS = ("lora", "bitfit", "sequential")
+
+
+def _wrong(slot: int, seed: int, share: int = 5) -> list[int]:
+    """Examples a member gets wrong: a fifth of them, disjoint between slots, moved by the seed."""
+    return [i for i in range(N) if (i + seed) % share == slot]
+
+
+def _uniform(method: str, slot: int, seed: int, **extra) -> dict:
+    return _spec(f"{method}-s{seed}", "uniform", [method] * 4, 1000 + slot, range(slot, 20, 5), _wrong(slot, seed),
+                 0.7, method, seed=seed, config_id=f"uniform:{method}", n_test=N, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def replicated_experiment(learned: bool = True) -> Path:
+    """3 uniform methods x 3 seeds with disjoint errors, a DARTS-derived placement that predicts
+    exactly like uniform LoRA, a converged DARTS search, and the frozen reference."""
+    base = Path(tempfile.mkdtemp(prefix="pefttune-findings-"))
+    atexit.register(shutil.rmtree, base, True)
+    root = base / "ks"
+    if learned:
+        main = [_uniform(m, k, s) for s in SEEDS for k, m in enumerate(METHODS)]
+        main += [_spec(f"hybrid-s{s}", "hybrid", ["sequential+lora"] * 4, 2500, range(3, 20, 5), _wrong(3, s), 0.7,
+                       seed=s, config_id="hybrid", n_test=N) for s in SEEDS]
+        main += [_spec(f"frozen-s{s}", "frozen", ["none"] * 4, 10, range(10), [i for i in range(N) if i % 2 == 0],
+                       0.5, seed=s, config_id="frozen", n_test=N) for s in SEEDS]
+        retrain = [_spec(f"derived-s{s}", "darts-derived", ["lora", "bitfit", "lora", "none"], 900, range(0, 20, 5),
+                         _wrong(0, s), 0.7, seed=s, config_id="darts-derived:abc", n_test=N) for s in SEEDS]
+    else:  # every model right on a third of the examples: the most frequent label does as well
+        main = [_spec(f"{m}-s{s}", "uniform", [m] * 4, 1000, range(20), [i for i in range(N) if i % 3 != 0], 0.4, m,
+                      seed=s, config_id=f"uniform:{m}", n_test=N) for s in SEEDS for m in METHODS]
+        retrain = []
+    _run(main, base, "ks", "json")
+    _run([_spec("darts", "darts", ["lora+bitfit"] * 4, 1400, [], [], 0.6, alpha=True, epochs=3, alpha_scale=3.0)],
+         root, "darts", "csv")
+    if retrain:
+        _run(retrain, root, "darts-retrain", "json")
+    _experiment_yaml(root, "ks", "ks")
+    return root
+
+
+@pytest.fixture(scope="module")
+def replicated(ray_session):
+    return open_experiment(replicated_experiment())
+
+
+def test_configurations_group_seeds_and_the_configs_table_aggregates(replicated):
+    configs = configurations(replicated)
+    assert set(configs) == {"uniform:lora", "uniform:bitfit", "uniform:sequential", "frozen", "hybrid",
+                            "darts-derived:abc"}
+    assert all(c.seeds == [0, 1, 2] for c in configs.values())
+    table = configs_table(replicated).set_index("config_id")
+    trials = trials_table(replicated)
+    lora = trials[trials["config_id"] == "uniform:lora"]
+    assert sorted(lora["seed"]) == [0, 1, 2] and table.loc["uniform:lora", "n_seeds"] == 3
+    assert table.loc["uniform:lora", "test_mean"] == pytest.approx(lora["test_score"].mean())
+    assert table.loc["uniform:lora", "test_mean"] == pytest.approx(0.8)
+    assert table.loc["uniform:lora", "test_ci_low"] <= 0.8 <= table.loc["uniform:lora", "test_ci_high"]
+    assert table.loc["frozen", "test_mean"] == pytest.approx(0.5)
+    assert table.loc["uniform:lora", "seeds"] == "0,1,2" and table.loc["uniform:lora", "note"] == ""
+
+
+def test_decisive_verdicts_on_clear_replicated_results(replicated):
+    decided = decide(replicated, margin=0.01, confidence=0.95, draws=500, alpha=alpha_table(replicated))
+    f1, f2, f3 = (decided["findings"][k] for k in ("1", "2", "3"))
+    assert decided["learned"] is True
+    # DARTS-derived predicts exactly like uniform LoRA: difference 0, interval [0, 0] below +delta
+    assert f1["verdict"] == "reproduced", f1["rule"]
+    assert f1["comparison"]["diff"] == 0.0 and f1["comparison"]["ci_high"] < 0.01 and f1["convergence"]["converged"]
+    # disjoint errors: the vote is right everywhere, each member wrong on a fifth
+    assert f2["verdict"] == "reproduced", f2["rule"]
+    assert f2["vote_gain"]["diff"] == pytest.approx(0.2) and f2["vote_gain"]["ci_low"] > 0
+    assert len(f2["per_seed"]) == 3 and all(r["mcnemar_p"] < 0.05 for r in f2["per_seed"])
+    assert f3["verdict"] == "reproduced", f3["rule"]
+    assert all(r["error_overlap"] == 0.0 and r["kappa_ci_high"] < 0.8 for r in f3["pairs"])
+    for f in (f1, f2, f3):
+        assert "CI" in f["rule"] or "kappa" in f["rule"]  # the rule is stated with its numbers
+    refs = decided["references"]
+    assert refs["uniform_vs_frozen"]["diff"] == pytest.approx(0.3) and refs["uniform_vs_frozen"]["ci_low"] > 0
+
+
+def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
+    alpha = pd.DataFrame({"trial_id": "t", "epoch": 5, "layer": [0, 0, 0], "method": ["none", "lora", "bitfit"],
+                          "prob": [0.34, 0.33, 0.33]})
+    assert not darts_convergence(alpha)["converged"]
+    decided = decide(replicated, draws=300, alpha=alpha)
+    assert decided["findings"]["1"]["verdict"] == "inconclusive"
+    assert "converge" in decided["findings"]["1"]["rule"]
+
+
+def test_nothing_learned_makes_every_finding_inconclusive(ray_session):
+    experiment = open_experiment(replicated_experiment(learned=False))
+    decided = decide(experiment, draws=300)
+    assert decided["learned"] is False
+    for key in ("2", "3"):
+        finding = decided["findings"][key]
+        assert finding["verdict"] == "inconclusive: nothing learned", finding
+        assert "own_verdict" in finding and "nothing learned" in finding["rule"]
+
+
+def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
+    result = analyze(replicated.uri, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1 |" in report and "Rule: reproduced:" in report
+    assert "## Configurations (mean over seeds, 95% t-interval)" in report
+    assert "uniform:lora" in report and "frozen" in report and "± " in report
+    assert "best uniform minus frozen (what PEFT adds)" in report
+    assert "DARTS convergence" in report and "-> converged" in report
+    configs = pd.read_csv(tmp_path / "tables" / "configs.csv")
+    assert len(configs) == 6 and set(configs["n_seeds"]) == {3}
+    # the hybrid row: same accuracy as the best uniform (0.8), different errors: difference 0 with an interval
+    assert "## Hybrid (merged in each layer) vs the best uniform" in report and "not a claim of the paper" in report
+    hybrid = result["decision"]["hybrid"]
+    assert hybrid["diff"] == pytest.approx(0.0) and hybrid["ci_low"] < 0 < hybrid["ci_high"]
+    assert hybrid["hybrid_params"] == 2500 and hybrid["uniform_params"] in (1000, 1001, 1002)
+    assert result["findings"]["2"]["verdict"] == "reproduced"
