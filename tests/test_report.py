@@ -101,7 +101,8 @@ def test_report_cli(ray_session, tmp_path, capsys):
     assert main(["report", str(classification_experiment()), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "finding 1" in out and "finding 2" in out and "finding 3" in out and "nothing learned" in out
-    assert out.count("  rule: ") == 3 and "own rule said: reproduced" in out
+    assert out.count("  rule: ") == 3 and "own rule said: reproduced:" in " ".join(out.split())
+    assert all(len(line) <= 120 for line in out.splitlines())
     assert (tmp_path / "report.md").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

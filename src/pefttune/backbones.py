@@ -1,5 +1,8 @@
 """Frozen speech SSL encoders (wav2vec 2.0, HuBERT, WavLM), run component by component.
 
+One concept, one module (about 520 lines): every encoder the model can sit on, the log-mel
+reference pseudo-encoder included, shares the :class:`SpeechEncoder` interface defined here.
+
 `load_backbone(name_or_path)` accepts
 - a built-in tiny backbone name (`tiny-wav2vec2`, `tiny-hubert`, `tiny-wavlm`: random init
   from a fixed seed, for unit tests) or a shipped self-supervised one (see `SHIPPED`),

@@ -14,6 +14,7 @@ One Ray instance serves both arms.
 """
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,8 @@ def run_study(
     for key in ("1", "2", "3"):
         finding = summary.get("findings", {}).get(key)
         if finding:
-            print(f"finding {key}: {finding.get('verdict')}\n  rule: {finding.get('rule', '')}")
+            print(f"finding {key}: {finding.get('verdict')}")
+            print(textwrap.fill(f"rule: {finding.get('rule', '')}", 120, initial_indent="  ", subsequent_indent="    "))
     files = summary.get("files", {})
     print(f"\nresults: {path}")
     if files.get("report"):

@@ -1,5 +1,8 @@
 """Intervals over seeds and test examples, paired tests, and the finding verdict rules.
 
+One concept, one module (about 520 lines): the verdict rules are stated in full in their
+docstrings, next to the intervals they read, so a reader checks a rule in one place.
+
 Numpy only, plus scipy's Student-t quantile (scipy is a runtime dependency).  Sources, as in
 ``shared/reference/statistics.md``: Koehn (EMNLP 2004) and Bisani & Ney (ICASSP 2004), paired
 bootstrap over test examples with one resample for both systems, percentile interval, and for

@@ -1,7 +1,9 @@
 """The experiment report: the paper's three findings checked on this experiment.
 
 :func:`analyze` runs everything (ensembles, exports, statistics, plots, ``report.md``)
-and returns the key numbers; ``pefttune report EXPERIMENT`` calls it.
+and returns the key numbers; ``pefttune report EXPERIMENT`` calls it. The findings are decided
+in :mod:`pefttune.analysis.findings`; this module gathers and renders (about 500 lines, most of
+them the Markdown of the report's sections).
 
 Trials are *selected* on dev, compared on test. Every configuration is trained once per
 seed of ``train.seeds``; each finding is decided on intervals over seeds and test examples

@@ -11,9 +11,10 @@ Rules, stated so the numbers can be checked:
 
 - *done*: completed, stopped early by ASHA, or rejected over budget; *pending*: pending or
   paused; *errored*: Ray status ERROR.
-- *expected* trials of the discrete arm come from the saved config when it can tell
-  (``search.num_samples`` + one uniform trial per method + the hybrid, times the seeds of
-  ``train.seeds`` for the fixed points); trials the searcher has not created yet count as pending.
+- *expected* trials of the discrete search come from the saved config when it can tell
+  (``search.num_samples`` + one uniform trial per method + the hybrid); trials the searcher
+  has not created yet count as pending. The replicates and DARTS experiments create all their
+  trials when they start.
 - *ETA* = mean wall time of the done trials x (pending + half the running trials) / the
   number of trials running now (at least 1). No ETA before a trial is done.
 - A trial shown RUNNING while Ray's experiment state has not changed for ``stale_after``
@@ -70,11 +71,11 @@ def _expected_discrete(config: dict | None) -> int | None:
         return None
     try:
         search = config.get("search") or {}
-        seeds = len((config.get("train") or {}).get("seeds") or [None])
-        fixed = (len(config.get("methods") or {}) if search.get("uniform_baselines", True) else 0)
-        fixed += 1 if search.get("hybrid") not in (False, None) else 0
-        fixed += 1 if search.get("frozen_reference") else 0
-        return int(search.get("num_samples", 0)) + fixed * seeds
+        methods = [m for m in (config.get("methods") or {}) if m != "hybrid"]  # a hybrid candidate has no baseline
+        fixed = len(methods) if search.get("uniform_baselines", True) else 0
+        hybrid = search.get("hybrid", True)
+        fixed += 1 if hybrid not in (False, None) and (hybrid != "candidates" or len(methods) > 1) else 0
+        return int(search.get("num_samples", 0)) + fixed
     except (TypeError, ValueError, AttributeError):
         return None
 

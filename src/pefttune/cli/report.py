@@ -1,6 +1,8 @@
 """`pefttune report`: ensembles, exports, statistics, plots and report.md for an experiment."""
 from __future__ import annotations
 
+import textwrap
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -21,6 +23,6 @@ def run(args) -> int:
     print()
     for key, finding in result["findings"].items():
         print(f"finding {key} ({finding['claim']}): {finding['verdict']}")
-        print(f"  rule: {finding.get('rule', '')}")
+        print(textwrap.fill(f"rule: {finding.get('rule', '')}", 120, initial_indent="  ", subsequent_indent="    "))
     print(f"\nwrote {result['files']['report']}")
     return 0

@@ -1,0 +1,103 @@
+"""Do the findings' verdicts hold across study seeds? The embedded study run three times.
+
+Each run is the embedded default study (``pefttune run``) with its own, disjoint set of
+training seeds (study seed s uses ``train.seeds = [3s, 3s+1, 3s+2]``), the same data and the
+same settings otherwise. The verdicts of the three findings are printed side by side; the
+target is the same verdict for each finding in every run ("inconclusive" counts as a verdict).
+
+    python benchmarks/verdict_stability.py --out /tmp/stability            # 3 runs, ~15 min each on 2 cores
+    python benchmarks/verdict_stability.py --smoke-test --out /tmp/stab    # tiny backbone and data, for CI
+
+Results of a run already in ``--out`` are reused (``--resume`` finishes an interrupted one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pefttune.config import load_config, parse_config
+
+FINDINGS = ("1", "2", "3")
+
+
+def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: bool):
+    data = base.model_dump(mode="json")
+    data["name"] = f"stability-s{study_seed}"
+    data["storage"] = str(out)
+    data["train"]["seeds"] = [study_seed * seeds_per_study + k for k in range(seeds_per_study)]
+    data["train"].pop("seed", None)
+    if smoke:  # seconds, not minutes: the tiny random backbone on a small synthesized corpus
+        data["backbone"] = "tiny-hubert"
+        data["data"].update({"per_class": 4, "batch_size": 16})
+        data["train"].update({"epochs": 1, "max_steps_per_epoch": 2})
+        data["search"].update({"num_samples": 1, "replicate_top": 1, "max_concurrent": 2})
+        data["darts"].update({"epochs": 2, "warmup_epochs": 1})
+        data["methods"] = {"lora": {"rank": 2}, "bitfit": {}}
+        data["budget"] = None
+        data["search"]["hybrid"] = False
+    return parse_config(data, f"study seed {study_seed}")
+
+
+def run_one(config, resume: bool) -> dict:
+    from pefttune.runtime.experiment import experiment_path
+    from pefttune.study import run_study
+
+    summary_file = Path(experiment_path(config)) / "analysis" / "summary.json"
+    if summary_file.exists() and not resume:
+        return json.loads(summary_file.read_text())
+    started = time.perf_counter()
+    result = run_study(config, resume=resume or Path(experiment_path(config)).exists(), verbose=1)
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else dict(result.summary)
+    summary["wall_s"] = time.perf_counter() - started
+    return summary
+
+
+def table(summaries: dict[int, dict]) -> str:
+    seeds = sorted(summaries)
+    lines = ["| finding | " + " | ".join(f"study seed {s} (train.seeds {summaries[s].get('train_seeds')})"
+                                          for s in seeds) + " | same verdict |",
+             "|---|" + "---|" * len(seeds) + "---|"]
+    stable = True
+    for key in FINDINGS:
+        verdicts = [summaries[s].get("findings", {}).get(key, {}).get("verdict", "missing") for s in seeds]
+        same = len(set(verdicts)) == 1
+        stable &= same
+        lines.append(f"| {key} | " + " | ".join(verdicts) + f" | {'yes' if same else 'NO'} |")
+    lines.append(f"\nall findings stable: {'yes' if stable else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Folder for the three experiments.")
+    parser.add_argument("--config", help="Base experiment YAML (default: the embedded study).")
+    parser.add_argument("--study-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds-per-study", type=int, default=3)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--smoke-test", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out).expanduser().resolve()
+    base = load_config(args.config)
+    summaries = {}
+    for study_seed in args.study_seeds:
+        config = study_config(base, study_seed, out, args.seeds_per_study, args.smoke_test)
+        summary = run_one(config, args.resume)
+        summary["train_seeds"] = config.train.replicate_seeds
+        summaries[study_seed] = summary
+        print(f"study seed {study_seed}: " + ", ".join(
+            f"finding {k} {summary.get('findings', {}).get(k, {}).get('verdict')}" for k in FINDINGS)
+            + (f" ({summary['wall_s']:.0f} s)" if "wall_s" in summary else ""), flush=True)
+    print()
+    print(table(summaries))
+    for study_seed, summary in summaries.items():
+        for key in FINDINGS:
+            finding = summary.get("findings", {}).get(key, {})
+            print(f"study seed {study_seed}, finding {key}: {finding.get('rule', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
