@@ -33,7 +33,7 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
         data["backbone"] = "tiny-hubert"
         data["data"].update({"per_class": 4, "batch_size": 16})
         data["train"].update({"epochs": 1, "max_steps_per_epoch": 2})
-        data["search"].update({"num_samples": 1, "replicate_top": 1, "max_concurrent": 2})
+        data["search"].update({"num_samples": 1, "replicate_top": 1, "max_concurrent": 2, "grace_period": 1})
         data["darts"].update({"epochs": 2, "warmup_epochs": 1})
         data["methods"] = {"lora": {"rank": 2}, "bitfit": {}}
         data["budget"] = None

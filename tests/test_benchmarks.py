@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import darts_cost  # noqa: E402
 import throughput  # noqa: E402
+import verdict_stability  # noqa: E402, F401
 
 from pefttune.placement import Placement  # noqa: E402
 
@@ -57,3 +58,25 @@ def test_throughput_worker_error_names_the_loop():
     placement = Placement.from_dict({"num_layers": 4, "layers": {"3": "lora"}})
     with pytest.raises(RuntimeError, match="throughput loop 'hf-default' failed"):
         throughput.measure(args, placement, [3], {})  # no LoRA weights to copy: KeyError in every worker
+
+
+def test_verdict_stability_configs_use_disjoint_seeds_and_the_table_flags_flips(tmp_path):
+    import verdict_stability
+
+    from pefttune.config import load_config
+
+    base = load_config()
+    configs = [verdict_stability.study_config(base, s, tmp_path, 3, smoke=False) for s in (0, 1, 2)]
+    seeds = [c.train.replicate_seeds for c in configs]
+    assert seeds == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert len({c.name for c in configs}) == 3 and all(c.data == base.data for c in configs)  # same data
+    summaries = {
+        0: {"train_seeds": [0, 1, 2], "findings": {"1": {"verdict": "inconclusive"}, "2": {"verdict": "reproduced"},
+                                                   "3": {"verdict": "reproduced"}}},
+        1: {"train_seeds": [3, 4, 5], "findings": {"1": {"verdict": "inconclusive"}, "2": {"verdict": "inconclusive"},
+                                                   "3": {"verdict": "reproduced"}}},
+    }
+    text = verdict_stability.table(summaries)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "finding" not in line}
+    assert rows["1"].rstrip().endswith("| yes |") and rows["2"].rstrip().endswith("| NO |")
+    assert "all findings stable: no" in text

@@ -59,8 +59,8 @@ def run_study(
     from pefttune.data.loaders import prepare_data
     from pefttune.runtime.cluster import connect_ray
     from pefttune.runtime.console import failure_summary
-    from pefttune.runtime.experiment import experiment_path, results_frame
-    from pefttune.search.experiment import run_search
+    from pefttune.runtime.experiment import experiment_path, refuse_existing, results_frame
+    from pefttune.search.experiment import build_experiment, run_search
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -70,6 +70,9 @@ def run_study(
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
+    build_experiment(config)  # every check that needs no Ray (errors name the field: exit 2)
+    if not resume:
+        refuse_existing(experiment_path(config), "a study")
     prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
     started = connect_ray(address, log_to_driver=verbose >= 2)
     frames = []
