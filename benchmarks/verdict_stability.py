@@ -1,8 +1,8 @@
 """Do the findings' verdicts hold across study seeds? The embedded study run three times.
 
 Each run is the embedded default study (``pefttune run``) with its own, disjoint set of
-training seeds (study seed s uses ``train.seeds = [3s, 3s+1, 3s+2]``), the same data and the
-same settings otherwise. The verdicts of the three findings are printed side by side; the
+training seeds (study seed s uses ``train.seeds = [3s, 3s+1, 3s+2]``; the Optuna and DARTS
+searches use the first of them), the same data and the same settings otherwise. The verdicts of the three findings are printed side by side; the
 target is the same verdict for each finding in every run ("inconclusive" counts as a verdict).
 
     python benchmarks/verdict_stability.py --out /tmp/stability            # 3 runs, ~15 min each on 2 cores
@@ -29,6 +29,7 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
     data["storage"] = str(out)
     data["train"]["seeds"] = [study_seed * seeds_per_study + k for k in range(seeds_per_study)]
     data["train"].pop("seed", None)
+    data["darts"]["seeds"] = [data["train"]["seeds"][0]]  # the searches run with the study's first seed
     if smoke:  # seconds, not minutes: the tiny random backbone on a small synthesized corpus
         data["backbone"] = "tiny-hubert"
         data["data"].update({"per_class": 4, "batch_size": 16})
