@@ -59,7 +59,9 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
 ``alpha`` -- DARTS architecture weights, one row per trial, result, layer and candidate
     trial_id, experiment (str); training_iteration, epoch, layer (Int64); method (str);
     prob (float64): the reported ``alpha/Lxx/<method>``, the relaxation's probabilities,
-    softmax(alpha / T) (Gumbel: softmax(alpha); Fair-DARTS: sigmoid(alpha), not summing to 1).
+    softmax(alpha / T) (Gumbel: softmax(alpha); Fair-DARTS: sigmoid(alpha), not summing to 1);
+    entropy_norm, margin (float64): the layer's normalised entropy H / ln K and the margin
+    between its top two probabilities at that result (the same on every method row of the layer).
     Empty, with these columns, when no trial reported alpha.
 
 ``predictions`` -- one row per trial with stored predictions, split and example
