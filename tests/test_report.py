@@ -65,7 +65,7 @@ def test_analyze_writes_report_tables_and_plots(analysis):
     assert "b=1, c=1, p=1.000" in report  # finding 1's supporting McNemar
     assert "seed 0: 1.0000 vs 0.7000, b=3, c=0, p=0.250" in report  # finding 2's supporting McNemar
     assert "own rule said: reproduced: 3 of 3 pairs" in report
-    assert "## Configurations (mean over seeds" in report and "no interval: one seed" in report
+    assert "## Configurations (mean over seeds" in report and "| one seed: no interval |" in report
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     assert {"placements", "pareto", "agreement", "ensembles_per-method", "ensembles_top-3"} <= set(

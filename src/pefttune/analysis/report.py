@@ -428,7 +428,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                   "features, no SSL encoder) show what PEFT and the encoder add.", ""]
         rows = []
         for r in result["configs"]:
-            ci = ("no interval: " + r["note"]) if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
+            ci = r["note"] if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
             rows.append({**r, "test": f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])}", "ci": ci,
                          "dev": _fmt(r["dev_mean"])})
         lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test", "ci"],
