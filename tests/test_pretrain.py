@@ -107,6 +107,48 @@ def test_corpus_excludes_keyword_words_and_is_reproducible():
         check_excluded(["garden yes"], recipe.excluded_words)
 
 
+def test_augmented_corpus_still_excludes_keyword_words_and_is_reproducible():
+    """Speed perturbation, reverberation, other noises and every voice variant change the audio,
+    never the words: no keyword-spotting word (or homophone) is ever drawn."""
+    from pefttune.pretraining.corpus import all_variants
+
+    recipe = CorpusRecipe(utterances=300, seconds=1.0, seed=11, variants=all_variants(), speed=(0.85, 1.15),
+                          reverb_prob=0.5, noise_kinds=("white", "pink", "brown", "hum"), snr_db=(0.0, 30.0))
+    excluded = set(recipe.excluded_words)
+    assert KS_WORDS | {"to", "too", "for", "know", "write", "won", "ate"} <= excluded
+    texts = [r.text for r in __import__("pefttune.pretraining.corpus", fromlist=["_draw_requests"])._draw_requests(
+        recipe, np.random.default_rng(recipe.seed))]
+    assert len(texts) == 300
+    for text in texts:
+        assert not {w.lower() for w in text.split()} & excluded, text
+    small = dataclasses.replace(recipe, utterances=8)
+    first, second = build_corpus(small), build_corpus(small)
+    assert np.array_equal(first.waveforms, second.waveforms)
+    plain = build_corpus(dataclasses.replace(small, speed=(1.0, 1.0), reverb_prob=0.0))
+    assert first.texts == plain.texts and not np.array_equal(first.waveforms, plain.waveforms)
+    for text in first.texts:
+        assert not {w.lower() for w in text.split()} & excluded
+    with pytest.raises(ValueError, match="corpus.noise_kinds"):
+        CorpusRecipe(noise_kinds=("thunder",))
+    with pytest.raises(ValueError, match="corpus.speed"):
+        CorpusRecipe(speed=(1.2, 0.9))
+
+
+def test_mfcc39_targets_are_frame_aligned():
+    from pefttune.pretraining.targets import MFCC39, deltas, target_features
+
+    model = build_tiny_model("hubert", hidden_size=32, num_layers=1)
+    mfcc = target_features("mfcc39", model.config)
+    assert isinstance(mfcc, MFCC39) and (mfcc.window, mfcc.hop, mfcc.dims) == (380, 320, 39)
+    wav = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(0))
+    out = mfcc(wav)
+    assert out.shape == (2, model.feature_extractor(wav).shape[-1], 39) and torch.isfinite(out).all()
+    ramp = torch.arange(10.0)[None, :, None].expand(1, 10, 3)
+    assert torch.allclose(deltas(ramp)[0, 2:-2], torch.ones(6, 3))  # slope 1 inside, edges replicated
+    with pytest.raises(ValueError, match="targets"):
+        target_features("plp", model.config)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="budget"):
         PretrainConfig()
@@ -163,6 +205,27 @@ def test_time_bounded_run_replays_bit_for_bit(tmp_path, tiny_corpus):
         dataclasses.replace(replay, schedule=(0.5, 0.2))
 
 
+def test_mfcc_codebooks_iteration2_and_prefix_check(tmp_path, tiny_corpus):
+    """Two iteration-1 codebooks, a switch to iteration 2; a run stopped early with --stop-after
+    matches the full run's recorded weight hash at that step bit for bit."""
+    extra = dict(targets=("mfcc39", "logmel"), iter2_at=0.5, iter2_layer=1, iter2_clusters=10, hash_every=5,
+                 mask_prob=0.2, mask_length=4)
+    config = PretrainConfig(steps=20, seed=2, corpus=tiny_corpus.recipe, **TINY_MODEL, **extra)
+    full = pretrain(config, tmp_path / "full", corpus=tiny_corpus, log=lambda line: None)
+    prov = full.provenance
+    assert [b["features"].split()[0] for b in prov["targets"]["codebooks"]] == ["mfcc39", "logmel", "layer"]
+    assert prov["steps"]["iteration2_from_step"] == 10 and prov["targets"]["codebooks"][2]["from_step"] == 10
+    assert sorted(map(int, prov["steps"]["state_sha256"])) == [5, 10, 15, 20]
+    for flag in ("--targets mfcc39,logmel", "--iter2-at 0.5", "--iter2-layer 1", "--iter2-clusters 10",
+                 "--mask-prob 0.2", "--mask-length 4"):
+        assert flag in prov["command"]
+    prefix = pretrain(dataclasses.replace(config, stop_after=15), tmp_path / "prefix", corpus=tiny_corpus,
+                      log=lambda line: None)
+    assert prefix.provenance["steps"]["completed"] == 15 and "--stop-after 15" in prefix.provenance["command"]
+    assert prefix.provenance["steps"]["state_sha256"]["15"] == prov["steps"]["state_sha256"]["15"]
+    assert prefix.provenance["steps"]["state_sha256"]["15"] != prov["steps"]["state_sha256"]["20"]
+
+
 def test_wav2vec2_objective_runs_and_saves_a_wav2vec2_encoder(tmp_path, tiny_corpus):
     config = PretrainConfig(objective="wav2vec2", steps=4, corpus=tiny_corpus.recipe, **TINY_MODEL)
     result = pretrain(config, tmp_path / "w2v", corpus=tiny_corpus, log=lambda line: None)
@@ -209,7 +272,19 @@ def test_shipped_backbone_shapes_hash_and_provenance():
     reproduce = prov["reproduce"]["command"]
     assert "--replay-schedule src/pefttune/assets/tiny-hubert-ssl/schedule.json" in reproduce
     assert "--minutes" not in reproduce and "--seed 0" in reproduce
-    assert SHIPPED_SHA256["tiny-hubert-ssl"] in prov["reproduce"]["verified"]
+    # every option that shaped the weights is spelled out in the replay command
+    for flag in ("--targets mfcc39", "--unmasked-weight 1", "--mask-prob 0.08", "--mask-length 10", "--threads 1"):
+        assert flag in reproduce and flag in prov["command"]
+    assert prov["config"]["targets"] == ["mfcc39"] and prov["config"]["unmasked_weight"] == 1.0
+    # the run's last recorded state hash is that of the shipped weights' run; what the replay verified
+    completed = prov["steps"]["completed"]
+    assert str(completed) in prov["steps"]["state_sha256"]
+    # what the replay verified (a prefix: the replay of the whole 55-minute run was not run)
+    checked = prov["reproduce"]["verified_prefix"]
+    assert 1 <= checked["steps"] <= completed and checked["matches"] is True
+    assert checked["state_sha256"] == prov["steps"]["state_sha256"][str(checked["steps"])]
+    assert checked["command"] == reproduce + f" --stop-after {checked['steps']}"
+    assert checked["state_sha256"] in prov["reproduce"]["verified"]
 
 
 def _pooled(encoder, wav: np.ndarray) -> torch.Tensor:

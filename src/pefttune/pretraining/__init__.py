@@ -32,5 +32,5 @@ __all__ = [
 
 #: sha256 of ``model.safetensors`` of each shipped backbone (see pefttune.backbones.SHIPPED).
 SHIPPED_SHA256: dict[str, str] = {
-    "tiny-hubert-ssl": "08d9b2cb5647aee367cbfd8aaafd175e893667cbc5661f6f18d87da5c33849d3",
+    "tiny-hubert-ssl": "fe46a64722812f93d0a01cc1244dd6db076e2ba3e78576494a7fb18b130bc7a3",
 }

@@ -86,6 +86,9 @@ KS_HOMOPHONES: tuple[str, ...] = (
     "threw", "through",
 )
 
+#: Default noise kinds: the original white / brown-ish pair (see :func:`_noise`).
+DEFAULT_NOISE_KINDS: tuple[str, ...] = ("white", "brown")
+
 #: Default eSpeak voices (English accents) and variants drawn for the corpus.
 DEFAULT_VOICES: tuple[str, ...] = (
     "en-us", "en-gb", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-rp",
@@ -127,6 +130,10 @@ class CorpusRecipe:
     peak: tuple[float, float] = (0.05, 0.9)  # peak amplitude after scaling
     snr_db: tuple[float, float] = (5.0, 40.0)
     noise_prob: float = 0.8
+    noise_kinds: tuple[str, ...] = DEFAULT_NOISE_KINDS  # others: pefttune.data.synth.make_noise
+    speed: tuple[float, float] = (1.0, 1.0)  # speed perturbation factor range (tempo and pitch, by resampling)
+    reverb_prob: float = 0.0  # probability of convolving a clip with a synthetic room impulse response
+    rt60: tuple[float, float] = (0.15, 0.8)  # reverberation time range of those responses (seconds)
     excluded_words: tuple[str, ...] | None = None
     sample_rate: int = TARGET_SAMPLE_RATE
 
@@ -147,6 +154,16 @@ class CorpusRecipe:
                 raise ValueError(f"corpus.{name}: range ({low}, {high}) is reversed")
         if not 0.0 <= self.noise_prob <= 1.0:
             raise ValueError(f"corpus.noise_prob: must be within 0..1, got {self.noise_prob}")
+        from pefttune.data.synth import NOISE_KINDS
+
+        if not self.noise_kinds or any(k not in NOISE_KINDS for k in self.noise_kinds):
+            raise ValueError(f"corpus.noise_kinds: expected a non-empty list from {NOISE_KINDS}, got {self.noise_kinds}")
+        if not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
+            raise ValueError(f"corpus.speed: expected 0.5 <= low <= high <= 2, got {self.speed}")
+        if not 0.0 <= self.reverb_prob <= 1.0:
+            raise ValueError(f"corpus.reverb_prob: must be within 0..1, got {self.reverb_prob}")
+        if not 0.0 < self.rt60[0] <= self.rt60[1] <= 3.0:
+            raise ValueError(f"corpus.rt60: expected 0 < low <= high <= 3 seconds, got {self.rt60}")
         if self.excluded_words is None:
             object.__setattr__(self, "excluded_words", tuple(sorted(set(ks_words()) | set(KS_HOMOPHONES))))
 
@@ -167,6 +184,30 @@ class CorpusRecipe:
         data = asdict(self)
         data["vocabulary_size"] = len(self.vocabulary())
         return data
+
+    def command_options(self) -> list[str]:
+        """`pefttune backbone pretrain` options for the augmentation settings that differ from the defaults."""
+        out = []
+        if self.noise_kinds != DEFAULT_NOISE_KINDS:
+            out += ["--noise-kinds", ",".join(self.noise_kinds)]
+        if self.snr_db != (5.0, 40.0):
+            out += ["--snr", f"{self.snr_db[0]:g},{self.snr_db[1]:g}"]
+        if self.noise_prob != 0.8:
+            out += ["--noise-prob", f"{self.noise_prob:g}"]
+        if self.speed != (1.0, 1.0):
+            out += ["--speed", f"{self.speed[0]:g},{self.speed[1]:g}"]
+        if self.reverb_prob:
+            out += ["--reverb-prob", f"{self.reverb_prob:g}", "--rt60", f"{self.rt60[0]:g},{self.rt60[1]:g}"]
+        if self.variants != DEFAULT_VARIANTS:
+            out += ["--variants", "all" if self.variants == all_variants() else ",".join(v or "none" for v in self.variants)]
+        return out
+
+
+def all_variants() -> tuple[str, ...]:
+    """Every eSpeak NG voice variant installed, plus ``""`` (the plain voice), sorted."""
+    from pefttune.data import espeak
+
+    return ("",) + tuple(sorted(set(espeak.list_variants()) - {""}))
 
 
 @dataclass
@@ -234,6 +275,31 @@ def _noise(rng: np.random.Generator, samples: int) -> np.ndarray:
     return noise / max(float(np.sqrt(np.mean(noise**2))), 1e-8)
 
 
+def _speed(wav: np.ndarray, factor: float) -> np.ndarray:
+    """Play ``wav`` ``factor`` times faster (tempo and pitch together) by linear-interpolation resampling."""
+    if factor == 1.0 or len(wav) < 2:
+        return wav
+    positions = np.arange(0.0, len(wav) - 1, factor)
+    return np.interp(positions, np.arange(len(wav)), wav).astype(np.float32)
+
+
+def _reverb(wav: np.ndarray, rng: np.random.Generator, rt60: tuple[float, float], sample_rate: int) -> np.ndarray:
+    """Convolve with a synthetic room impulse response: a direct path, then exponentially
+    decaying Gaussian noise (60 dB decay in a random RT60), cut at the clip length."""
+    t60 = rng.uniform(*rt60)
+    length = int(min(t60, 1.0) * sample_rate)
+    t = np.arange(length) / sample_rate
+    tail = rng.standard_normal(length) * np.exp(-6.9 * t / t60)
+    delay = int(rng.integers(int(0.002 * sample_rate), int(0.02 * sample_rate)))  # first reflections
+    tail[:delay] = 0.0
+    impulse = tail * rng.uniform(0.1, 0.5) / max(float(np.sqrt(np.sum(tail**2))), 1e-8)
+    impulse[0] = 1.0
+    size = len(wav) + length - 1
+    n_fft = 1 << (size - 1).bit_length()
+    wet = np.fft.irfft(np.fft.rfft(wav, n_fft) * np.fft.rfft(impulse, n_fft), n_fft)[: len(wav)]
+    return wet.astype(np.float32)
+
+
 def build_corpus(recipe: CorpusRecipe, chunk: int = 500) -> Corpus:
     """Synthesize the corpus of ``recipe`` (deterministic for a given recipe).
 
@@ -250,14 +316,27 @@ def build_corpus(recipe: CorpusRecipe, chunk: int = 500) -> Corpus:
     for start in range(0, len(requests), chunk):
         raw.extend(synthesize_many(requests[start:start + chunk], sample_rate=recipe.sample_rate))
     waveforms = np.zeros((len(raw), recipe.samples), dtype=np.float32)
+    legacy_noise = recipe.noise_kinds == DEFAULT_NOISE_KINDS
     for i, wav in enumerate(raw):
-        clip = _fit_clip(np.asarray(wav, dtype=np.float32), recipe.samples, rng)
+        wav = np.asarray(wav, dtype=np.float32)
+        if recipe.speed != (1.0, 1.0):  # extra draws only when enabled: default recipes stay unchanged
+            wav = _speed(wav, float(rng.uniform(*recipe.speed)))
+        if recipe.reverb_prob and rng.random() < recipe.reverb_prob:
+            wav = _reverb(wav, rng, recipe.rt60, recipe.sample_rate)
+        clip = _fit_clip(wav, recipe.samples, rng)
         peak = float(np.abs(clip).max())
         target = rng.uniform(*recipe.peak)
         clip = clip * (target / peak) if peak > 0 else clip
         if rng.random() < recipe.noise_prob:
             speech_rms = float(np.sqrt(np.mean(clip**2)))
             snr = rng.uniform(*recipe.snr_db)
-            clip = clip + _noise(rng, recipe.samples) * speech_rms * 10 ** (-snr / 20)
+            if legacy_noise:
+                noise = _noise(rng, recipe.samples)
+            else:
+                from pefttune.data.synth import make_noise
+
+                kind = recipe.noise_kinds[int(rng.integers(len(recipe.noise_kinds)))]
+                noise = make_noise(rng, recipe.samples, kind, recipe.sample_rate)[0]
+            clip = clip + noise * speech_rms * 10 ** (-snr / 20)
         waveforms[i] = np.clip(clip, -1.0, 1.0)
     return Corpus(waveforms=waveforms, texts=texts, recipe=recipe, requests=requests)

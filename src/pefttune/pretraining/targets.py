@@ -1,4 +1,8 @@
-"""HuBERT iteration-1 targets: k-means clusters of log-mel frames at the encoder's frame rate.
+"""HuBERT targets: k-means clusters of frame features at the encoder's frame rate.
+
+Iteration 1 clusters acoustic features: 40-band log-mel (:class:`LogMel`) or MFCC-39
+(:class:`MFCC39`: 13 cepstra + deltas + delta-deltas); iteration 2 clusters a layer of
+the iteration-1 model (see :mod:`.train`).
 
 Frame alignment is exact by construction. A padding-free CNN with kernels ``k_i`` and
 strides ``s_i`` has a receptive field ``R = 1 + sum_i (k_i - 1) * prod_{j<i} s_j`` and a
@@ -98,6 +102,62 @@ class LogMel:
         frames = waveforms.float().unfold(1, self.window, self.hop) * self.taper  # (B, T, window)
         power = torch.fft.rfft(frames, n=N_FFT).abs().pow(2)  # (B, T, freq)
         return torch.log(power @ self.bank + 1e-6)
+
+
+#: Acoustic target features of HuBERT iteration 1 (``--targets``).
+TARGET_FEATURES: tuple[str, ...] = ("logmel", "mfcc39")
+
+
+def dct_matrix(num_in: int, num_out: int) -> torch.Tensor:
+    """(num_in, num_out) orthonormal DCT-II matrix: ``x @ M`` gives the first ``num_out`` cepstra."""
+    n = torch.arange(num_in, dtype=torch.float64)
+    k = torch.arange(num_out, dtype=torch.float64)
+    m = torch.cos(torch.pi / num_in * (n[:, None] + 0.5) * k[None, :]) * (2.0 / num_in) ** 0.5
+    m[:, 0] /= 2.0 ** 0.5
+    return m.float()
+
+
+def deltas(x: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """Regression deltas over +-``width`` frames along dim 1 of (B, T, D), edges replicated."""
+    frames = x.shape[1]
+    padded = torch.cat([x[:, :1].expand(-1, width, -1), x, x[:, -1:].expand(-1, width, -1)], 1)
+    out = torch.zeros_like(x)
+    for n in range(1, width + 1):
+        out = out + n * (padded[:, width + n:width + n + frames] - padded[:, width - n:width - n + frames])
+    return out / (2 * sum(n * n for n in range(1, width + 1)))
+
+
+class MFCC39:
+    """MFCC-39: 13 cepstra (DCT-II of the 40-band :class:`LogMel`, c0 included) + deltas +
+    delta-deltas (regression over +-2 frames). Same frames as the :class:`LogMel` it wraps."""
+
+    def __init__(self, log_mel: LogMel, num_ceps: int = 13):
+        self.log_mel, self.num_ceps = log_mel, num_ceps
+        self.window, self.hop = log_mel.window, log_mel.hop
+        self.dct = dct_matrix(log_mel.num_mels, num_ceps)
+
+    @property
+    def dims(self) -> int:
+        return 3 * self.num_ceps
+
+    def frames(self, num_samples: int) -> int:
+        return self.log_mel.frames(num_samples)
+
+    def __call__(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, frames, 39)."""
+        ceps = self.log_mel(waveforms) @ self.dct
+        d1 = deltas(ceps)
+        return torch.cat([ceps, d1, deltas(d1)], -1)
+
+
+def target_features(kind: str, config, num_mels: int = 40):
+    """The frame-aligned feature extractor of HuBERT iteration 1 targets (``logmel`` or ``mfcc39``)."""
+    log_mel = LogMel.for_config(config, num_mels)
+    if kind == "logmel":
+        return log_mel
+    if kind == "mfcc39":
+        return MFCC39(log_mel)
+    raise ValueError(f"targets: expected one of {TARGET_FEATURES}, got {kind!r}")
 
 
 @dataclass

@@ -1,13 +1,21 @@
 """Self-supervised pretraining of a tiny speech encoder, and its provenance.
 
+One concept, one module (about 700 lines): the training loop, its schedule and the provenance
+that makes a shipped run replayable step for step are kept together, since the replay
+guarantee depends on all three agreeing.
+
 :func:`pretrain` builds the synthesized corpus (:mod:`.corpus`), then trains one of two
 objectives from scratch:
 
-``hubert`` (default): HuBERT iteration 1. Targets are k-means clusters of log-mel frames
-    at the encoder's 20 ms frame rate (:mod:`.targets`, exact alignment). Spans of the
-    projected CNN features are replaced by the model's ``masked_spec_embed``; a linear
-    layer maps the last hidden state to cluster logits, and the loss is cross-entropy at
-    the masked frames. Saved as a ``HubertModel``.
+``hubert`` (default): HuBERT masked prediction. Iteration-1 targets are k-means clusters
+    of acoustic frames at the encoder's 20 ms frame rate (:mod:`.targets`, exact
+    alignment): 40-band log-mel and/or MFCC-39 (``targets``, one codebook each; the loss
+    averages the codebooks). With ``iter2_at`` the run switches, at that progress, to
+    iteration-2 targets: k-means of hidden state ``iter2_layer`` of the model being
+    trained (fresh classifier, same optimizer and schedule). Spans of the projected CNN
+    features are replaced by the model's ``masked_spec_embed`` (``mask_prob`` /
+    ``mask_length``); a linear layer per codebook maps the last hidden state to cluster
+    logits, and the loss is cross-entropy at the masked frames. Saved as a ``HubertModel``.
 ``wav2vec2``: wav2vec 2.0's contrastive objective (``Wav2Vec2ForPreTraining``: Gumbel
     vector quantizer, distractors from masked frames of the same clip, diversity loss).
     Saved as a ``Wav2Vec2Model``.
@@ -29,6 +37,9 @@ With both, p is the larger of the two and the run stops at whichever comes first
 Every run writes the progress value of each step to ``schedule.json``; giving that list
 back as ``schedule`` (CLI: ``--replay-schedule``) replays the run step for step, so a
 time-bounded run, too, can be repeated bit for bit (same seeds, thread count, versions).
+The provenance also records a sha256 of the encoder's weights every ``hash_every`` steps
+(``steps.state_sha256``): a replay stopped early (``stop_after``, CLI ``--stop-after K``)
+checks a prefix of a long run bit for bit in a fraction of its time.
 """
 from __future__ import annotations
 
@@ -51,7 +62,7 @@ from transformers import HubertModel, Wav2Vec2ForPreTraining
 from pefttune.backbones import tiny_config
 from pefttune.data.dataset import normalize_waveform
 from pefttune.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
-from pefttune.pretraining.targets import LogMel, check_alignment, fit_kmeans
+from pefttune.pretraining.targets import TARGET_FEATURES, check_alignment, fit_kmeans, target_features
 
 Objective = Literal["hubert", "wav2vec2"]
 OBJECTIVES: tuple[str, ...] = ("hubert", "wav2vec2")
@@ -74,6 +85,11 @@ class PretrainConfig:
     # targets / masking
     num_clusters: int = 100
     num_mels: int = 40
+    targets: tuple[str, ...] = ("logmel",)  # iteration-1 codebooks: one k-means per feature kind
+    iter2_at: float | None = None  # progress at which targets switch to k-means of a layer (HuBERT iteration 2)
+    iter2_layer: int = 2  # hidden state (0 = CNN projection) clustered for iteration 2
+    iter2_clusters: int | None = None  # default: num_clusters
+    unmasked_weight: float = 0.0  # weight of the cross-entropy at unmasked frames (HuBERT's 1 - alpha; 0 = masked only)
     mask_prob: float = 0.08  # probability that a frame starts a masked span
     mask_length: int = 10  # frames per span
     num_negatives: int = 20  # wav2vec2 distractors per masked frame
@@ -89,6 +105,8 @@ class PretrainConfig:
     minutes: float | None = None
     eval_utterances: int = 64
     threads: int = 2
+    stop_after: int | None = None  # stop after this many steps (same schedule): checks a prefix of a run
+    hash_every: int = 100  # record a sha256 of the encoder's weights every this many steps
     log_every_s: float = 30.0
     corpus: CorpusRecipe = field(default_factory=CorpusRecipe)
     schedule: tuple[float, ...] | None = None  # replay: progress of every step of an earlier run
@@ -117,6 +135,20 @@ class PretrainConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.num_clusters < 2:
             raise ValueError(f"num_clusters: need at least 2, got {self.num_clusters}")
+        if not self.targets or any(t not in TARGET_FEATURES for t in self.targets):
+            raise ValueError(f"targets: expected a non-empty list from {TARGET_FEATURES}, got {self.targets!r}")
+        if self.iter2_at is not None and not 0 < self.iter2_at < 1:
+            raise ValueError(f"iter2_at: must be a progress fraction within (0, 1), got {self.iter2_at}")
+        if self.iter2_at is not None and not 0 <= self.iter2_layer <= self.num_layers:
+            raise ValueError(f"iter2_layer: must be within 0..{self.num_layers} (num_layers), got {self.iter2_layer}")
+        if self.iter2_clusters is not None and self.iter2_clusters < 2:
+            raise ValueError(f"iter2_clusters: need at least 2, got {self.iter2_clusters}")
+        if self.unmasked_weight < 0:
+            raise ValueError(f"unmasked_weight: must be >= 0, got {self.unmasked_weight}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after: must be >= 1, got {self.stop_after}")
+        if self.hash_every < 1:
+            raise ValueError(f"hash_every: must be >= 1, got {self.hash_every}")
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"mask_prob: must be within (0, 1), got {self.mask_prob}")
         if self.mask_length < 1:
@@ -139,6 +171,7 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["targets"] = list(self.targets)
         data["corpus"] = self.corpus.to_dict()
         data["schedule"] = None if self.schedule is None else f"replayed ({len(self.schedule)} steps)"
         return data
@@ -198,20 +231,55 @@ def encoder_config(family: str, config: PretrainConfig):
 
 
 class HubertObjective(nn.Module):
-    """Masked prediction of k-means(log-mel) clusters with a linear cluster classifier."""
+    """Masked prediction of k-means clusters with one linear classifier per codebook.
+
+    ``labels`` are (B, T, codebooks); the loss is the mean cross-entropy over codebooks at
+    the masked frames. :meth:`new_codebooks` replaces the classifiers (HuBERT iteration 2).
+    """
 
     def __init__(self, config: PretrainConfig):
         super().__init__()
         self.encoder = HubertModel(encoder_config("hubert", config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_clusters)
+        self.classifiers = nn.ModuleList(nn.Linear(config.hidden_size, config.num_clusters) for _ in config.targets)
+        self.active = list(range(len(config.targets)))
+        self.unmasked_weight = config.unmasked_weight
+
+    def new_codebooks(self, sizes: list[int]) -> list[nn.Parameter]:
+        """Fresh classifiers for new codebooks of ``sizes`` clusters; returns their parameters."""
+        start = len(self.classifiers)
+        for size in sizes:
+            self.classifiers.append(nn.Linear(self.encoder.config.hidden_size, size))
+        self.active = list(range(start, start + len(sizes)))
+        return [p for i in self.active for p in self.classifiers[i].parameters()]
 
     def step(self, waveforms: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, generator) -> tuple:
-        hidden = self.encoder(waveforms, mask_time_indices=mask).last_hidden_state
-        logits = self.classifier(hidden[mask])
-        target = labels[mask]
-        loss = F.cross_entropy(logits, target)
-        correct = int((logits.argmax(-1) == target).sum())
-        return loss, correct, int(target.numel())
+        """Loss (mean over codebooks of masked CE + unmasked_weight * unmasked CE) and the
+        masked-frame accuracy counts."""
+        states = self.encoder(waveforms, mask_time_indices=mask).last_hidden_state
+        hidden = states[mask]
+        kept = states[~mask] if self.unmasked_weight else None
+        losses, correct, count = [], 0, 0
+        for book, index in enumerate(self.active):
+            logits = self.classifiers[index](hidden)
+            target = labels[..., book][mask]
+            loss = F.cross_entropy(logits, target)
+            if kept is not None and len(kept):
+                loss = loss + self.unmasked_weight * F.cross_entropy(self.classifiers[index](kept),
+                                                                     labels[..., book][~mask])
+            losses.append(loss)
+            correct += int((logits.argmax(-1) == target).sum())
+            count += int(target.numel())
+        return torch.stack(losses).mean(), correct, count
+
+    @torch.no_grad()
+    def layer_features(self, waveforms: torch.Tensor, layer: int, batch: int = 32) -> torch.Tensor:
+        """(N, T, D) hidden state ``layer`` of unmasked clips (eval mode)."""
+        was_training = self.training
+        self.eval()
+        outs = [self.encoder(waveforms[i:i + batch], output_hidden_states=True).hidden_states[layer]
+                for i in range(0, len(waveforms), batch)]
+        self.train(was_training)
+        return torch.cat(outs)
 
     def anneal(self, progress: float) -> None:
         """Nothing to anneal."""
@@ -336,11 +404,31 @@ def command_line(config: PretrainConfig, out: str | Path, replay: str | Path | N
         "--seconds", f"{r.seconds:g}", "--corpus-seed", str(r.seed),
         "--hidden-size", str(c.hidden_size), "--layers", str(c.num_layers),
         "--intermediate-size", str(c.intermediate_size), "--heads", str(c.num_heads),
-        "--clusters", str(c.num_clusters), "--batch-size", str(c.batch_size), "--lr", f"{c.lr:g}",
+        "--clusters", str(c.num_clusters), "--targets", ",".join(c.targets),
+        "--mask-prob", f"{c.mask_prob:g}", "--mask-length", str(c.mask_length),
+        "--unmasked-weight", f"{c.unmasked_weight:g}",
+    ]
+    if c.iter2_at is not None:
+        parts += ["--iter2-at", f"{c.iter2_at:g}", "--iter2-layer", str(c.iter2_layer),
+                  "--iter2-clusters", str(c.iter2_clusters or c.num_clusters)]
+    parts += [
+        "--batch-size", str(c.batch_size), "--lr", f"{c.lr:g}",
         "--warmup", f"{c.warmup:g}", "--warmup-steps", str(c.warmup_steps), "--eval-utterances", str(c.eval_utterances),
         "--threads", str(c.threads),
     ]
+    parts += r.command_options()
+    if c.stop_after is not None:
+        parts += ["--stop-after", str(c.stop_after)]
     return shlex.join(parts)
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over the names and raw bytes of ``module``'s state dict (bit-level identity of weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -388,28 +476,26 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
 
     torch.manual_seed(config.seed)
     labels = targets = None
+    codebooks = []  # provenance of every k-means codebook
     if config.objective == "hubert":
         objective = HubertObjective(config)
         t0 = time.perf_counter()
-        log_mel = LogMel.for_config(objective.encoder.config, config.num_mels)
-        check_alignment(objective.encoder, log_mel)
-        with torch.no_grad():
-            features = torch.cat([log_mel(chunk) for chunk in waves.split(256)])
-        train_features = features[: len(train_waves)].reshape(-1, config.num_mels)
-        targets = fit_kmeans(train_features, config.num_clusters, seed=config.seed)
-        labels = targets.assign(features)
-        usage = torch.bincount(labels[: len(train_waves)].flatten(), minlength=config.num_clusters)
+        books = []
+        for book, kind in enumerate(config.targets):
+            extractor = target_features(kind, objective.encoder.config, config.num_mels)
+            check_alignment(objective.encoder, getattr(extractor, "log_mel", extractor))
+            with torch.no_grad():
+                features = torch.cat([extractor(chunk) for chunk in waves.split(256)])
+            books.append(_cluster(features, len(train_waves), config.num_clusters, config.seed + 97 * book,
+                                  f"{kind} (window {extractor.window}, hop {extractor.hop})", codebooks, log))
+        labels = torch.stack(books, -1)
         timings["kmeans_s"] = round(time.perf_counter() - t0, 2)
-        log(f"[pretrain] k-means({config.num_clusters}) on {len(train_features)} log-mel frames "
-            f"(window {log_mel.window}, hop {log_mel.hop}): inertia {targets.inertia:.2f}, "
-            f"{int((usage > 0).sum())} clusters used, largest holds "
-            f"{usage.max().item() / usage.sum().item():.1%} ({timings['kmeans_s']} s)")
     else:
         objective = Wav2Vec2Objective(config)
     encoder_params = sum(p.numel() for p in encoder_of(objective).parameters())
     frames = int(encoder_of(objective)._get_feat_extract_output_lengths(waves.shape[1]))
     if labels is not None and labels.shape[1] != frames:
-        raise ValueError(f"targets: {labels.shape[1]} log-mel frames per clip but {frames} encoder frames")
+        raise ValueError(f"targets: {labels.shape[1]} target frames per clip but {frames} encoder frames")
 
     def new_optimizer(module):
         decay = [p for n, p in module.named_parameters() if p.dim() > 1]
@@ -463,7 +549,27 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
         return max(by_steps, by_time)
 
     step = 0
+    state_hashes = {}  # step -> sha256 of the encoder's weights after that step
+    iteration2 = None  # step at which the targets switched to k-means of a layer
     while (p := progress(step)) < 1.0:
+        if config.stop_after is not None and step >= config.stop_after:
+            log(f"[pretrain] stopping after {step} steps (--stop-after)")
+            break
+        if config.iter2_at is not None and iteration2 is None and p >= config.iter2_at:
+            t0 = time.perf_counter()
+            layer = config.iter2_layer
+            features = objective.layer_features(waves, layer)
+            size = config.iter2_clusters or config.num_clusters
+            labels = _cluster(features, len(train_waves), size, config.seed + 1000, f"layer {layer} (iteration 2)",
+                              codebooks, log)[..., None]
+            fresh = objective.new_codebooks([size])
+            optimizer.add_param_group({"params": [q for q in fresh if q.dim() > 1], "weight_decay": config.weight_decay})
+            optimizer.add_param_group({"params": [q for q in fresh if q.dim() <= 1], "weight_decay": 0.0})
+            iteration2 = step
+            timings["iteration2_s"] = round(time.perf_counter() - t0, 2)
+            codebooks[-1]["from_step"] = step
+            log(f"[pretrain] iteration 2 from step {step}: targets are k-means({size}) of hidden state {layer} "
+                f"({timings['iteration2_s']} s)")
         if cursor + config.batch_size > len(order):
             order, cursor = torch.randperm(len(train_waves), generator=batch_gen), 0
         idx = order[cursor:cursor + config.batch_size]
@@ -480,6 +586,8 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
         optimizer.step()
         history.append((loss.item(), correct / max(count, 1)))
         step += 1
+        if step % config.hash_every == 0:
+            state_hashes[step] = state_sha256(encoder_of(objective))
         now = time.perf_counter()
         if now - last_log >= config.log_every_s:
             last_log = now
@@ -496,6 +604,7 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
         log(f"[pretrain] finished {completed} steps: loss {np.mean([h[0] for h in recent]):.3f} "
             f"masked-acc {np.mean([h[1] for h in recent]):.3f}")
     timings["train_s"] = round(time.perf_counter() - train_start, 2)
+    state_hashes[completed] = state_sha256(encoder_of(objective))
     eval_after = evaluate()
     log(f"[pretrain] held-out after {completed} steps: loss {eval_after[0]:.3f}, masked accuracy {eval_after[1]:.3f}")
 
@@ -530,6 +639,11 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
             "schedule": config.budget,
             "schedule_file": SCHEDULE_FILE,
             "seconds_per_step": round(timings["train_s"] / max(completed, 1), 3),
+            "stopped_after": config.stop_after,
+            "iteration2_from_step": iteration2,
+            # sha256 of the encoder's state dict (names + raw bytes, see state_sha256) after these steps:
+            # a run stopped early with --stop-after K must match entry K bit for bit
+            "state_sha256": {str(k): v for k, v in sorted(state_hashes.items())},
         },
         "wall_time_s": timings,
         "initial": {"heldout_loss": round(eval_before[0], 4), "heldout_masked_accuracy": round(eval_before[1], 4)},
@@ -550,15 +664,33 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
     }
     if config.objective == "hubert":
         provenance["targets"] = {
-            "features": f"log-mel {config.num_mels} (window {log_mel.window}, hop {log_mel.hop}, FFT 512, "
-                        "Hann, no centring; standardised)",
+            "features": {"logmel": f"log-mel {config.num_mels} (FFT 512, Hann, no centring)",
+                         "mfcc39": f"13 cepstra (DCT-II of log-mel {config.num_mels}, c0 kept) + deltas + "
+                                   "delta-deltas (+-2 frames)"},
+            "standardised": "per dimension over the training frames, before k-means",
             "num_clusters": config.num_clusters,
-            "kmeans_inertia": round(targets.inertia, 4),
+            "codebooks": codebooks,
         }
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     log(f"[pretrain] wrote {out} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {provenance['weights_sha256'][:16]}...) "
         f"in {_fmt_time(timings['total_s'])}")
     return PretrainResult(directory=out, provenance=provenance)
+
+
+def _cluster(features: torch.Tensor, num_train: int, size: int, seed: int, what: str, record: list, log) -> torch.Tensor:
+    """k-means(``size``) fitted on the training clips' frames of ``features`` (N, T, D); (N, T) labels."""
+    t0 = time.perf_counter()
+    train = features[:num_train].reshape(-1, features.shape[-1])
+    km = fit_kmeans(train, size, seed=seed)
+    labels = km.assign(features)
+    usage = torch.bincount(labels[:num_train].flatten(), minlength=size)
+    record.append({"features": what, "num_clusters": size, "kmeans_inertia": round(km.inertia, 4),
+                   "clusters_used": int((usage > 0).sum()),
+                   "largest_cluster": round(usage.max().item() / usage.sum().item(), 4)})
+    log(f"[pretrain] k-means({size}) on {len(train)} frames of {what}: inertia {km.inertia:.2f}, "
+        f"{int((usage > 0).sum())} clusters used, largest holds {usage.max().item() / usage.sum().item():.1%} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return labels
 
 
 def load_schedule(path: str | Path) -> tuple[float, ...]:
