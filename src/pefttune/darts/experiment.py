@@ -37,7 +37,14 @@ from pefttune.config import ExperimentConfig, load_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
-from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
+from pefttune.runtime.cluster import (
+    alive_nodes,
+    check_cluster_storage,
+    connect_ray,
+    fit_environment,
+    grid_tune_config,
+    trial_name,
+)
 from pefttune.runtime.experiment import (
     CONFIG_COPY,
     check_same_config,
@@ -213,13 +220,7 @@ def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[Deri
             "method": "",
             "lr": config.train.lr,  # as the uniform baselines
         },
-        tune_config=tune.TuneConfig(
-            num_samples=1,
-            max_concurrent_trials=config.search.max_concurrent,
-            reuse_actors=config.search.reuse_actors,
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name,
-        ),
+        tune_config=grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
         run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose,
                                Console("DARTS retrain", config.metric, _mode(config),
                                        total=len(derived) * len(config.train.replicate_seeds),

@@ -147,3 +147,16 @@ def wait_for_gpu_memory(share: float, wait_s: float, poll_s: float = 1.0) -> flo
 
 def set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def grid_tune_config(max_concurrent: int, reuse_actors: bool):
+    """``TuneConfig`` of a grid experiment (one trial per grid point), trials named by :func:`trial_name`."""
+    from ray import tune
+
+    return tune.TuneConfig(
+        num_samples=1,
+        max_concurrent_trials=max_concurrent,
+        reuse_actors=reuse_actors,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+    )

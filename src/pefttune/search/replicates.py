@@ -27,7 +27,7 @@ import pandas as pd
 from pefttune.backbones import LOG_MEL, backbone_info
 from pefttune.config import ExperimentConfig
 from pefttune.placement import Placement
-from pefttune.runtime.cluster import fit_environment, trial_name
+from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
 from pefttune.runtime.experiment import (
     config_id,
@@ -139,13 +139,7 @@ def run_replicates(
                 **{key: tune.sample_from(lambda spec, key=key: configs[spec["point"]][key])
                    for key in configs[0]},
             },
-            tune_config=tune.TuneConfig(
-                num_samples=1,
-                max_concurrent_trials=config.search.max_concurrent,
-                reuse_actors=config.search.reuse_actors,
-                trial_name_creator=trial_name,
-                trial_dirname_creator=trial_name,
-            ),
+            tune_config=grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
             run_config=tune.RunConfig(
                 name=REPLICATES_DIR,
                 storage_path=experiment_path(config),
