@@ -83,6 +83,16 @@ def test_ks_manifest_balance_and_disjoint_speakers(ks_dir):
     assert df["onset"].dropna().std() > 0.05
 
 
+def test_a_larger_ks_test_split_leaves_train_and_dev_as_they_were(ks_dir, tmp_path):
+    bigger = tmp_path / "bigger"
+    synth.build_corpus("ks", bigger, seed=7, **KS_SMALL, test_per_class=5)
+    df = read_manifest(bigger / "manifest.parquet")
+    assert (df[df["split"] == "test"].groupby("label").size() == 5).all()
+    a, b = tree_digest(ks_dir), tree_digest(bigger)
+    kept = [k for k in a if "/test/" not in k and k.endswith(".flac")]
+    assert kept and all(a[k] == b[k] for k in kept)  # same train and dev audio, byte for byte
+
+
 def test_ks_files_csv_and_marker(ks_dir):
     parquet = pd.read_parquet(ks_dir / "manifest.parquet")
     csv = pd.read_csv(ks_dir / "manifest.csv")
@@ -155,6 +165,9 @@ def test_size_validation():
     with pytest.raises(ValueError, match="unknown synthetic task"):
         synth.corpus_sizes("asr")
     assert synth.corpus_sizes("ks", per_class=40)["eval_per_class"] == 10
+    assert synth.corpus_sizes("ks", per_class=40)["test_per_class"] == 10  # a sized-down corpus: test like dev
+    assert synth.corpus_sizes("ks", per_class=40, eval_per_class=3)["test_per_class"] == 3
+    assert synth.corpus_sizes("ks")["test_per_class"] == 200 == 4 * synth.corpus_sizes("ks")["eval_per_class"]
     assert synth.corpus_sizes("sid", per_class=9)["per_speaker"] == 9
 
 
@@ -188,3 +201,11 @@ def test_noise_and_snr_helpers():
     assert abs(snr - 10.0) < 0.1
     trimmed = synth.trim_silence(speech)
     assert 7900 <= trimmed.size <= 8000
+
+
+def test_data_test_per_class_is_for_the_synthesized_ks_corpus_only():
+    from pefttune.config import parse_config
+
+    assert parse_config({"data": {"source": "synth", "task": "ks", "test_per_class": 9}}).data.test_per_class == 9
+    with pytest.raises(ValueError, match="data.test_per_class: applies to the synthesized ks corpus only"):
+        parse_config({"data": {"source": "synth", "task": "pr", "test_per_class": 9}})

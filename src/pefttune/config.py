@@ -32,6 +32,10 @@ class DataConfig(_Section):
     path: str | None = Field(None, description="Manifest file or dataset root (not used for synth).")
     seed: int = Field(0, description="Seed of the synthesized corpus.")
     per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
+    test_per_class: int | None = Field(
+        None, ge=1, description="Synthesized KS test clips per class (default: 200 for the default corpus, sized for "
+        "paired comparisons at a 0.01 margin; with per_class set, per_class // 4 like dev)."
+    )
     batch_size: int = Field(16, ge=1, description="Batch size for training and evaluation.")
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
@@ -42,6 +46,8 @@ class DataConfig(_Section):
             raise ValueError(f"data.path: required for data.source={self.source!r}")
         if self.source == "synth" and self.task not in ("ks", "sid", "pr"):
             raise ValueError(f"data.task: synthesized corpora exist for ks, sid and pr, not {self.task!r}")
+        if self.test_per_class is not None and (self.source != "synth" or self.task != "ks"):
+            raise ValueError("data.test_per_class: applies to the synthesized ks corpus only")
         return self
 
 

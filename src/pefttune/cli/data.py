@@ -60,7 +60,9 @@ def register(subparsers) -> None:
 def _size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=None, help="ks: train clips per class; sid: utterances per speaker.")
-    parser.add_argument("--eval-per-class", type=int, default=None, help="ks: dev and test clips per class.")
+    parser.add_argument("--eval-per-class", type=int, default=None, help="ks: dev clips per class.")
+    parser.add_argument("--test-per-class", type=int, default=None,
+                        help="ks: test clips per class (default 200 for the default corpus, else --eval-per-class).")
     parser.add_argument("--speakers", type=int, default=None, help="Number of synthetic speakers.")
     parser.add_argument("--per-speaker", type=int, default=None, help="sid: utterances per speaker.")
     parser.add_argument("--sentences", type=int, default=None, help="pr: number of sentences.")
@@ -69,7 +71,8 @@ def _size_arguments(parser: argparse.ArgumentParser) -> None:
 def _sizes(args) -> dict:
     from pefttune.data.synth import DEFAULT_SIZES
 
-    names = {"per_class": args.per_class, "eval_per_class": args.eval_per_class, "speakers": args.speakers,
+    names = {"per_class": args.per_class, "eval_per_class": args.eval_per_class,
+             "test_per_class": args.test_per_class, "speakers": args.speakers,
              "per_speaker": args.per_speaker, "sentences": args.sentences}
     sizes = {k: v for k, v in names.items() if v is not None}
     allowed = set(DEFAULT_SIZES[args.task]) | ({"per_class"} if args.task == "sid" else set())
