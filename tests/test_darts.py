@@ -62,8 +62,10 @@ def test_candidates_none_first_one_choice_per_method():
     assert choices[2].hparams["bottleneck"] == 16
     with pytest.raises(ValueError, match="at least one candidate"):
         candidate_choices({"none": {}})
-    with pytest.raises(ValueError, match="cannot share one layer"):
-        build_supernet("tiny-hubert", {"lora": {}, "ia3": {}}, HEAD)
+    # LoRA and IA3 both adapt v_proj: nested wrappers, each its own candidate
+    net = build_supernet("tiny-hubert", {"lora": {}, "ia3": {}}, HEAD)
+    v_proj = net.model.encoder.layers[0].attention.v_proj
+    assert hasattr(v_proj, "ia3_l") and hasattr(v_proj.base_layer, "lora_A")
 
 
 # -- mixed layers ----------------------------------------------------------------------------------

@@ -214,17 +214,68 @@ def test_darts_supernet_offers_the_hybrid_as_one_candidate(mix):
     assert all(m.active and m.gate is None for layer in net.model.methods for m in layer)
 
 
-def test_darts_refuses_a_hybrid_member_that_is_also_a_candidate():
+@pytest.mark.parametrize("mix", ["gated", "exact"])
+def test_darts_supernet_holds_a_hybrid_next_to_its_members_own_candidates(mix):
+    """The study's candidate set plus its mix: LoRA, both adapters and BitFit each alone and
+    merged in the hybrid. A supernet layer holds two LoRAs (nested on q/v), two sequential and
+    two parallel adapters, two bias deltas; a one-hot alpha on any candidate computes exactly
+    the discrete model of the derived placement with the inherited weights."""
+    mix_bitfit = {**MIX, "bitfit": {}}
+    candidates = {"bitfit": {}, "lora": {"rank": 4}, "sequential": {"bottleneck": 8}, "parallel": {"bottleneck": 6},
+                  "hybrid": mix_bitfit}
+    net = _tiny_supernet(mix, candidates)
+    assert net.names == ["none", "bitfit", "lora", "sequential", "parallel", "hybrid"]
+    layer = net.model.encoder.layers[0]
+    assert list(layer.pefttune) == ["bitfit", "lora", "sequential", "parallel",
+                                    "sequential@hybrid", "parallel@hybrid", "lora@hybrid", "bitfit@hybrid"]
+    q_proj = layer.attention.q_proj
+    assert q_proj.lora_A["default"].weight.shape[0] == 2 and q_proj.base_layer.lora_A["default"].weight.shape[0] == 4
+    info = backbone_info("tiny-hubert")
+    counts = [int(c) for c in net.candidate_parameters().tolist()]
+    assert counts[5] == hybrid_spec.count(info, hybrid_spec.resolve_members(mix_bitfit, "x"))
+    expected = sum(counts[1:]) * info.num_layers
+    assert net.model.count_parameters()["peft"] == expected  # every candidate's modules, the hybrid's included
+    x, mask = audio_batch(0)
+    net.model.eval()
+    for picks in ([5, 2, 0, 5], [2, 3, 4, 1]):
+        with torch.no_grad():
+            net.alpha.zero_()
+            net.alpha[range(4), picks] = 1.0
+            hidden0, frames = net.model.embed(x, mask)
+            mixed = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
+        derived = derive_placement(net)
+        assert torch.equal(net.one_hot(derived), torch.eye(6)[picks])
+        discrete = inherit_weights(net, derived)
+        discrete.eval()
+        with torch.no_grad():
+            reference, _ = discrete(x, mask)
+        torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-5)
+    # soft weights: every module gets a gradient, both LoRAs of a projection included, and alpha too
+    net.relaxation = Relaxation("softmax")
+    net.model.train()
+    hidden0, frames = net.model.embed(x, mask)
+    out = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 2])).backward()
+    assert net.alpha.grad is not None and bool((net.alpha.grad[:, 1:] != 0).all())
+    for methods in net.model.methods:
+        for method in methods:
+            assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in method.trainable_parameters())
+    assert all(not p.requires_grad for n, p in net.model.encoder.model.named_parameters()
+               if not any(tag in n for tag in ("lora_", "pefttune")))
+
+
+def test_darts_refuses_a_prefix_in_two_candidates_and_accepts_overlapping_projections():
     from pefttune.darts.experiment import validate
 
-    with pytest.raises(ValueError, match="hybrid candidate's member 'lora' is also a candidate on its own"):
-        build_supernet("tiny-hubert", {"lora": {"rank": 8}, "hybrid": MIX}, HEAD)
-    with pytest.raises(ValueError, match="member 'sequential' is also a candidate"):
-        validate(config(methods={"hybrid": MIX, "sequential": {"bottleneck": 8}}))
-    # LoRA in the hybrid and IA3 on the same projection cannot share a layer either
-    with pytest.raises(ValueError, match="both adapt v_proj"):
-        validate(config(methods={"hybrid": MIX, "ia3": {}}))
-    validate(config(methods={"hybrid": MIX, "bitfit": {}}))  # disjoint: fine
+    with pytest.raises(ValueError, match=r"'prefix' is in two candidates \(prefix\(p=2\) and hybrid\[prefix"):
+        build_supernet("tiny-hubert", {"prefix": {"length": 2}, "hybrid": {"prefix": {}, "lora": {}}}, HEAD)
+    with pytest.raises(ValueError, match="'prefix' is in two candidates"):
+        validate(config(methods={"hybrid": {"prefix": {}, "bitfit": {}}, "prefix": {"length": 4}}))
+    # LoRA in the hybrid and IA3 on the same projection: nested wrappers, both trained
+    validate(config(methods={"hybrid": MIX, "ia3": {}, "lora": {"rank": 4}, "sequential": {}}))
+    net = build_supernet("tiny-hubert", {"ia3": {}, "hybrid": MIX}, HEAD)
+    v_proj = net.model.encoder.layers[1].attention.v_proj
+    assert hasattr(v_proj, "lora_A") and hasattr(v_proj.base_layer, "ia3_l")
 
 
 # -- validation ------------------------------------------------------------------------------------

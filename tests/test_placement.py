@@ -194,13 +194,29 @@ def test_wrong_num_layers_for_backbone():
         Placement.uniform("lora", 0)
 
 
-def test_conflicting_projection_methods_name_the_layer():
-    """LoRA and IA3 both wrapping v_proj cannot share a layer; the error says where."""
-    placement = Placement.from_dict(
-        {"num_layers": 4, "layers": {"1": [{"method": "ia3", "targets": ["k_proj"]}, "lora"], "2": ["lora", "ia3"]}}
-    )
-    with pytest.raises(ValueError, match=r"placement\.layers\[2\]\.ia3: v_proj .* already wrapped"):
-        apply_placement(fresh_encoder("tiny-wavlm"), placement)
+def test_projection_methods_nest_in_one_layer_and_detach_in_any_order():
+    """LoRA and IA3 both adapting v_proj share a layer: IA3 wraps LoRA's wrapper, both train,
+    and detaching either one first leaves the other in place and the frozen projection inside."""
+    import torch
+
+    encoder = fresh_encoder("tiny-wavlm")
+    frozen = encoder.layers[2].attention.v_proj
+    placement = Placement.from_dict({"num_layers": 4, "layers": {"2": ["lora", "ia3"]}})
+    lora, ia3 = apply_placement(encoder, placement)[2]
+    outer = encoder.layers[2].attention.v_proj
+    assert hasattr(outer, "ia3_l") and hasattr(outer.base_layer, "lora_A") and outer.base_layer.base_layer is frozen
+    for method in (lora, ia3):
+        method.perturb_(0.1)
+    x = torch.randn(2, 5, frozen.in_features)
+    out = outer(x)
+    out.pow(2).sum().backward()
+    v_params = [outer.ia3_l["default"], outer.base_layer.lora_A["default"].weight, outer.base_layer.lora_B["default"].weight]
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in v_params)
+    assert not frozen.weight.requires_grad
+    lora.detach()  # the inner one first: spliced out of the chain
+    assert encoder.layers[2].attention.v_proj is outer and outer.base_layer is frozen
+    ia3.detach()
+    assert encoder.layers[2].attention.v_proj is frozen
 
 
 def test_apply_placement_twice_is_refused():

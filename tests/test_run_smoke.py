@@ -22,7 +22,9 @@ def test_pefttune_run_smoke_writes_every_artefact(ray_session, tmp_path, capsys)
         search={"num_samples": 2, "scheduler": "none", "max_failures": 0, "hybrid": True},
         darts={"warmup_epochs": 0, "seeds": [0]},
     )
-    config["methods"] = {"lora": {"rank": 2}, "bitfit": {}, "sequential": {"bottleneck": 8}}
+    # a hybrid candidate whose members are candidates on their own too (DARTS' supernet holds both)
+    config["methods"] = {"lora": {"rank": 2}, "bitfit": {}, "sequential": {"bottleneck": 8},
+                         "hybrid": {"sequential": {"bottleneck": 4}, "lora": {"rank": 1}}}
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(config))
 
@@ -46,7 +48,7 @@ def test_pefttune_run_smoke_writes_every_artefact(ray_session, tmp_path, capsys)
     assert {"layer_00", "layer_01", "layer_02", "layer_03"} <= set(trials.columns)
     assert len(trials[trials["kind"] == "uniform"]) == 3
     alpha = pd.read_parquet(analysis / "tables" / "alpha.parquet")
-    assert set(alpha["method"]) >= {"none", "lora", "bitfit", "sequential"} and len(alpha) > 0
+    assert set(alpha["method"]) >= {"none", "lora", "bitfit", "sequential", "hybrid"} and len(alpha) > 0
     plots = sorted(p.name for p in (analysis / "plots").glob("*.png"))
     assert plots and all((analysis / "plots" / p).stat().st_size > 1000 for p in plots)
     summary = json.loads((analysis / "summary.json").read_text())

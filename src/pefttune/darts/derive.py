@@ -83,22 +83,24 @@ def inherit_weights(
 ) -> PeftSpeechModel:
     """The discrete model of ``placement`` on a fresh backbone, with the supernet's weights.
 
-    Every trainable tensor of the discrete model has the same name in the supernet (method
-    modules live in ``layer.pefttune[<method>]`` and wrappers in the same projections).
+    Each layer's methods take the weights of the supernet modules of the candidates the layer
+    holds (a hybrid: its members, in order; :meth:`Supernet.layer_modules`), the head takes
+    the supernet's head.
     """
     from pefttune.model import build_model
 
     source = supernet.model
     encoder = backbone if isinstance(backbone, SpeechEncoder) else load_backbone(backbone or source.encoder.name)
     model = build_model(encoder, placement, source.head_config)
-    own = source.trainable_named_parameters()
-    target = model.trainable_named_parameters()
-    missing = sorted(set(target) - set(own))
-    if missing:
-        raise ValueError(f"inherit_weights: the supernet has no tensors {missing[:5]} (different candidates?)")
+    pairs = []
+    for index, layer in enumerate(placement.layers):
+        for own, theirs in zip(model.methods[index], supernet.layer_modules(index, layer), strict=True):
+            pairs += zip(own.trainable_parameters(), theirs.trainable_parameters(), strict=True)
+    pairs += zip(model.head.parameters(), source.head.parameters(), strict=True)
     with torch.no_grad():
-        for name, param in target.items():
-            if param.shape != own[name].shape:
-                raise ValueError(f"inherit_weights: {name} has shape {tuple(own[name].shape)} in the supernet")
-            param.copy_(own[name])
+        for param, weights in pairs:
+            if param.shape != weights.shape:
+                raise ValueError(f"inherit_weights: a tensor has shape {tuple(weights.shape)} in the supernet, "
+                                 f"{tuple(param.shape)} in the placement")
+            param.copy_(weights)
     return model.to(next(source.parameters()).device)

@@ -1,7 +1,8 @@
 """The DARTS supernet: every candidate method in every layer, mixed by alpha.
 
 A supernet is a :class:`~pefttune.model.PeftSpeechModel` whose placement puts *all*
-candidate methods in every encoder layer (a hybrid placement), plus the architecture
+candidate methods in every encoder layer (a hybrid placement; a hybrid candidate's members
+sit next to the single-method candidates, :func:`candidate_slots`), plus the architecture
 logits ``alpha`` (L, K), column 0 being ``none``. ``alpha`` lives outside the model, so
 the model's weights, ``save`` and the weight optimizer never see it. The mix happens in
 :meth:`Supernet.layer_fn`, which replaces how :meth:`SpeechEncoder.run_layers` runs a
@@ -64,8 +65,9 @@ def candidate_choices(methods: dict[str, dict] | list) -> tuple[MethodChoice, ..
     ``methods`` maps method name -> hyper-parameters (single values; a list of values is
     taken at its first entry, as a layer cannot hold one method twice), or is a list of
     names / :class:`MethodChoice`. A ``hybrid`` candidate (members merged in the layer,
-    :mod:`pefttune.methods.hybrid`) adds its members to every layer of the supernet, so none
-    of its member methods may also be a candidate on its own (a layer holds each method once).
+    :mod:`pefttune.methods.hybrid`) adds its members to every layer of the supernet, next to
+    the other candidates: its LoRA member and a LoRA candidate are two modules of the layer
+    (:func:`candidate_slots`). Only a prefix cannot be held twice by one attention.
     """
     entries = list(methods.items()) if isinstance(methods, dict) else [(m, {}) for m in methods]
     choices = [MethodChoice("none", {})]
@@ -86,13 +88,11 @@ def candidate_choices(methods: dict[str, dict] | list) -> tuple[MethodChoice, ..
             raise ValueError(f"darts: method {choice.method!r} is a candidate twice")
         held = {m.method: c for c in choices for m in c.members()}
         for member in choice.members():
-            if member.method in held:
-                hybrid, other = (choice, held[member.method]) if choice.method == hybrid_spec.HYBRID else (
-                    held[member.method], choice)
+            if member.method in SINGLE_PER_LAYER and member.method in held:
                 raise ValueError(
-                    f"darts: the hybrid candidate's member {member.method!r} is also a candidate on its own; the "
-                    f"supernet holds every candidate in every layer and a layer holds each method once, so drop "
-                    f"{member.method!r} from methods or from methods.hybrid ({hybrid.short()} vs {other.short()})"
+                    f"darts: {member.method!r} is in two candidates ({held[member.method].short()} and "
+                    f"{choice.short()}); the supernet holds every candidate in every layer and a layer's attention "
+                    f"holds one {member.method}, so keep it in one of them"
                 )
         choices.append(choice)
     if len(choices) < 2:
@@ -100,10 +100,54 @@ def candidate_choices(methods: dict[str, dict] | list) -> tuple[MethodChoice, ..
     return tuple(choices)
 
 
+#: Methods a layer can hold only once (the attention takes one prefix).
+SINGLE_PER_LAYER = frozenset({"prefix"})
+
+
+def candidate_slots(candidates: tuple[MethodChoice, ...]) -> list[tuple[tuple[str, MethodChoice], ...]]:
+    """Per candidate, the modules it puts into a supernet layer: (key in ``layer.pefttune``,
+    choice). A method's first module is keyed by its name, as in a discrete layer; a later one
+    of the same method (a hybrid member next to that method's own candidate) by
+    ``<method>@<candidate>``, e.g. ``lora@hybrid``. ``none`` holds no module."""
+    taken: set[str] = set()
+    slots = []
+    for candidate in candidates:
+        own = []
+        for member in (() if candidate.method == "none" else candidate.members()):
+            key = member.method if member.method not in taken else f"{member.method}@{candidate.method}"
+            taken.add(key)
+            own.append((key, member))
+        slots.append(tuple(own))
+    return slots
+
+
 def hybrid_placement(candidates: tuple[MethodChoice, ...], num_layers: int) -> Placement:
-    """Every non-none candidate in every layer."""
-    layer = [c.to_dict() for c in candidates if c.method != "none"]
+    """Every candidate's first module of each method, in every layer (the rest of a supernet
+    layer, see :func:`candidate_slots`, is attached by :func:`build_supernet`)."""
+    layer = [choice.to_dict() for slots in candidate_slots(candidates) for key, choice in slots
+             if key == choice.method]
     return Placement.from_dict({"num_layers": num_layers, "layers": [layer] * num_layers})
+
+
+def attach_second_modules(model: PeftSpeechModel, candidates: tuple[MethodChoice, ...]) -> None:
+    """Attach the modules of :func:`candidate_slots` that repeat a method of the layer
+    (nested wrappers on a projection, a second adapter hook, a second bias delta)."""
+    extra = [(key, choice) for slots in candidate_slots(candidates) for key, choice in slots if key != choice.method]
+    if not extra:
+        return
+    info = model.encoder.info
+    for index, layer in enumerate(model.encoder.layers):
+        for key, choice in extra:
+            method = get_method(choice.method).build(layer, info, choice.hparams)
+            method.attach(layer)
+            layer.pefttune[key] = method
+            model.methods[index].append(method)
+    for param in model.encoder.model.parameters():  # a wrapper may have frozen what it wrapped
+        param.requires_grad_(False)
+    for methods in model.methods:
+        for method in methods:
+            for param in method.trainable_parameters():
+                param.requires_grad_(True)
 
 
 @dataclass
@@ -128,13 +172,35 @@ class Supernet:
         if tuple(self.alpha.shape) != shape:
             raise ValueError(f"darts: alpha has shape {tuple(self.alpha.shape)}, expected {shape}")
         # per layer: the attached LayerMethod of candidate k (None for 'none'; a hybrid: its members, gated as one)
-        self._modules: list[list[LayerMethod | None]] = []
-        for index, layer_methods in enumerate(self.model.methods):
-            by_name = dict(zip((c.method for c in self.model.placement.layers[index]), layer_methods))
+        self._modules: list[list[LayerMethod | _Members | None]] = []
+        slots = candidate_slots(self.candidates)
+        for layer in self.model.encoder.layers:
             self._modules.append([
-                None if c.method == "none" else by_name[c.method] if c.method != hybrid_spec.HYBRID
-                else _Members([by_name[m.method] for m in c.members()]) for c in self.candidates
+                None if not own else layer.pefttune[own[0][0]] if len(own) == 1
+                else _Members([layer.pefttune[key] for key, _ in own]) for own in slots
             ])
+
+    def candidate_modules(self, index: int, k: int) -> list[LayerMethod]:
+        """The modules candidate ``k`` holds in layer ``index`` (a hybrid: its members, in order)."""
+        module = self._modules[index][k]
+        return [] if module is None else list(module.members) if isinstance(module, _Members) else [module]
+
+    def layer_modules(self, index: int, layer: tuple[MethodChoice, ...]) -> list[LayerMethod]:
+        """The supernet modules behind a discrete layer's methods, one per method in order: the
+        layer is one candidate, or several (Fair DARTS keeps every candidate over its
+        threshold), each a single method or a hybrid's run of members."""
+        held = [c.members() if c.method != "none" else () for c in self.candidates]
+        if layer in held:
+            return self.candidate_modules(index, held.index(layer))
+        modules, at = [], 0
+        while at < len(layer):
+            k = next((k for k in sorted(range(1, len(held)), key=lambda k: -len(held[k]))
+                      if held[k] == layer[at:at + len(held[k])]), None)
+            if k is None:
+                raise ValueError(f"darts: {layer[at].short()} in layer {index} is not a candidate")
+            modules += self.candidate_modules(index, k)
+            at += len(held[k])
+        return modules
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -348,6 +414,7 @@ def build_supernet(
     placement = hybrid_placement(candidates, encoder.num_layers)
     try:
         model = PeftSpeechModel(encoder, placement, head)
+        attach_second_modules(model, candidates)
     except ValueError as err:
         raise ValueError(f"darts: the candidates {[c.method for c in candidates]} cannot share one layer: {err}") from None
     device = next(model.head.parameters()).device

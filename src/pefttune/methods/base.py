@@ -211,7 +211,12 @@ def linear_dims(info: BackboneInfo, site: str) -> tuple[int, int]:
 
 class WrappedLinearMethod(LayerMethod):
     """A method that replaces some of the layer's linear projections by wrappers
-    (peft's LoRA and IA3 layers), keeping the original as ``wrapper.base_layer``."""
+    (peft's LoRA and IA3 layers), keeping the original as ``wrapper.base_layer``.
+
+    A projection may hold several wrappers (LoRA and IA3 in one layer, or the DARTS
+    supernet's LoRA candidate next to a hybrid's LoRA member): each new wrapper wraps the
+    one already there, so the frozen projection is the innermost ``base_layer`` and every
+    wrapper adds its own update to what runs inside it."""
 
     def __init__(self, targets: tuple[str, ...]):
         super().__init__()
@@ -222,18 +227,16 @@ class WrappedLinearMethod(LayerMethod):
         self._layer: list[nn.Module] = []
 
     @abc.abstractmethod
-    def wrap(self, base: nn.Linear, target: str) -> nn.Module:
-        """Return the wrapper module for projection ``target``."""
+    def wrap(self, base: nn.Module, target: str) -> nn.Module:
+        """Return the wrapper module for projection ``target`` (``base``: the projection
+        as it is now, the frozen Linear or another method's wrapper around it)."""
 
     def attach(self, layer: nn.Module) -> None:
         self._layer[:] = [layer]
         for target in self.targets:
             parent_name, name = LINEAR_SITES[target]
             parent = getattr(layer, parent_name)
-            base = getattr(parent, name)
-            if hasattr(base, "base_layer"):
-                raise ValueError(f"{target} of this layer is already wrapped by another projection method")
-            wrapped = self.wrap(base, target)
+            wrapped = self.wrap(getattr(parent, name), target)
             wrapped.pefttune_trainable = True
             setattr(parent, name, wrapped)
             self._wrapped[target] = wrapped
@@ -242,5 +245,19 @@ class WrappedLinearMethod(LayerMethod):
         super().detach()
         for target, wrapped in self._wrapped.items():
             parent_name, name = LINEAR_SITES[target]
-            setattr(getattr(self._layer[0], parent_name), name, wrapped.base_layer)
+            parent = getattr(self._layer[0], parent_name)
+            outer = getattr(parent, name)
+            if outer is wrapped:
+                setattr(parent, name, wrapped.base_layer)
+                continue
+            while outer.base_layer is not wrapped:  # a later method wrapped ours: splice ours out
+                outer = outer.base_layer
+            outer.base_layer = wrapped.base_layer
         self._wrapped.clear()
+
+
+def frozen_linear(module: nn.Module) -> nn.Module:
+    """The frozen projection inside any number of method wrappers."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module

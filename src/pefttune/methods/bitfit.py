@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefttune.methods.base import LayerMethod, MethodSpec, register_method
+from pefttune.methods.base import LayerMethod, MethodSpec, frozen_linear, register_method
 
 _SITES = {
     "q_proj": ("attention", "q_proj"),
@@ -31,7 +31,7 @@ def _site_module(layer: nn.Module, site: str) -> nn.Module:
     parent, name = _SITES[site]
     owner = layer if parent is None else getattr(layer, parent)
     module = getattr(owner, name)
-    return getattr(module, "base_layer", module)  # a LoRA/IA3 wrapper keeps the original
+    return frozen_linear(module)  # LoRA/IA3 wrappers keep the original inside
 
 
 class BitFit(LayerMethod):
@@ -56,30 +56,49 @@ class BitFit(LayerMethod):
 
 
 class _BiasOverride:
-    """Makes ``module`` (a Linear or LayerNorm) run with ``method.bias(site, module.bias)``
-    through an instance-level ``forward``; ``remove()`` restores the class's forward."""
+    """Makes ``module`` (a Linear or LayerNorm) run with its bias passed through every BitFit
+    method attached to it (``method.bias(site, b)`` in turn: one in a plain layer, two when
+    the DARTS supernet holds a BitFit candidate next to a hybrid's BitFit member), through an
+    instance-level ``forward``; ``remove()`` takes this method out and restores the class's
+    forward when none is left."""
 
     def __init__(self, module: nn.Module, method: BitFit, site: str):
+        self.module, self.entry = module, (method, site)
+        chain = vars(module).get("_pefttune_bias_chain")
+        if chain is not None:
+            chain.append(self.entry)
+            return
         if "forward" in vars(module):
             raise RuntimeError(f"bitfit: {site} already has its forward replaced")
-        self.module = module
+        chain = module._pefttune_bias_chain = [self.entry]
+
+        def bias() -> torch.Tensor | None:
+            value = module.bias
+            for owner, at in chain:
+                value = owner.bias(at, value)
+            return value
+
         if isinstance(module, nn.Linear):
 
             def forward(x):
-                return F.linear(x, module.weight, method.bias(site, module.bias))
+                return F.linear(x, module.weight, bias())
 
         elif isinstance(module, nn.LayerNorm):
 
             def forward(x):
-                bias = method.bias(site, module.bias)
-                return F.layer_norm(x, module.normalized_shape, module.weight, bias, module.eps)
+                return F.layer_norm(x, module.normalized_shape, module.weight, bias(), module.eps)
 
         else:
             raise TypeError(f"bitfit: {site} is a {type(module).__name__}, expected Linear or LayerNorm")
         module.forward = forward
 
     def remove(self) -> None:
-        vars(self.module).pop("forward", None)
+        chain = vars(self.module).get("_pefttune_bias_chain", [])
+        if self.entry in chain:
+            chain.remove(self.entry)
+        if not chain:
+            vars(self.module).pop("forward", None)
+            vars(self.module).pop("_pefttune_bias_chain", None)
 
 
 register_method(

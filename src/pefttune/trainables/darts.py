@@ -112,20 +112,6 @@ def make_relaxation(settings: DartsSection) -> Relaxation:
     )
 
 
-def check_candidates(candidates: tuple[MethodChoice, ...]) -> None:
-    """Candidates must fit in one layer: no two may wrap the same projection (LoRA/IA3)."""
-    wrapped: dict[str, str] = {}
-    for choice in (member for candidate in candidates for member in candidate.members()):  # a hybrid: its members
-        if choice.method in ("lora", "ia3"):
-            for target in choice.hparams["targets"]:
-                if target in wrapped:
-                    raise ValueError(
-                        f"darts: candidates {wrapped[target]!r} and {choice.method!r} both adapt {target}; "
-                        "the supernet holds all candidates in every layer, so give them disjoint targets"
-                    )
-                wrapped[target] = choice.method
-
-
 # -- data: the weight and arch parts of the training set ----------------------------------------------------
 
 
@@ -258,7 +244,6 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     train = train_config(experiment, epochs=epochs, seed=seed)
     metric, mode = train.metric, train.mode
     candidates = darts_candidates(experiment)
-    check_candidates(candidates)
     budget = experiment.budget
     if settings.budget_penalty and budget is None:
         raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
