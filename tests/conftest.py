@@ -1,7 +1,9 @@
 """Shared fixtures: one private Ray instance per test session, small threads."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,7 +13,9 @@ torch.set_num_threads(1)
 
 # Corpora and frozen-feature caches of this test session go to a private folder
 # (set before Ray starts, so trial workers inherit it).
-os.environ.setdefault("PEFTTUNE_CACHE", tempfile.mkdtemp(prefix="pefttune-cache-"))
+if "PEFTTUNE_CACHE" not in os.environ:
+    _CACHE = os.environ["PEFTTUNE_CACHE"] = tempfile.mkdtemp(prefix="pefttune-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # this session's, so removed at its end
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +31,4 @@ def ray_session():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session folders are large: not left in /tmp

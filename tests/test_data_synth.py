@@ -209,3 +209,11 @@ def test_data_test_per_class_is_for_the_synthesized_ks_corpus_only():
     assert parse_config({"data": {"source": "synth", "task": "ks", "test_per_class": 9}}).data.test_per_class == 9
     with pytest.raises(ValueError, match="data.test_per_class: applies to the synthesized ks corpus only"):
         parse_config({"data": {"source": "synth", "task": "pr", "test_per_class": 9}})
+
+
+def test_data_sentences_is_for_the_synthesized_pr_corpus_only():
+    from pefttune.config import parse_config
+
+    assert parse_config({"data": {"source": "synth", "task": "pr", "sentences": 90}}).data.sentences == 90
+    with pytest.raises(ValueError, match="data.sentences: applies to the synthesized pr corpus only"):
+        parse_config({"data": {"source": "synth", "task": "ks", "sentences": 90}})

@@ -106,6 +106,8 @@ def _deps_under(graph, prefix):
         ("pefttune.analysis", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.study",
                                "pefttune.cli")),
         ("pefttune.analysis.store", ("pefttune.analysis",)),  # the store only reads
+        ("pefttune.study", ("pefttune.suite", "pefttune.cli")),  # a suite runs studies, not the reverse
+        ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
                            "pefttune.runtime", "pefttune.cli")),
     ],

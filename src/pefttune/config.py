@@ -36,6 +36,9 @@ class DataConfig(_Section):
         None, ge=1, description="Synthesized KS test clips per class (default: 200 for the default corpus, sized for "
         "paired comparisons at a 0.01 margin; with per_class set, per_class // 4 like dev)."
     )
+    sentences: int | None = Field(
+        None, ge=3, description="Sentences of the synthesized PR corpus (default 600; 70/15/15 train/dev/test)."
+    )
     batch_size: int = Field(16, ge=1, description="Batch size for training and evaluation.")
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
@@ -48,6 +51,8 @@ class DataConfig(_Section):
             raise ValueError(f"data.task: synthesized corpora exist for ks, sid and pr, not {self.task!r}")
         if self.test_per_class is not None and (self.source != "synth" or self.task != "ks"):
             raise ValueError("data.test_per_class: applies to the synthesized ks corpus only")
+        if self.sentences is not None and (self.source != "synth" or self.task != "pr"):
+            raise ValueError("data.sentences: applies to the synthesized pr corpus only")
         return self
 
 
@@ -291,6 +296,24 @@ class ExperimentConfig(_Section):
         "node; required for a local storage path on a multi-node cluster.",
     )
     ensemble_size: int = Field(5, ge=2, description="Members of the top-k ensembles.")
+    tasks: list[str] | dict[str, dict[str, Any] | None] | None = Field(
+        None,
+        description="A suite: run the study once per task (`data.task`), same candidates and budget, into "
+        "<storage>/<name>/<task>/, plus suite.md and the `suite` table. A list of tasks, or a mapping task -> "
+        "overrides of this config for that task (e.g. `pr: {train: {epochs: 40}}`).",
+    )
+
+    @model_validator(mode="after")
+    def _tasks(self):
+        if self.tasks is None:
+            return self
+        names = list(self.tasks)
+        if not names:
+            raise ValueError("tasks: a suite needs at least one task")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: a task is listed twice in {names}")
+        task_configs(self)  # every task's config validated; errors name tasks.<task>
+        return self
 
     @field_validator("name")
     @classmethod
@@ -356,6 +379,34 @@ class ExperimentConfig(_Section):
         return {"pr": "per", "asr": "wer"}.get(self.data.task, "accuracy")
 
 
+def task_configs(config: ExperimentConfig, tasks=None) -> dict[str, ExperimentConfig]:
+    """One experiment config per task: ``data.task`` set, the task's overrides merged, stored
+    under ``<storage>/<name>/<task>``. ``tasks`` defaults to ``config.tasks``."""
+    tasks = config.tasks if tasks is None else tasks
+    if not tasks:
+        raise ValueError("tasks: a suite needs at least one task")
+    overrides = {t: {} for t in tasks} if isinstance(tasks, (list, tuple)) else dict(tasks)
+    base = config.model_dump(mode="json", exclude={"tasks"})
+    out = {}
+    for task, extra in overrides.items():
+        data = _deep_merge(base, extra or {})
+        data = _deep_merge(data, {"name": task, "storage": suite_path(config), "data": {"task": task}})
+        try:
+            out[task] = ExperimentConfig.model_validate(data)
+        except ValidationError as err:  # every bad field, named inside the task: tasks.pr.train.epochs
+            problems = "; ".join(
+                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + f": {e['msg'].removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+            raise ValueError(problems) from None
+    return out
+
+
+def suite_path(config: ExperimentConfig) -> str:
+    return f"{config.storage.rstrip('/')}/{config.name}"
+
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for item in err.errors():
@@ -373,8 +424,23 @@ def parse_config(data: dict | None, source: str = "config") -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
-    """Load and validate a YAML config (default: the embedded study)."""
+    """Load and validate a YAML config (default: the embedded study).
+
+    A config may start from another one: ``extends: embedded.yaml`` (a path relative to the
+    config's folder, or a shipped config's name) loads that file first and merges this one
+    over it, section by section; ``methods`` and ``tasks``, when given, replace the base's.
+    """
     path = Path(path) if path else CONFIG_DIR / "embedded.yaml"
+    data = _read_yaml(path, seen=())
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return parse_config(data, str(path))
+
+
+REPLACED_ON_EXTEND = ("methods", "tasks")
+
+
+def _read_yaml(path: Path, seen: tuple) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
@@ -383,9 +449,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raise ValueError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    if overrides:
-        data = _deep_merge(data, overrides)
-    return parse_config(data, str(path))
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ValueError(f"{path}: extends: expected a config file name, got {base_name!r}")
+    base_path = next((p for p in (path.parent / base_name, CONFIG_DIR / base_name) if p.exists()), None)
+    if base_path is None:
+        raise FileNotFoundError(f"{path}: extends: {base_name} is neither beside it nor a shipped config")
+    if base_path.resolve() in (*seen, path.resolve()):
+        raise ValueError(f"{path}: extends: {base_name} leads back to {path.name} (a cycle)")
+    base = _read_yaml(base_path, (*seen, path.resolve()))
+    for key in REPLACED_ON_EXTEND:
+        if key in data:
+            base.pop(key, None)
+    return _deep_merge(base, data)
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -66,6 +66,9 @@ def run_study(
         config = load_config(config)
     if name is not None:
         config = ExperimentConfig.model_validate({**config.model_dump(), "name": name})
+    if config.tasks:
+        raise ValueError(f"tasks: {config.name} is a suite of {list(config.tasks)}; run it with "
+                         "pefttune.suite.run_suite (what `pefttune run` does for such a config)")
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "

@@ -268,7 +268,8 @@ def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer
         v = run.result(vote) if vote in ens else run.results[0]
         per_seed.append({"seed": seed, "members": [t.trial_id for t in members], "best_member": best_id,
                          "vote_test": v.test_score, "best_member_test": v.best_member_test,
-                         "mcnemar_b": v.mcnemar_b, "mcnemar_c": v.mcnemar_c, "mcnemar_p": v.mcnemar_p})
+                         "mcnemar_b": v.mcnemar_b, "mcnemar_c": v.mcnemar_c, "mcnemar_p": v.mcnemar_p,
+                         "strategies": {r.strategy: {"dev": r.dev_score, "test": r.test_score} for r in run.results}})
     if vote not in ens:
         return _not_run(2, claim, f"the majority vote ({vote}) was not computed")
     others = [s for s in ens if s != vote]

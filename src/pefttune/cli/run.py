@@ -12,12 +12,26 @@ def register(sub) -> None:
         "a keyword-spotting corpus synthesized offline, local Ray. Results go to <storage>/<name>/.",
     )
     parser.add_argument("config", nargs="?", help="Experiment YAML (default: the embedded study).")
+    parser.add_argument("--suite", action="store_true",
+                        help="Run the study on several tasks (the config's `tasks`, default ks, sid and pr) and write "
+                        "suite.md, one table of configurations by tasks; a config with `tasks` is a suite anyway.")
     add_experiment_arguments(parser, "Finish an interrupted study of the same name.")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pefttune.config import load_config
     from pefttune.study import run_study
 
-    result = run_study(args.config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
+    if args.suite and not args.config:  # the embedded suite: ks, sid and pr with per-task settings
+        from pefttune.config import CONFIG_DIR
+
+        args.config = str(CONFIG_DIR / "embedded-suite.yaml")
+    config = load_config(args.config)
+    if args.suite or config.tasks:
+        from pefttune.suite import run_suite
+
+        result = run_suite(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
+        return result.exit_code
+    result = run_study(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
     return result.exit_code
