@@ -264,15 +264,24 @@ def test_finding1_from_a_real_bootstrap():
 # --------------------------------------------------------------------------- finding 2
 def test_finding2_each_outcome_with_numbers():
     fam = bonferroni_confidence(0.95, 2)
-    quiet = {"weighted": _cmp(-0.03, 0.01, fam, p=0.4), "soft": _cmp(-0.04, 0.0, fam, p=0.2)}
+    quiet = {"weighted": _cmp(-0.03, 0.008, fam, p=0.4), "soft": _cmp(-0.04, 0.0, fam, p=0.2)}
     others_flat = {"weighted": _cmp(-0.01, 0.03, fam), "soft": _cmp(-0.02, 0.02, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, quiet, margin=0.01)
-    assert v.label == "reproduced" and "[+0.0100, +0.0500]" in v.rule
+    assert v.label == "reproduced" and "[+0.0100, +0.0500]" in v.rule and "all below +0.0100" in v.rule
     np.testing.assert_allclose(list(v.details["vote_vs_others_holm_p"].values()), [0.4, 0.4])
+
+    # better than the vote, significantly but by less than delta: still "no better by delta"
+    slightly = {**quiet, "soft": _cmp(0.002, 0.008, fam)}
+    assert finding2_verdict(_cmp(0.01, 0.05), others_flat, slightly, margin=0.01).label == "reproduced"
 
     beats = {**quiet, "weighted": _cmp(0.005, 0.03, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, beats, margin=0.01)
     assert v.label == "partly reproduced" and "weighted [+0.0050, +0.0300] beats the vote" in v.rule
+
+    # not shown better and not shown within delta: a "no strategy beats the vote" would rest on noise
+    straddles = {**quiet, "weighted": _cmp(-0.0001, 0.0102, fam)}
+    v = finding2_verdict(_cmp(0.01, 0.05), others_flat, straddles, margin=0.01)
+    assert v.label == "inconclusive" and "weighted [-0.0001, +0.0102] straddles +delta = +0.0100" in v.rule
 
     other_up = {**others_flat, "weighted": _cmp(0.005, 0.04, fam)}
     v = finding2_verdict(_cmp(-0.01, 0.02), other_up, quiet, margin=0.01)
@@ -292,7 +301,8 @@ def test_finding2_requires_simultaneous_intervals():
     others = {"weighted": _cmp(-0.01, 0.03), "soft": _cmp(-0.02, 0.02)}  # 95% each: not simultaneous
     with pytest.raises(ValueError, match="bonferroni_confidence"):
         finding2_verdict(_cmp(0.01, 0.05), others, {}, margin=0.01)
-    v = finding2_verdict(_cmp(0.01, 0.05), {"weighted": _cmp(-0.01, 0.03)}, {}, margin=0.01)
+    v = finding2_verdict(_cmp(0.01, 0.05), {"weighted": _cmp(-0.01, 0.03)}, {"weighted": _cmp(-0.02, 0.005)},
+                         margin=0.01)
     assert v.label == "reproduced"  # a family of one needs no correction
 
 

@@ -341,35 +341,49 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
     """Finding 2, "majority vote beats its best member, and no other strategy beats the vote".
 
     ``vote_gain`` = vote - its best member; ``other_gains[s]`` = strategy s - its best member;
-    ``vote_vs_others[s]`` = strategy s - vote (``diff > 0``: s better).  "Significantly" is by
-    interval: ``other_gains`` and ``vote_vs_others`` must each hold simultaneous intervals, built
-    at ``bonferroni_confidence(family_confidence, len(family))`` (ValueError otherwise); the
-    Holm-adjusted p-values of ``vote_vs_others`` are reported in ``details``, not used.  In order
-    (delta = ``margin``):
-    * vote ``ci_low > 0`` and no ``vote_vs_others`` with ``ci_low > 0`` -> "reproduced";
-    * vote ``ci_low > 0`` but some strategy beats the vote -> "partly reproduced";
+    ``vote_vs_others[s]`` = strategy s - vote (``diff > 0``: s better).  ``other_gains`` and
+    ``vote_vs_others`` must each hold simultaneous intervals, built at
+    ``bonferroni_confidence(family_confidence, len(family))`` (ValueError otherwise); the
+    Holm-adjusted p-values of ``vote_vs_others`` are reported in ``details``, not used.
+
+    "No other strategy beats the vote" is a claim of *no better*, so it needs the margin
+    (a non-significant difference is not evidence of none): every strategy - vote interval
+    must lie below +delta. In order (delta = ``margin``):
+    * vote ``ci_low > 0`` and every ``vote_vs_others`` ``ci_high < +delta`` -> "reproduced"
+      (a strategy may be better by less than delta);
+    * vote ``ci_low > 0`` and some strategy - vote ``ci_low > 0`` (better, possibly by delta
+      or more) -> "partly reproduced";
     * some other gain with ``ci_low > 0`` (the vote's not) -> "partly reproduced";
     * every gain (vote and others) with ``ci_high < +delta`` -> "not reproduced";
-    * otherwise "inconclusive" (a gain interval straddles 0 or +delta).
+    * otherwise "inconclusive": a gain interval straddles 0 or +delta, or the vote gains but a
+      strategy - vote interval straddles +delta without lying above 0.
     """
     margin, v = _check_margin(margin), vote_gain
     _check_family(list(other_gains.values()), family_confidence, "other_gains")
     _check_family(list(vote_vs_others.values()), family_confidence, "vote_vs_others")
     dm = f"+{margin:.4f}"
     beat = [s for s, c in vote_vs_others.items() if c.lies_above(0.0)]
+    not_within = [s for s, c in vote_vs_others.items() if not c.lies_below(margin)]
     helped = [s for s, c in other_gains.items() if c.lies_above(0.0)]
     triples = {k: {s: (c.diff, c.ci_low, c.ci_high) for s, c in d.items()}
                for k, d in (("other_gains", other_gains), ("vote_vs_others", vote_vs_others))}
     holm_p = holm([c.p_value for c in vote_vs_others.values()])
     details = {"vote_gain": (v.diff, v.ci_low, v.ci_high), "margin": margin, "beats_vote": beat,
-               "gain_above_0": helped, **triples, "vote_vs_others_holm_p": dict(zip(vote_vs_others, holm_p))}
+               "not_within_margin_of_vote": not_within, "gain_above_0": helped, **triples,
+               "vote_vs_others_holm_p": dict(zip(vote_vs_others, holm_p))}
     vtext = f"the vote's {_pct(v.confidence)} gain CI over its best member {v.ci_text()}"
-    if v.lies_above(0.0) and not beat:
-        return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy beats the vote "
-                       f"(strategy - vote CIs, simultaneous: {_cis(vote_vs_others)})", details)
-    if v.lies_above(0.0):
+    if v.lies_above(0.0) and not not_within:
+        return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy is better than the vote by "
+                       f"delta = {dm} or more (strategy - vote CIs, simultaneous, all below {dm}: "
+                       f"{_cis(vote_vs_others)})", details)
+    if v.lies_above(0.0) and beat:
         return Verdict("partly reproduced", f"partly reproduced: {vtext} lies above 0, but "
-                       f"{_cis(vote_vs_others, beat)} beats the vote (strategy - vote CI above 0)", details)
+                       f"{_cis(vote_vs_others, beat)} beats the vote (strategy - vote CI above 0, not below "
+                       f"{dm})", details)
+    if v.lies_above(0.0):
+        return Verdict("inconclusive", f"inconclusive: {vtext} lies above 0, but the strategy - vote CI of "
+                       f"{_cis(vote_vs_others, not_within)} straddles +delta = {dm}: no strategy is shown to beat "
+                       "the vote, nor to be no better than it", details)
     if helped:
         return Verdict("partly reproduced", f"partly reproduced: {vtext} does not lie above 0, but the gain CI "
                        f"of {_cis(other_gains, helped)} does", details)
