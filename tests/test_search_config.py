@@ -126,6 +126,16 @@ def test_shipped_configs_are_valid():
     assert superb.resources.gpu == 0.25 and superb.train.bf16 and superb.data.task == "ks"
     embedded = load_config()
     assert embedded.search.algorithm == "tpe" and embedded.search.scheduler == "asha"
+    pr = load_config(CONFIG_DIR / "embedded-pr.yaml")  # the embedded study, on phoneme recognition
+    assert (pr.data.task, pr.data.sentences, pr.train.epochs, pr.metric) == ("pr", 3000, 6, "per")
+    assert pr.methods == embedded.methods and pr.darts == embedded.darts and pr.budget == embedded.budget
+    suite = load_config(CONFIG_DIR / "embedded-suite.yaml")
+    assert list(suite.tasks) == ["ks", "sid", "pr"] and suite.methods == embedded.methods
+    from pefttune.config import task_configs
+
+    tasks = task_configs(suite)
+    assert tasks["pr"].data.sentences == pr.data.sentences and tasks["pr"].train.epochs == pr.train.epochs
+    assert tasks["ks"].model_dump(exclude={"name", "storage"}) == embedded.model_dump(exclude={"name", "storage"})
 
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, manifest, no_ray, capsys):
