@@ -279,12 +279,17 @@ def test_shipped_backbone_shapes_hash_and_provenance():
     # the run's last recorded state hash is that of the shipped weights' run; what the replay verified
     completed = prov["steps"]["completed"]
     assert str(completed) in prov["steps"]["state_sha256"]
-    # what the replay verified (a prefix: the replay of the whole 55-minute run was not run)
+    # what the replays verified: the whole run, bit for bit (and, first, a prefix)
+    full = prov["reproduce"]["verified_full"]
+    assert full["steps"] == full["of_steps"] == completed and full["matches"] and full["state_sha256_all_match"]
+    assert full["model_sha256"] == prov["weights_sha256"] == SHIPPED_SHA256["tiny-hubert-ssl"] and full["final_matches"]
+    assert full["command"] == reproduce.replace("--out DIR", "--out /tmp/replay")
+    assert full["model_sha256"] in prov["reproduce"]["verified"]
     checked = prov["reproduce"]["verified_prefix"]
     assert 1 <= checked["steps"] <= completed and checked["matches"] is True
     assert checked["state_sha256"] == prov["steps"]["state_sha256"][str(checked["steps"])]
     assert checked["command"] == reproduce + f" --stop-after {checked['steps']}"
-    assert checked["state_sha256"] in prov["reproduce"]["verified"]
+    assert checked["state_sha256"] == prov["steps"]["state_sha256"]["200"]
 
 
 def _pooled(encoder, wav: np.ndarray) -> torch.Tensor:
