@@ -181,6 +181,23 @@ def _tiny_supernet(mix, candidates):
     return net
 
 
+def _one_hot_vs_discrete(net, picks, x, mask):
+    """The supernet with a one-hot alpha on ``picks`` and the discrete model of the placement
+    derived from it (supernet weights inherited): (derived placement, mixed output, discrete output)."""
+    net.model.eval()
+    with torch.no_grad():
+        net.alpha.zero_()
+        net.alpha[range(len(picks)), picks] = 1.0
+        hidden0, frames = net.model.embed(x, mask)
+        mixed = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
+    derived = derive_placement(net)
+    discrete = inherit_weights(net, derived)
+    discrete.eval()
+    with torch.no_grad():
+        reference, _ = discrete(x, mask)
+    return derived, mixed, reference
+
+
 @pytest.mark.parametrize("mix", ["gated", "exact"])
 def test_darts_supernet_offers_the_hybrid_as_one_candidate(mix):
     info = backbone_info("tiny-hubert")
@@ -190,25 +207,16 @@ def test_darts_supernet_offers_the_hybrid_as_one_candidate(mix):
     assert net.candidate_parameters()[3].item() == mix_count
     assert net.model.placement.layer_methods() == ["bitfit+prefix+sequential+parallel+lora"] * 4
     x, mask = audio_batch(0)
-    net.model.eval()
     picks = [3, 0, 1, 3]
-    with torch.no_grad():
-        net.alpha.zero_()
-        net.alpha[range(4), picks] = 1.0
-        hidden0, frames = net.model.embed(x, mask)
-        mixed = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
-    derived = derive_placement(net)
+    derived, mixed, reference = _one_hot_vs_discrete(net, picks, x, mask)
     assert derived.layer_methods() == ["sequential+parallel+lora", "none", "bitfit", "sequential+parallel+lora"]
     assert torch.equal(net.one_hot(derived), torch.eye(4)[picks])
-    discrete = inherit_weights(net, derived)
-    discrete.eval()
-    with torch.no_grad():
-        reference, _ = discrete(x, mask)
     torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-6)  # the hybrid's members switched as one
     # soft weights: the forward runs and alpha gets a gradient for the hybrid column too
     net.relaxation = Relaxation("softmax")
     net.model.train()
-    out = net.model.forward_from(list(net.model.embed(x, mask)[:1]), frames, layer_fn=net.layer_fn)
+    hidden0, frames = net.model.embed(x, mask)
+    out = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
     torch.nn.functional.cross_entropy(out, torch.tensor([0, 2])).backward()
     assert net.alpha.grad is not None and bool((net.alpha.grad[:, 3] != 0).all())
     assert all(m.active and m.gate is None for layer in net.model.methods for m in layer)
@@ -236,19 +244,9 @@ def test_darts_supernet_holds_a_hybrid_next_to_its_members_own_candidates(mix):
     expected = sum(counts[1:]) * info.num_layers
     assert net.model.count_parameters()["peft"] == expected  # every candidate's modules, the hybrid's included
     x, mask = audio_batch(0)
-    net.model.eval()
     for picks in ([5, 2, 0, 5], [2, 3, 4, 1]):
-        with torch.no_grad():
-            net.alpha.zero_()
-            net.alpha[range(4), picks] = 1.0
-            hidden0, frames = net.model.embed(x, mask)
-            mixed = net.model.forward_from([hidden0], frames, layer_fn=net.layer_fn)
-        derived = derive_placement(net)
+        derived, mixed, reference = _one_hot_vs_discrete(net, picks, x, mask)
         assert torch.equal(net.one_hot(derived), torch.eye(6)[picks])
-        discrete = inherit_weights(net, derived)
-        discrete.eval()
-        with torch.no_grad():
-            reference, _ = discrete(x, mask)
         torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-5)
     # soft weights: every module gets a gradient, both LoRAs of a projection included, and alpha too
     net.relaxation = Relaxation("softmax")
