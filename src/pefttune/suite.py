@@ -230,5 +230,5 @@ def write_suite(root: str, task_dirs: dict[str, str]) -> dict:
             lines.append(f"- {task}: **{finding.get('verdict', 'missing')}**: {finding.get('rule', 'no study')}")
         lines.append("")
     atomic_write_text(str(out / SUITE_FILE), "\n".join(lines) + "\n")
-    (out / "suite.json").write_text(json.dumps({"tasks": task_dirs, "findings": overall}, indent=2) + "\n")
+    atomic_write_text(str(out / "suite.json"), json.dumps({"tasks": task_dirs, "findings": overall}, indent=2) + "\n")
     return {"suite": str(out / SUITE_FILE), "table": str(out / f"{SUITE_TABLE}.parquet")}
