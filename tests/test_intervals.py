@@ -15,6 +15,7 @@ from pefttune.analysis.intervals import (
     PairAgreement,
     agreement_by_seed,
     bonferroni_confidence,
+    ctc_agreement_by_seed,
     finding1_verdict,
     finding2_verdict,
     finding3_verdict,
@@ -358,6 +359,65 @@ def test_finding3_from_synthetic_predictions():
     pairs = [agreement_by_seed(clone[a], clone[b], y, names=(a, b), draws=500, confidence=fam)
              for a, b in (("x", "y"), ("x", "z"), ("y", "z"))]
     assert finding3_verdict(pairs).label == "not reproduced"
+
+
+def test_grouped_bootstrap_resamples_whole_groups():
+    """With groups, a draw takes all examples of a group or none, so errors that come in bursts
+    (whole utterances) widen the interval; the point estimates do not change."""
+    y = np.zeros(40, dtype=int)
+    a = [np.where(np.arange(40) < 20, 0, 1)]  # wrong on group 1 (examples 20-39)
+    b = [np.zeros(40, dtype=int)]
+    groups = np.repeat([0, 1], 20)
+    free = agreement_by_seed(a, b, y, draws=400, seed=1)
+    grouped = agreement_by_seed(a, b, y, draws=400, seed=1, groups=groups)
+    # B is never wrong: overlap 0 in every draw, either way
+    assert grouped.overlap == free.overlap == 0.0 and grouped.overlap_ci_high == 0.0
+    with pytest.raises(ValueError, match="one group per example"):
+        agreement_by_seed(a, b, y, groups=groups[:-1])
+    # the interval is wider when examples within a group move together: A's error share per draw
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 600)
+    groups = np.repeat(np.arange(30), 20)
+    burst = rng.random(30) < 0.5  # A is wrong on whole groups, B on scattered examples
+    pa = [np.where(burst[groups], (y + 1) % 5, y)]
+    pb = [np.where(rng.random(600) < 0.5, (y + 2) % 5, y)]
+    free = agreement_by_seed(pa, pb, y, draws=1000)
+    grouped = agreement_by_seed(pa, pb, y, draws=1000, groups=groups)
+    assert grouped.kappa == pytest.approx(free.kappa) and grouped.overlap == pytest.approx(free.overlap)
+    width = lambda p: p.overlap_ci_high - p.overlap_ci_low  # noqa: E731
+    assert width(grouped) > 1.5 * width(free)
+
+
+def test_ctc_agreement_is_on_aligned_phonemes_not_sentences():
+    """Every sentence has an error for both systems, but at different phonemes: exact-sentence
+    agreement would call the errors shared (overlap 1); on aligned phonemes they are disjoint."""
+    rng = np.random.default_rng(2)
+    refs = [list(rng.integers(1, 30, 25)) for _ in range(80)]
+
+    def corrupt(position):
+        out = []
+        for r in refs:
+            h = list(r)
+            if position == "first":
+                h[3] = h[3] % 29 + 1  # a substitution
+            else:
+                del h[20]  # a deletion
+            out.append(h)
+        return out
+
+    a, b = corrupt("first"), corrupt("last")
+    sentence = agreement_by_seed([np.array([" ".join(map(str, h)) for h in a])],
+                                 [np.array([" ".join(map(str, h)) for h in b])],
+                                 np.array([" ".join(map(str, r)) for r in refs]), draws=200)
+    assert sentence.overlap == 1.0  # the degenerate view
+    pair = ctc_agreement_by_seed([a], [b], refs, draws=200)
+    assert pair.n_examples == 80 * 25 and pair.overlap == 0.0 and pair.overlap_ci_high == 0.0
+    # they agree on 23 of 25 phonemes in every sentence (29 classes): kappa 23/25 less chance
+    assert 0.85 < pair.kappa < 23 / 25
+    same = ctc_agreement_by_seed([a, a], [a, a], refs, draws=200)
+    assert same.overlap == 1.0 and same.kappa == pytest.approx(1.0) and same.seeds == 2
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\]"):
+        ctc_agreement_by_seed([a[:-1]], [b], refs)
 
 
 # --------------------------------------------------------------------------- nothing learned

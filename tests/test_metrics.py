@@ -7,6 +7,7 @@ import torch
 from pefttune.metrics import (
     METRICS,
     accuracy,
+    align_to_reference,
     cer,
     ctc_greedy_decode,
     edit_distance,
@@ -161,3 +162,21 @@ def test_metrics_registry_modes():
     }
     fn, _ = METRICS["per"]
     assert fn([[1, 2]], [[1, 3]]) == 0.5
+
+
+def test_align_to_reference_marks_substitutions_and_deletions():
+    assert align_to_reference([1, 2, 3], [1, 2, 3]) == [1, 2, 3]
+    assert align_to_reference([1, 3], [1, 2, 3]) == [1, None, 3]  # 2 deleted
+    assert align_to_reference([1, 9, 2, 3], [1, 2, 3]) == [1, 2, 3]  # the insertion 9 is left out
+    assert align_to_reference([1, 7, 3], [1, 2, 3]) == [1, 7, 3]  # substitution
+    assert align_to_reference([], [4, 5]) == [None, None] and align_to_reference([4], []) == []
+    # S=1, D=1 (most substitutions, not 0 + 2 deletions + 1 insertion); either place of the gap is optimal
+    assert align_to_reference(["a", "x"], ["a", "b", "c"]) in (["a", "x", None], ["a", None, "x"])
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # the alignment is one of edit_ops': its mismatches are S + D, its gaps D
+        ref = list(rng.integers(1, 5, rng.integers(0, 9)))
+        hyp = list(rng.integers(1, 5, rng.integers(0, 9)))
+        s, d, _ = edit_ops(hyp, ref)
+        aligned = align_to_reference(hyp, ref)
+        assert len(aligned) == len(ref)
+        assert sum(x != r for x, r in zip(aligned, ref)) == s + d and aligned.count(None) == d

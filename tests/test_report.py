@@ -132,3 +132,20 @@ def test_pairwise_trials_between_any_trials(ray_session):
     assert (row["mcnemar_b"], row["mcnemar_c"], row["both_wrong"]) == (3, 2, 1)
     assert row["error_overlap"] == pytest.approx(1 / 6)
     assert row["agreement"] == pytest.approx(0.5)  # same prediction on 4,5,7,8 + example 0 (both y+1)
+
+
+def test_pairwise_trials_ctc_compares_aligned_phonemes(ray_session):
+    """CTC pairs are compared phoneme by phoneme, not as whole sentences: 6 reference phonemes;
+    lora substitutes phoneme 2 of utterance 0, sequential phoneme 2 of utterance 2, bitfit only
+    inserts a token (no reference phoneme wrong)."""
+    from pefttune.analysis.report import pairwise_trials
+
+    exp = open_experiment(ctc_experiment())
+    t = by_name(exp)
+    pairs, _ = pairwise_trials(exp, {"lora": t["lora"], "bitfit": t["bitfit"], "sequential": t["sequential"]})
+    rows = {(r["a"], r["b"]): r for _, r in pairs.iterrows()}
+    lora_seq = rows[("lora", "sequential")]
+    assert lora_seq["both_wrong"] == 0 and lora_seq["error_overlap"] == 0.0
+    assert lora_seq["mcnemar_b"] + lora_seq["mcnemar_c"] == 2 and lora_seq["agreement"] == pytest.approx(4 / 6)
+    lora_bitfit = rows[("lora", "bitfit")]
+    assert lora_bitfit["mcnemar_b"] + lora_bitfit["mcnemar_c"] == 1  # as sentences bitfit's would be wrong too

@@ -19,6 +19,8 @@ import numpy as np
 __all__ = [
     "METRICS",
     "accuracy",
+    "align_corpus",
+    "align_to_reference",
     "cer",
     "ctc_greedy_decode",
     "edit_distance",
@@ -170,6 +172,55 @@ def edit_ops(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[int, int, in
     dels = ((cost - subs) + (m - n)) // 2
     ins = ((cost - subs) - (m - n)) // 2
     return subs, dels, ins
+
+
+def align_to_reference(a: Sequence[Hashable], b: Sequence[Hashable]) -> list:
+    """For each token of the reference ``b``, the hypothesis token aligned to it, or ``None``
+    where it was deleted; the hypothesis' insertions are left out.
+
+    The alignment is one of :func:`edit_ops`' (minimum cost, most substitutions), so
+    ``sum(x != r for x, r in zip(result, b))`` is its ``S + D``.  Used to compare two systems'
+    errors position by position on the same reference (finding 3 for CTC tasks).
+    """
+    hyp = _as_token_list(a, "a")
+    ref = _as_token_list(b, "b")
+    n, m = len(hyp), len(ref)
+    if n == 0 or m == 0:
+        return [None] * m
+    vocab: dict[Hashable, int] = {}
+    h_ids = np.array([vocab.setdefault(t, len(vocab)) for t in hyp], dtype=np.int64)
+    r_ids = np.array([vocab.setdefault(t, len(vocab)) for t in ref], dtype=np.int64)
+    K = max(n, m) + 1  # the key of edit_ops: K * cost - substitutions
+    j = np.arange(m + 1, dtype=np.int64)
+    table = np.empty((n + 1, m + 1), dtype=np.int64)
+    table[0] = K * j
+    for i in range(1, n + 1):
+        cand = np.empty(m + 1, dtype=np.int64)
+        cand[0] = table[i - 1, 0] + K
+        diag = table[i - 1, :-1] + np.where(r_ids == h_ids[i - 1], 0, K - 1)
+        cand[1:] = np.minimum(diag, table[i - 1, 1:] + K)
+        table[i] = np.minimum.accumulate(cand - K * j) + K * j
+    out: list = [None] * m
+    i, k = n, m
+    while i > 0 and k > 0:
+        step = 0 if h_ids[i - 1] == r_ids[k - 1] else K - 1
+        if table[i, k] == table[i - 1, k - 1] + step:
+            out[k - 1] = hyp[i - 1]
+            i, k = i - 1, k - 1
+        elif table[i, k] == table[i - 1, k] + K:  # an inserted hypothesis token
+            i -= 1
+        else:  # a deleted reference token
+            k -= 1
+    return out
+
+
+def align_corpus(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]) -> np.ndarray:
+    """Integer-token hypotheses aligned to their references (:func:`align_to_reference`),
+    concatenated: one entry per reference token, the aligned token or -1 where deleted."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"hyps and refs must have the same length, got {len(hyps)} and {len(refs)}")
+    return np.array([-1 if x is None else int(x) for h, r in zip(hyps, refs)
+                     for x in align_to_reference(list(h), list(r))], dtype=np.int64)
 
 
 def edit_distance(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:

@@ -39,6 +39,7 @@ from pefttune.analysis.intervals import (
     Comparison,
     Verdict,
     agreement_by_seed,
+    ctc_agreement_by_seed,
     bonferroni_confidence,
     finding1_verdict,
     finding2_verdict,
@@ -301,10 +302,10 @@ def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: S
         seeds = sorted(set(a.seeds) & set(b.seeds), key=lambda s: (s is None, s))
         if not seeds:
             continue
-        pa = [_as_labels(scorer.preds(next(t for t in a.trials if t.seed == s)), scorer.ctc) for s in seeds]
-        pb = [_as_labels(scorer.preds(next(t for t in b.trials if t.seed == s)), scorer.ctc) for s in seeds]
-        labels = _as_labels(scorer.ref, scorer.ctc)
-        pair = agreement_by_seed(pa, pb, labels, names=(a.config_id, b.config_id), draws=draws, confidence=family)
+        pa = [scorer.preds(next(t for t in a.trials if t.seed == s)) for s in seeds]
+        pb = [scorer.preds(next(t for t in b.trials if t.seed == s)) for s in seeds]
+        agreement = ctc_agreement_by_seed if scorer.ctc else agreement_by_seed
+        pair = agreement(pa, pb, scorer.ref, names=(a.config_id, b.config_id), draws=draws, confidence=family)
         pairs.append(pair)
         rows.append({"a": a.config_id, "b": b.config_id, "seeds": len(seeds), "kappa": pair.kappa,
                      "kappa_ci_low": pair.kappa_ci_low, "kappa_ci_high": pair.kappa_ci_high,
@@ -313,18 +314,15 @@ def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: S
     if not pairs:
         return _not_run(3, claim, "no pair of uniform methods shares a seed"), []
     verdict = finding3_verdict(pairs, family_confidence=confidence)
+    units = ("reference phonemes (each hypothesis aligned to its reference by Levenshtein; a phoneme is an error "
+             "when substituted or deleted, insertions are not counted; utterances resampled)" if scorer.ctc
+             else "test examples")
     text = (f"{len(pairs)} pairs of uniform methods, paired by seed; kappa and error overlap (Jaccard of the error "
-            f"sets) with simultaneous {family:.1%} intervals: "
+            f"sets) over {units}, with simultaneous {family:.1%} intervals: "
             + "; ".join(f"{r['a']}/{r['b']} kappa {r['kappa']:.3f} [{r['kappa_ci_low']:.3f}, {r['kappa_ci_high']:.3f}], "
                         f"overlap {r['error_overlap']:.3f} [{r['overlap_ci_low']:.3f}, {r['overlap_ci_high']:.3f}]"
                         for r in rows) + ".")
     return {"finding": 3, "claim": claim, **_verdict_dict(verdict), "text": text, "pairs": rows}, rows
-
-
-def _as_labels(preds, ctc: bool) -> np.ndarray:
-    if not ctc:
-        return np.asarray(preds)
-    return np.array([" ".join(map(str, p)) for p in preds], dtype=object)
 
 
 def references(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 from scipy.special import stdtrit
 
+from pefttune.metrics import align_corpus
+
 __all__ = [
     "Comparison", "PairAgreement", "SeedSummary", "Verdict", "agreement_by_seed",
-    "bonferroni_confidence", "finding1_verdict", "finding2_verdict", "finding3_verdict",
+    "bonferroni_confidence", "ctc_agreement_by_seed", "finding1_verdict", "finding2_verdict", "finding3_verdict",
     "holm", "nothing_learned", "paired_bootstrap", "paired_permutation", "seed_summary",
     "unless_nothing_learned",
 ]
@@ -445,13 +447,17 @@ def _nanmean(rows: list) -> np.ndarray:
 
 def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any, *,
                       names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
-                      seed: int = 0) -> PairAgreement:
+                      seed: int = 0, groups: Any = None) -> PairAgreement:
     """Kappa and error overlap of two methods, with a paired bootstrap CI over examples.
 
     Seed k of A is paired with seed k of B (the same training seed; the counts must match).
     Each statistic is computed per seed and averaged over seeds (undefined seeds skipped); each
     draw resamples the examples once for both methods and all seeds (Koehn 2004); percentile
     interval.  Kappa as ``stats.cohen_kappa``; labels may be any comparable values (strings too).
+
+    ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
+    CTC task the examples are reference phonemes and the groups their utterances, so that
+    phonemes of one utterance, which are not independent, are drawn together (Bisani & Ney 2004).
     """
     confidence, draws = _check_confidence(confidence), _check_draws(draws)
     s, y = len(preds_a_by_seed), np.asarray(labels).ravel()
@@ -460,6 +466,14 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     arrs = [np.asarray(p).ravel() for p in (*preds_a_by_seed, *preds_b_by_seed)]
     if y.size == 0 or any(p.size != y.size for p in arrs):
         raise ValueError(f"every prediction array must cover the {y.size} examples of labels")
+    if groups is None:
+        group_of, n_groups = np.arange(y.size), y.size
+    else:
+        group_ids = np.asarray(groups).ravel()
+        if group_ids.size != y.size:
+            raise ValueError(f"groups must give one group per example: {group_ids.size} for {y.size} examples")
+        group_of = np.unique(group_ids, return_inverse=True)[1].ravel()
+        n_groups = int(group_of.max()) + 1
     codes = np.unique(np.concatenate([y, *arrs]), return_inverse=True)[1].reshape(-1, y.size)
     pairs = [(codes[1 + i], codes[1 + s + i]) for i in range(s)]
     full = [_agreement(np.ones((1, y.size)), ca, cb, codes[0]) for ca, cb in pairs]
@@ -467,13 +481,40 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     rng, kap, ovl = np.random.default_rng(seed), np.empty(draws), np.empty(draws)
     chunk = max(1, _CHUNK_CELLS // y.size)
     for start in range(0, draws, chunk):
-        w = _counts(rng, min(chunk, draws - start), y.size)
+        w = _counts(rng, min(chunk, draws - start), n_groups)[:, group_of]
         res = [_agreement(w, ca, cb, codes[0]) for ca, cb in pairs]
         kap[start:start + w.shape[0]] = _nanmean([r[0] for r in res])
         ovl[start:start + w.shape[0]] = _nanmean([r[1] for r in res])
     return PairAgreement(names[0], names[1], float(_nanmean(list(kap_s))), *_percentile_ci(kap, confidence),
                          float(_nanmean(list(ovl_s))), *_percentile_ci(ovl, confidence), y.size, s, confidence,
                          kap_s, ovl_s)
+
+
+def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
+                          hyps_b_by_seed: Sequence[Sequence[Sequence[int]]], refs: Sequence[Sequence[int]], *,
+                          names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
+                          seed: int = 0) -> PairAgreement:
+    """:func:`agreement_by_seed` for CTC systems, over reference phonemes.
+
+    Exact-sentence errors say nothing here: at a PER of 0.3 nearly every sentence holds an
+    error, so any two systems "share" nearly all their errors.  Each hypothesis is aligned to
+    its reference instead (:func:`pefttune.metrics.align_to_reference`); the examples are the
+    reference phonemes, a system's label for one is the token aligned to it (-1: deleted), so
+    a phoneme is an error when substituted or deleted (insertions are not counted).  The
+    bootstrap resamples utterances, each with all its phonemes.
+    """
+    refs = [list(r) for r in refs]
+    for side, hyps_by_seed in (("a", hyps_a_by_seed), ("b", hyps_b_by_seed)):
+        bad = [k for k, hyps in enumerate(hyps_by_seed) if len(hyps) != len(refs)]
+        if bad:
+            raise ValueError(f"hyps_{side}_by_seed: seed(s) {bad} do not hold one hypothesis per reference "
+                             f"({len(refs)})")
+
+    labels = np.array([int(x) for r in refs for x in r], dtype=np.int64)
+    groups = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
+    return agreement_by_seed([align_corpus(h, refs) for h in hyps_a_by_seed],
+                             [align_corpus(h, refs) for h in hyps_b_by_seed], labels,
+                             names=names, draws=draws, confidence=confidence, seed=seed, groups=groups)
 
 
 def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.8,

@@ -50,6 +50,7 @@ from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRe
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
 from pefttune.runtime.storage import atomic_write_text
+from pefttune.metrics import align_corpus
 
 __all__ = ["analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
 
@@ -157,7 +158,9 @@ def pairwise_trials(
     ``trials``: name -> trial (names label the rows), or a list (named by trial id).
     Returns (:func:`stats.pairwise_table`: agreement, kappa, McNemar, error overlap per
     pair; :func:`stats.agreement_matrix` of Cohen's kappa).  CTC predictions are compared
-    as whole hypotheses (token strings; correct = exact match).
+    phoneme by phoneme: each hypothesis aligned to its reference (:func:`metrics.align_corpus`;
+    a reference phoneme is wrong when substituted or deleted), not as whole sentences, which
+    nearly always hold some error.  McNemar there counts phonemes as independent: supporting only.
     """
     experiment = open_experiment(experiment)
     named = trials if isinstance(trials, dict) else {t.trial_id: t for t in trials}
@@ -168,8 +171,8 @@ def pairwise_trials(
         preds = {m: data.probs[i].argmax(-1) for i, m in enumerate(named)}
         ref = data.labels
     else:
-        preds = {m: np.array([" ".join(map(str, h)) for h in data.hyps[i]]) for i, m in enumerate(named)}
-        ref = np.array([" ".join(map(str, r)) for r in data.refs])
+        preds = {m: align_corpus(data.hyps[i], data.refs) for i, m in enumerate(named)}
+        ref = np.array([int(x) for r in data.refs for x in r], dtype=np.int64)
     return pairwise_table(preds, ref), agreement_matrix(preds, "kappa")
 
 
