@@ -244,13 +244,29 @@ def test_arch_batch_size_sets_only_the_arch_loader():
 
     dataset = list(range(40))
     train = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=lambda items: items)
-    data = SimpleNamespace(train=train, dev=train)
+    data = SimpleNamespace(train=train, dev=train, train_sampler=SimpleNamespace(lengths=None))
     default = darts_data(data, 0.5, split_seed=0, seed=0, task_kind="classification")
     larger = darts_data(data, 0.5, split_seed=0, seed=0, task_kind="classification", arch_batch_size=10)
     assert default.arch.batch_size == 4 and larger.arch.batch_size == 10 and larger.weight.batch_size == 4
     assert [len(b) for b in larger.arch] == [10, 10] and len(larger.weight) == 5
     # the same examples on each side, whatever the arch batch size
     assert sorted(sum(larger.arch, [])) == sorted(sum(default.arch, []))
+
+
+def test_darts_loaders_keep_the_trials_length_buckets():
+    from types import SimpleNamespace
+
+    from pefttune.trainables.darts import darts_data
+
+    class Clips(list):
+        lengths = [float(i % 7) for i in range(56)]  # 0..6 s, in a repeating pattern
+
+    train = torch.utils.data.DataLoader(Clips(range(56)), batch_size=4, collate_fn=lambda items: items)
+    data = SimpleNamespace(train=train, dev=train, train_sampler=SimpleNamespace(lengths=Clips.lengths))
+    split = darts_data(data, 0.5, split_seed=0, seed=0, task_kind="ctc", arch_batch_size=7)
+    for loader in (split.weight, split.arch):
+        spread = [max(Clips.lengths[i] for i in b) - min(Clips.lengths[i] for i in b) for b in loader]
+        assert sum(spread) / len(spread) <= 2.0, spread  # unbucketed batches of 4 from 0..6 s spread ~4 s
 
 
 def test_arch_betas_reach_alphas_adam():

@@ -59,6 +59,29 @@ def test_epoch_sampler_resumes_the_order():
     assert list(resumed) == orders[2]
 
 
+def test_epoch_sampler_length_buckets():
+    """Bucketed: the loader's consecutive batch_size chunks hold similar lengths (little padding),
+    every example once per epoch, the one short batch last, the order new each epoch and resumable."""
+    rng = np.random.default_rng(0)
+    lengths = rng.uniform(1.0, 4.5, 250)
+    plain, bucketed = (loaders.EpochSampler(250, seed=1, lengths=x, batch_size=16, pool_batches=5)
+                       for x in (None, lengths))
+
+    def padded(order):  # compute spent on the padded batches / compute on the audio itself
+        return sum(lengths[order[i:i + 16]].max() * len(order[i:i + 16]) for i in range(0, 250, 16)) / lengths.sum()
+
+    orders = [list(bucketed) for _ in range(3)]
+    assert all(sorted(o) == list(range(250)) for o in orders) and orders[0] != orders[1]
+    assert padded(orders[0]) < 1.15 < 1.3 < padded(list(plain))
+    last = orders[0][240:]  # 250 = 15 * 16 + 10: the short batch comes last
+    assert len(last) == 10
+    resumed = loaders.EpochSampler(250, seed=1, lengths=lengths, batch_size=16, pool_batches=5)
+    resumed.set_epoch(2)
+    assert list(resumed) == orders[2]
+    with pytest.raises(ValueError, match="one length per example"):
+        loaders.EpochSampler(250, seed=1, lengths=lengths[:-1], batch_size=16)
+
+
 def _trial(config, ref, device="cpu"):
     info = backbones.backbone_info(config.backbone)
     placement = Placement.from_dict({"num_layers": info.num_layers, "layers": ["lora", "none", "bitfit", "sequential"]})

@@ -40,6 +40,10 @@ class DataConfig(_Section):
         None, ge=3, description="Sentences of the synthesized PR corpus (default 600; 70/15/15 train/dev/test)."
     )
     batch_size: int = Field(16, ge=1, description="Batch size for training and evaluation.")
+    length_buckets: bool | None = Field(
+        None, description="Training batches of similar length (shuffled pools of 50 batches, each sorted by length): "
+        "less compute spent on padding. Default: on for CTC tasks (sentences vary in length), off for classification."
+    )
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
 

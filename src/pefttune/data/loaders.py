@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 
 from pefttune.heads import HeadConfig
@@ -141,7 +142,8 @@ def load_data(config: ExperimentConfig, ref: DataRef, seed: int = 0, num_workers
                        max_seconds=max_seconds, validate=False)
 
     train = split("train", data.max_seconds)
-    sampler = EpochSampler(len(train), seed)
+    buckets = ref.task_kind == "ctc" if data.length_buckets is None else data.length_buckets
+    sampler = EpochSampler(len(train), seed, lengths=train.lengths if buckets else None, batch_size=data.batch_size)
     loader = dict(batch_size=data.batch_size, collate_fn=collate_batch, num_workers=num_workers)
     return TaskData(
         train=torch.utils.data.DataLoader(train, sampler=sampler, **loader),
@@ -156,11 +158,21 @@ class EpochSampler(torch.utils.data.Sampler):
 
     A resumed trial calls :meth:`set_epoch` with the last finished epoch, so its next
     epoch sees the same order as in an uninterrupted run.
+
+    With ``lengths`` (and the loader's ``batch_size``) the order is length-bucketed: the
+    shuffled indices are cut into pools of ``pool_batches`` batches, each pool is sorted by
+    length and cut into batches, and the batches are shuffled, the one short batch (if any)
+    kept last, so that the loader's consecutive ``batch_size`` chunks are those batches.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, lengths=None, batch_size: int | None = None,
+                 pool_batches: int = 50):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.epoch = 0
+        if lengths is not None and (len(lengths) != size or not batch_size):
+            raise ValueError(f"EpochSampler: lengths needs one length per example ({size}) and a batch_size")
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=float)
+        self.batch_size, self.pool_batches = batch_size, max(1, pool_batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -173,4 +185,19 @@ class EpochSampler(torch.utils.data.Sampler):
         if not self.shuffle:
             return iter(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).numpy()
+        if self.lengths is None:
+            return iter(order.tolist())
+        return iter(self._bucketed(order, generator))
+
+    def _bucketed(self, order: np.ndarray, generator: torch.Generator) -> list[int]:
+        pool, size = self.batch_size * self.pool_batches, self.batch_size
+        batches = []
+        for start in range(0, len(order), pool):
+            part = order[start:start + pool]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[i:i + size] for i in range(0, len(part), size)]
+        short = [b for b in batches if len(b) < size]  # at most one: only the last pool can be short
+        full = [b for b in batches if len(b) == size]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+        return [int(i) for b in shuffled + short for i in b]

@@ -53,6 +53,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -171,8 +172,15 @@ def darts_data(
     dataset = data.train.dataset
     weight_idx, arch_idx = split_indices(dataset, share, split_seed, task_kind)
     batch_size = data.train.batch_size
-    weight_sampler = EpochSampler(len(weight_idx), seed)
-    arch_sampler = EpochSampler(len(arch_idx), seed + 7919)
+    bucketed = data.train_sampler.lengths is not None  # length buckets as the trial's own loader has them
+    lengths = np.asarray(dataset.lengths) if bucketed else None
+
+    def sampler(indices, sampler_seed, size):
+        return EpochSampler(len(indices), sampler_seed, lengths=None if lengths is None else lengths[indices],
+                            batch_size=size)
+
+    weight_sampler = sampler(weight_idx, seed, batch_size)
+    arch_sampler = sampler(arch_idx, seed + 7919, arch_batch_size or batch_size)
 
     def loader(indices, sampler, size):
         subset = torch.utils.data.Subset(dataset, indices)
