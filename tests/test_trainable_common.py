@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pefttune.config import parse_config
+from pefttune.heads import HeadConfig
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
 from pefttune.search.summary import pareto_front, summary_table, top_k
@@ -227,3 +228,27 @@ def test_gpu_trials_wait_for_their_share_of_free_memory(monkeypatch):
         next(readings)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1, 100))
     assert cluster.wait_for_gpu_memory(0.5, wait_s=0.0, poll_s=0.0) == pytest.approx(0.0, abs=0.1)  # gives up
+
+
+def test_method_lr_gives_a_method_its_own_learning_rate():
+    """train.method_lr: the named method's parameters (wherever they live: LoRA's sit in the
+    wrapped projection) get their lr; the others and the head keep train.lr; bad names and
+    values are refused with the field."""
+    config = parse_config({"train": {"lr": 0.01, "method_lr": {"bitfit": 0.02, "lora": 0.005}}})
+    train = trial_setup.train_config(config)
+    placement = Placement.from_dict({"num_layers": 4, "layers": [["bitfit", "lora"], ["bitfit"], ["sequential"], []]})
+    model = build_model("tiny-hubert", placement, HeadConfig(kind="linear", num_outputs=3, task="classification"))
+    groups = {g["name"]: g for g in setup_optimizer(model, train).param_groups}
+    assert {n: g["lr"] for n, g in groups.items()} == {"peft": 0.01, "peft:lora": 0.005, "peft:bitfit": 0.02,
+                                                       "head": 0.01}
+    ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
+    layers = model.encoder.layers
+    assert ids["peft:bitfit"] == {id(p) for i in (0, 1) for p in layers[i].pefttune["bitfit"].trainable_parameters()}
+    assert ids["peft:lora"] == {id(p) for p in layers[0].pefttune["lora"].trainable_parameters()}
+    assert ids["peft"] == {id(p) for p in layers[2].pefttune["sequential"].trainable_parameters()}
+    plain = setup_optimizer(model, trial_setup.train_config(parse_config({"train": {"lr": 0.01}})))
+    assert [g["name"] for g in plain.param_groups] == ["peft", "head"]
+    with pytest.raises(ValueError, match=r"train.method_lr: \['prefix'\] not among"):
+        parse_config({"train": {"method_lr": {"prefix": 0.1}}})
+    with pytest.raises(ValueError, match="bitfit: -1"):
+        parse_config({"train": {"method_lr": {"bitfit": -1}}})

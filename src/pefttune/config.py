@@ -72,6 +72,10 @@ class TrainSection(_Section):
         None, description="If set, the search samples lr log-uniformly in [low, high] instead of using lr."
     )
     head_lr: float | None = Field(None, gt=0, description="Learning rate of the head (default: lr).")
+    method_lr: dict[str, float] = Field(
+        default_factory=dict, description="Learning rate of one method's parameters, wherever it is placed "
+        "(e.g. {bitfit: 0.02}: bias-only tuning usually wants a larger lr); other methods and the head keep lr."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up.")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
@@ -123,6 +127,14 @@ class TrainSection(_Section):
     @property
     def replicate_seeds(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed]
+
+    @field_validator("method_lr")
+    @classmethod
+    def _method_lr(cls, value: dict) -> dict:
+        bad = [f"{name}: {lr!r}" for name, lr in value.items() if not (isinstance(lr, (int, float)) and lr > 0)]
+        if bad:
+            raise ValueError(f"every learning rate must be > 0 ({'; '.join(bad)})")
+        return {name: float(lr) for name, lr in value.items()}
 
     @field_validator("lr_range")
     @classmethod
@@ -317,6 +329,13 @@ class ExperimentConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: a task is listed twice in {names}")
         task_configs(self)  # every task's config validated; errors name tasks.<task>
+        return self
+
+    @model_validator(mode="after")
+    def _method_lr_names(self):
+        unknown = sorted(set(self.train.method_lr) - set(self.methods))
+        if unknown:
+            raise ValueError(f"train.method_lr: {unknown} not among the candidate methods {sorted(self.methods)}")
         return self
 
     @field_validator("name")

@@ -38,6 +38,7 @@ class TrainConfig:
     epochs: int = 4
     lr: float = 1e-3
     head_lr: float | None = None  # defaults to lr
+    method_lr: dict = field(default_factory=dict)  # method name -> lr of that method's parameters
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # share of all steps with linear warm-up
     grad_clip: float = 1.0
@@ -102,11 +103,35 @@ def weight_parameters(model: PeftSpeechModel, hooks: Hooks | None = None) -> tup
     return peft, head
 
 
+def parameter_methods(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> the PEFT method that owns it.  Placements register each layer's methods
+    as ``layer.pefttune[<method>]`` (a DARTS supernet's repeats as ``<method>@<candidate>``);
+    a method's parameters may live elsewhere (LoRA's in the wrapped projection), so they are
+    taken from ``trainable_parameters()``."""
+    owner: dict[int, str] = {}
+    for module in model.modules():
+        methods = getattr(module, "pefttune", None)
+        if isinstance(methods, torch.nn.ModuleDict):
+            for key, method in methods.items():
+                for param in method.trainable_parameters():
+                    owner[id(param)] = key.split("@")[0]
+    return owner
+
+
 def setup_optimizer(model: PeftSpeechModel, config: TrainConfig, hooks: Hooks | None = None) -> torch.optim.AdamW:
+    """AdamW with a group for the head (``head_lr``), one for each method of ``method_lr`` and
+    one for the other PEFT parameters (``lr``)."""
     peft, head = weight_parameters(model, hooks)
     groups = [{"params": head, "lr": config.head_lr or config.lr, "name": "head"}]
-    if peft:
-        groups.insert(0, {"params": peft, "lr": config.lr, "name": "peft"})
+    owner = parameter_methods(model) if config.method_lr else {}
+    by_method: dict[str, list] = {}
+    for param in peft:
+        method = owner.get(id(param))
+        by_method.setdefault(method if method in config.method_lr else "", []).append(param)
+    for method in sorted(m for m in by_method if m):
+        groups.insert(0, {"params": by_method[method], "lr": config.method_lr[method], "name": f"peft:{method}"})
+    if by_method.get(""):
+        groups.insert(0, {"params": by_method[""], "lr": config.lr, "name": "peft"})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 

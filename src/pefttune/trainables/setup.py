@@ -101,6 +101,7 @@ def train_config(config: ExperimentConfig, **overrides) -> TrainConfig:
         epochs=train.epochs,
         lr=train.lr,
         head_lr=train.head_lr,
+        method_lr=dict(train.method_lr),
         weight_decay=train.weight_decay,
         warmup_ratio=train.warmup_ratio,
         grad_clip=train.grad_clip,
