@@ -182,3 +182,57 @@ def test_disk_cap_rescans_and_sees_files_written_by_another_trial(tmp_path):
     second.store(1, torch.zeros(1, 10, 10))
     assert second.disk_skipped == 1 and second.disk_used_before == 3 * NPY
     assert len(list(tmp_path.glob("*/*.npy"))) == 3
+
+
+def test_a_partly_cached_batch_computes_only_the_missing_utterances(tmp_path):
+    """Cached and missing utterances in one batch: only the missing ones go through the frozen
+    encoder, and the states equal the uncached ones on every real frame."""
+    model = build_model("tiny-hubert", Placement.from_dict({"num_layers": 4, "layers": {"2": "lora"}}),
+                        HeadConfig("classification", 2)).eval()
+    batch = _batches(1, 0, 0)[0]
+    with torch.no_grad():
+        reference, ref_mask = FrozenStateCache("ref", None).frozen_step(model, batch, 3)
+        cache = FrozenStateCache("part", tmp_path)
+        cache.frozen_step(model, {k: v[1:2] for k, v in batch.items()}, 3)  # utterance 1 cached alone
+        calls = []
+        embed = model.embed
+        model.embed = lambda x, m=None: (calls.append(x.shape[0]), embed(x, m))[1]
+        states, mask = cache.frozen_step(model, batch, 3)
+    assert calls == [2] and cache.hits == 1 and cache.misses == 1 + 2  # utterances 0 and 2 computed
+    assert torch.equal(mask, ref_mask)
+    for a, b in zip(states, reference):
+        assert torch.allclose(a[mask], b[ref_mask], atol=1e-5)
+
+
+def test_cached_utterances_are_not_read_from_disk(tmp_path, monkeypatch):
+    """With skip_audio, the second epoch reads no audio file: its states are all cached; the
+    losses are those of a run that reads every file."""
+    from pefttune.data import dataset as ds
+    from pefttune.training import skip_cached_audio
+
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    manifest = write_tone_manifest(tmp_path / "tones", per_split={"train": 4, "dev": 2, "test": 2})
+    config = parse_config(search_config(manifest, tmp_path / "results"))
+    ref = loaders.prepare_data(config, progress=False)
+    reads = []
+    real = ds.read_audio
+    monkeypatch.setattr(ds, "read_audio", lambda path, *a, **k: (reads.append(path), real(path, *a, **k))[1])
+
+    def run(skip: bool, key: str):
+        torch.manual_seed(0)
+        data = loaders.load_data(config, ref, seed=0)
+        model = build_model("tiny-hubert", Placement.uniform("lora", 4), ref.head_config(config))
+        cache = FrozenStateCache(key, tmp_path / "states")
+        if skip:
+            skip_cached_audio(cache, model, data.train, data.dev, data.test)
+        reads.clear()
+        per_epoch = []
+        results = fit(model, data.train, data.dev, TrainConfig(epochs=2, lr=3e-3), cache=cache,
+                      on_epoch=lambda r: per_epoch.append(len(reads)))
+        return [r.train_loss for r in results], per_epoch
+
+    plain, plain_reads = run(False, "plain")
+    skipped, skipped_reads = run(True, "skip")
+    assert plain_reads[1] - plain_reads[0] == 16 + 8  # every train and dev clip read again in epoch 2
+    assert skipped_reads[0] == plain_reads[0] and skipped_reads[1] == skipped_reads[0]  # none in epoch 2
+    assert np.allclose(plain, skipped, atol=1e-5)

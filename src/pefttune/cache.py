@@ -153,25 +153,49 @@ class FrozenStateCache:
         self._written_since_scan += added
         os.replace(tmp, path)
 
+    def has(self, num_states: int):
+        """A predicate ``index -> bool``: are ``num_states`` states of utterance ``index`` cached?
+        Set it as a dataset's ``skip_audio`` so cached utterances are not read from disk."""
+        return lambda index: self.lookup(index, num_states) is not None
+
     # -- per batch -----------------------------------------------------------------------
     def frozen_step(self, model: PeftSpeechModel, batch: dict, num_states: int):
-        """Like :func:`pefttune.training.frozen_step`, served from the cache when possible."""
+        """Like :func:`pefttune.training.frozen_step`, served from the cache when possible.
+
+        Only the missing utterances go through the frozen encoder (a batch of those alone);
+        an utterance whose audio the dataset skipped must be cached."""
         indices = batch["index"].tolist()
         found = [self.lookup(i, num_states) for i in indices]
         device = batch["input_values"].device
-        if all(f is not None for f in found):
-            self.hits += len(indices)
-            lengths = torch.tensor([f.shape[1] for f in found])
-            frames = int(lengths.max())
-            padded = torch.zeros(num_states, len(found), frames, found[0].shape[-1])
-            for b, f in enumerate(found):
-                padded[:, b, : f.shape[1]] = f
-            mask = torch.arange(frames)[None, :] < lengths[:, None]
-            return [s.to(device) for s in padded.unbind(0)], mask.to(device)
-        self.misses += len(indices)
-        hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
-        states = model.frozen_states(hidden0, mask, num_states - 1)
-        stacked = torch.stack(states)  # (S, B, T, D)
-        for b, (index, length) in enumerate(zip(indices, mask.sum(1).tolist())):
-            self.store(index, stacked[:, b, :length])
-        return states, mask
+        missing = [b for b, f in enumerate(found) if f is None]
+        if len(missing) == len(indices) and batch["input_values"].shape[-1] > 0:
+            self.misses += len(indices)
+            hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
+            states = model.frozen_states(hidden0, mask, num_states - 1)
+            stacked = torch.stack(states)  # (S, B, T, D)
+            for b, (index, length) in enumerate(zip(indices, mask.sum(1).tolist())):
+                self.store(index, stacked[:, b, :length])
+            return states, mask
+        self.hits += len(indices) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            rows = torch.tensor(missing, device=device)
+            mask_in = batch.get("attention_mask")
+            if mask_in is not None:
+                mask_in = mask_in.index_select(0, rows)
+                if bool((mask_in.sum(1) == 0).any()):
+                    raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
+                mask_in = mask_in[:, : int(mask_in.sum(1).max())]
+            inputs = batch["input_values"].index_select(0, rows)[:, : None if mask_in is None else mask_in.shape[1]]
+            hidden0, mask = model.embed(inputs, mask_in)
+            stacked = torch.stack(model.frozen_states(hidden0, mask, num_states - 1)).to("cpu", torch.float32)
+            for j, (b, length) in enumerate(zip(missing, mask.sum(1).tolist())):
+                found[b] = stacked[:, j, :length]
+                self.store(indices[b], found[b])
+        lengths = torch.tensor([f.shape[1] for f in found])
+        frames = int(lengths.max())
+        padded = torch.zeros(num_states, len(found), frames, found[0].shape[-1])
+        for b, f in enumerate(found):
+            padded[:, b, : f.shape[1]] = f
+        mask = torch.arange(frames)[None, :] < lengths[:, None]
+        return [s.to(device) for s in padded.unbind(0)], mask.to(device)

@@ -155,17 +155,35 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def num_frozen_states(model: PeftSpeechModel) -> int:
+    """How many hidden states h_0..h_k a step takes from the frozen encoder: k = the lowest
+    adapted layer (every layer for a placement without PEFT)."""
+    k = model.placement.lowest_adapted_layer()
+    return (model.encoder.num_layers if k is None else k) + 1
+
+
 def frozen_step(model: PeftSpeechModel, batch: dict, cache=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Frozen hidden states h_0..h_k (k = lowest adapted layer) and the frame mask.
 
     With a :class:`~pefttune.cache.FrozenStateCache` they come from the cache when present.
     """
-    k = model.placement.lowest_adapted_layer()
-    k = model.encoder.num_layers if k is None else k
+    states = num_frozen_states(model)
     if cache is not None:
-        return cache.frozen_step(model, batch, k + 1)
+        return cache.frozen_step(model, batch, states)
     hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
-    return model.frozen_states(hidden0, mask, k), mask
+    return model.frozen_states(hidden0, mask, states - 1), mask
+
+
+def skip_cached_audio(cache, model: PeftSpeechModel, *loaders) -> None:
+    """Let the loaders' datasets leave out the audio of utterances whose frozen states
+    ``cache`` holds: a step then reads no audio it would not use.  Only for loaders without
+    worker processes (the predicate reads the cache of this process)."""
+    if cache is None:
+        return
+    for loader in loaders:
+        dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a Subset's dataset
+        if loader.num_workers == 0 and hasattr(dataset, "skip_audio"):
+            dataset.skip_audio = cache.has(num_frozen_states(model))
 
 
 def autocast(config: TrainConfig, device: torch.device):

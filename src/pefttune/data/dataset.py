@@ -113,6 +113,9 @@ class SpeechDataset(Dataset):
         if rows.empty:
             raise ValueError(f"split {split!r} is empty: no manifest rows have split == {split!r}")
         self.skipped: list[tuple[int, str, str]] = []
+        #: row id -> True when the model will not need this utterance's audio (its frozen
+        #: states are cached): the item then carries no samples (see pefttune.cache).
+        self.skip_audio = None
         rows = self._check_files(rows)
         if task_kind == "classification":
             unknown = sorted(set(rows["label"].astype(str)) - set(self.vocab.labels))
@@ -213,6 +216,8 @@ class SpeechDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         path, row_id = self._paths[i], self._row_ids[i]
+        if self.skip_audio is not None and self.skip_audio(row_id):
+            return self._item(torch.zeros(0), row_id, i)
         duration = self._windows[i]
         if self.max_seconds is not None:
             duration = self.max_seconds if duration is None else min(duration, self.max_seconds)
@@ -227,7 +232,10 @@ class SpeechDataset(Dataset):
             raise type(err)(f"manifest row {row_id} (split {self.split}): {err}") from err
         if self.normalize:
             wav = normalize_waveform(wav)
-        item = {"input_values": torch.from_numpy(np.ascontiguousarray(wav)), "index": row_id}
+        return self._item(torch.from_numpy(np.ascontiguousarray(wav)), row_id, i)
+
+    def _item(self, samples: torch.Tensor, row_id: int, i: int) -> dict:
+        item = {"input_values": samples, "index": row_id}
         if self.task_kind == "classification":
             item["label"] = self._targets[i]
         else:

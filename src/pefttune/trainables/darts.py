@@ -76,7 +76,7 @@ from pefttune.runtime.cluster import set_threads, trial_device
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, train_config
-from pefttune.training import DivergedError, EpochResult, evaluate, fit, is_better
+from pefttune.training import DivergedError, EpochResult, evaluate, fit, is_better, skip_cached_audio
 
 TRAINABLE_NAME = "pefttune_darts"
 ALPHA_FILE = "alpha.safetensors"
@@ -283,6 +283,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
     ).to(device)
     supernet.cache = frozen_cache(experiment, setup.data, supernet.model)
+    skip_cached_audio(supernet.cache, supernet.model, data.train, data.dev, data.test)
     optimizer, scheduler, recording, architect = make_architect(
         supernet,
         parts.weight,

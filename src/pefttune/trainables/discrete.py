@@ -45,7 +45,9 @@ from pefttune.runtime.experiment import config_id, parse_placement, placement_co
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
-from pefttune.training import DivergedError, EpochResult, Hooks, fit, is_better, setup_optimizer, setup_scheduler
+from pefttune.training import (
+    DivergedError, EpochResult, Hooks, fit, is_better, setup_optimizer, setup_scheduler, skip_cached_audio,
+)
 
 
 def make_trainable(setup: TrialSetup):
@@ -127,6 +129,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     data = load_data(experiment, setup.data, seed=train.seed, num_workers=workers)
     model = build_model(backbone, placement, head).to(device)
     cache = frozen_cache(experiment, setup.data, model)
+    skip_cached_audio(cache, model, data.train, data.dev, data.test)
     optimizer = setup_optimizer(model, train)
     steps = train.epochs * data.steps_per_epoch(train.max_steps_per_epoch)
     scheduler = setup_scheduler(optimizer, steps, train.warmup_ratio)

@@ -20,7 +20,7 @@ from pefttune.heads import Head, HeadConfig
 from pefttune.model import PeftSpeechModel
 from pefttune.runtime.experiment import experiment_path as experiment_root
 from pefttune.runtime.storage import write_storage_text
-from pefttune.training import TrainConfig
+from pefttune.training import TrainConfig, num_frozen_states
 
 if TYPE_CHECKING:  # pydantic is not needed to train or to read checkpoints
     from pefttune.config import ExperimentConfig
@@ -137,8 +137,7 @@ def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechMo
     preprocessing = {"sample_rate": 16000, "normalize": True, "max_seconds": experiment.data.max_seconds}
     key = cache_key(model.encoder.content_hash(), ref.manifest, preprocessing)
     directory = cache_root() / "frozen" if mode == "disk" else None
-    k = model.placement.lowest_adapted_layer()
-    states = (model.encoder.num_layers if k is None else k) + 1
+    states = num_frozen_states(model)
     per_second = estimate_bytes(1, 49, states, model.encoder.config.hidden_size)
     memory_gb, disk_gb = experiment.train.frozen_cache_memory_gb, experiment.train.frozen_cache_disk_gb
     caps = f"memory cap {memory_gb:.1f} GiB" + (f", disk cap {disk_gb:.1f} GiB" if mode == "disk" else "")
