@@ -87,6 +87,7 @@ def test_decisive_verdicts_on_clear_replicated_results(replicated):
     # DARTS-derived predicts exactly like uniform LoRA: difference 0, interval [0, 0] below +delta
     assert f1["verdict"] == "reproduced", f1["rule"]
     assert f1["comparison"]["diff"] == 0.0 and f1["comparison"]["ci_high"] < 0.01 and f1["convergence"]["converged"]
+    assert f1["derived_is_uniform"] is False and "itself" not in f1["text"]  # another placement, equal predictions
     # disjoint errors: the vote is right everywhere, each member wrong on a fifth
     assert f2["verdict"] == "reproduced", f2["rule"]
     assert f2["vote_gain"]["diff"] == pytest.approx(0.2) and f2["vote_gain"]["ci_low"] > 0
@@ -134,3 +135,25 @@ def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
     assert hybrid["diff"] == pytest.approx(0.0) and hybrid["ci_low"] < 0 < hybrid["ci_high"]
     assert hybrid["hybrid_params"] == 2500 and hybrid["uniform_params"] in (1000, 1001, 1002)
     assert result["findings"]["2"]["verdict"] == "reproduced"
+
+
+def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
+    """The same placement trained with the same seeds gives a difference of exactly 0: the text
+    says that the comparison is of one configuration with itself."""
+    from types import SimpleNamespace
+
+    from pefttune.analysis.findings import Config, finding_darts
+    from pefttune.analysis.intervals import Comparison
+
+    experiment = SimpleNamespace(mode="max", metric="accuracy", trials=[])
+    same = "L0:lora(r=8) L1:lora(r=8) L2:lora(r=8) L3:lora(r=8)"
+    configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", same, 100, dev_mean=0.7),
+               "darts-derived:x": Config("darts-derived:x", "darts-derived", None, same, 100, dev_mean=0.7)}
+    scorer = SimpleNamespace(config=lambda c: [c.config_id],
+                             compare=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
+    out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
+    assert out["verdict"] == "reproduced" and out["derived_is_uniform"] is True
+    assert "compares one configuration with itself" in out["text"]
+    configs["darts-derived:x"].placement_short = "L0:lora(r=8) L1:none L2:lora(r=8) L3:lora(r=8)"
+    out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
+    assert out["derived_is_uniform"] is False and "itself" not in out["text"]

@@ -227,7 +227,9 @@ def write_suite(root: str, task_dirs: dict[str, str]) -> dict:
                      "tasks' verdicts are listed)")
         for task in tasks:
             finding = summaries[task].get("findings", {}).get(key, {})
-            lines.append(f"- {task}: **{finding.get('verdict', 'missing')}**: {finding.get('rule', 'no study')}")
+            note = " (DARTS derived the best uniform placement itself: one configuration compared with itself)" \
+                if finding.get("derived_is_uniform") else ""
+            lines.append(f"- {task}: **{finding.get('verdict', 'missing')}**: {finding.get('rule', 'no study')}{note}")
         lines.append("")
     atomic_write_text(str(out / SUITE_FILE), "\n".join(lines) + "\n")
     atomic_write_text(str(out / "suite.json"), json.dumps({"tasks": task_dirs, "findings": overall}, indent=2) + "\n")

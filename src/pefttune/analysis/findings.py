@@ -232,6 +232,10 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     out["text"] = (f"Best DARTS-derived `{darts.config_id}` ({darts.placement_short}, seeds {darts.seeds}) minus "
                    f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} "
                    f"(test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}).")
+    out["derived_is_uniform"] = darts.placement_short == uniform.placement_short
+    if out["derived_is_uniform"]:  # the same placement trained with the same seeds: the difference is 0 by design
+        out["text"] += (" DARTS derived the best uniform placement itself, so this compares one configuration with "
+                        "itself: DARTS found nothing better than uniform, and the interval says no more than that.")
     return out
 
 
