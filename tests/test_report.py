@@ -89,6 +89,9 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
     assert f2["vote_gain"]["diff"] == pytest.approx(1 / 6) and f2["vote_gain"]["ci_low"] <= 0  # edits over lengths
     assert f3["verdict"] == "inconclusive" and all(r["error_overlap"] == 0.0 for r in f3["pairs"])
     report = (tmp_path / "report.md").read_text()
+    # the supporting per-seed test on CTC: a sign test on edit counts (1 of 4 utterances better), not McNemar
+    assert f2["per_seed"][0]["mcnemar_b"] == 1 and f2["per_seed"][0]["mcnemar_c"] == 0
+    assert "majority vote vs its best member, sign test on per-utterance edit counts" in report
     assert "Finding 1: DARTS vs uniform placement -- not run" in report
     assert "No DARTS search trials: no alpha plot." in report
     assert result["files"]["plots"]["alpha"] == []

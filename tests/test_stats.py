@@ -12,6 +12,7 @@ from pefttune.analysis.stats import (
     cohen_kappa,
     error_overlap,
     mcnemar_exact,
+    sign_test,
     pairwise_table,
 )
 from pefttune.metrics import accuracy, wer
@@ -64,6 +65,19 @@ def test_mcnemar_exact_hand_computed():
     assert mcnemar_exact(ca, cb) == (3, 3, pytest.approx(1.0))
     # No discordant pairs.
     assert mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
+
+
+def test_sign_test_on_edit_counts_and_equal_to_mcnemar_on_0_1_errors():
+    rng = np.random.default_rng(3)
+    ca, cb = rng.random(50) < 0.7, rng.random(50) < 0.6
+    assert sign_test((~ca).astype(int), (~cb).astype(int)) == mcnemar_exact(ca, cb)
+    # per-utterance edit counts: 5 -> 1 counts for a, although both sentences are wrong
+    a, b = [1, 0, 2, 3, 0], [5, 0, 2, 1, 4]
+    assert sign_test(a, b) == (2, 1, pytest.approx(1.0))  # b=2 (utts 0, 4), c=1 (utt 3), ties dropped
+    assert sign_test([0] * 8, [1] * 8) == (8, 0, pytest.approx(2 / 256))
+    assert sign_test([2, 2], [2, 2]) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="paired"):
+        sign_test([1, 2], [1])
 
 
 def test_mcnemar_rejects_non_boolean():

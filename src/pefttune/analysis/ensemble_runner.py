@@ -32,11 +32,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pefttune.analysis import ensembles as E
-from pefttune.analysis.stats import mcnemar_exact
+from pefttune.analysis.stats import sign_test
 from pefttune.analysis.selection import select_members
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
 from pefttune.analysis.tables import ensembles_table, write_table
-from pefttune.metrics import METRICS, error_rate
+from pefttune.metrics import METRICS, edit_distance, error_rate
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.training import unpack_sequences
 
@@ -186,11 +186,12 @@ def score(experiment: Experiment, preds, ref) -> float:
     return float(error_rate(preds, ref))
 
 
-def correct(task: str, preds, ref) -> np.ndarray:
-    """Per-example correctness (exact hypothesis match for CTC)."""
+def errors(task: str, preds, ref) -> np.ndarray:
+    """Per-example errors: 0/1 (classification), the edit count of each utterance (CTC).
+    What the supporting paired tests (:func:`stats.sign_test`) compare."""
     if task == "classification":
-        return np.asarray(preds) == np.asarray(ref)
-    return np.array([list(h) == list(r) for h, r in zip(preds, ref)], dtype=bool)
+        return (np.asarray(preds) != np.asarray(ref)).astype(np.int64)
+    return np.array([edit_distance(list(h), list(r)) for h, r in zip(preds, ref)], dtype=np.int64)
 
 
 def better(a: float, b: float, mode: str) -> bool:
@@ -364,7 +365,7 @@ def run_ensembles(
 
     best = max(trials, key=dev_key)  # first of the best on ties (members are ranked)
     best_test = member_scores[best.trial_id]["test"]
-    best_correct = correct(experiment.task, member_preds[best.trial_id], test_ref)
+    best_errors = errors(experiment.task, member_preds[best.trial_id], test_ref)
     tests = [s["test"] for s in member_scores.values()]
     oracle = max(tests) if mode == "max" else min(tests)
 
@@ -389,8 +390,7 @@ def run_ensembles(
         if dev is not None:
             dev_score = score(experiment, _apply(strategy, experiment, dev, weights, selection), dev_ref)
         test_score = score(experiment, test_pred, test_ref)
-        ens_correct = correct(experiment.task, test_pred, test_ref)
-        b, c, p = mcnemar_exact(ens_correct, best_correct)
+        b, c, p = sign_test(errors(experiment.task, test_pred, test_ref), best_errors)
         ids = [t.trial_id for t in trials]
         results.append(
             EnsembleResult(

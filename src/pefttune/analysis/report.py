@@ -34,7 +34,7 @@ import pandas as pd
 
 from pefttune.analysis.ensemble_runner import (
     EnsembleRun,
-    correct,
+    errors,
     default_ensembles,
     gain,
     load_members,
@@ -45,7 +45,7 @@ from pefttune.analysis.ensemble_runner import (
 )
 from pefttune.analysis.export import export_experiment
 from pefttune.analysis.selection import best_per_method, ranked
-from pefttune.analysis.stats import agreement_matrix, mcnemar_exact, pairwise_table
+from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
@@ -113,23 +113,24 @@ def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str
 
 # --------------------------------------------------------------------------- scores on stored predictions
 def _test_eval(experiment: Experiment, trial: TrialRecord) -> tuple[float, np.ndarray, np.ndarray] | None:
-    """(test score, example index, correctness) from stored predictions (None if missing)."""
+    """(test score, example index, per-example errors) from stored predictions (None if missing)."""
     try:
         data = load_members(experiment, [trial], "test")
     except MissingPredictionsError:
         return None
     ref = data.labels if experiment.task == "classification" else data.refs
     preds = data.preds(0)
-    return score(experiment, preds, ref), data.index, correct(experiment.task, preds, ref)
+    return score(experiment, preds, ref), data.index, errors(experiment.task, preds, ref)
 
 
 def _compare(experiment: Experiment, a: TrialRecord, b: TrialRecord) -> dict:
-    """Test scores of a and b and McNemar(a correct, b correct) on their common examples."""
+    """Test scores of a and b and the exact paired test on their common examples: McNemar
+    (classification) or the sign test on per-utterance edit counts (CTC), :func:`stats.sign_test`."""
     ea, eb = _test_eval(experiment, a), _test_eval(experiment, b)
     if ea is None or eb is None:
         return {}
     common, ia, ib = np.intersect1d(ea[1], eb[1], return_indices=True)
-    mb, mc, p = mcnemar_exact(ea[2][ia], eb[2][ib])
+    mb, mc, p = sign_test(ea[2][ia], eb[2][ib])
     return {"a": a.trial_id, "b": b.trial_id, "a_test": ea[0], "b_test": eb[0], "mcnemar_b": mb,
             "mcnemar_c": mc, "mcnemar_p": p, "n": int(common.shape[0]),
             "gain": gain(ea[0], eb[0], experiment.mode)}
@@ -415,12 +416,14 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                           f"`{t}` {v['entropy_norm_mean']:.3f} (min top-2 margin {v['margin_min']:.3f})"
                           for t, v in conv["trials"].items())
                       + f" -> {'converged' if conv['converged'] else 'not converged'}.", ""]
+        paired_test = ("McNemar" if result.get("task") == "classification" else
+                       "sign test on per-utterance edit counts: b = utterances with fewer edits, c = more")
         if key == "1" and f.get("mcnemar_by_seed"):
-            lines += ["Supporting, per seed (DARTS-derived vs uniform, McNemar): " + "; ".join(
+            lines += [f"Supporting, per seed (DARTS-derived vs uniform, {paired_test}): " + "; ".join(
                 f"seed {r['seed']}: {_fmt(r['a_test'])} vs {_fmt(r['b_test'])}, b={r['mcnemar_b']}, c={r['mcnemar_c']}, "
                 f"p={_p(r['mcnemar_p'])}" for r in f["mcnemar_by_seed"]), ""]
         if key == "2" and f.get("per_seed"):
-            lines += ["Supporting, per seed (majority vote vs its best member, McNemar): " + "; ".join(
+            lines += [f"Supporting, per seed (majority vote vs its best member, {paired_test}): " + "; ".join(
                 f"seed {r['seed']}: {_fmt(r['vote_test'])} vs {_fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
                 f"c={r['mcnemar_c']}, p={_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
 

@@ -25,6 +25,7 @@ __all__ = [
     "cohen_kappa",
     "error_overlap",
     "mcnemar_exact",
+    "sign_test",
     "pairwise_table",
 ]
 
@@ -80,6 +81,25 @@ def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
     a, b_ = _correct_pair(correct_a, correct_b)
     b = int(np.sum(a & ~b_))
     c = int(np.sum(~a & b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def sign_test(errors_a: Any, errors_b: Any) -> tuple[int, int, float]:
+    """Exact two-sided sign test on paired per-example error counts.
+
+    ``b`` = #(a has fewer errors than b), ``c`` = #(a has more); ties are left out; the
+    p-value is the exact binomial test of ``b`` in ``b + c`` at 1/2 (1.0 when ``b + c == 0``).
+    On 0/1 errors (classification) this is :func:`mcnemar_exact`; on a CTC task's
+    per-utterance edit counts it is the sign test NIST's sc_stats runs, which credits an
+    utterance that went from 5 errors to 1 (exact-sentence match would call both wrong).
+    """
+    a = np.asarray(errors_a, dtype=np.float64).ravel()
+    b_ = np.asarray(errors_b, dtype=np.float64).ravel()
+    if a.shape != b_.shape:
+        raise ValueError(f"errors_a and errors_b must be paired, got {a.size} and {b_.size} examples")
+    b, c = int(np.sum(a < b_)), int(np.sum(a > b_))
     if b + c == 0:
         return b, c, 1.0
     return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
