@@ -343,18 +343,3 @@ def test_tracker_of_a_restored_search_continues_from_the_restored_alpha():
         net.alpha[0] = torch.tensor([0.0, 0.0, 2.0])
     moved = tracker.update(net.probabilities().numpy())
     assert moved["argmax_changed"] is True and moved["argmax_stable_epochs"] == 0 and moved["converged"] is False
-
-
-def test_a_lone_darts_search_trial_takes_the_idle_lanes_cpus():
-    from pefttune.config import parse_config
-    from pefttune.darts.experiment import search_cpus
-
-    one = parse_config({"search": {"max_concurrent": 2}, "darts": {"seeds": [0]}})
-    assert search_cpus(one, cluster_cpus=2) == 2  # the other lane would idle
-    assert search_cpus(one, cluster_cpus=1) == 1  # never more than the cluster has
-    two = parse_config({"search": {"max_concurrent": 2}, "darts": {"seeds": [0, 1]}})
-    assert search_cpus(two, cluster_cpus=8) == 1  # as many trials as lanes: unchanged
-    four = parse_config({"search": {"max_concurrent": 4}, "darts": {"seeds": [0]}, "resources": {"cpu": 2}})
-    assert search_cpus(four, cluster_cpus=16) == 8 and search_cpus(four, cluster_cpus=5) == 5
-    gpu = parse_config({"search": {"max_concurrent": 2}, "darts": {"seeds": [0]}, "resources": {"gpu": 1}})
-    assert search_cpus(gpu, cluster_cpus=16) == 1

@@ -173,16 +173,6 @@ def _search_trials(config: ExperimentConfig) -> int:
     return len(config.darts.seeds) * len(config.darts.variants or [{}])
 
 
-def search_cpus(config: ExperimentConfig, cluster_cpus: float) -> float:
-    """CPUs of one DARTS search trial.  The search is usually one trial: alone, it would leave
-    the other lanes (``search.max_concurrent``) idle, so on CPU its trials share the lanes'
-    CPUs as threads (2 threads: a PR epoch 19.9 s -> 14.0 s), never more than the cluster has."""
-    cpu, lanes, trials = config.resources.cpu, config.search.max_concurrent, _search_trials(config)
-    if config.resources.gpu or trials >= lanes:
-        return cpu
-    return max(cpu, min(float(int(cluster_cpus)), cpu * (lanes // trials)))
-
-
 def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
     from ray import tune
 
@@ -280,18 +270,12 @@ def run_darts(
     prepare_directories(config, path, resume)
     search_path, retrain_path = f"{path}/{SEARCH_DIR}", f"{path}/{RETRAIN_DIR}"
     # per-trial markers (divergence, test seams) live in each Ray experiment's trial folders
-    retrain_setup = make_setup(config, retrain_path)
+    search_setup = make_setup(config, search_path, faults)
+    retrain_setup = dataclasses.replace(search_setup, experiment_path=retrain_path, faults=None)
 
     started = connect_ray(address, log_to_driver=verbose >= 2)
     try:
-        import ray
-
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
-        cpus = search_cpus(config, ray.cluster_resources().get("CPU", config.resources.cpu))
-        base = retrain_setup.experiment
-        search_config = base.model_copy(update={"resources": base.resources.model_copy(update={"cpu": cpus})})
-        search_setup = dataclasses.replace(retrain_setup, experiment=search_config, experiment_path=search_path,
-                                           faults=faults)
         from pefttune.trainables.darts import make_trainable as make_darts_trainable
         from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
 
