@@ -167,7 +167,7 @@ def test_size_validation():
     assert synth.corpus_sizes("ks", per_class=40)["eval_per_class"] == 10
     assert synth.corpus_sizes("ks", per_class=40)["test_per_class"] == 10  # a sized-down corpus: test like dev
     assert synth.corpus_sizes("ks", per_class=40, eval_per_class=3)["test_per_class"] == 3
-    assert synth.corpus_sizes("ks")["test_per_class"] == 200 == 4 * synth.corpus_sizes("ks")["eval_per_class"]
+    assert synth.corpus_sizes("ks")["test_per_class"] == 400 == 8 * synth.corpus_sizes("ks")["eval_per_class"]
     assert synth.corpus_sizes("sid", per_class=9)["per_speaker"] == 9
 
 
