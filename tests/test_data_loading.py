@@ -12,7 +12,8 @@ import torch
 
 from pefttune.data.audio import AudioReadError, read_audio, write_flac
 from pefttune.data.dataset import (
-    PAD_TARGET, LengthBucketSampler, SpeechDataset, collate_batch, make_dataloader, normalize_waveform,
+    PAD_TARGET, LengthBucketSampler, SpeechDataset, collate_batch, length_buckets, make_dataloader,
+    normalize_waveform,
 )
 from pefttune.data.manifest import ManifestError, normalize_split, read_manifest, validate_manifest, write_manifest
 from pefttune.data.vocab import BLANK_ID, LabelVocab, TokenVocab, load_vocab
@@ -251,6 +252,15 @@ def test_length_bucket_sampler():
     ordered = list(LengthBucketSampler(lengths, 8, shuffle=False))
     assert [i for b in ordered for i in b] == list(np.argsort(lengths, kind="stable"))
     assert all(len(b) == 8 for b in LengthBucketSampler(lengths, 8, drop_last=True))
+
+
+def test_length_buckets_sort_each_pool_and_cut_batches():
+    lengths = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 7.0, 8.0, 6.0, 0.5, 0.2])
+    order = np.arange(11)[::-1]  # 10, 9, ..., 0
+    batches = length_buckets(order, lengths, batch_size=2, pool_batches=2)
+    # pools of 4 in the given order: {10, 9, 8, 7}, {6, 5, 4, 3}, {2, 1, 0}; each sorted by length
+    assert [b.tolist() for b in batches] == [[10, 9], [8, 7], [3, 4], [6, 5], [1, 2], [0]]
+    assert [len(b) for b in length_buckets(np.arange(11), lengths, 4, 1)] == [4, 4, 3]  # only the last is short
 
 
 def test_dataloader_end_to_end(small):

@@ -86,6 +86,15 @@ def test_suite_table_rows_cells_findings_and_parquet(tmp_path):
     assert "- pr: **inconclusive**: rule of 1 on pr" in text
 
 
+def test_a_study_analysis_dir(tmp_path, monkeypatch):
+    from pefttune.analysis.store import analysis_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert analysis_dir("ks") == tmp_path / "ks" / "analysis"
+    assert analysis_dir(f"file://{tmp_path}/ks") == tmp_path / "ks" / "analysis"
+    assert str(analysis_dir("s3://bucket/studies/ks/")) == "pefttune-analysis/ks"  # remote: written locally
+
+
 def test_overall_verdict_rule():
     assert overall_verdict({"ks": "reproduced", "sid": "reproduced"}) == "reproduced"
     assert overall_verdict({"ks": "reproduced", "sid": "inconclusive"}).startswith("differs by task")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,30 @@ def macro_f1(pred: Any, ref: Any, labels: Sequence[Hashable] | None = None) -> f
 
 
 # --------------------------------------------------------------------------- edit distance
+def _alignment_rows(hyp: list, ref: list, K: int) -> Iterator[np.ndarray]:
+    """Rows 0..len(hyp) of the Levenshtein table of ``hyp`` against ``ref`` (both non-empty).
+
+    One scalar key orders alignments lexicographically by (cost, -substitutions):
+    key = K*cost - S with 0 <= S <= cost < K (``K > max(len(hyp), len(ref))``).  Match +0,
+    substitution +K-1, insertion/deletion +K.  All steps are additive, so ordinary DP applies.
+    """
+    # Encode tokens as ints so a row of the DP is one vectorised comparison.
+    vocab: dict[Hashable, int] = {}
+    h_ids = np.array([vocab.setdefault(t, len(vocab)) for t in hyp], dtype=np.int64)
+    r_ids = np.array([vocab.setdefault(t, len(vocab)) for t in ref], dtype=np.int64)
+    j = np.arange(len(ref) + 1, dtype=np.int64)
+    prev = K * j  # row 0: j deletions
+    yield prev
+    for i in range(1, len(hyp) + 1):
+        cand = np.empty(len(ref) + 1, dtype=np.int64)
+        cand[0] = prev[0] + K  # i insertions
+        diag = prev[:-1] + np.where(r_ids == h_ids[i - 1], 0, K - 1)
+        cand[1:] = np.minimum(diag, prev[1:] + K)
+        # Horizontal moves (deletions): cur[j] = min_k<=j cand[k] + K*(j-k).
+        prev = np.minimum.accumulate(cand - K * j) + K * j
+        yield prev
+
+
 def edit_ops(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[int, int, int]:
     """Levenshtein alignment of hypothesis ``a`` to reference ``b``.
 
@@ -149,23 +173,9 @@ def edit_ops(a: Sequence[Hashable], b: Sequence[Hashable]) -> tuple[int, int, in
         return 0, m, 0
     if m == 0:
         return 0, 0, n
-    # Encode tokens as ints so a row of the DP is one vectorised comparison.
-    vocab: dict[Hashable, int] = {}
-    h_ids = np.array([vocab.setdefault(t, len(vocab)) for t in hyp], dtype=np.int64)
-    r_ids = np.array([vocab.setdefault(t, len(vocab)) for t in ref], dtype=np.int64)
-    # One scalar key orders alignments lexicographically by (cost, -substitutions):
-    # key = K*cost - S with 0 <= S <= cost < K.  Match +0, substitution +K-1,
-    # insertion/deletion +K.  All steps are additive, so ordinary DP applies.
     K = max(n, m) + 1
-    j = np.arange(m + 1, dtype=np.int64)
-    prev = K * j  # row 0: j deletions
-    for i in range(1, n + 1):
-        cand = np.empty(m + 1, dtype=np.int64)
-        cand[0] = prev[0] + K  # i insertions
-        diag = prev[:-1] + np.where(r_ids == h_ids[i - 1], 0, K - 1)
-        cand[1:] = np.minimum(diag, prev[1:] + K)
-        # Horizontal moves (deletions): cur[j] = min_k<=j cand[k] + K*(j-k).
-        prev = np.minimum.accumulate(cand - K * j) + K * j
+    for prev in _alignment_rows(hyp, ref, K):  # only the last row is needed
+        pass
     key = int(prev[-1])
     cost = -(-key // K)
     subs = cost * K - key
@@ -187,23 +197,12 @@ def align_to_reference(a: Sequence[Hashable], b: Sequence[Hashable]) -> list:
     n, m = len(hyp), len(ref)
     if n == 0 or m == 0:
         return [None] * m
-    vocab: dict[Hashable, int] = {}
-    h_ids = np.array([vocab.setdefault(t, len(vocab)) for t in hyp], dtype=np.int64)
-    r_ids = np.array([vocab.setdefault(t, len(vocab)) for t in ref], dtype=np.int64)
-    K = max(n, m) + 1  # the key of edit_ops: K * cost - substitutions
-    j = np.arange(m + 1, dtype=np.int64)
-    table = np.empty((n + 1, m + 1), dtype=np.int64)
-    table[0] = K * j
-    for i in range(1, n + 1):
-        cand = np.empty(m + 1, dtype=np.int64)
-        cand[0] = table[i - 1, 0] + K
-        diag = table[i - 1, :-1] + np.where(r_ids == h_ids[i - 1], 0, K - 1)
-        cand[1:] = np.minimum(diag, table[i - 1, 1:] + K)
-        table[i] = np.minimum.accumulate(cand - K * j) + K * j
+    K = max(n, m) + 1
+    table = np.stack(list(_alignment_rows(hyp, ref, K)))  # (n + 1, m + 1), for the backtrace
     out: list = [None] * m
     i, k = n, m
     while i > 0 and k > 0:
-        step = 0 if h_ids[i - 1] == r_ids[k - 1] else K - 1
+        step = 0 if hyp[i - 1] == ref[k - 1] else K - 1
         if table[i, k] == table[i - 1, k - 1] + step:
             out[k - 1] = hyp[i - 1]
             i, k = i - 1, k - 1

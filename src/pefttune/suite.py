@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pefttune.analysis.store import analysis_dir
 from pefttune.config import ExperimentConfig, load_config, suite_path, task_configs
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
@@ -84,13 +85,6 @@ def run_suite(config: ExperimentConfig | str | Path | None = None, address: str 
 
 def _is_uri(path: str) -> bool:
     return "://" in str(path)
-
-
-def analysis_dir(path: str) -> Path:
-    """Where a study's analysis lives: ``<experiment>/analysis``, or ``./pefttune-analysis/<name>``
-    for an experiment in remote storage (as :func:`pefttune.analysis.report.analyze` writes it)."""
-    return Path("pefttune-analysis") / str(path).rstrip("/").rsplit("/", 1)[-1] if _is_uri(path) \
-        else Path(path) / "analysis"
 
 
 def _summary(path: str) -> dict:

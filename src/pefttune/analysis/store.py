@@ -95,6 +95,16 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def analysis_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Where the analysis of the experiment at ``path`` goes unless told otherwise:
+    ``<experiment>/analysis`` for a local one (a plain path or ``file://``), else
+    ``./pefttune-analysis/<name>`` (``name``: the experiment's, by default the last part of ``path``)."""
+    path = str(path)
+    if not _is_uri(path) or path.startswith("file://"):
+        return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://")))) / "analysis"
+    return Path("pefttune-analysis") / (name or PurePosixPath(path.rstrip("/")).name or "experiment")
+
+
 def _filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if _is_uri(path):
@@ -285,9 +295,7 @@ class Experiment:
 
     def default_out_dir(self) -> Path:
         """``<experiment>/analysis`` for a local experiment, ``./pefttune-analysis/<name>`` else."""
-        if self.is_local:
-            return Path(self.root) / "analysis"
-        return Path("pefttune-analysis") / self.name
+        return Path(self.root) / "analysis" if self.is_local else analysis_dir(self.uri, self.name)
 
     @property
     def ensemble_size(self) -> int:

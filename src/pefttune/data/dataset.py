@@ -33,6 +33,7 @@ __all__ = [
     "SpeechDataset",
     "collate_batch",
     "LengthBucketSampler",
+    "length_buckets",
     "make_dataloader",
     "normalize_waveform",
 ]
@@ -275,6 +276,20 @@ def collate_batch(items: Sequence[dict | None]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def length_buckets(order: Sequence[int], lengths: np.ndarray, batch_size: int, pool_batches: int) -> list[np.ndarray]:
+    """Cut ``order`` into pools of ``batch_size * pool_batches`` indices, sort each pool by
+    ``lengths`` (stably) and cut it into batches of ``batch_size``: the batches, in pool order.
+    Only the last pool can end in a short batch. The samplers shuffle the batches themselves."""
+    order = np.asarray(order)
+    pool = batch_size * max(1, pool_batches)
+    batches = []
+    for start in range(0, len(order), pool):
+        part = order[start:start + pool]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return batches
+
+
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar-length examples, to waste little compute on padding.
 
@@ -301,22 +316,12 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         n = len(self.lengths)
-        if not self.shuffle:
-            order = np.argsort(self.lengths, kind="stable")
-            pools = [order]
+        if not self.shuffle:  # one pool: the batches follow sorted length
+            order, pool_batches = np.arange(n), -(-n // self.batch_size)
         else:
-            rng = np.random.default_rng((self.seed, self.epoch))
-            order = rng.permutation(n)
-            pool = self.batch_size * self.pool_batches
-            pools = [order[i:i + pool] for i in range(0, n, pool)]
-            pools = [p[np.argsort(self.lengths[p], kind="stable")] for p in pools]
-        batches = []
-        for p in pools:
-            for i in range(0, len(p), self.batch_size):
-                batch = [int(j) for j in p[i:i + self.batch_size]]
-                if len(batch) < self.batch_size and self.drop_last:
-                    continue
-                batches.append(batch)
+            order, pool_batches = np.random.default_rng((self.seed, self.epoch)).permutation(n), self.pool_batches
+        batches = [[int(j) for j in b] for b in length_buckets(order, self.lengths, self.batch_size, pool_batches)
+                   if len(b) == self.batch_size or not self.drop_last]
         if self.shuffle:
             rng = np.random.default_rng((self.seed, self.epoch, 1))
             batches = [batches[int(k)] for k in rng.permutation(len(batches))]

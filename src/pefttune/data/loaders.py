@@ -191,12 +191,10 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self._bucketed(order, generator))
 
     def _bucketed(self, order: np.ndarray, generator: torch.Generator) -> list[int]:
-        pool, size = self.batch_size * self.pool_batches, self.batch_size
-        batches = []
-        for start in range(0, len(order), pool):
-            part = order[start:start + pool]
-            part = part[np.argsort(self.lengths[part], kind="stable")]
-            batches += [part[i:i + size] for i in range(0, len(part), size)]
+        from pefttune.data.dataset import length_buckets
+
+        size = self.batch_size
+        batches = length_buckets(order, self.lengths, size, self.pool_batches)
         short = [b for b in batches if len(b) < size]  # at most one: only the last pool can be short
         full = [b for b in batches if len(b) == size]
         shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
