@@ -387,6 +387,9 @@ def test_per_method_ensembles_known_answers(exp):
     assert vote.best_member_id == t["lora"].trial_id and vote.best_member_test == pytest.approx(0.7)
     assert vote.delta_vs_best == pytest.approx(0.3)
     assert (vote.mcnemar_b, vote.mcnemar_c, vote.mcnemar_p) == (3, 0, pytest.approx(0.25))
+    # the gain's paired bootstrap interval: 3 of 10 examples better, none worse
+    assert 0.0 <= vote.gain_ci_low < 0.3 < vote.gain_ci_high <= 0.7
+    assert vote.row()["gain_ci_low"] == vote.gain_ci_low
     assert vote.dev_score == 1.0  # dev errors are disjoint as well
     caruana = run.result("caruana")
     assert caruana.selected == [t["lora"].trial_id]  # adding a member never strictly helps on dev
@@ -394,6 +397,24 @@ def test_per_method_ensembles_known_answers(exp):
     # the same numbers as the pure functions on the aligned arrays
     data = load_members(exp, run.trials, "test")
     assert run.result("soft").test_pred == E.soft_vote(data.probs)[0].tolist()
+
+
+def test_gain_interval_on_a_known_difference():
+    from types import SimpleNamespace
+
+    from pefttune.analysis.ensemble_runner import gain_interval
+
+    rng = np.random.default_rng(0)
+    member = (rng.random(20000) < 0.15).astype(np.int64)  # 15% errors
+    ensemble = member.copy()
+    ensemble[np.flatnonzero(member)[::3]] = 0  # a third of them fixed: gain 0.05
+    gain = member.mean() - ensemble.mean()
+    low, high = gain_interval(SimpleNamespace(task="classification", metric="accuracy"), ensemble, member, None)
+    assert low < gain < high and high - low < 0.01 and low > 0.04
+    assert gain_interval(SimpleNamespace(task="classification", metric="macro_f1"), ensemble, member, None) == (None, None)
+    refs = [[1, 2, 3, 4]] * 200  # CTC: edits over reference lengths, lower is better, the gain positive
+    low, high = gain_interval(SimpleNamespace(task="ctc", metric="per"), np.zeros(200), np.ones(200), refs)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
 
 
 def test_top_k_and_explicit_ensembles(exp):
@@ -424,6 +445,7 @@ def test_ctc_ensembles_known_answers(ctc_dir):
     rover = run.result("rover")
     assert rover.test_pred == [[1, 2], [3], [1, 3], [2]]
     assert rover.delta_vs_best == pytest.approx(1 / 6)  # positive = better, also for error rates
+    assert 0.0 <= rover.gain_ci_low <= 1 / 6 <= rover.gain_ci_high
     with pytest.raises(ValueError, match="does not apply to a ctc"):
         run_ensembles(exp, "per-method", ["vote"])
 

@@ -194,6 +194,26 @@ def errors(task: str, preds, ref) -> np.ndarray:
     return np.array([edit_distance(list(h), list(r)) for h, r in zip(preds, ref)], dtype=np.int64)
 
 
+def gain_interval(experiment: Experiment, ensemble_errors: np.ndarray, member_errors: np.ndarray, ref,
+                  confidence: float = 0.95, draws: int = 2000) -> tuple[float | None, float | None]:
+    """Paired bootstrap interval (over test examples) of the ensemble's gain over one member, from
+    their per-example :func:`errors`: accuracy (1 - error) or, for CTC, edits over reference
+    lengths.  ``(None, None)`` when the metric is not one of these (macro F1)."""
+    from pefttune.analysis.intervals import paired_bootstrap
+
+    if experiment.task == "classification":
+        if experiment.metric != "accuracy":
+            return None, None
+        a, b, higher = [1.0 - ensemble_errors], [1.0 - member_errors], True
+    else:
+        if experiment.metric not in ("per", "wer", "cer"):
+            return None, None
+        lengths = np.array([len(r) for r in ref], dtype=float)
+        a, b, higher = [(ensemble_errors.astype(float), lengths)], [(member_errors.astype(float), lengths)], False
+    c = paired_bootstrap(a, b, draws=draws, confidence=confidence, higher_is_better=higher)
+    return c.ci_low, c.ci_high
+
+
 def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
@@ -226,6 +246,10 @@ class EnsembleResult:
     mcnemar_c: int  # ensemble wrong, best member right
     mcnemar_p: float
     test_pred: list = field(default_factory=list, repr=False)  # per aligned test example
+    # paired bootstrap interval of delta_vs_best over test examples (None: the metric is not a sum
+    # over examples, e.g. macro F1)
+    gain_ci_low: float | None = None
+    gain_ci_high: float | None = None
 
     def row(self) -> dict:
         return {
@@ -244,6 +268,8 @@ class EnsembleResult:
             "best_member_test": self.best_member_test,
             "oracle_member_test": self.oracle_member_test,
             "delta_vs_best": self.delta_vs_best,
+            "gain_ci_low": self.gain_ci_low,
+            "gain_ci_high": self.gain_ci_high,
             "mcnemar_b": self.mcnemar_b,
             "mcnemar_c": self.mcnemar_c,
             "mcnemar_p": self.mcnemar_p,
@@ -319,12 +345,16 @@ def run_ensembles(
     experiment: Experiment | str,
     members: str | Sequence[str] | Sequence[TrialRecord] = "top-5",
     strategies: Iterable[str] | None = None,
+    confidence: float = 0.95,
+    draws: int = 2000,
 ) -> EnsembleRun:
     """Run ``strategies`` (default: all for the task) over one member choice.
 
     ``members``: ``top-K``, ``per-method``, trial ids (list or comma-separated), or
     :class:`TrialRecord` objects (label ``ids``).  Needs at least 2 members; every member
     needs stored test predictions, and ``weighted`` / ``caruana`` also dev predictions.
+    Each result's gain over the best member carries a paired bootstrap interval
+    (:func:`gain_interval`, ``confidence``, ``draws``).
     """
     experiment = open_experiment(experiment)
     if isinstance(members, (list, tuple)) and members and isinstance(members[0], TrialRecord):
@@ -390,7 +420,9 @@ def run_ensembles(
         if dev is not None:
             dev_score = score(experiment, _apply(strategy, experiment, dev, weights, selection), dev_ref)
         test_score = score(experiment, test_pred, test_ref)
-        b, c, p = sign_test(errors(experiment.task, test_pred, test_ref), best_errors)
+        ensemble_errors = errors(experiment.task, test_pred, test_ref)
+        b, c, p = sign_test(ensemble_errors, best_errors)
+        gain_low, gain_high = gain_interval(experiment, ensemble_errors, best_errors, test_ref, confidence, draws)
         ids = [t.trial_id for t in trials]
         results.append(
             EnsembleResult(
@@ -411,13 +443,16 @@ def run_ensembles(
                 mcnemar_b=b,
                 mcnemar_c=c,
                 mcnemar_p=p,
+                gain_ci_low=gain_low,
+                gain_ci_high=gain_high,
                 test_pred=list(test_pred) if experiment.task == "ctc" else np.asarray(test_pred).tolist(),
             )
         )
     return EnsembleRun(label, trials, member_scores, results, test.index, list(test_ref), member_preds)
 
 
-def default_ensembles(experiment: Experiment | str, strategies: Iterable[str] | None = None) -> list[EnsembleRun]:
+def default_ensembles(experiment: Experiment | str, strategies: Iterable[str] | None = None,
+                      confidence: float = 0.95, draws: int = 2000) -> list[EnsembleRun]:
     """The ensembles ``analyze`` runs: top-k (k = the config's ``ensemble_size``) and
     per-method, each when it has at least 2 members."""
     experiment = open_experiment(experiment)
@@ -425,7 +460,7 @@ def default_ensembles(experiment: Experiment | str, strategies: Iterable[str] | 
     for spec in (f"top-{experiment.ensemble_size}", "per-method"):
         label, trials = select_members(experiment, spec)
         if len(trials) >= 2:
-            runs.append(run_ensembles(experiment, trials if label == "ids" else spec, strategies))
+            runs.append(run_ensembles(experiment, trials if label == "ids" else spec, strategies, confidence, draws))
     return runs
 
 

@@ -219,13 +219,16 @@ def format_comparison(result: dict) -> str:
 
 def _run_default_ensembles(experiment: Experiment) -> tuple[list[EnsembleRun], str | None]:
     """The default ensembles, and why there are none when they could not be run."""
+    settings = analysis_settings(experiment)
+    interval = {"confidence": settings["confidence"], "draws": settings["draws"]}
     try:
         try:
-            return default_ensembles(experiment), None
+            return default_ensembles(experiment, **interval), None
         except MissingPredictionsError:
             # some member lacks dev predictions: keep the strategies that need test only
             needs_dev = {"weighted", "caruana"}
-            return default_ensembles(experiment, [s for s in strategies_for(experiment.task) if s not in needs_dev]), None
+            return default_ensembles(experiment, [s for s in strategies_for(experiment.task) if s not in needs_dev],
+                                     **interval), None
     except (ValueError, FileNotFoundError) as err:  # e.g. members evaluated on different examples
         return [], str(err)
 
@@ -373,6 +376,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                   kappa: pd.DataFrame, out: Path) -> str:
     m = experiment.metric
     better = "higher" if experiment.mode == "max" else "lower"
+    paired_test_name = "McNemar p" if result.get("task") == "classification" else "sign test p (edit counts)"
     lines = [
         f"# pefttune report: {experiment.name}",
         "",
@@ -391,7 +395,9 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
     lines += [
         f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
         f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
-        f"margin delta = {settings.get('margin', 0.01)} ({m})",
+        f"margin delta = {settings.get('margin', 0.01)} ({m}). These intervals cover the sampling of test examples "
+        "for the trained seeds, not how much another set of training seeds would move the result: that shows in "
+        "the configurations' t-intervals over seeds and in the per-seed supporting tests",
         "",
         "## Findings of Lin et al. 2024 on this experiment",
         "",
@@ -458,7 +464,9 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                   f"{hybrid['diff']:+.4f} [{hybrid['ci_low']:+.4f}, {hybrid['ci_high']:+.4f}] "
                   f"({hybrid['confidence']:.0%} paired bootstrap over seeds and examples).", ""]
 
-    lines += ["## Best trials (completed, by dev)", ""]
+    lines += ["## Best trials (completed, by dev)", "",
+              "Single trials, one training seed each: no interval (the configurations table above has the intervals "
+              "over seeds).", ""]
     cols = ["trial_id", "kind", "method", "placement_short", "trainable_params", "best_dev_score", "test_score", "outcome"]
     top = trials[trials["best_dev_score"].notna() & (trials["kind"] != "darts") & (trials["outcome"] == "completed")]
     top = top.sort_values(["best_dev_score", "trial_id"], ascending=[experiment.mode == "min", True]).head(10)
@@ -466,25 +474,34 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                        ["trial", "kind", "method", "placement", "params", f"dev {m}", f"test {m}", "outcome"]), ""]
 
     if result["uniform"]:
-        lines += ["## Uniform baselines (best trial per method)", ""]
+        lines += ["## Uniform baselines (best trial per method)", "",
+                  "Single trials, the best seed by dev: no interval (see the configurations table).", ""]
         rows = [{"method": k, **v} for k, v in result["uniform"].items()]
         lines += [md_table(rows, ["method", "trial_id", "trainable_params", "dev", "test"],
                            ["method", "trial", "params", f"dev {m}", f"test {m}"]), ""]
 
     lines += ["## Ensembles", ""]
     if result["ensembles"]:
-        lines += [md_table(result["ensembles"], ["ensemble_id", "n_members", "dev_score", "test_score",
-                                                 "best_member_test", "delta_vs_best", "mcnemar_p"],
+        conf = settings.get("confidence", 0.95)
+        rows = [{**r, "gain_ci": "-" if r.get("gain_ci_low") is None else
+                 f"[{r['gain_ci_low']:+.4f}, {r['gain_ci_high']:+.4f}]"} for r in result["ensembles"]]
+        lines += [md_table(rows, ["ensemble_id", "n_members", "dev_score", "test_score", "best_member_test",
+                                  "delta_vs_best", "gain_ci", "mcnemar_p"],
                            ["ensemble", "members", f"dev {m}", f"test {m}", "best member (test)", "gain",
-                            "McNemar p"]), ""]
-        lines.append("Gain: test improvement over the best member by dev (positive = better); McNemar: ensemble vs "
-                     "that member. Caruana's dev score is the one it was fitted on.")
+                            f"gain {conf:.0%} CI", paired_test_name]), ""]
+        lines.append("Members: the top-k trials by dev, or the best trial of each method, whatever their seeds "
+                     "(finding 2 instead builds one ensemble per seed). Gain: test improvement over the best member by "
+                     f"dev (positive = better), with its {conf:.0%} paired bootstrap interval over test examples "
+                     f"({settings.get('draws', 2000)} draws; '-' where the metric is not a sum over examples); "
+                     f"{paired_test_name}: ensemble vs that member. Caruana's dev score is the one it was fitted on.")
         lines.append("")
     else:
         lines += ["Not run: fewer than 2 usable trials with stored predictions.", ""]
 
     lines += ["## Pairwise statistics between uniform methods (test)", ""]
     if not pairs.empty:
+        lines += ["The best trial of each method (one seed each): no interval; finding 3 gives kappa and error "
+                  "overlap over all seeds with simultaneous intervals.", ""]
         lines += [md_table(pairs.to_dict("records"), list(pairs.columns),
                            ["a", "b", "agreement", "kappa", "McNemar b", "McNemar c", "McNemar p", "both wrong",
                             "error overlap"]), ""]
