@@ -100,6 +100,18 @@ def test_decisive_verdicts_on_clear_replicated_results(replicated):
     assert refs["uniform_vs_frozen"]["diff"] == pytest.approx(0.3) and refs["uniform_vs_frozen"]["ci_low"] > 0
 
 
+def test_resample_seeds_makes_every_comparison_two_level(replicated):
+    one = decide(replicated, draws=400)["references"]["hybrid_vs_uniform"]
+    two = decide(replicated, draws=400, resample_seeds=True)
+    assert two["resample_seeds"] is True
+    both = two["references"]["hybrid_vs_uniform"]
+    assert "two-level" in both["method"] and "two-level" not in one["method"]
+    assert both["diff"] == pytest.approx(one["diff"])  # the point estimate does not change
+    # each seed errs on other examples, so resampling the seeds adds spread
+    assert both["ci_high"] - both["ci_low"] > one["ci_high"] - one["ci_low"]
+    assert "two-level" in two["findings"]["1"]["comparison"]["method"]
+
+
 def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
     alpha = pd.DataFrame({"trial_id": "t", "epoch": 5, "layer": [0, 0, 0], "method": ["none", "lora", "bitfit"],
                           "prob": [0.34, 0.33, 0.33]})

@@ -103,8 +103,9 @@ def best_config(experiment: Experiment, configs: dict[str, Config], kind: str) -
 class Scorer:
     """Per-example test results of trials and ensembles, aligned on the example index."""
 
-    def __init__(self, experiment: Experiment):
+    def __init__(self, experiment: Experiment, resample_seeds: bool = False):
         self.experiment = experiment
+        self.resample_seeds = resample_seeds  # comparisons: two-level bootstrap (seeds and examples)
         self.ctc = experiment.task != "classification"
         self.higher_is_better = experiment.mode == "max"
         self._cache: dict[str, Any] = {}
@@ -165,7 +166,7 @@ class Scorer:
 
     def compare(self, a: list, b: list, confidence: float, draws: int, seed: int = 0) -> Comparison:
         return paired_bootstrap(a, b, draws=draws, confidence=confidence, seed=seed,
-                                higher_is_better=self.higher_is_better)
+                                higher_is_better=self.higher_is_better, resample_seeds=self.resample_seeds)
 
 
 def _cmp_dict(c: Comparison | None) -> dict | None:
@@ -359,10 +360,11 @@ def hybrid_row(experiment: Experiment, configs: dict[str, Config], comparison: d
 
 
 def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.95, draws: int = 2000,
-           converged_entropy: float = 0.7, alpha=None) -> dict:
-    """All three findings with their rules, the reference comparisons and the nothing-learned gate."""
+           converged_entropy: float = 0.7, alpha=None, resample_seeds: bool = False) -> dict:
+    """All three findings with their rules, the reference comparisons and the nothing-learned gate.
+    ``resample_seeds``: every comparison resamples seeds as well as test examples."""
     configs = configurations(experiment)
-    scorer = Scorer(experiment)
+    scorer = Scorer(experiment, resample_seeds)
     convergence = darts_convergence(alpha, converged_entropy)
     findings = {
         "1": finding_darts(experiment, configs, scorer, convergence, margin, confidence, draws),
@@ -393,6 +395,7 @@ def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.9
         "margin": margin,
         "confidence": confidence,
         "draws": draws,
+        "resample_seeds": resample_seeds,
         "pairs": pairs,
         "references": refs_out,
         "configs": {cid: {"kind": c.kind, "seeds": c.seeds, "dev_mean": c.dev_mean, "trials": [t.trial_id for t in c.trials]}

@@ -68,6 +68,7 @@ def analysis_settings(experiment: Experiment) -> dict:
         "margin": float(section.get("margin", 0.01)),
         "confidence": float(section.get("confidence", 0.95)),
         "draws": int(section.get("bootstrap_draws", 2000)),
+        "resample_seeds": bool(section.get("resample_seeds", False)),
         "converged_entropy": float(darts.get("converged_entropy", 0.7)),
     }
 
@@ -220,7 +221,7 @@ def format_comparison(result: dict) -> str:
 def _run_default_ensembles(experiment: Experiment) -> tuple[list[EnsembleRun], str | None]:
     """The default ensembles, and why there are none when they could not be run."""
     settings = analysis_settings(experiment)
-    interval = {"confidence": settings["confidence"], "draws": settings["draws"]}
+    interval = {"confidence": settings["confidence"], "draws": settings["draws"]}  # one trial per member: no seeds
     try:
         try:
             return default_ensembles(experiment, **interval), None
@@ -393,11 +394,16 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
         lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
                      f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
     lines += [
-        f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
-        f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
-        f"margin delta = {settings.get('margin', 0.01)} ({m}). These intervals cover the sampling of test examples "
-        "for the trained seeds, not how much another set of training seeds would move the result: that shows in "
-        "the configurations' t-intervals over seeds and in the per-seed supporting tests",
+        (f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples and seeds "
+         f"({settings.get('draws', 2000)} draws; each draw resamples the test examples and each configuration's "
+         f"seeds, `analysis.resample_seeds`); margin delta = {settings.get('margin', 0.01)} ({m})"
+         if settings.get("resample_seeds") else
+         f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
+         f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
+         f"margin delta = {settings.get('margin', 0.01)} ({m}). These intervals cover the sampling of test examples "
+         "for the trained seeds, not how much another set of training seeds would move the result: that shows in "
+         "the configurations' t-intervals over seeds and in the per-seed supporting tests "
+         "(`analysis.resample_seeds: true` resamples the seeds too)"),
         "",
         "## Findings of Lin et al. 2024 on this experiment",
         "",
