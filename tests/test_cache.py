@@ -198,10 +198,27 @@ def test_a_partly_cached_batch_computes_only_the_missing_utterances(tmp_path):
         embed = model.embed
         model.embed = lambda x, m=None: (calls.append(x.shape[0]), embed(x, m))[1]
         states, mask = cache.frozen_step(model, batch, 3)
-    assert calls == [2] and cache.hits == 1 and cache.misses == 1 + 2  # utterances 0 and 2 computed
+    assert calls == [1, 1] and cache.hits == 1 and cache.misses == 1 + 2  # utterances 0 and 2, each alone
     assert torch.equal(mask, ref_mask)
     for a, b in zip(states, reference):
         assert torch.allclose(a[mask], b[ref_mask], atol=1e-5)
+
+
+def test_cached_states_do_not_depend_on_the_batch_that_computed_them(tmp_path):
+    """The same utterance first met in different batches (another trial, another epoch) is
+    cached bit for bit the same: cold and warm runs give the same numbers."""
+    model = build_model("tiny-hubert", Placement.from_dict({"num_layers": 4, "layers": {"2": "lora"}}),
+                        HeadConfig("classification", 2)).eval()
+    batch = _batches(1, 0, 0)[0]
+    assert int(batch["attention_mask"].sum(1).min()) < batch["attention_mask"].shape[1]  # padding in the batch
+    with torch.no_grad():
+        whole = FrozenStateCache("whole", tmp_path / "a")
+        whole.frozen_step(model, batch, 3)
+        alone = FrozenStateCache("alone", tmp_path / "b")
+        for b in reversed(range(batch["index"].shape[0])):
+            alone.frozen_step(model, {k: v[b:b + 1] for k, v in batch.items()}, 3)
+    for index in batch["index"].tolist():
+        assert torch.equal(whole.lookup(index, 3), alone.lookup(index, 3))
 
 
 def test_cached_utterances_are_not_read_from_disk(tmp_path, monkeypatch):

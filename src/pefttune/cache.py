@@ -162,36 +162,27 @@ class FrozenStateCache:
     def frozen_step(self, model: PeftSpeechModel, batch: dict, num_states: int):
         """Like :func:`pefttune.training.frozen_step`, served from the cache when possible.
 
-        Only the missing utterances go through the frozen encoder (a batch of those alone);
-        an utterance whose audio the dataset skipped must be cached."""
+        Each missing utterance goes through the frozen encoder alone, without padding, so what
+        is cached does not depend on the batch (the trial, the epoch, the other utterances)
+        that first needed it: a run on a cold cache gives the numbers of a run on a warm one.
+        (Batched, the same utterance came out up to ~5e-6 apart, enough to send a DARTS
+        relaxation elsewhere.)  An utterance whose audio the dataset skipped must be cached."""
         indices = batch["index"].tolist()
         found = [self.lookup(i, num_states) for i in indices]
         device = batch["input_values"].device
         missing = [b for b, f in enumerate(found) if f is None]
-        if len(missing) == len(indices) and batch["input_values"].shape[-1] > 0:
-            self.misses += len(indices)
-            hidden0, mask = model.embed(batch["input_values"], batch.get("attention_mask"))
-            states = model.frozen_states(hidden0, mask, num_states - 1)
-            stacked = torch.stack(states)  # (S, B, T, D)
-            for b, (index, length) in enumerate(zip(indices, mask.sum(1).tolist())):
-                self.store(index, stacked[:, b, :length])
-            return states, mask
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
-        if missing:
-            rows = torch.tensor(missing, device=device)
-            mask_in = batch.get("attention_mask")
-            if mask_in is not None:
-                mask_in = mask_in.index_select(0, rows)
-                if bool((mask_in.sum(1) == 0).any()):
-                    raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
-                mask_in = mask_in[:, : int(mask_in.sum(1).max())]
-            inputs = batch["input_values"].index_select(0, rows)[:, : None if mask_in is None else mask_in.shape[1]]
-            hidden0, mask = model.embed(inputs, mask_in)
-            stacked = torch.stack(model.frozen_states(hidden0, mask, num_states - 1)).to("cpu", torch.float32)
-            for j, (b, length) in enumerate(zip(missing, mask.sum(1).tolist())):
-                found[b] = stacked[:, j, :length]
-                self.store(indices[b], found[b])
+        mask_in = batch.get("attention_mask")
+        for b in missing:
+            length = batch["input_values"].shape[-1] if mask_in is None else int(mask_in[b].sum())
+            if length == 0:
+                raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
+            inputs = batch["input_values"][b:b + 1, :length]
+            hidden0, mask = model.embed(inputs, None if mask_in is None else mask_in[b:b + 1, :length])
+            states = model.frozen_states(hidden0, mask, num_states - 1)
+            found[b] = torch.stack(states)[:, 0, : int(mask.sum())].to("cpu", torch.float32)
+            self.store(indices[b], found[b])
         lengths = torch.tensor([f.shape[1] for f in found])
         frames = int(lengths.max())
         padded = torch.zeros(num_states, len(found), frames, found[0].shape[-1])
