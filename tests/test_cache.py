@@ -253,3 +253,30 @@ def test_cached_utterances_are_not_read_from_disk(tmp_path, monkeypatch):
     assert plain_reads[1] - plain_reads[0] == 16 + 8  # every train and dev clip read again in epoch 2
     assert skipped_reads[0] == plain_reads[0] and skipped_reads[1] == skipped_reads[0]  # none in epoch 2
     assert np.allclose(plain, skipped, atol=1e-5)
+
+
+def test_prefill_computes_each_utterance_once_as_a_trial_would(tmp_path, monkeypatch):
+    """The driver's prefill (2 processes) stores h_0 of every utterance; a second prefill
+    computes nothing; a trial then finds every utterance cached, with the states it would
+    have computed itself."""
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    manifest = write_tone_manifest(tmp_path / "tones", per_split={"train": 4, "dev": 2, "test": 2})
+    config = parse_config(search_config(manifest, tmp_path / "results"))
+    ref = loaders.prepare_data(config, progress=False)
+    rows = len(read_manifest(manifest))
+    assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == rows
+    assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == 0
+    model = build_model(config.backbone, Placement.uniform("lora", 4), ref.head_config(config)).eval()
+    cache = trial_setup.frozen_cache(config, ref, model)
+    data = loaders.load_data(config, ref, seed=0)
+    alone = FrozenStateCache("alone", None)
+    with torch.no_grad():
+        for batch in data.test:
+            states, mask = cache.frozen_step(model, batch, 1)
+            again, again_mask = alone.frozen_step(model, batch, 1)
+            assert torch.equal(mask, again_mask) and torch.equal(states[0], again[0])
+    assert cache.misses == 0 and cache.hits == 2 * 4  # test clips: 2 per class, 4 classes
+    off = search_config(manifest, tmp_path / "results")
+    off["train"] = {**off.get("train", {}), "frozen_cache": "memory"}
+    off = parse_config(off)
+    assert trial_setup.prefill_frozen_cache(off, ref) == 0  # nothing to share between trials

@@ -158,6 +158,31 @@ class FrozenStateCache:
         Set it as a dataset's ``skip_audio`` so cached utterances are not read from disk."""
         return lambda index: self.lookup(index, num_states) is not None
 
+    def on_disk(self, index: int) -> bool:
+        """Whether utterance ``index`` has states on disk (at least h_0)."""
+        return self.directory is not None and self._path(index).exists()
+
+    def _compute(self, model: PeftSpeechModel, batch: dict, b: int, num_states: int) -> torch.Tensor:
+        """States (num_states, T, D) of the batch's utterance ``b``, computed alone and unpadded; stored."""
+        length = _length(batch, b)
+        mask_in = batch.get("attention_mask")
+        inputs = batch["input_values"][b:b + 1, :length]
+        hidden0, mask = model.embed(inputs, None if mask_in is None else mask_in[b:b + 1, :length])
+        states = torch.stack(model.frozen_states(hidden0, mask, num_states - 1))[:, 0, : int(mask.sum())]
+        states = states.to("cpu", torch.float32)
+        self.store(int(batch["index"][b]), states)
+        return states
+
+    def fill(self, model: PeftSpeechModel, batch: dict, num_states: int = 1) -> int:
+        """Compute and store the batch's utterances that have audio and no states on disk
+        (:func:`pefttune.trainables.setup.prefill_frozen_cache`); returns how many."""
+        done = 0
+        for b, index in enumerate(batch["index"].tolist()):
+            if _length(batch, b) > 0 and not self.on_disk(index):
+                self._compute(model, batch, b, num_states)
+                done += 1
+        return done
+
     # -- per batch -----------------------------------------------------------------------
     def frozen_step(self, model: PeftSpeechModel, batch: dict, num_states: int):
         """Like :func:`pefttune.training.frozen_step`, served from the cache when possible.
@@ -173,16 +198,10 @@ class FrozenStateCache:
         missing = [b for b, f in enumerate(found) if f is None]
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
-        mask_in = batch.get("attention_mask")
         for b in missing:
-            length = batch["input_values"].shape[-1] if mask_in is None else int(mask_in[b].sum())
-            if length == 0:
+            if _length(batch, b) == 0:
                 raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
-            inputs = batch["input_values"][b:b + 1, :length]
-            hidden0, mask = model.embed(inputs, None if mask_in is None else mask_in[b:b + 1, :length])
-            states = model.frozen_states(hidden0, mask, num_states - 1)
-            found[b] = torch.stack(states)[:, 0, : int(mask.sum())].to("cpu", torch.float32)
-            self.store(indices[b], found[b])
+            found[b] = self._compute(model, batch, b, num_states)
         lengths = torch.tensor([f.shape[1] for f in found])
         frames = int(lengths.max())
         padded = torch.zeros(num_states, len(found), frames, found[0].shape[-1])
@@ -190,3 +209,9 @@ class FrozenStateCache:
             padded[:, b, : f.shape[1]] = f
         mask = torch.arange(frames)[None, :] < lengths[:, None]
         return [s.to(device) for s in padded.unbind(0)], mask.to(device)
+
+
+def _length(batch: dict, b: int) -> int:
+    """Samples of the batch's utterance ``b`` (0: its audio was skipped)."""
+    mask = batch.get("attention_mask")
+    return int(batch["input_values"].shape[-1]) if mask is None else int(mask[b].sum())

@@ -76,7 +76,16 @@ def run_study(
     build_experiment(config)  # every check that needs no Ray (errors name the field: exit 2)
     if not resume:
         refuse_existing(experiment_path(config), "a study")
-    prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
+    ref = prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
+    if address is None:  # a local run: its trials share this machine's frozen cache
+        from pefttune.trainables.setup import prefill_frozen_cache
+
+        t = time.perf_counter()
+        filled = prefill_frozen_cache(config, ref)
+        if filled:
+            seconds["prefill"] = time.perf_counter() - t
+            print(f"frozen cache: the front end's states of {filled} utterances computed before the trials "
+                  f"({seconds['prefill']:.0f} s)", flush=True)
     started = connect_ray(address, log_to_driver=verbose >= 2)
     frames = []
     try:

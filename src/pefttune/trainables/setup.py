@@ -159,3 +159,59 @@ def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechMo
     print(f"[pefttune] frozen cache {mode} key {key}: {states} hidden state(s) per utterance, {size}", flush=True)
     max_disk = int(disk_gb * 2**30) if mode == "disk" else None
     return FrozenStateCache(key, directory, max_memory_bytes=int(memory_gb * 2**30), max_disk_bytes=max_disk)
+
+
+def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: int | None = None) -> int:
+    """Compute h_0 (the frozen front end's output) of every utterance the disk cache lacks,
+    before any trial starts; returns how many were computed.
+
+    Without it, the first trials of a cold run each compute the states of every utterance they
+    meet, the same utterances at the same time.  Here each is computed once, by ``workers``
+    processes (default: as many trials as the machine's CPUs hold) with the trials' own thread
+    count (``resources.cpu``) and the cache's own per-utterance computation, so the numbers
+    are those a trial would have cached.  Trials whose lowest adapted layer is above 0 (and
+    the ``frozen`` reference) still compute their deeper states themselves.  Nothing to do
+    when the cache is not on disk or trials run on GPUs."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    if experiment.train.frozen_cache != "disk" or experiment.resources.gpu > 0:
+        return 0
+    threads = max(1, int(experiment.resources.cpu))
+    workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    if workers == 1:
+        return _prefill_share(experiment, ref, 0, 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(_prefill_share, [experiment] * workers, [ref] * workers, range(workers),
+                            [workers] * workers))
+
+
+def _prefill_share(experiment: ExperimentConfig, ref: DataRef, share: int, shares: int) -> int:
+    """Utterances ``index % shares == share`` of :func:`prefill_frozen_cache`, in one process."""
+    import contextlib
+    import io
+
+    import torch
+
+    from pefttune.backbones import backbone_info
+    from pefttune.data.loaders import load_data
+    from pefttune.model import build_model
+    from pefttune.placement import Placement
+    from pefttune.runtime.cluster import set_threads
+
+    set_threads(experiment.resources.cpu)
+    info = backbone_info(experiment.backbone)
+    model = build_model(experiment.backbone, Placement.from_dict({"num_layers": info.num_layers, "layers": {}}),
+                        ref.head_config(experiment)).eval()
+    with contextlib.redirect_stdout(io.StringIO()):  # its size line is the trials' to print
+        cache = frozen_cache(experiment, ref, model)
+    cache.max_memory_bytes = 0  # nothing kept in this process
+    data = load_data(experiment, ref)
+    done = 0
+    with torch.no_grad():
+        for loader in (data.train, data.dev, data.test):
+            loader.dataset.skip_audio = lambda index: index % shares != share or cache.on_disk(index)
+            for batch in loader:
+                done += cache.fill(model, batch, 1)
+    return done
