@@ -202,9 +202,10 @@ def _prefill_share(experiment: ExperimentConfig, ref: DataRef, share: int, share
 
     set_threads(experiment.resources.cpu)
     info = backbone_info(experiment.backbone)
-    model = build_model(experiment.backbone, Placement.from_dict({"num_layers": info.num_layers, "layers": {}}),
-                        ref.head_config(experiment)).eval()
-    with contextlib.redirect_stdout(io.StringIO()):  # its size line is the trials' to print
+    # quiet: the weights' loading bars and the cache's size line are the trials' to print
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        model = build_model(experiment.backbone, Placement.from_dict({"num_layers": info.num_layers, "layers": {}}),
+                            ref.head_config(experiment)).eval()
         cache = frozen_cache(experiment, ref, model)
     cache.max_memory_bytes = 0  # nothing kept in this process
     data = load_data(experiment, ref)
