@@ -468,7 +468,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                   f"{_fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
                   f"`{hybrid['uniform']}` ({_fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
                   f"{hybrid['diff']:+.4f} [{hybrid['ci_low']:+.4f}, {hybrid['ci_high']:+.4f}] "
-                  f"({hybrid['confidence']:.0%} paired bootstrap over seeds and examples).", ""]
+                  f"({hybrid['confidence']:.0%} {hybrid.get('method', 'paired bootstrap').split(';')[0]}).", ""]
 
     lines += ["## Best trials (completed, by dev)", "",
               "Single trials, one training seed each: no interval (the configurations table above has the intervals "
