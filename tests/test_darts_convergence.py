@@ -343,3 +343,14 @@ def test_tracker_of_a_restored_search_continues_from_the_restored_alpha():
         net.alpha[0] = torch.tensor([0.0, 0.0, 2.0])
     moved = tracker.update(net.probabilities().numpy())
     assert moved["argmax_changed"] is True and moved["argmax_stable_epochs"] == 0 and moved["converged"] is False
+
+
+def test_darts_search_cpu_sets_the_search_trials_resources():
+    from pefttune.config import parse_config
+    from pefttune.darts.experiment import search_experiment
+
+    plain = parse_config({})
+    assert search_experiment(plain) is plain  # default: the trials' own resources.cpu
+    two = parse_config({"darts": {"search_cpu": 2}})
+    assert search_experiment(two).resources.cpu == 2 and two.resources.cpu == 1
+    assert search_experiment(two).darts == two.darts and search_experiment(two).train == two.train

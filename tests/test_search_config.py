@@ -128,13 +128,16 @@ def test_shipped_configs_are_valid():
     assert embedded.search.algorithm == "tpe" and embedded.search.scheduler == "asha"
     pr = load_config(CONFIG_DIR / "embedded-pr.yaml")  # the embedded study, on phoneme recognition
     assert (pr.data.task, pr.data.sentences, pr.train.epochs, pr.metric) == ("pr", 3000, 6, "per")
-    assert pr.methods == embedded.methods and pr.darts == embedded.darts and pr.budget == embedded.budget
+    assert pr.methods == embedded.methods and pr.budget == embedded.budget
+    assert pr.darts.search_cpu == 2 and embedded.darts.search_cpu is None  # the PR search on both cores
+    assert pr.darts.model_copy(update={"search_cpu": None}) == embedded.darts
     suite = load_config(CONFIG_DIR / "embedded-suite.yaml")
     assert list(suite.tasks) == ["ks", "sid", "pr"] and suite.methods == embedded.methods
     from pefttune.config import task_configs
 
     tasks = task_configs(suite)
     assert tasks["pr"].data.sentences == pr.data.sentences and tasks["pr"].train.epochs == pr.train.epochs
+    assert tasks["pr"].darts == pr.darts
     ks = tasks["ks"].model_dump(exclude={"name", "storage"})
     assert ks["data"].pop("test_per_class") == 200 and embedded.data.test_per_class is None  # 2400 test clips, not 4800
     ks["data"]["test_per_class"] = None

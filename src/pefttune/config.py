@@ -228,6 +228,11 @@ class DartsSection(_Section):
     budget_penalty: float = Field(0.0, ge=0, description="Weight of the expected-parameters-over-budget penalty.")
     fair_zero_one: float = Field(10.0, ge=0, description="Fair-DARTS: weight of the zero-one loss.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One DARTS search per seed.")
+    search_cpu: float | None = Field(
+        None, gt=0, description="CPUs (and so threads) of each DARTS search trial; default resources.cpu. A lone "
+        "search leaves the other trial slots idle, so 2 halves its time on the 2-core machine, but the thread "
+        "count changes its numbers, and a relaxation calibrated at one thread count may not converge at another."
+    )
     epochs: int | None = Field(None, ge=1, description="Search epochs (default: train.epochs).")
     variants: list[dict[str, Any]] = Field(
         default_factory=list,

@@ -173,6 +173,14 @@ def _search_trials(config: ExperimentConfig) -> int:
     return len(config.darts.seeds) * len(config.darts.variants or [{}])
 
 
+def search_experiment(config: ExperimentConfig) -> ExperimentConfig:
+    """The config the search trials see: ``resources.cpu`` set to ``darts.search_cpu`` when given."""
+    cpu = config.darts.search_cpu
+    if cpu is None or cpu == config.resources.cpu:
+        return config
+    return config.model_copy(update={"resources": config.resources.model_copy(update={"cpu": cpu})})
+
+
 def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
     from ray import tune
 
@@ -270,12 +278,20 @@ def run_darts(
     prepare_directories(config, path, resume)
     search_path, retrain_path = f"{path}/{SEARCH_DIR}", f"{path}/{RETRAIN_DIR}"
     # per-trial markers (divergence, test seams) live in each Ray experiment's trial folders
-    search_setup = make_setup(config, search_path, faults)
-    retrain_setup = dataclasses.replace(search_setup, experiment_path=retrain_path, faults=None)
+    retrain_setup = make_setup(config, retrain_path)
+    search_setup = dataclasses.replace(retrain_setup, experiment=search_experiment(config), experiment_path=search_path,
+                                       faults=faults)
 
     started = connect_ray(address, log_to_driver=verbose >= 2)
     try:
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
+        if address is None and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
+            import ray
+
+            have = ray.cluster_resources().get("CPU", 0)
+            if config.darts.search_cpu > have:
+                raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
+                                 f"machine's Ray has {have:g}")
         from pefttune.trainables.darts import make_trainable as make_darts_trainable
         from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
 
