@@ -167,7 +167,8 @@ def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: in
 
     Without it, the first trials of a cold run each compute the states of every utterance they
     meet, the same utterances at the same time.  Here each is computed once, by ``workers``
-    processes (default: as many trials as the machine's CPUs hold) with the trials' own thread
+    processes (default: one per trial slot, ``search.max_concurrent``, as far as the machine's
+    CPUs hold them) with the trials' own thread
     count (``resources.cpu``) and the cache's own per-utterance computation, so the numbers
     are those a trial would have cached.  Trials whose lowest adapted layer is above 0 (and
     the ``frozen`` reference) still compute their deeper states themselves.  Nothing to do
@@ -179,7 +180,7 @@ def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: in
     if experiment.train.frozen_cache != "disk" or experiment.resources.gpu > 0:
         return 0
     threads = max(1, int(experiment.resources.cpu))
-    workers = workers or max(1, (os.cpu_count() or 1) // threads)
+    workers = workers or max(1, min((os.cpu_count() or 1) // threads, experiment.search.max_concurrent))
     if workers == 1:
         return _prefill_share(experiment, ref, 0, 1)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
