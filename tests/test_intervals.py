@@ -278,6 +278,11 @@ def test_finding2_each_outcome_with_numbers():
     beats = {**quiet, "weighted": _cmp(0.005, 0.03, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, beats, margin=0.01)
     assert v.label == "partly reproduced" and "weighted [+0.0050, +0.0300] beats the vote" in v.rule
+    assert "weighted is not shown to be within delta = +0.0100" in v.rule
+    # two beat it, one of them within delta: the rule names which one is not
+    both = {**quiet, "weighted": _cmp(0.005, 0.03, fam), "soft": _cmp(0.002, 0.008, fam)}
+    v = finding2_verdict(_cmp(0.01, 0.05), others_flat, both, margin=0.01)
+    assert v.label == "partly reproduced" and "beat the vote" in v.rule and "weighted is not shown" in v.rule
 
     # not shown better and not shown within delta: a "no strategy beats the vote" would rest on noise
     straddles = {**quiet, "weighted": _cmp(-0.0001, 0.0102, fam)}

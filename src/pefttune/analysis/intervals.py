@@ -380,8 +380,9 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
                        f"{_cis(vote_vs_others)})", details)
     if v.lies_above(0.0) and beat:
         return Verdict("partly reproduced", f"partly reproduced: {vtext} lies above 0, but "
-                       f"{_cis(vote_vs_others, beat)} beats the vote (strategy - vote CI above 0, not below "
-                       f"{dm})", details)
+                       f"{_cis(vote_vs_others, beat)} beat{'s' if len(beat) == 1 else ''} the vote (strategy - vote "
+                       f"CI above 0) and {', '.join(not_within)} {'is' if len(not_within) == 1 else 'are'} not shown "
+                       f"to be within delta = {dm} of it (CI not below {dm})", details)
     if v.lies_above(0.0):
         return Verdict("inconclusive", f"inconclusive: {vtext} lies above 0, but the strategy - vote CI of "
                        f"{_cis(vote_vs_others, not_within)} straddles +delta = {dm}: no strategy is shown to beat "
