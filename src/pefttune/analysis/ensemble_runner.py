@@ -194,23 +194,27 @@ def errors(task: str, preds, ref) -> np.ndarray:
     return np.array([edit_distance(list(h), list(r)) for h, r in zip(preds, ref)], dtype=np.int64)
 
 
+def contributions(task: str, errs: np.ndarray, ref):
+    """What :func:`pefttune.analysis.intervals.paired_bootstrap` takes for one system, from its
+    per-example :func:`errors`: correctness (classification: accuracy is their mean), or (edit
+    counts, reference lengths) (CTC: the error rate is their ratio of sums)."""
+    if task == "classification":
+        return 1.0 - np.asarray(errs, dtype=np.float64)
+    return (np.asarray(errs, dtype=np.float64), np.array([len(r) for r in ref], dtype=np.float64))
+
+
 def gain_interval(experiment: Experiment, ensemble_errors: np.ndarray, member_errors: np.ndarray, ref,
                   confidence: float = 0.95, draws: int = 2000) -> tuple[float | None, float | None]:
     """Paired bootstrap interval (over test examples) of the ensemble's gain over one member, from
-    their per-example :func:`errors`: accuracy (1 - error) or, for CTC, edits over reference
-    lengths.  ``(None, None)`` when the metric is not one of these (macro F1)."""
+    their per-example :func:`errors`.  ``(None, None)`` when the metric is not accuracy or an error
+    rate (macro F1 is not a sum over examples)."""
     from pefttune.analysis.intervals import paired_bootstrap
 
-    if experiment.task == "classification":
-        if experiment.metric != "accuracy":
-            return None, None
-        a, b, higher = [1.0 - ensemble_errors], [1.0 - member_errors], True
-    else:
-        if experiment.metric not in ("per", "wer", "cer"):
-            return None, None
-        lengths = np.array([len(r) for r in ref], dtype=float)
-        a, b, higher = [(ensemble_errors.astype(float), lengths)], [(member_errors.astype(float), lengths)], False
-    c = paired_bootstrap(a, b, draws=draws, confidence=confidence, higher_is_better=higher)
+    if experiment.metric not in ("accuracy", "per", "wer", "cer"):
+        return None, None
+    task = experiment.task
+    c = paired_bootstrap([contributions(task, ensemble_errors, ref)], [contributions(task, member_errors, ref)],
+                         draws=draws, confidence=confidence, higher_is_better=task == "classification")
     return c.ci_low, c.ci_high
 
 

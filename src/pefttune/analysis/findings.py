@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from pefttune.analysis.ensemble_runner import load_members, majority_strategy, run_ensembles, strategies_for
+from pefttune.analysis.ensemble_runner import (
+    contributions, errors, load_members, majority_strategy, run_ensembles, strategies_for,
+)
 from pefttune.analysis.intervals import (
     Comparison,
     Verdict,
@@ -48,7 +50,6 @@ from pefttune.analysis.intervals import (
     unless_nothing_learned,
 )
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
-from pefttune.metrics import edit_distance
 
 NOT_RUN = "not run"
 REFERENCE_KINDS = ("frozen", "log-mel")
@@ -120,11 +121,8 @@ class Scorer:
 
     def contributions(self, preds) -> Any:
         """Per-example correctness (classification) or (edits, reference lengths) (CTC)."""
-        if not self.ctc:
-            return (np.asarray(preds) == np.asarray(self.ref)).astype(np.float64)
-        edits = np.array([edit_distance(h, r) for h, r in zip(preds, self.ref)], dtype=np.float64)
-        lengths = np.array([len(r) for r in self.ref], dtype=np.float64)
-        return (edits, lengths)
+        task = "ctc" if self.ctc else "classification"
+        return contributions(task, errors(task, preds, self.ref), self.ref)
 
     def trial(self, trial: TrialRecord) -> Any:
         if trial.trial_id not in self._cache:
