@@ -110,6 +110,11 @@ def test_resample_seeds_makes_every_comparison_two_level(replicated):
     # each seed errs on other examples, so resampling the seeds adds spread
     assert both["ci_high"] - both["ci_low"] > one["ci_high"] - one["ci_low"]
     assert "two-level" in two["findings"]["1"]["comparison"]["method"]
+    # the configurations share their training seeds, and finding 2's lists are per seed: seeds are paired
+    assert "paired seeds" in both["method"]
+    f2 = two["findings"]["2"]
+    assert "paired seeds" in f2["vote_gain"]["method"], f2
+    assert all("paired seeds" in c["method"] for c in f2["vote_vs_others"].values())
 
 
 def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
@@ -161,8 +166,8 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     same = "L0:lora(r=8) L1:lora(r=8) L2:lora(r=8) L3:lora(r=8)"
     configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", same, 100, dev_mean=0.7),
                "darts-derived:x": Config("darts-derived:x", "darts-derived", None, same, 100, dev_mean=0.7)}
-    scorer = SimpleNamespace(config=lambda c: [c.config_id],
-                             compare=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
+    scorer = SimpleNamespace(
+        compare_configs=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
     out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
     assert out["verdict"] == "reproduced" and out["derived_is_uniform"] is True
     assert "compares one configuration with itself" in out["text"]

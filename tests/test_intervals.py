@@ -140,6 +140,36 @@ def test_two_level_bootstrap_widens_with_seed_spread():
     assert (back.ci_high - back.ci_low) > 1.5 * (one.ci_high - one.ci_low)
 
 
+def test_paired_seed_resampling_follows_the_spread_of_the_difference():
+    # a seed moves A and B together (shared members, same training seed): A = B + 0.05 on every seed
+    rng = np.random.default_rng(5)
+    n = 2000
+    b = [(rng.random(n) < p).astype(float) for p in (0.45, 0.6, 0.75)]
+    a = []
+    for x in b:  # A gets 100 of B's errors right on each seed (+0.05), at random places
+        y = x.copy()
+        y[rng.choice(np.flatnonzero(y == 0), 100, replace=False)] = 1.0
+        a.append(y)
+    one = paired_bootstrap(a, b, draws=2000)
+    unpaired = paired_bootstrap(a, b, draws=2000, resample_seeds=True)
+    paired = paired_bootstrap(a, b, draws=2000, resample_seeds=True, paired_seeds=True)
+    assert paired.diff == pytest.approx(0.05) == pytest.approx(unpaired.diff)
+    assert "paired seeds" in paired.method
+    # the difference is the same on every seed: pairing removes the seed spread of each side
+    assert paired.ci_high - paired.ci_low < 0.5 * (unpaired.ci_high - unpaired.ci_low)
+    assert paired.ci_low > 0 and unpaired.ci_low < 0
+    assert paired.ci_high - paired.ci_low <= 1.5 * (one.ci_high - one.ci_low)
+    # the difference itself varies by seed (+0.0, +0.05, +0.10): paired two-level is wider than examples only
+    a2 = [b[0].copy(), a[1], b[2].copy()]
+    extra = rng.choice(np.flatnonzero(b[2] == 0), 200, replace=False)
+    a2[2][extra] = 1.0
+    one2 = paired_bootstrap(a2, b, draws=2000)
+    paired2 = paired_bootstrap(a2, b, draws=2000, resample_seeds=True, paired_seeds=True)
+    assert paired2.ci_high - paired2.ci_low > 2 * (one2.ci_high - one2.ci_low)
+    with pytest.raises(ValueError, match="as many seeds"):
+        paired_bootstrap(a[:2], b, resample_seeds=True, paired_seeds=True)
+
+
 def test_p_values_small_for_real_difference_large_for_none():
     rng = np.random.default_rng(11)
     a = [(rng.random(300) < 0.75).astype(float) for _ in range(3)]

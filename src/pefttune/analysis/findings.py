@@ -162,9 +162,17 @@ class Scorer:
         # ties go to the smallest label, so the reference does not depend on the trials' order
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
 
-    def compare(self, a: list, b: list, confidence: float, draws: int, seed: int = 0) -> Comparison:
+    def compare(self, a: list, b: list, confidence: float, draws: int, seed: int = 0,
+                paired: bool = False) -> Comparison:
+        """A - B; ``paired``: entry k of A and of B come from the same training seed (with
+        ``resample_seeds``, one seed resample then serves both)."""
         return paired_bootstrap(a, b, draws=draws, confidence=confidence, seed=seed,
-                                higher_is_better=self.higher_is_better, resample_seeds=self.resample_seeds)
+                                higher_is_better=self.higher_is_better, resample_seeds=self.resample_seeds,
+                                paired_seeds=paired and len(a) == len(b))
+
+    def compare_configs(self, a: Config, b: Config, confidence: float, draws: int) -> Comparison:
+        """Configuration A - B over all their seeds, paired by seed when both have the same seeds."""
+        return self.compare(self.config(a), self.config(b), confidence, draws, paired=a.seeds == b.seeds)
 
 
 def _cmp_dict(c: Comparison | None) -> dict | None:
@@ -219,7 +227,7 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
         searches = sum(t.kind == "darts" for t in experiment.trials)
         extra = f" ({searches} DARTS search trial(s) found, but no retrained placement)" if searches and darts is None else ""
         return _not_run(1, claim, f"this experiment has no completed {missing}{extra}")
-    cmp = scorer.compare(scorer.config(darts), scorer.config(uniform), confidence, draws)
+    cmp = scorer.compare_configs(darts, uniform, confidence, draws)
     verdict = finding1_verdict(cmp, margin, bool(convergence.get("converged")))
     out = {"finding": 1, "claim": claim, **_verdict_dict(verdict), "comparison": _cmp_dict(cmp),
            "darts_config": darts.config_id, "uniform_config": uniform.config_id, "convergence": convergence}
@@ -227,7 +235,7 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     if discrete is not None:
         out["discrete_config"] = discrete.config_id
         out["discrete_vs_uniform"] = _cmp_dict(
-            scorer.compare(scorer.config(discrete), scorer.config(uniform), confidence, draws))
+            scorer.compare_configs(discrete, uniform, confidence, draws))
     out["text"] = (f"Best DARTS-derived `{darts.config_id}` ({darts.placement_short}, seeds {darts.seeds}) minus "
                    f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} "
                    f"(test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}).")
@@ -278,9 +286,10 @@ def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer
         return _not_run(2, claim, f"the majority vote ({vote}) was not computed")
     others = [s for s in ens if s != vote]
     family = bonferroni_confidence(confidence, max(1, len(others)))
-    vote_gain = scorer.compare(ens[vote], best, confidence, draws)
-    other_gains = {s: scorer.compare(ens[s], best, family, draws) for s in others}
-    vote_vs_others = {s: scorer.compare(ens[s], ens[vote], family, draws) for s in others}
+    # entry k of every list is seed k's ensemble or best member: paired by seed
+    vote_gain = scorer.compare(ens[vote], best, confidence, draws, paired=True)
+    other_gains = {s: scorer.compare(ens[s], best, family, draws, paired=True) for s in others}
+    vote_vs_others = {s: scorer.compare(ens[s], ens[vote], family, draws, paired=True) for s in others}
     verdict = finding2_verdict(vote_gain, other_gains, vote_vs_others, margin, family_confidence=confidence)
     text = (f"Per seed ({len(by_seed)} seeds), the {len(next(iter(by_seed.values())))} uniform trials vote together; "
             f"majority vote ({vote}) minus its best member by dev: {vote_gain.ci_text()}. "
@@ -340,10 +349,10 @@ def references(experiment: Experiment, configs: dict[str, Config], scorer: Score
     for ref in REFERENCE_KINDS:
         config = configs.get(ref)
         if config is not None and uniform is not None:
-            out[f"uniform_vs_{ref}"] = scorer.compare(scorer.config(uniform), scorer.config(config), confidence, draws)
+            out[f"uniform_vs_{ref}"] = scorer.compare_configs(uniform, config, confidence, draws)
     hybrid = configs.get("hybrid")
     if hybrid is not None and uniform is not None:
-        out["hybrid_vs_uniform"] = scorer.compare(scorer.config(hybrid), scorer.config(uniform), confidence, draws)
+        out["hybrid_vs_uniform"] = scorer.compare_configs(hybrid, uniform, confidence, draws)
     return out
 
 

@@ -191,7 +191,8 @@ def _seed_avg(w: np.ndarray, num: np.ndarray, den: np.ndarray, seed_w: np.ndarra
 
 
 def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0.95, seed: int = 0,
-                     higher_is_better: bool = True, resample_seeds: bool = False) -> Comparison:
+                     higher_is_better: bool = True, resample_seeds: bool = False,
+                     paired_seeds: bool = False) -> Comparison:
     """Paired bootstrap of A - B over test examples, averaged over seeds.
 
     Method (Koehn 2004; Bisani & Ney 2004): ``a`` and ``b`` are lists, one entry per seed (the
@@ -202,7 +203,10 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
     shared by A, B and all their seeds, computes each seed's metric on it, averages over A's
     seeds and over B's seeds, and records the difference.  ``resample_seeds=True`` also
     resamples seeds with replacement within A and within B in each draw (a two-level,
-    stratified bootstrap in the style of Agarwal et al. 2021).
+    stratified bootstrap in the style of Agarwal et al. 2021).  ``paired_seeds=True`` (with
+    ``resample_seeds``) says seed k of A and seed k of B belong together (the same training
+    seed, or the same seed's ensemble members): one seed resample is then shared by A and B, so
+    the interval covers the seed-to-seed spread of the *difference*, not of each side.
 
     Point estimate: the same difference on the full set.  Interval: percentile, ``np.quantile``
     at ``(1 -+ confidence) / 2``.  p-value, two-sided, shifted null: the bootstrap distribution
@@ -213,6 +217,8 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
     confidence, draws = _check_confidence(confidence), _check_draws(draws)
     na, da, nb, db, kind = _pair_runs(a, b)
     (sa, n), sb = na.shape, nb.shape[0]
+    if resample_seeds and paired_seeds and sa != sb:
+        raise ValueError(f"paired_seeds needs as many seeds in a as in b (a has {sa}, b has {sb})")
     sign = 1.0 if higher_is_better else -1.0
     mean_a, mean_b = float(np.mean(na.sum(1) / da.sum(1))), float(np.mean(nb.sum(1) / db.sum(1)))
     diff = sign * (mean_a - mean_b)
@@ -223,13 +229,14 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
         rows = min(chunk, draws - start)
         w = _counts(rng, rows, n)
         wa = _counts(rng, rows, sa) / sa if resample_seeds else None
-        wb = _counts(rng, rows, sb) / sb if resample_seeds else None
+        wb = (wa if paired_seeds else _counts(rng, rows, sb) / sb) if resample_seeds else None
         out[start:start + rows] = sign * (_seed_avg(w, na, da, wa) - _seed_avg(w, nb, db, wb))
     low, high = _percentile_ci(out, confidence)
     out = out[np.isfinite(out)]
     tol = 1e-12 * max(1.0, abs(diff))
     p = (1 + int(np.sum(np.abs(out - diff) >= abs(diff) - tol))) / (out.size + 1)
-    level = "examples and seeds (two-level)" if resample_seeds else "examples, seeds averaged"
+    level = ("examples, seeds averaged" if not resample_seeds else
+             "examples and paired seeds (two-level)" if paired_seeds else "examples and seeds (two-level)")
     method = (f"paired bootstrap over {level}, {draws} draws, metric "
               f"{'sum(num)/sum(den)' if kind == 'ratio' else 'mean'}; {_pct(confidence)} percentile CI; "
               f"shifted-null two-sided p")
