@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -93,6 +94,18 @@ def test_a_study_analysis_dir(tmp_path, monkeypatch):
     assert analysis_dir("ks") == tmp_path / "ks" / "analysis"
     assert analysis_dir(f"file://{tmp_path}/ks") == tmp_path / "ks" / "analysis"
     assert str(analysis_dir("s3://bucket/studies/ks/")) == "pefttune-analysis/ks"  # remote: written locally
+
+
+def test_a_suite_writes_beside_its_studies_or_locally_for_remote_storage(tmp_path, monkeypatch):
+    from pefttune.analysis.store import local_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert local_output_dir("suite") == tmp_path / "suite"  # the suite folder itself
+    assert local_output_dir(f"file://{tmp_path}/suite") == tmp_path / "suite"
+    assert str(local_output_dir("s3://bucket/suites/embedded/")) == "pefttune-analysis/embedded"
+    files = write_suite("gs://bucket/suites/embedded", {})  # no task folders: an empty table, written locally
+    assert Path(files["table"]).resolve().parent == tmp_path / "pefttune-analysis" / "embedded"
+    assert (tmp_path / "pefttune-analysis" / "embedded" / "suite.md").is_file()
 
 
 def test_overall_verdict_rule():

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pefttune.analysis.store import analysis_dir
+from pefttune.analysis.store import analysis_dir, local_output_dir
 from pefttune.config import ExperimentConfig, load_config, suite_path, task_configs
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
@@ -81,10 +81,6 @@ def run_suite(config: ExperimentConfig | str | Path | None = None, address: str 
 
 
 # -- the table -----------------------------------------------------------------------------------
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in str(path)
 
 
 def _summary(path: str) -> dict:
@@ -186,7 +182,7 @@ def write_suite(root: str, task_dirs: dict[str, str]) -> dict:
     from pefttune.runtime.storage import atomic_write_text
 
     frame = suite_frame(task_dirs)
-    out = Path("pefttune-analysis") / root.rstrip("/").rsplit("/", 1)[-1] if _is_uri(root) else Path(root)
+    out = local_output_dir(root)  # the suite folder itself, or ./pefttune-analysis/<suite> for remote storage
     out.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out / f"{SUITE_TABLE}.parquet", index=False)
     frame.to_csv(out / f"{SUITE_TABLE}.csv", index=False)

@@ -95,14 +95,29 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def local_path(path: str | os.PathLike) -> Path | None:
+    """The absolute local path of ``path`` (a plain path or ``file://``), None for remote storage."""
+    path = str(path)
+    if _is_uri(path) and not path.startswith("file://"):
+        return None
+    return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://"))))
+
+
+def local_output_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Where output about the results at ``path`` is written: ``path`` itself when local, else
+    ``./pefttune-analysis/<name>`` (``name``: by default the last part of ``path``)."""
+    local = local_path(path)
+    if local is not None:
+        return local
+    return Path("pefttune-analysis") / (name or PurePosixPath(str(path).rstrip("/")).name or "experiment")
+
+
 def analysis_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where the analysis of the experiment at ``path`` goes unless told otherwise:
     ``<experiment>/analysis`` for a local one (a plain path or ``file://``), else
     ``./pefttune-analysis/<name>`` (``name``: the experiment's, by default the last part of ``path``)."""
-    path = str(path)
-    if not _is_uri(path) or path.startswith("file://"):
-        return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://")))) / "analysis"
-    return Path("pefttune-analysis") / (name or PurePosixPath(path.rstrip("/")).name or "experiment")
+    local = local_path(path)
+    return local / "analysis" if local is not None else local_output_dir(path, name)
 
 
 def _filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
