@@ -221,6 +221,30 @@ def test_cached_states_do_not_depend_on_the_batch_that_computed_them(tmp_path):
         assert torch.equal(whole.lookup(index, 3), alone.lookup(index, 3))
 
 
+def test_deeper_states_start_from_a_cached_h0_with_the_numbers_of_the_audio(tmp_path):
+    """A trial that needs h_0..h_2 where only h_0 is cached (the prefill's) computes h_1, h_2
+    from it, bit for bit what the audio gives, and needs no audio for it."""
+    model = build_model("tiny-hubert", Placement.from_dict({"num_layers": 4, "layers": {"2": "lora"}}),
+                        HeadConfig("classification", 2)).eval()
+    batch = _batches(1, 0, 0)[0]
+    with torch.no_grad():
+        audio = FrozenStateCache("audio", tmp_path / "a")
+        audio.frozen_step(model, batch, 3)
+        cache = FrozenStateCache("h0", tmp_path / "b")
+        cache.frozen_step(model, batch, 1)  # h_0 only, as the prefill leaves it
+        skipped = {**batch, "input_values": torch.zeros(3, 0), "attention_mask": torch.zeros(3, 0, dtype=torch.long)}
+        calls = []
+        model.embed = lambda *a: calls.append(1)
+        states, mask = cache.frozen_step(model, skipped, 3)  # no audio in the batch
+    assert calls == [] and cache.misses == 3 + 3
+    for index in batch["index"].tolist():
+        assert torch.equal(cache.lookup(index, 3), audio.lookup(index, 3))
+    assert FrozenStateCache("h0", tmp_path / "b").lookup(0, 3) is not None  # stored on disk, all three states
+    assert cache.has(1)(0) and not FrozenStateCache("none", tmp_path / "c").has(1)(0)
+    with pytest.raises(RuntimeError, match="no longer cached"):
+        FrozenStateCache("none", tmp_path / "c").frozen_step(model, skipped, 3)
+
+
 def test_cached_utterances_are_not_read_from_disk(tmp_path, monkeypatch):
     """With skip_audio, the second epoch reads no audio file: its states are all cached; the
     losses are those of a run that reads every file."""

@@ -153,9 +153,10 @@ class FrozenStateCache:
         self._written_since_scan += added
         os.replace(tmp, path)
 
-    def has(self, num_states: int):
+    def has(self, num_states: int = 1):
         """A predicate ``index -> bool``: are ``num_states`` states of utterance ``index`` cached?
-        Set it as a dataset's ``skip_audio`` so cached utterances are not read from disk."""
+        ``has(1)`` (h_0: deeper states are computed from it) is a dataset's ``skip_audio``, so
+        cached utterances are not read from disk."""
         return lambda index: self.lookup(index, num_states) is not None
 
     def on_disk(self, index: int) -> bool:
@@ -163,14 +164,25 @@ class FrozenStateCache:
         return self.directory is not None and self._path(index).exists()
 
     def _compute(self, model: PeftSpeechModel, batch: dict, b: int, num_states: int) -> torch.Tensor:
-        """States (num_states, T, D) of the batch's utterance ``b``, computed alone and unpadded; stored."""
-        length = _length(batch, b)
-        mask_in = batch.get("attention_mask")
-        inputs = batch["input_values"][b:b + 1, :length]
-        hidden0, mask = model.embed(inputs, None if mask_in is None else mask_in[b:b + 1, :length])
+        """States (num_states, T, D) of the batch's utterance ``b``, computed alone and unpadded; stored.
+        Deeper states start from a cached h_0 when there is one (the prefill stores h_0 of every
+        utterance): the same numbers as from the audio, which then need not be read."""
+        index = int(batch["index"][b])
+        device = batch["input_values"].device
+        h0 = self.lookup(index, 1)
+        if h0 is not None:
+            hidden0 = h0.to(device)
+            mask = torch.ones(hidden0.shape[:2], dtype=torch.bool, device=device)
+        else:
+            length = _length(batch, b)
+            if length == 0:
+                raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
+            mask_in = batch.get("attention_mask")
+            inputs = batch["input_values"][b:b + 1, :length]
+            hidden0, mask = model.embed(inputs, None if mask_in is None else mask_in[b:b + 1, :length])
         states = torch.stack(model.frozen_states(hidden0, mask, num_states - 1))[:, 0, : int(mask.sum())]
         states = states.to("cpu", torch.float32)
-        self.store(int(batch["index"][b]), states)
+        self.store(index, states)
         return states
 
     def fill(self, model: PeftSpeechModel, batch: dict, num_states: int = 1) -> int:
@@ -191,7 +203,7 @@ class FrozenStateCache:
         is cached does not depend on the batch (the trial, the epoch, the other utterances)
         that first needed it: a run on a cold cache gives the numbers of a run on a warm one.
         (Batched, the same utterance came out up to ~5e-6 apart, enough to send a DARTS
-        relaxation elsewhere.)  An utterance whose audio the dataset skipped must be cached."""
+        relaxation elsewhere.)  An utterance whose audio the dataset skipped must have h_0 cached."""
         indices = batch["index"].tolist()
         found = [self.lookup(i, num_states) for i in indices]
         device = batch["input_values"].device
@@ -199,8 +211,6 @@ class FrozenStateCache:
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
         for b in missing:
-            if _length(batch, b) == 0:
-                raise RuntimeError("frozen cache: an utterance whose audio was skipped is no longer cached")
             found[b] = self._compute(model, batch, b, num_states)
         lengths = torch.tensor([f.shape[1] for f in found])
         frames = int(lengths.max())

@@ -175,15 +175,15 @@ def frozen_step(model: PeftSpeechModel, batch: dict, cache=None) -> tuple[list[t
 
 
 def skip_cached_audio(cache, model: PeftSpeechModel, *loaders) -> None:
-    """Let the loaders' datasets leave out the audio of utterances whose frozen states
-    ``cache`` holds: a step then reads no audio it would not use.  Only for loaders without
-    worker processes (the predicate reads the cache of this process)."""
+    """Let the loaders' datasets leave out the audio of utterances whose h_0 ``cache`` holds
+    (deeper frozen states are computed from h_0): a step then reads no audio it would not use.
+    Only for loaders without worker processes (the predicate reads the cache of this process)."""
     if cache is None:
         return
     for loader in loaders:
         dataset = getattr(loader.dataset, "dataset", loader.dataset)  # a Subset's dataset
         if loader.num_workers == 0 and hasattr(dataset, "skip_audio"):
-            dataset.skip_audio = cache.has(num_frozen_states(model))
+            dataset.skip_audio = cache.has(1)
 
 
 def autocast(config: TrainConfig, device: torch.device):
