@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pefttune.cache import FrozenStateCache, cache_key
 from pefttune.config import parse_config
@@ -304,3 +305,42 @@ def test_prefill_computes_each_utterance_once_as_a_trial_would(tmp_path, monkeyp
     off["train"] = {**off.get("train", {}), "frozen_cache": "memory"}
     off = parse_config(off)
     assert trial_setup.prefill_frozen_cache(off, ref) == 0  # nothing to share between trials
+
+
+def test_local_runs_of_run_search_and_darts_prefill_once(tmp_path, monkeypatch, capsys):
+    """``prefill_local`` fills a local run's cache and says so, does nothing for a cluster
+    address or a warm cache; ``pefttune search`` and ``pefttune darts`` ask for it."""
+    from pefttune.cli import main
+
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    manifest = write_tone_manifest(tmp_path / "tones", per_split={"train": 2, "dev": 1, "test": 1})
+    config = parse_config(search_config(manifest, tmp_path / "results"))
+    ref = loaders.prepare_data(config, progress=False)
+    assert trial_setup.prefill_local(config, ref, "ray://head:10001") is None  # a cluster: nothing here
+    assert capsys.readouterr().out == ""
+    assert trial_setup.prefill_local(config, ref, None) > 0
+    assert f"the front end's states of {len(read_manifest(manifest))} utterances computed" in capsys.readouterr().out
+    assert trial_setup.prefill_local(config, ref, None) is None  # warm: nothing computed, nothing said
+
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(name):
+        def run(*args, **kwargs):
+            asked[name] = kwargs.get("prefill")
+            raise Stop
+        return run
+
+    import pefttune.darts.experiment as darts_experiment
+    import pefttune.search.experiment as search_experiment
+
+    monkeypatch.setattr(search_experiment, "run_search", fake("search"))
+    monkeypatch.setattr(darts_experiment, "run_darts", fake("darts"))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(search_config(manifest, tmp_path / "results")))
+    for command in ("search", "darts"):
+        with pytest.raises(Stop):
+            main([command, str(config_file)])
+    assert asked == {"search": True, "darts": True}

@@ -61,6 +61,7 @@ def run_study(
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.experiment import experiment_path, refuse_existing, results_frame
     from pefttune.search.experiment import build_experiment, run_search
+    from pefttune.trainables.setup import prefill_local
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -77,15 +78,9 @@ def run_study(
     if not resume:
         refuse_existing(experiment_path(config), "a study")
     ref = prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
-    if address is None:  # a local run: its trials share this machine's frozen cache
-        from pefttune.trainables.setup import prefill_frozen_cache
-
-        t = time.perf_counter()
-        filled = prefill_frozen_cache(config, ref)
-        if filled:
-            seconds["prefill"] = time.perf_counter() - t
-            print(f"frozen cache: the front end's states of {filled} utterances computed before the trials "
-                  f"({seconds['prefill']:.0f} s)", flush=True)
+    prefill = prefill_local(config, ref, address)  # a local run: its trials share this machine's frozen cache
+    if prefill is not None:
+        seconds["prefill"] = prefill
     started = connect_ray(address, log_to_driver=verbose >= 2)
     frames = []
     try:

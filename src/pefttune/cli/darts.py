@@ -24,7 +24,8 @@ def run(args) -> int:
     from pefttune.darts.experiment import run_darts, run_outcome, summary
 
     config = load_config(args.config)  # validated before Ray starts
-    result = run_darts(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args))
+    result = run_darts(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args),
+                      prefill=True)
     outcome = run_outcome(result)
     if args.quiet:
         named = config if args.name is None else config.model_copy(update={"name": args.name})

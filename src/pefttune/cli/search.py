@@ -34,6 +34,7 @@ def run(args) -> int:
         name=args.name,
         resume_errored=args.resume_errored,
         verbose=verbosity(args),
+        prefill=True,
     )
     frame = results_frame(results, config.train.epochs)
     outcome = failure_summary(frame, kinds=("uniform", "hybrid", "discrete", "frozen", "darts-derived"))

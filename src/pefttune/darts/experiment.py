@@ -57,7 +57,7 @@ from pefttune.runtime.experiment import (
     results_frame,
     write_config_copy,
 )
-from pefttune.trainables.setup import Faults, make_setup
+from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
 SEARCH_DIR = "darts"
 RETRAIN_DIR = "darts-retrain"
@@ -259,13 +259,17 @@ def run_darts(
     name: str | None = None,
     verbose: int = 1,
     faults: Faults | None = None,
+    prefill: bool = False,
 ) -> DartsRun:
     """Search (one trial per seed x variant), derive, and retrain the derived placements.
 
     Results land in ``<storage>/<name>/darts`` and ``<storage>/<name>/darts-retrain`` (see
     the module docstring). ``address`` joins a running Ray; ``resume`` finishes an
     interrupted run. ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`),
-    given to the DARTS trials. Raises RuntimeError when no DARTS trial finished.
+    given to the DARTS trials. Raises RuntimeError when no DARTS trial finished.  With
+    ``prefill`` (``pefttune darts``), a local run first fills the frozen cache with the
+    experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
+    states a study's trials would.
     """
     from ray import tune
 
@@ -281,6 +285,9 @@ def run_darts(
     retrain_setup = make_setup(config, retrain_path)
     search_setup = dataclasses.replace(retrain_setup, experiment=search_experiment(config), experiment_path=search_path,
                                        faults=faults)
+
+    if prefill:
+        prefill_local(config, retrain_setup.data, address)
 
     started = connect_ray(address, log_to_driver=verbose >= 2)
     try:

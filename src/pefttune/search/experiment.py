@@ -55,7 +55,7 @@ from pefttune.runtime.experiment import (
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
 from pefttune.search.summary import summary_table
-from pefttune.trainables.setup import Faults, make_setup
+from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +270,7 @@ def run_search(
     verbose: int = 1,
     faults: Faults | None = None,
     replicates: bool = True,
+    prefill: bool = False,
 ):
     """Run (or resume) the discrete placement search of ``config``; returns the ResultGrid.
 
@@ -278,7 +279,9 @@ def run_search(
     and never re-runs finished ones (``resume_errored=True`` also retries errored trials).
     ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`). Once the search
     finished, ``replicates`` trains the configurations again with the other seeds of
-    ``train.seeds`` and the frozen reference (:mod:`pefttune.search.replicates`).
+    ``train.seeds`` and the frozen reference (:mod:`pefttune.search.replicates`).  With
+    ``prefill`` (``pefttune search``), a local search first fills the frozen cache
+    (:func:`~pefttune.trainables.setup.prefill_local`; ``pefttune run`` does that once for both arms).
 
     ``verbose``: 0 prints nothing; 1 (default) one line per finished trial, a progress line
     and the summary (:mod:`pefttune.runtime.console`); 2 adds Ray's own console stream.
@@ -292,6 +295,8 @@ def run_search(
     experiment = build_experiment(config, extra_points)
     prepare_directory(experiment, resume, write=False)
     setup = make_setup(config, experiment.path, faults)
+    if prefill:
+        prefill_local(config, setup.data, address)
 
     started = connect_ray(address, log_to_driver=verbose >= 2)
     try:

@@ -171,8 +171,8 @@ def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: in
     CPUs hold them) with the trials' own thread
     count (``resources.cpu``) and the cache's own per-utterance computation, so the numbers
     are those a trial would have cached.  Trials whose lowest adapted layer is above 0 (and
-    the ``frozen`` reference) still compute their deeper states themselves.  Nothing to do
-    when the cache is not on disk or trials run on GPUs."""
+    the ``frozen`` reference) compute their deeper states from these h_0, reading no audio.
+    Nothing to do when the cache is not on disk or trials run on GPUs."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -186,6 +186,25 @@ def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: in
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return sum(pool.map(_prefill_share, [experiment] * workers, [ref] * workers, range(workers),
                             [workers] * workers))
+
+
+def prefill_local(experiment: ExperimentConfig, ref: DataRef, address: str | None) -> float | None:
+    """:func:`prefill_frozen_cache` for a local run (``address`` None: the trials share this
+    machine's cache), with one line on what it did; returns its seconds, None when it computed
+    nothing.  Used by ``pefttune run``, ``search`` and ``darts`` alike, always with the
+    experiment's own ``resources``, so each caches the numbers the others would."""
+    import time
+
+    if address is not None:
+        return None
+    start = time.perf_counter()
+    filled = prefill_frozen_cache(experiment, ref)
+    if not filled:
+        return None
+    seconds = time.perf_counter() - start
+    print(f"frozen cache: the front end's states of {filled} utterances computed before the trials "
+          f"({seconds:.0f} s)", flush=True)
+    return seconds
 
 
 def _prefill_share(experiment: ExperimentConfig, ref: DataRef, share: int, shares: int) -> int:
