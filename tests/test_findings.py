@@ -101,7 +101,8 @@ def test_decisive_verdicts_on_clear_replicated_results(replicated):
 
 
 def test_resample_seeds_makes_every_comparison_two_level(replicated):
-    one = decide(replicated, draws=400)["references"]["hybrid_vs_uniform"]
+    plain = decide(replicated, draws=400)
+    one = plain["references"]["hybrid_vs_uniform"]
     two = decide(replicated, draws=400, resample_seeds=True)
     assert two["resample_seeds"] is True
     both = two["references"]["hybrid_vs_uniform"]
@@ -115,6 +116,9 @@ def test_resample_seeds_makes_every_comparison_two_level(replicated):
     f2 = two["findings"]["2"]
     assert "paired seeds" in f2["vote_gain"]["method"], f2
     assert all("paired seeds" in c["method"] for c in f2["vote_vs_others"].values())
+    # finding 3's agreement intervals resample the seed pairs too: never narrower, wider somewhere
+    width = [[p["kappa_ci_high"] - p["kappa_ci_low"] for p in d["findings"]["3"]["pairs"]] for d in (plain, two)]
+    assert all(w2 >= 0.9 * w1 for w1, w2 in zip(*width)) and any(w2 > 1.2 * w1 for w1, w2 in zip(*width))
 
 
 def test_unconverged_darts_makes_finding_1_inconclusive(replicated):

@@ -362,6 +362,22 @@ def test_agreement_by_seed_matches_stats_and_bounds():
     assert same.kappa_ci_low == pytest.approx(1.0) and same.overlap_ci_low == pytest.approx(1.0)
 
 
+def test_agreement_two_level_covers_seeds_that_agree_differently():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 12, 800)
+    b = [np.where(rng.random(800) < 0.7, y, rng.integers(0, 12, 800)) for _ in range(3)]
+    # seed 0: A copies B (kappa 1); seeds 1, 2: A independent of B (kappa ~0.5)
+    a = [b[0].copy()] + [np.where(rng.random(800) < 0.7, y, rng.integers(0, 12, 800)) for _ in range(2)]
+    one = agreement_by_seed(a, b, y, draws=800)
+    two = agreement_by_seed(a, b, y, draws=800, resample_seeds=True)
+    assert two.kappa == pytest.approx(one.kappa) and two.overlap == pytest.approx(one.overlap)
+    assert two.kappa_ci_high - two.kappa_ci_low > 3 * (one.kappa_ci_high - one.kappa_ci_low)
+    assert two.kappa_ci_high == pytest.approx(1.0)  # some draws hold seed 0 three times
+    # every seed alike: resampling seeds adds nothing beyond the examples
+    same = agreement_by_seed(b, b, y, draws=200, resample_seeds=True)
+    assert same.kappa_ci_low == pytest.approx(1.0)
+
+
 def test_finding3_each_outcome_with_numbers():
     fam = bonferroni_confidence(0.95, 3)
     diff, alike, unclear = ((0.3, 0.5), (0.2, 0.4)), ((0.82, 0.9), (0.5, 0.7)), ((0.7, 0.85), (0.5, 0.7))

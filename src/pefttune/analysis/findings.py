@@ -317,7 +317,8 @@ def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: S
         pa = [scorer.preds(next(t for t in a.trials if t.seed == s)) for s in seeds]
         pb = [scorer.preds(next(t for t in b.trials if t.seed == s)) for s in seeds]
         agreement = ctc_agreement_by_seed if scorer.ctc else agreement_by_seed
-        pair = agreement(pa, pb, scorer.ref, names=(a.config_id, b.config_id), draws=draws, confidence=family)
+        pair = agreement(pa, pb, scorer.ref, names=(a.config_id, b.config_id), draws=draws, confidence=family,
+                         resample_seeds=scorer.resample_seeds)
         pairs.append(pair)
         rows.append({"a": a.config_id, "b": b.config_id, "seeds": len(seeds), "kappa": pair.kappa,
                      "kappa_ci_low": pair.kappa_ci_low, "kappa_ci_high": pair.kappa_ci_high,

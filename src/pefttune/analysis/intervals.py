@@ -453,9 +453,20 @@ def _nanmean(rows: list) -> np.ndarray:
         return np.nanmean(np.asarray(rows, dtype=float), axis=0)
 
 
+def _seed_weighted_mean(rows: list, weights: np.ndarray | None) -> np.ndarray:
+    """Mean over seeds of ``rows`` (one (draws,) array per seed), NaN seeds skipped; ``weights``
+    (draws, seeds): each draw's seed multiplicities (a two-level bootstrap), None for equal."""
+    if weights is None:
+        return _nanmean(rows)
+    values = np.asarray(rows, dtype=float).T  # (draws, seeds)
+    w = np.where(np.isnan(values), 0.0, weights)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nansum(values * w, axis=1) / w.sum(axis=1)
+
+
 def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any, *,
                       names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
-                      seed: int = 0, groups: Any = None) -> PairAgreement:
+                      seed: int = 0, groups: Any = None, resample_seeds: bool = False) -> PairAgreement:
     """Kappa and error overlap of two methods, with a paired bootstrap CI over examples.
 
     Seed k of A is paired with seed k of B (the same training seed; the counts must match).
@@ -466,6 +477,7 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
     CTC task the examples are reference phonemes and the groups their utterances, so that
     phonemes of one utterance, which are not independent, are drawn together (Bisani & Ney 2004).
+    ``resample_seeds`` also resamples the seed pairs in each draw (two-level, seeds paired).
     """
     confidence, draws = _check_confidence(confidence), _check_draws(draws)
     s, y = len(preds_a_by_seed), np.asarray(labels).ravel()
@@ -490,9 +502,10 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     chunk = max(1, _CHUNK_CELLS // y.size)
     for start in range(0, draws, chunk):
         w = _counts(rng, min(chunk, draws - start), n_groups)[:, group_of]
+        ws = _counts(rng, w.shape[0], s) if resample_seeds else None
         res = [_agreement(w, ca, cb, codes[0]) for ca, cb in pairs]
-        kap[start:start + w.shape[0]] = _nanmean([r[0] for r in res])
-        ovl[start:start + w.shape[0]] = _nanmean([r[1] for r in res])
+        kap[start:start + w.shape[0]] = _seed_weighted_mean([r[0] for r in res], ws)
+        ovl[start:start + w.shape[0]] = _seed_weighted_mean([r[1] for r in res], ws)
     return PairAgreement(names[0], names[1], float(_nanmean(list(kap_s))), *_percentile_ci(kap, confidence),
                          float(_nanmean(list(ovl_s))), *_percentile_ci(ovl, confidence), y.size, s, confidence,
                          kap_s, ovl_s)
@@ -501,7 +514,7 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
 def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
                           hyps_b_by_seed: Sequence[Sequence[Sequence[int]]], refs: Sequence[Sequence[int]], *,
                           names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
-                          seed: int = 0) -> PairAgreement:
+                          seed: int = 0, resample_seeds: bool = False) -> PairAgreement:
     """:func:`agreement_by_seed` for CTC systems, over reference phonemes.
 
     Exact-sentence errors say nothing here: at a PER of 0.3 nearly every sentence holds an
@@ -522,7 +535,8 @@ def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
     groups = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
     return agreement_by_seed([align_corpus(h, refs) for h in hyps_a_by_seed],
                              [align_corpus(h, refs) for h in hyps_b_by_seed], labels,
-                             names=names, draws=draws, confidence=confidence, seed=seed, groups=groups)
+                             names=names, draws=draws, confidence=confidence, seed=seed, groups=groups,
+                             resample_seeds=resample_seeds)
 
 
 def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.8,
