@@ -111,6 +111,10 @@ def test_resample_seeds_makes_every_comparison_two_level(replicated):
     # each seed errs on other examples, so resampling the seeds adds spread
     assert both["ci_high"] - both["ci_low"] > one["ci_high"] - one["ci_low"]
     assert "two-level" in two["findings"]["1"]["comparison"]["method"]
+    these = two["findings"]["1"]["comparison_these_seeds"]  # supporting: the seeds as trained
+    assert "two-level" not in these["method"] and these["diff"] == pytest.approx(two["findings"]["1"]["comparison"]["diff"])
+    assert "For these trained seeds alone" in two["findings"]["1"]["text"]
+    assert "comparison_these_seeds" not in plain["findings"]["1"]
     # the configurations share their training seeds, and finding 2's lists are per seed: seeds are paired
     assert "paired seeds" in both["method"]
     f2 = two["findings"]["2"]

@@ -163,16 +163,20 @@ class Scorer:
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
 
     def compare(self, a: list, b: list, confidence: float, draws: int, seed: int = 0,
-                paired: bool = False) -> Comparison:
+                paired: bool = False, resample_seeds: bool | None = None) -> Comparison:
         """A - B; ``paired``: entry k of A and of B come from the same training seed (with
-        ``resample_seeds``, one seed resample then serves both)."""
+        ``resample_seeds``, one seed resample then serves both).  ``resample_seeds`` None: the
+        scorer's setting."""
+        resample = self.resample_seeds if resample_seeds is None else resample_seeds
         return paired_bootstrap(a, b, draws=draws, confidence=confidence, seed=seed,
-                                higher_is_better=self.higher_is_better, resample_seeds=self.resample_seeds,
+                                higher_is_better=self.higher_is_better, resample_seeds=resample,
                                 paired_seeds=paired and len(a) == len(b))
 
-    def compare_configs(self, a: Config, b: Config, confidence: float, draws: int) -> Comparison:
+    def compare_configs(self, a: Config, b: Config, confidence: float, draws: int,
+                        resample_seeds: bool | None = None) -> Comparison:
         """Configuration A - B over all their seeds, paired by seed when both have the same seeds."""
-        return self.compare(self.config(a), self.config(b), confidence, draws, paired=a.seeds == b.seeds)
+        return self.compare(self.config(a), self.config(b), confidence, draws, paired=a.seeds == b.seeds,
+                            resample_seeds=resample_seeds)
 
 
 def _cmp_dict(c: Comparison | None) -> dict | None:
@@ -239,6 +243,11 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     out["text"] = (f"Best DARTS-derived `{darts.config_id}` ({darts.placement_short}, seeds {darts.seeds}) minus "
                    f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} "
                    f"(test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}).")
+    if getattr(scorer, "resample_seeds", False) and len(darts.seeds) > 1:  # supporting: these trained models
+        fixed = scorer.compare_configs(darts, uniform, confidence, draws, resample_seeds=False)
+        out["comparison_these_seeds"] = _cmp_dict(fixed)
+        out["text"] += (f" For these trained seeds alone (test examples resampled, seeds fixed, so not what "
+                        f"another set of seeds would give): {fixed.ci_text()}.")
     out["derived_is_uniform"] = darts.placement_short == uniform.placement_short
     if out["derived_is_uniform"]:  # the same placement trained with the same seeds: the difference is 0 by design
         out["text"] += (" DARTS derived the best uniform placement itself, so this compares one configuration with "
