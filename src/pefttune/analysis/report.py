@@ -394,9 +394,12 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
         lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
                      f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
     lines += [
-        (f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples and seeds "
-         f"({settings.get('draws', 2000)} draws; each draw resamples the test examples and each configuration's "
-         f"seeds, `analysis.resample_seeds`); margin delta = {settings.get('margin', 0.01)} ({m})"
+        (f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples and training "
+         f"seeds ({settings.get('draws', 2000)} draws; each draw resamples the test examples, once for both sides, "
+         "and the seeds, paired by seed where both sides have the same seeds: `analysis.resample_seeds`); "
+         f"margin delta = {settings.get('margin', 0.01)} ({m}). They cover test sampling and what another set of "
+         "training seeds would change (with 3 seeds a bootstrap over seeds is coarse and, if anything, narrow); "
+         "per-seed supporting tests below"
          if settings.get("resample_seeds") else
          f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
          f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
