@@ -322,18 +322,23 @@ def test_finding2_each_outcome_with_numbers():
     assert v.label == "reproduced" and "[+0.0100, +0.0500]" in v.rule and "all below +0.0100" in v.rule
     np.testing.assert_allclose(list(v.details["vote_vs_others_holm_p"].values()), [0.4, 0.4])
 
-    # better than the vote, significantly but by less than delta: still "no better by delta"
+    # better than the vote significantly, if by less than delta: the vote is not the best ("beats", as the
+    # issue's rule says); the rule says it was by less than delta
     slightly = {**quiet, "soft": _cmp(0.002, 0.008, fam)}
-    assert finding2_verdict(_cmp(0.01, 0.05), others_flat, slightly, margin=0.01).label == "reproduced"
+    v = finding2_verdict(_cmp(0.01, 0.05), others_flat, slightly, margin=0.01)
+    assert v.label == "partly reproduced" and "soft [+0.0020, +0.0080] beats the vote" in v.rule
+    assert "by less than delta = +0.0100 (soft: CI below +0.0100)" in v.rule and "not shown" not in v.rule
 
     beats = {**quiet, "weighted": _cmp(0.005, 0.03, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, beats, margin=0.01)
     assert v.label == "partly reproduced" and "weighted [+0.0050, +0.0300] beats the vote" in v.rule
-    assert "weighted is not shown to be within delta = +0.0100" in v.rule
-    # two beat it, one of them within delta: the rule names which one is not
+    assert "weighted not shown to be within delta = +0.0100" in v.rule
+    # two beat it, one of them within delta: the rule says which is which
     both = {**quiet, "weighted": _cmp(0.005, 0.03, fam), "soft": _cmp(0.002, 0.008, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, both, margin=0.01)
-    assert v.label == "partly reproduced" and "beat the vote" in v.rule and "weighted is not shown" in v.rule
+    assert v.label == "partly reproduced" and "beat the vote" in v.rule and "weighted not shown" in v.rule
+    assert "(soft: CI below +0.0100)" in v.rule
+    assert v.details["beats_vote"] == ["weighted", "soft"] and v.details["not_within_margin_of_vote"] == ["weighted"]
 
     # not shown better and not shown within delta: a "no strategy beats the vote" would rest on noise
     straddles = {**quiet, "weighted": _cmp(-0.0001, 0.0102, fam)}

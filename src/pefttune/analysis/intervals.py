@@ -355,17 +355,19 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
     ``bonferroni_confidence(family_confidence, len(family))`` (ValueError otherwise); the
     Holm-adjusted p-values of ``vote_vs_others`` are reported in ``details``, not used.
 
-    "No other strategy beats the vote" is a claim of *no better*, so it needs the margin
-    (a non-significant difference is not evidence of none): every strategy - vote interval
-    must lie below +delta. In order (delta = ``margin``):
-    * vote ``ci_low > 0`` and every ``vote_vs_others`` ``ci_high < +delta`` -> "reproduced"
-      (a strategy may be better by less than delta);
-    * vote ``ci_low > 0`` and some strategy - vote ``ci_low > 0`` (better, possibly by delta
-      or more) -> "partly reproduced";
+    A strategy *beats* the vote when its strategy - vote interval lies above 0 (significantly
+    better, as the issue's rule says).  "No strategy beats the vote" is also a claim of *no
+    better*, which needs the margin (a non-significant difference is not evidence of none), so
+    "reproduced" asks for both.  In order (delta = ``margin``):
+    * vote ``ci_low > 0``, no strategy - vote ``ci_low > 0`` and every strategy - vote
+      ``ci_high < +delta`` -> "reproduced";
+    * vote ``ci_low > 0`` and some strategy beats the vote -> "partly reproduced" (ensembles
+      gain, but the vote is not the best of them; the rule says by how much: by less than delta
+      when that strategy's interval also lies below +delta);
     * some other gain with ``ci_low > 0`` (the vote's not) -> "partly reproduced";
     * every gain (vote and others) with ``ci_high < +delta`` -> "not reproduced";
-    * otherwise "inconclusive": a gain interval straddles 0 or +delta, or the vote gains but a
-      strategy - vote interval straddles +delta without lying above 0.
+    * otherwise "inconclusive": a gain interval straddles 0 or +delta, or the vote gains, no
+      strategy beats it, but a strategy - vote interval straddles +delta.
     """
     margin, v = _check_margin(margin), vote_gain
     _check_family(list(other_gains.values()), family_confidence, "other_gains")
@@ -381,19 +383,23 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
                "not_within_margin_of_vote": not_within, "gain_above_0": helped, **triples,
                "vote_vs_others_holm_p": dict(zip(vote_vs_others, holm_p))}
     vtext = f"the vote's {_pct(v.confidence)} gain CI over its best member {v.ci_text()}"
-    if v.lies_above(0.0) and not not_within:
-        return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy is better than the vote by "
-                       f"delta = {dm} or more (strategy - vote CIs, simultaneous, all below {dm}: "
-                       f"{_cis(vote_vs_others)})", details)
+    if v.lies_above(0.0) and not beat and not not_within:
+        return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy beats the vote, nor is "
+                       f"better than it by delta = {dm} or more (strategy - vote CIs, simultaneous, none above 0, "
+                       f"all below {dm}: {_cis(vote_vs_others)})", details)
     if v.lies_above(0.0) and beat:
-        return Verdict("partly reproduced", f"partly reproduced: {vtext} lies above 0, but "
+        small = [s for s in beat if s not in not_within]
+        how = (f"; by less than delta = {dm} ({', '.join(small)}: CI below {dm})" if small else "")
+        unsure = [s for s in beat if s in not_within]
+        how += (f"; {', '.join(unsure)} not shown to be within delta = {dm} of it (CI not below {dm})"
+                if unsure else "")
+        return Verdict("partly reproduced", f"partly reproduced: {vtext} lies above 0 (ensembles gain), but "
                        f"{_cis(vote_vs_others, beat)} beat{'s' if len(beat) == 1 else ''} the vote (strategy - vote "
-                       f"CI above 0) and {', '.join(not_within)} {'is' if len(not_within) == 1 else 'are'} not shown "
-                       f"to be within delta = {dm} of it (CI not below {dm})", details)
+                       f"CI above 0), so majority voting is not the best strategy{how}", details)
     if v.lies_above(0.0):
-        return Verdict("inconclusive", f"inconclusive: {vtext} lies above 0, but the strategy - vote CI of "
-                       f"{_cis(vote_vs_others, not_within)} straddles +delta = {dm}: no strategy is shown to beat "
-                       "the vote, nor to be no better than it", details)
+        return Verdict("inconclusive", f"inconclusive: {vtext} lies above 0 and no strategy beats the vote, but the "
+                       f"strategy - vote CI of {_cis(vote_vs_others, not_within)} straddles +delta = {dm}: no "
+                       "strategy is shown to be no better than the vote", details)
     if helped:
         return Verdict("partly reproduced", f"partly reproduced: {vtext} does not lie above 0, but the gain CI "
                        f"of {_cis(other_gains, helped)} does", details)
