@@ -42,11 +42,15 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
     return parse_config(data, f"study seed {study_seed}")
 
 
-def run_one(config, resume: bool) -> dict:
+def run_one(config, resume: bool, reanalyse: bool = False) -> dict:
     from pefttune.runtime.experiment import experiment_path
     from pefttune.study import run_study
 
     summary_file = Path(experiment_path(config)) / "analysis" / "summary.json"
+    if summary_file.exists() and reanalyse:  # the same trained runs, decided by the current analysis code
+        from pefttune.analysis.report import analyze
+
+        analyze(str(experiment_path(config)))
     if summary_file.exists() and not resume:
         return json.loads(summary_file.read_text())
     started = time.perf_counter()
@@ -54,6 +58,24 @@ def run_one(config, resume: bool) -> dict:
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else dict(result.summary)
     summary["wall_s"] = time.perf_counter() - started
     return summary
+
+
+def other_intervals(config, summary: dict) -> dict:
+    """The run's verdicts re-decided with the other interval setting (``analysis.resample_seeds``
+    flipped: test examples only <-> two-level over seeds and examples), from the same trials."""
+    from pefttune.analysis.findings import decide
+    from pefttune.analysis.report import analysis_settings
+    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.tables import alpha_table
+    from pefttune.runtime.experiment import experiment_path
+
+    experiment = open_experiment(str(experiment_path(config)))
+    settings = analysis_settings(experiment)
+    settings["resample_seeds"] = not settings["resample_seeds"]
+    decided = decide(experiment, alpha=alpha_table(experiment), **settings)
+    return {"train_seeds": summary.get("train_seeds"), "resample_seeds": settings["resample_seeds"],
+            "findings": {k: {"verdict": f["verdict"], "rule": f.get("rule", "")}
+                         for k, f in decided["findings"].items()}}
 
 
 def table(summaries: dict[int, dict]) -> str:
@@ -79,15 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds-per-study", type=int, default=3)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="Re-run the analysis of finished runs with the current code (same trials).")
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser().resolve()
     base = load_config(args.config)
-    summaries = {}
+    summaries, others = {}, {}
     for study_seed in args.study_seeds:
         config = study_config(base, study_seed, out, args.seeds_per_study, args.smoke_test)
-        summary = run_one(config, args.resume)
+        summary = run_one(config, args.resume, args.reanalyse)
         summary["train_seeds"] = config.train.replicate_seeds
         summaries[study_seed] = summary
+        others[study_seed] = other_intervals(config, summary)
         print(f"study seed {study_seed}: " + ", ".join(
             f"finding {k} {summary.get('findings', {}).get(k, {}).get('verdict')}" for k in FINDINGS)
             + (f" ({summary['wall_s']:.0f} s)" if "wall_s" in summary else ""), flush=True)
@@ -97,6 +122,14 @@ def main(argv=None) -> int:
         for key in FINDINGS:
             finding = summary.get("findings", {}).get(key, {})
             print(f"study seed {study_seed}, finding {key}: {finding.get('rule', '')}")
+    flipped = next(iter(others.values()))["resample_seeds"] if others else None
+    print(f"\nThe same runs, re-decided with analysis.resample_seeds: {str(flipped).lower()} "
+          f"({'two-level: seeds and test examples resampled' if flipped else 'test examples only'}):\n")
+    print(table(others))
+    for study_seed, summary in others.items():
+        for key in FINDINGS:
+            print(f"study seed {study_seed}, finding {key} ({'two-level' if flipped else 'examples only'}): "
+                  f"{summary['findings'].get(key, {}).get('rule', '')}")
     return 0
 
 

@@ -182,3 +182,22 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     configs["darts-derived:x"].placement_short = "L0:lora(r=8) L1:none L2:lora(r=8) L3:lora(r=8)"
     out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
     assert out["derived_is_uniform"] is False and "itself" not in out["text"]
+
+
+def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, monkeypatch):
+    """benchmarks/verdict_stability.py prints each run's verdicts with the other interval setting
+    too: the same trials, decided with ``analysis.resample_seeds`` flipped."""
+    import sys
+
+    import pefttune.runtime.experiment as runtime_experiment
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import verdict_stability
+
+    monkeypatch.setattr(runtime_experiment, "experiment_path", lambda config: replicated.uri)
+    out = verdict_stability.other_intervals(None, {"train_seeds": [0, 1, 2]})
+    assert out["resample_seeds"] is True and out["train_seeds"] == [0, 1, 2]  # the saved config: examples only
+    expected = decide(replicated, resample_seeds=True, alpha=alpha_table(replicated))["findings"]
+    assert {k: f["verdict"] for k, f in out["findings"].items()} == {k: f["verdict"] for k, f in expected.items()}
+    rows = [line for line in verdict_stability.table({0: out}).splitlines() if line.startswith("| ") and "seed" not in line]
+    assert [r.split("|")[2].strip() for r in rows] == [out["findings"][k]["verdict"] for k in ("1", "2", "3")]

@@ -327,7 +327,7 @@ def test_finding2_each_outcome_with_numbers():
     slightly = {**quiet, "soft": _cmp(0.002, 0.008, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, slightly, margin=0.01)
     assert v.label == "partly reproduced" and "soft [+0.0020, +0.0080] beats the vote" in v.rule
-    assert "by less than delta = +0.0100 (soft: CI below +0.0100)" in v.rule and "not shown" not in v.rule
+    assert "soft beats it by less than delta = +0.0100 (CI below +0.0100)" in v.rule and "not shown" not in v.rule
 
     beats = {**quiet, "weighted": _cmp(0.005, 0.03, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, beats, margin=0.01)
@@ -337,7 +337,7 @@ def test_finding2_each_outcome_with_numbers():
     both = {**quiet, "weighted": _cmp(0.005, 0.03, fam), "soft": _cmp(0.002, 0.008, fam)}
     v = finding2_verdict(_cmp(0.01, 0.05), others_flat, both, margin=0.01)
     assert v.label == "partly reproduced" and "beat the vote" in v.rule and "weighted not shown" in v.rule
-    assert "(soft: CI below +0.0100)" in v.rule
+    assert "soft beats it by less than delta" in v.rule
     assert v.details["beats_vote"] == ["weighted", "soft"] and v.details["not_within_margin_of_vote"] == ["weighted"]
 
     # not shown better and not shown within delta: a "no strategy beats the vote" would rest on noise

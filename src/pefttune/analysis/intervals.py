@@ -389,7 +389,8 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
                        f"all below {dm}: {_cis(vote_vs_others)})", details)
     if v.lies_above(0.0) and beat:
         small = [s for s in beat if s not in not_within]
-        how = (f"; by less than delta = {dm} ({', '.join(small)}: CI below {dm})" if small else "")
+        how = (f"; {', '.join(small)} {'beats' if len(small) == 1 else 'beat'} it by less than delta = {dm} "
+               f"(CI below {dm})" if small else "")
         unsure = [s for s in beat if s in not_within]
         how += (f"; {', '.join(unsure)} not shown to be within delta = {dm} of it (CI not below {dm})"
                 if unsure else "")
