@@ -160,6 +160,20 @@ def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
     assert hybrid["diff"] == pytest.approx(0.0) and hybrid["ci_low"] < 0 < hybrid["ci_high"]
     assert hybrid["hybrid_params"] == 2500 and hybrid["uniform_params"] in (1000, 1001, 1002)
     assert result["findings"]["2"]["verdict"] == "reproduced"
+    # finding 2's per-seed table: every seed, each strategy's score and its difference from the vote
+    f2 = result["findings"]["2"]
+    assert "Per seed, test accuracy of each strategy (strategy - vote in brackets)" in report
+    lines = report.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| seed | best member | vote |"))
+    names = [c.strip() for c in lines[at].split("|")[4:-1]]
+    assert names and "vote" not in names
+    table = lines[at + 2:at + 2 + len(f2["per_seed"])]
+    for row, line in zip(f2["per_seed"], table):
+        assert line.startswith(f"| {row['seed']} | ")
+        vote = row["strategies"]["vote"]["test"]
+        for name in names:
+            score = row["strategies"][name]["test"]
+            assert f"({score - vote:+.4f})" in line
 
 
 def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
