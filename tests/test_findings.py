@@ -215,3 +215,18 @@ def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, 
     assert {k: f["verdict"] for k, f in out["findings"].items()} == {k: f["verdict"] for k, f in expected.items()}
     rows = [line for line in verdict_stability.table({0: out}).splitlines() if line.startswith("| ") and "seed" not in line]
     assert [r.split("|")[2].strip() for r in rows] == [out["findings"][k]["verdict"] for k in ("1", "2", "3")]
+
+
+def test_finding2_members_go_best_by_dev_first_whatever_the_trial_order(replicated):
+    """ROVER takes its first member as the skeleton, so the member order changes its output; the
+    order must come from dev (the most trusted first), not from the trials' (random) ids."""
+    from pefttune.analysis.findings import _uniform_by_seed
+
+    configs = configurations(replicated)
+    backwards = dict(reversed(list(configs.items())))
+    assert list(backwards) != list(configs)
+    by_seed = _uniform_by_seed(replicated, configs)
+    assert by_seed == _uniform_by_seed(replicated, backwards) and len(by_seed) == 3
+    for members in by_seed.values():
+        keys = [(-replicated.score(t, "dev"), t.config_id) for t in members]
+        assert keys == sorted(keys) and len({t.config_id for t in members}) == len(members)

@@ -255,19 +255,28 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     return out
 
 
-def _uniform_by_seed(configs: dict[str, Config]) -> dict[int, list[TrialRecord]]:
+def _uniform_by_seed(experiment: Experiment, configs: dict[str, Config]) -> dict[int, list[TrialRecord]]:
+    """Each seed's uniform trials, the best by dev first (ties by config id).  The order is the
+    ensemble's member order, which ROVER depends on (the first member is its skeleton): by dev
+    it is the most trusted first, and the same in every run (trial ids are random)."""
+    sign = -1.0 if experiment.mode == "max" else 1.0
+
+    def rank(trial: TrialRecord) -> tuple[float, str]:
+        dev = experiment.score(trial, "dev")
+        return (math.inf if dev is None else sign * dev, trial.config_id)
+
     by_seed: dict[int, list[TrialRecord]] = {}
     uniform = [c for c in configs.values() if c.kind == "uniform"]
     seeds = set.intersection(*(set(c.seeds) for c in uniform)) if uniform else set()
     for seed in sorted(s for s in seeds if s is not None):
-        by_seed[seed] = [next(t for t in c.trials if t.seed == seed) for c in uniform]
+        by_seed[seed] = sorted((next(t for t in c.trials if t.seed == seed) for c in uniform), key=rank)
     return by_seed
 
 
 def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, margin: float,
                       confidence: float, draws: int) -> dict:
     claim = "ensembles, particularly majority voting, perform best"
-    by_seed = _uniform_by_seed(configs)
+    by_seed = _uniform_by_seed(experiment, configs)
     if not by_seed or len(next(iter(by_seed.values()))) < 2:
         return _not_run(2, claim, "fewer than 2 uniform methods with a common seed")
     vote = majority_strategy(experiment.task)
