@@ -162,7 +162,7 @@ def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
     assert result["findings"]["2"]["verdict"] == "reproduced"
     # finding 2's per-seed table: every seed, each strategy's score and its difference from the vote
     f2 = result["findings"]["2"]
-    assert "Per seed, test accuracy of each strategy (strategy - vote in brackets)" in report
+    assert "Per seed, test accuracy of each strategy, with its advantage over the vote in brackets" in report
     lines = report.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("| seed | best member | vote |"))
     names = [c.strip() for c in lines[at].split("|")[4:-1]]
@@ -230,3 +230,15 @@ def test_finding2_members_go_best_by_dev_first_whatever_the_trial_order(replicat
     for members in by_seed.values():
         keys = [(-replicated.score(t, "dev"), t.config_id) for t in members]
         assert keys == sorted(keys) and len({t.config_id for t in members}) == len(members)
+
+
+def test_finding2_per_seed_table_orients_differences_as_the_rule_does():
+    from pefttune.analysis.report import _strategies_by_seed
+
+    finding = {"majority_strategy": "rover", "per_seed": [
+        {"seed": 0, "best_member_test": 0.32, "strategies": {"rover": {"test": 0.30}, "frame_vote": {"test": 0.42}}}]}
+    per = "\n".join(_strategies_by_seed(finding, "per", "min"))  # an error rate: lower is better
+    assert "| 0 | 0.3200 | 0.3000 | 0.4200 (-0.1200) |" in per
+    acc = "\n".join(_strategies_by_seed({**finding, "majority_strategy": "rover"}, "accuracy", "max"))
+    assert "0.4200 (+0.1200)" in acc
+    assert _strategies_by_seed({"majority_strategy": "vote", "per_seed": finding["per_seed"]}, "per", "min") == []

@@ -73,7 +73,7 @@ def analysis_settings(experiment: Experiment) -> dict:
     }
 
 
-def _strategies_by_seed(finding: dict, metric: str) -> list[str]:
+def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[str]:
     """Finding 2's per-seed table: each strategy's test score and its difference from the vote,
     so a reader sees whether one seed or every seed carries the verdict."""
     rows = [r for r in finding.get("per_seed", []) if r.get("strategies")]
@@ -81,13 +81,14 @@ def _strategies_by_seed(finding: dict, metric: str) -> list[str]:
     if not rows or vote is None or any(vote not in r["strategies"] for r in rows):
         return []
     names = [vote] + [s for s in rows[0]["strategies"] if s != vote]
-    lines = [f"Per seed, test {metric} of each strategy (strategy - vote in brackets); each is one trained seed's "
-             "ensemble on the test set, so it has no interval of its own (the intervals above resample its examples):",
+    lines = [f"Per seed, test {metric} of each strategy, with its advantage over the vote in brackets (positive: "
+             "better than the vote, as in the rule's strategy - vote); each is one trained seed's ensemble on the test "
+             "set, so it has no interval of its own (the intervals above resample its examples):",
              "", "| seed | best member | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     def cell(score, v) -> str:
         if score is None or v is None:
             return _fmt(score)
-        return f"{_fmt(score)} ({score - v:+.4f})"
+        return f"{_fmt(score)} ({(score - v) if mode == 'max' else (v - score):+.4f})"
 
     for r in rows:
         v = r["strategies"][vote]["test"]
@@ -464,7 +465,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
             lines += [f"Supporting, per seed (majority vote vs its best member, {paired_test}): " + "; ".join(
                 f"seed {r['seed']}: {_fmt(r['vote_test'])} vs {_fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
                 f"c={r['mcnemar_c']}, p={_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
-            lines += _strategies_by_seed(f, result.get("metric", "metric"))
+            lines += _strategies_by_seed(f, result.get("metric", "metric"), result.get("mode", "max"))
 
     if result.get("configs"):
         conf = settings.get("confidence", 0.95)
