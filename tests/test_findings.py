@@ -189,6 +189,7 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", same, 100, dev_mean=0.7),
                "darts-derived:x": Config("darts-derived:x", "darts-derived", None, same, 100, dev_mean=0.7)}
     scorer = SimpleNamespace(
+        resample_seeds=False,
         compare_configs=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
     out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
     assert out["verdict"] == "reproduced" and out["derived_is_uniform"] is True

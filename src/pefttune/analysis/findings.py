@@ -243,7 +243,7 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     out["text"] = (f"Best DARTS-derived `{darts.config_id}` ({darts.placement_short}, seeds {darts.seeds}) minus "
                    f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} "
                    f"(test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}).")
-    if getattr(scorer, "resample_seeds", False) and len(darts.seeds) > 1:  # supporting: these trained models
+    if scorer.resample_seeds and len(darts.seeds) > 1:  # supporting: these trained models
         fixed = scorer.compare_configs(darts, uniform, confidence, draws, resample_seeds=False)
         out["comparison_these_seeds"] = _cmp_dict(fixed)
         out["text"] += (f" For these trained seeds alone (test examples resampled, seeds fixed, so not what "

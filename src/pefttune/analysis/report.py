@@ -85,10 +85,9 @@ def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[s
              "better than the vote, as in the rule's strategy - vote); each is one trained seed's ensemble on the test "
              "set, so it has no interval of its own (the intervals above resample its examples):",
              "", "| seed | best member | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    def cell(score, v) -> str:
-        if score is None or v is None:
-            return _fmt(score)
-        return f"{_fmt(score)} ({(score - v) if mode == 'max' else (v - score):+.4f})"
+
+    def cell(score, v) -> str:  # the strategy's advantage over the vote, as ensemble_runner.gain orients it
+        return _fmt(score) if score is None or v is None else f"{_fmt(score)} ({gain(score, v, mode):+.4f})"
 
     for r in rows:
         v = r["strategies"][vote]["test"]

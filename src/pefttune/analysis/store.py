@@ -103,21 +103,26 @@ def local_path(path: str | os.PathLike) -> Path | None:
     return Path(os.path.abspath(os.path.expanduser(path.removeprefix("file://"))))
 
 
+def _output_dir(path: str | os.PathLike, name: str | None, subdir: str | None) -> Path:
+    """``path[/subdir]`` when local, else ``./pefttune-analysis/<name>`` (``name``: by default
+    the last part of ``path``): results on remote storage are analysed into a local folder."""
+    local = local_path(path)
+    if local is not None:
+        return local / subdir if subdir else local
+    return Path("pefttune-analysis") / (name or PurePosixPath(str(path).rstrip("/")).name or "experiment")
+
+
 def local_output_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where output about the results at ``path`` is written: ``path`` itself when local, else
     ``./pefttune-analysis/<name>`` (``name``: by default the last part of ``path``)."""
-    local = local_path(path)
-    if local is not None:
-        return local
-    return Path("pefttune-analysis") / (name or PurePosixPath(str(path).rstrip("/")).name or "experiment")
+    return _output_dir(path, name, None)
 
 
 def analysis_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where the analysis of the experiment at ``path`` goes unless told otherwise:
     ``<experiment>/analysis`` for a local one (a plain path or ``file://``), else
     ``./pefttune-analysis/<name>`` (``name``: the experiment's, by default the last part of ``path``)."""
-    local = local_path(path)
-    return local / "analysis" if local is not None else local_output_dir(path, name)
+    return _output_dir(path, name, "analysis")
 
 
 def _filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
