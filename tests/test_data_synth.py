@@ -217,3 +217,76 @@ def test_data_sentences_is_for_the_synthesized_pr_corpus_only():
     assert parse_config({"data": {"source": "synth", "task": "pr", "sentences": 90}}).data.sentences == 90
     with pytest.raises(ValueError, match="data.sentences: applies to the synthesized pr corpus only"):
         parse_config({"data": {"source": "synth", "task": "ks", "sentences": 90}})
+
+
+def _speakers_by_split(df):
+    return {s: set(df[(df["split"] == s) & df["speaker"].notna()]["speaker"]) for s in ("train", "dev", "test")}
+
+
+def test_default_ks_plan_has_enough_test_speakers_and_the_same_clip_counts():
+    sizes = synth.corpus_sizes("ks")
+    assert sizes["test_speakers"] == 50 and sizes["speakers"] == 120
+    df = synth.corpus_plan("ks", seed=0)
+    counts = df.groupby(["split", "label"]).size().unstack()
+    assert set(counts.columns) == set(synth.KS_LABELS)
+    assert (counts.loc["train"] == 200).all() and (counts.loc["dev"] == 50).all() and (counts.loc["test"] == 400).all()
+    speakers = _speakers_by_split(df)
+    assert {s: len(v) for s, v in speakers.items()} == {"train": 52, "dev": 18, "test": 50}
+    assert len(speakers["train"]) >= 42  # no fewer train speakers than the 60-speaker pool had
+    assert not speakers["train"] & speakers["dev"]
+    assert not speakers["train"] & speakers["test"]
+    assert not speakers["dev"] & speakers["test"]
+    # Every test speaker says 8 clips of each spoken class; silence has no speaker.
+    spoken = df[(df["split"] == "test") & (df["label"] != synth.KS_SILENCE_LABEL)]
+    assert (spoken.groupby(["speaker", "label"]).size() == 8).all()
+    assert df[df["label"] == synth.KS_SILENCE_LABEL]["speaker"].isna().all()
+    assert df[df["label"] != synth.KS_SILENCE_LABEL]["speaker"].notna().all()
+    # Distinct (voice, variant) pairs: every speaker sounds different.
+    profiles = df.dropna(subset=["speaker"]).groupby("speaker")[["voice", "variant"]].first()
+    assert len(profiles.drop_duplicates()) == 120
+
+
+def test_default_pr_plan_spreads_the_same_sentences_over_30_test_speakers():
+    assert synth.corpus_sizes("pr") == {"sentences": 600, "speakers": 80, "test_speakers": 30}
+    df = synth.corpus_plan("pr", seed=0)
+    assert len(df) == df["text"].nunique() == 600
+    assert df.groupby("split").size().to_dict() == {"train": 420, "dev": 90, "test": 90}
+    speakers = _speakers_by_split(df)
+    assert {s: len(v) for s, v in speakers.items()} == {"train": 38, "dev": 12, "test": 30}
+    assert not speakers["train"] & speakers["dev"]
+    assert not speakers["train"] & speakers["test"]
+    assert not speakers["dev"] & speakers["test"]
+    assert (df[df["split"] == "test"].groupby("speaker").size() == 3).all()
+    # The embedded PR study's 3000 sentences: 15 test sentences per test speaker.
+    assert synth.corpus_sizes("pr", sentences=3000)["test_speakers"] == 30
+
+
+def test_plan_is_what_build_corpus_writes(ks_dir):
+    written = read_manifest(ks_dir / "manifest.parquet")
+    planned = synth.corpus_plan("ks", seed=7, **KS_SMALL)
+    columns = ["id", "split", "label", "text", "speaker", "voice", "variant"]
+    assert planned[columns].astype(object).where(planned[columns].notna(), None).values.tolist() == \
+        written[columns].astype(object).where(written[columns].notna(), None).values.tolist()
+    assert [str(ks_dir / p) for p in planned["path"]] == [str(p) for p in written["path"]]
+
+
+def test_test_speakers_override_and_validation():
+    df = synth.corpus_plan("ks", seed=1, per_class=14, eval_per_class=4, test_per_class=12, speakers=30,
+                           test_speakers=12)
+    speakers = _speakers_by_split(df)
+    assert {s: len(v) for s, v in speakers.items()} == {"train": 14, "dev": 4, "test": 12}
+    # A pool given without test_speakers splits 70/15/15, as a sized-down corpus always did.
+    assert synth.corpus_sizes("ks", speakers=9)["test_speakers"] == 1
+    assert synth.corpus_sizes("pr", speakers=40)["test_speakers"] == 6
+    assert synth.corpus_sizes("ks", test_speakers=40)["speakers"] == 120
+    with pytest.raises(ValueError, match="test_speakers must be at least 1"):
+        synth.corpus_sizes("ks", test_speakers=0)
+    with pytest.raises(ValueError, match=r"test_speakers: 103 of 120 leaves no train speaker"):
+        synth.corpus_sizes("ks", test_speakers=103)
+    with pytest.raises(ValueError, match="test_speakers: 9 of 10"):
+        synth.corpus_sizes("pr", speakers=10, test_speakers=9)
+    with pytest.raises(ValueError, match="unknown size"):
+        synth.corpus_sizes("sid", test_speakers=5)
+    # Different test speakers, different cached corpus.
+    assert corpus_dir("ks", seed=0, test_speakers=40) != corpus_dir("ks", seed=0)
+    assert synth.CORPUS_FORMAT >= 2
