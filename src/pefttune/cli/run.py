@@ -1,6 +1,8 @@
 """`pefttune run [CONFIG]`: the whole study (discrete arm, DARTS arm, ensembles, report)."""
 from __future__ import annotations
 
+import sys
+
 from pefttune.cli.common import add_experiment_arguments, verbosity
 
 
@@ -20,6 +22,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    """Run the study (or suite); a failure of the driver itself is one line on stderr and exit 1
+    (its traceback is in the study's errors.log)."""
+    from pefttune.runtime.heartbeat import StageFailed
+
+    try:
+        return _run(args)
+    except StageFailed as err:
+        print(f"pefttune run: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(args) -> int:
     from pefttune.config import load_config
     from pefttune.study import run_study
 
