@@ -137,8 +137,8 @@ def test_status_of_a_finished_search(failing_search, capsys):
     assert "finished" in text and "uniform" in text and all(len(line) <= 120 for line in text.splitlines())
 
 
-def test_status_of_a_running_and_of_a_crashed_experiment(ray_session, tmp_path):
-    """A trial still RUNNING in Ray's state: running while the state is fresh, interrupted once stale."""
+def _running_copy(tmp_path) -> Path:
+    """The crafted classification experiment with its first trial still RUNNING in Ray's state."""
     from test_analysis import classification_experiment
 
     root = tmp_path / "ks"
@@ -149,9 +149,135 @@ def test_status_of_a_running_and_of_a_crashed_experiment(ray_session, tmp_path):
     state["status"] = "RUNNING"
     data["trial_data"][0][0] = json.dumps(state)
     state_file.write_text(json.dumps(data))
+    return root
 
+
+def test_status_of_a_running_and_of_a_crashed_experiment(ray_session, tmp_path):
+    """A trial still RUNNING in Ray's state: running while the state is fresh, interrupted once stale."""
+    root = _running_copy(tmp_path)
     status = experiment_status(root)
     assert status.state == "running" and status.totals.running == 1
     assert status.eta_s is not None and status.elapsed_s is not None
     assert "running" in format_status(status)
     assert experiment_status(root, stale_after=-1).state == "interrupted"
+
+
+def _write_heartbeat(root: Path, pid: int, **fields) -> None:
+    import os
+    import socket
+    import time
+
+    now = time.time()
+    record = {"pid": pid, "host": socket.gethostname(), "started": now - 300, "updated": now, "stage": "discrete",
+              "stage_started": now - 200, "stages": [{"name": "data", "started": now - 300, "ended": now - 200}],
+              "state": "running", "pid_start": None, **fields}
+    (root / "heartbeat.json").write_text(json.dumps(record))
+    assert os.path.getsize(root / "heartbeat.json")
+
+
+def test_the_heartbeat_decides_the_state_and_the_eta_covers_the_stages_to_come(ray_session, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import pefttune.analysis.status as status_module
+    from pefttune.analysis.store import open_experiment
+
+    root = _running_copy(tmp_path)
+    # a study of 3 candidates, 8 searched trials, 3 seeds: the replicates have not started
+    (root / "experiment.yaml").write_text(
+        "name: ks\nbackbone: tiny-hubert\ndata: {source: synth, task: ks}\nensemble_size: 3\n"
+        "methods: {lora: {}, bitfit: {}, sequential: {}}\n"
+        "search: {num_samples: 8, replicate_top: 2, max_concurrent: 2}\ntrain: {epochs: 2, seeds: [0, 1, 2]}\n")
+    _write_heartbeat(root, os.getpid())  # the driver is this very process: alive
+    status = experiment_status(root, stale_after=-1)  # Ray's state counts as stale: the heartbeat wins
+    assert status.state == "running" and status.stage == "discrete"
+    assert status.elapsed_s == pytest.approx(300, abs=5)
+    # fixed points 3 uniform + hybrid = 4, x 2 other seeds; frozen and log-mel x 3 seeds; top 2 x 2 other seeds
+    assert status.upcoming == {"replicates": 4 * 2 + 3 + 3 + 2 * 2}
+    text = format_status(status)
+    assert "stage discrete" in text and "replicates 18" in text and all(len(line) <= 120 for line in text.splitlines())
+
+    experiment = open_experiment(root)
+    durations = [t.wall_time_s for t in experiment.trials if t.outcome in status_module.DONE and t.wall_time_s]
+    mean = sum(durations) / len(durations)
+    monkeypatch.setattr(status_module, "upcoming_stages", lambda *a: {})
+    this_stage = experiment_status(root).eta_s
+    assert status.eta_s == pytest.approx(this_stage + mean * 18 / 2)  # at the mean trial time, 2 at a time
+    monkeypatch.undo()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _write_heartbeat(root, gone.pid)  # fresh heartbeat and fresh Ray state, but the driver's process is gone
+    status = experiment_status(root)
+    assert status.state == "interrupted" and status.eta_s is None and status.upcoming == {}
+    assert status.elapsed_s == pytest.approx(300, abs=5)
+    assert "interrupted" in format_status(status) and "is gone" in format_status(status)
+
+    _write_heartbeat(root, gone.pid, state="finished", stage=None)
+    assert experiment_status(root).state == "finished"  # although a trial shows RUNNING
+
+
+def test_the_stages_to_come_are_estimated_from_the_config():
+    from pefttune.analysis.status import expected_replicates, upcoming_stages
+
+    config = {"methods": {"lora": {}, "bitfit": {}}, "search": {"num_samples": 1, "replicate_top": 2},
+              "train": {"seeds": [0, 1]}, "darts": {"seeds": [0, 1], "variants": [{}, {"mix": "exact"}, {}]}}
+    # fixed: 2 uniform + hybrid, x 1 other seed; frozen, log-mel x 2 seeds; top min(2, 1 searched) x 1
+    assert expected_replicates(config) == 3 + 2 + 2 + 1
+    assert upcoming_stages(None, config) == {"replicates": 8, "DARTS search": 6, "DARTS retrain": 12}
+    off = {**config, "darts": {"enabled": False}, "search": {"frozen_reference": False, "hybrid": False},
+           "analysis": {"logmel_reference": False}, "train": {"seed": 0}}
+    assert upcoming_stages(None, off) == {}  # one seed and no references: no replicates, no DARTS arm
+    assert upcoming_stages(None, None) == {}
+
+
+# -- robust console, and grouped failures of a resumed run --------------------------------------------
+
+
+def test_the_console_callback_survives_values_of_any_type(tmp_path):
+    from types import SimpleNamespace
+
+    out = io.StringIO()
+    console = Console("replicates", "accuracy", "max", total=2, experiment_path=str(tmp_path), stream=out)
+    odd = {"time_total_s": (12.0, 3.0), "best_dev_accuracy": (0.5,), "test_accuracy": "n/a",
+           "placement_short": ("L0:lora", "L1:none"), "over_budget": False}
+    console.trial_finished(7, {"kind": ("uniform", "lora"), "seed": [1]}, odd)
+    console.trial_failed(("t", 2), {"kind": None, "placement": {"layers": 2}}, RuntimeError("boom\nValueError: bad"))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(len(line) <= WIDTH for line in lines)
+    assert lines[0].startswith("7 ") and "('uniform', 'lora') s[1]" in lines[0] and "dev - test -   0.0 min" in lines[0]
+    assert "('t', 2)" in lines[1] and "failed: ValueError: bad" in lines[1]
+    assert "ValueError: bad" in (tmp_path / "errors.log").read_text()
+    assert console.done == 1 and console.errored == 1 and console.best is None
+
+    callback = console.callback()  # the Ray hooks: one with a broken console shows a line, never raises
+    trial = SimpleNamespace(trial_id="x1", config={"kind": 3}, last_result={"time_total_s": [1, 2]},
+                            error_file=None, get_error=lambda: None)
+    callback.on_trial_complete(0, [], trial)
+    assert out.getvalue().splitlines()[-1].startswith("x1         3 ")
+    console.trial_finished = None  # not callable: the hook fails inside
+    callback.on_trial_complete(0, [], trial)
+    assert out.getvalue().splitlines()[-1].startswith("(console: on_trial_complete: TypeError")
+
+
+def test_failure_summary_takes_any_value():
+    frame = pd.DataFrame({"trial_id": ["a", "b", "c", "d"], "status": ["ERROR", "ERROR", "TERMINATED", "ERROR"],
+                          "kind": [None, float("nan"), "uniform", ("darts", 0)],
+                          "error": [ValueError("x\nDivergedError: nan loss"), float("nan"), "", None]})
+    outcome = failure_summary(frame)
+    assert "1 trial failed: DivergedError: nan loss" in outcome.lines
+    assert "2 trials failed: unknown error" in outcome.lines
+    assert "every ? trial failed (2)" in outcome.lines and "every ('darts', 0) trial failed (1)" in outcome.lines
+    assert outcome.exit_code == 1
+
+
+def test_failure_lines_of_a_resumed_run_are_those_of_the_first(failing_search):
+    """A resumed run reads the trials of the earlier run back from the folder: the same grouped lines."""
+    from pefttune.runtime.experiment import load_results, results_frame
+
+    first = failure_summary(results_frame(failing_search["results"]))
+    restored = results_frame(load_results(failing_search["path"]))
+    assert sorted(restored["status"]) == sorted(results_frame(failing_search["results"])["status"])
+    again = failure_summary(restored)
+    assert again.lines == first.lines and again.exit_code == first.exit_code == 1

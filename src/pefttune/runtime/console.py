@@ -18,6 +18,8 @@ fails (non-zero) when no trial finished, or when every trial of a kind failed.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import sys
@@ -39,11 +41,30 @@ _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
 
 
 def _fmt(value, digits: int = 3) -> str:
+    value = _number(value)
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite-or-infinite float; None for NaN and for anything that is not a number
+    (a tuple, a dict, a string that does not parse, ...)."""
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if value != value else f"{value:.{digits}f}"
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if value != value else value
+
+
+def _text(value, default: str = "?") -> str:
+    """Any value as display text (None: ``default``); never raises."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a value whose __str__ fails still gets a line
+        return f"<{type(value).__name__}>"
 
 
 def _clip(text: str, width: int) -> str:
@@ -51,9 +72,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 3)] + "..."
 
 
-def last_error_line(text: str | None) -> str:
-    """The line of a traceback that names the exception (``AudioReadError: cannot ...``)."""
-    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+def last_error_line(text) -> str:
+    """The line of a traceback that names the exception (``AudioReadError: cannot ...``);
+    ``text`` may be any value (an exception, NaN from a table): it is shown as text."""
+    if not isinstance(text, str):
+        text = "" if text is None or (isinstance(text, float) and text != text) else _text(text, "")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
             return line
@@ -88,20 +112,21 @@ class Console:
     def trial_finished(self, trial_id: str, config: dict, result: dict) -> None:
         self.running.discard(trial_id)
         self.done += 1
+        config, result = config if isinstance(config, dict) else {}, result if isinstance(result, dict) else {}
         dev = result.get(f"best_dev_{self.metric}", result.get(f"dev_{self.metric}"))
         test = result.get(f"test_{self.metric}")
-        seconds = float(result.get("time_total_s") or 0.0)
+        seconds = _number(result.get("time_total_s")) or 0.0
         self.durations.append(seconds)
         if result.get("over_budget"):
             note = "over budget, not trained"
         else:
             note = f"dev {_fmt(dev)} test {_fmt(test)} {seconds / 60:5.1f} min"
             self._update_best(dev)
-        kind = config.get("kind") or result.get("kind") or "?"
+        kind = _text(config.get("kind") or result.get("kind"))
         if config.get("seed") is not None and kind not in ("darts",):
-            kind = f"{kind} s{config.get('seed')}"
-        placement = result.get("placement_short") or result.get("derived_placement_short") or ""
-        head = f"{trial_id:<10} {kind:<16} "
+            kind = f"{kind} s{_text(config.get('seed'))}"
+        placement = _text(result.get("placement_short") or result.get("derived_placement_short"), "")
+        head = f"{_text(trial_id):<10} {kind:<16} "
         room = WIDTH - len(head) - len(note) - 2
         self.line(f"{head}{_clip(placement, room):<{max(room, 0)}}  {note}")
 
@@ -109,20 +134,19 @@ class Console:
         if final:
             self.running.discard(trial_id)
             self.errored += 1
+        config = config if isinstance(config, dict) else {}
         self.log_error(trial_id, config, error_text)
         what = "failed" if final else "failed (retrying)"
-        self.line(_clip(f"{trial_id:<10} {config.get('kind', '?'):<16} {what}: {last_error_line(error_text)}", WIDTH))
+        kind = _text(config.get("kind"))
+        self.line(_clip(f"{_text(trial_id):<10} {kind:<16} {what}: {last_error_line(error_text)}", WIDTH))
 
     def result(self, result: dict) -> None:
-        if not result.get("over_budget"):
+        if isinstance(result, dict) and not result.get("over_budget"):
             self._update_best(result.get(f"best_dev_{self.metric}"))
 
     def _update_best(self, value) -> None:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return
-        if value != value:
+        value = _number(value)
+        if value is None:
             return
         if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
             self.best = value
@@ -188,9 +212,9 @@ class Console:
             return
         path = f"{self.experiment_path}/{ERRORS_LOG}"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        entry = (f"=== {stamp} [{self.stage}] trial {trial_id} kind={config.get('kind', '?')} "
-                 f"placement={config.get('placement', '')}\n{(error_text or '').rstrip()}\n\n")
         with contextlib.suppress(Exception):  # the log must never fail the run
+            entry = (f"=== {stamp} [{self.stage}] trial {_text(trial_id)} kind={_text(config.get('kind'))} "
+                     f"placement={_text(config.get('placement'), '')}\n{_text(error_text, '').rstrip()}\n\n")
             write_storage_text(path, (read_storage_text(path) or "") + entry)
 
     def callback(self) -> "ConsoleCallback":
@@ -198,30 +222,51 @@ class Console:
         return ConsoleCallback(self)
 
 
+def _never_raises(hook):
+    """A console hook that cannot fail the run: an error in it becomes one console line."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - what is shown must never stop the trials
+            with contextlib.suppress(Exception):
+                self.console.line(_clip(f"(console: {hook.__name__}: {type(err).__name__}: {err})", WIDTH))
+            return None
+    return guarded
+
+
 class ConsoleCallback(Callback):
-    """Ray Tune events to a :class:`Console` (module level: Ray pickles it with the run config)."""
+    """Ray Tune events to a :class:`Console` (module level: Ray pickles it with the run config).
+    No hook raises: the console only shows, it never stops a run."""
 
     def __init__(self, console: Console):
         self.console = console
 
+    @_never_raises
     def on_trial_start(self, iteration, trials, trial, **info):
         self.console.trial_started(trial.trial_id)
 
+    @_never_raises
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.console.result(result)
 
+    @_never_raises
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.console.trial_finished(trial.trial_id, trial.config or {}, trial.last_result or {})
 
+    @_never_raises
     def on_trial_error(self, iteration, trials, trial, **info):
         self.console.trial_failed(trial.trial_id, trial.config or {}, _error_text(trial))
 
+    @_never_raises
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.console.trial_failed(trial.trial_id, trial.config or {}, _error_text(trial), final=False)
 
+    @_never_raises
     def on_step_end(self, iteration, trials, **info):
         self.console.progress()
 
+    @_never_raises
     def on_experiment_end(self, trials, **info):
         self.console.progress(force=True)
         self.console.close()
@@ -295,6 +340,27 @@ def format_table(frame: pd.DataFrame, columns: list[str], width: int = 120) -> s
 # -- how a run ends ------------------------------------------------------------------------------
 
 
+def _kind_label(kind) -> str:
+    """A trial kind from a results table as text: missing (None, NaN, empty) is ``?``."""
+    if kind is None or (isinstance(kind, float) and kind != kind):
+        return "?"
+    return _text(kind) or "?"
+
+
+def _kind_in_folder(path) -> str:
+    """The kind in the trial folder's ``params.json`` (Ray's copy of the trial config), ``?`` when none.
+
+    A trial that failed before its first result and was read back from the folder (a resumed
+    run) has an empty config in Ray's results; its folder still holds the config."""
+    if not isinstance(path, str) or not path:
+        return "?"
+    with contextlib.suppress(Exception):
+        params = json.loads(read_storage_text(f"{path.rstrip('/')}/params.json") or "{}")
+        if isinstance(params, dict):
+            return _kind_label(params.get("kind"))
+    return "?"
+
+
 @dataclass
 class Outcome:
     """Grouped failures of one or more stages, and the exit status they give."""
@@ -309,14 +375,17 @@ def failure_summary(frame: pd.DataFrame, kinds: tuple[str, ...] | None = None) -
     ``frame`` has one row per trial with ``status`` (TERMINATED/ERROR), ``kind`` and
     ``error`` (e.g. :func:`pefttune.runtime.experiment.results_frame`, several stages
     concatenated). The run fails (exit 1) when no trial finished, or when every trial of a
-    kind failed; ``kinds`` limits the kinds checked (default: all present).
+    kind failed; ``kinds`` limits the kinds checked (default: all present). A row without a
+    kind and with a ``path`` (its trial folder) takes the kind from the folder's ``params.json``.
+    Values of any type are shown as text.
     """
     lines: list[str] = []
     if frame.empty:
         return Outcome(["no trial ran"], 1)
     failed = frame[frame["status"] == "ERROR"]
     if len(failed):
-        groups = Counter(last_error_line(e) for e in failed["error"].fillna(""))
+        errors = failed["error"] if "error" in failed else pd.Series([""] * len(failed), index=failed.index)
+        groups = Counter(last_error_line(e) for e in errors)
         for text, count in groups.most_common():
             lines.append(_clip(f"{count} trial{'s' if count > 1 else ''} failed: {text}", WIDTH))
     exit_code = 0
@@ -324,7 +393,10 @@ def failure_summary(frame: pd.DataFrame, kinds: tuple[str, ...] | None = None) -
     if finished.empty:
         lines.append("no trial finished")
         exit_code = 1
-    kind_column = frame["kind"].fillna("?") if "kind" in frame else pd.Series(["?"] * len(frame), index=frame.index)
+    kind_column = (frame["kind"].map(_kind_label) if "kind" in frame
+                   else pd.Series(["?"] * len(frame), index=frame.index))
+    if "path" in frame and (kind_column == "?").any():
+        kind_column = kind_column.where(kind_column != "?", frame["path"].map(_kind_in_folder))
     for kind in sorted(set(kind_column)):
         if kinds is not None and kind not in kinds:
             continue
