@@ -7,14 +7,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from pefttune.analysis.findings import configurations, darts_convergence, decide
 from pefttune.analysis.report import analyze
 from pefttune.analysis.store import open_experiment
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table
-from test_analysis import _experiment_yaml, _run, _spec
+from test_analysis import _run, _spec
 
 N = 300
 SEEDS = (0, 1, 2)
@@ -55,8 +57,26 @@ def replicated_experiment(learned: bool = True) -> Path:
          root, "darts", "csv")
     if retrain:
         _run(retrain, root, "darts-retrain", "json")
-    _experiment_yaml(root, "ks", "ks")
+    _manifest_with_speakers(root)
     return root
+
+
+SPEAKERS = 30
+
+
+def _manifest_with_speakers(root: Path) -> None:
+    """The config copy names a manifest whose test rows (ids 100..100+N-1, as the crafted
+    predictions) have 30 speakers, drawn at random per clip, and one clip without a speaker."""
+    rng = np.random.default_rng(0)
+    rows = 100 + N
+    split = np.where(np.arange(rows) >= 100, "test", np.where(np.arange(rows) < 20, "dev", "train"))
+    speaker = np.array([f"spk{k}" for k in rng.integers(0, SPEAKERS, rows)], dtype=object)
+    speaker[100 + N - 1] = None  # e.g. a silence clip: a cluster of its own
+    pd.DataFrame({"path": [f"clip{i}.wav" for i in range(rows)], "split": split, "label": "yes",
+                  "speaker": speaker}).to_csv(root / "manifest.csv", index=False)
+    (root / "experiment.yaml").write_text(
+        f"name: ks\nbackbone: tiny-hubert\ndata: {{source: manifest, task: ks, path: {root / 'manifest.csv'}}}\n"
+        "ensemble_size: 3\ntrain: {epochs: 2}\n")
 
 
 @pytest.fixture(scope="module")
@@ -100,29 +120,68 @@ def test_decisive_verdicts_on_clear_replicated_results(replicated):
     assert refs["uniform_vs_frozen"]["diff"] == pytest.approx(0.3) and refs["uniform_vs_frozen"]["ci_low"] > 0
 
 
-def test_resample_seeds_makes_every_comparison_two_level(replicated):
-    plain = decide(replicated, draws=400)
-    one = plain["references"]["hybrid_vs_uniform"]
-    two = decide(replicated, draws=400, resample_seeds=True)
-    assert two["resample_seeds"] is True
-    both = two["references"]["hybrid_vs_uniform"]
-    assert "two-level" in both["method"] and "two-level" not in one["method"]
-    assert both["diff"] == pytest.approx(one["diff"])  # the point estimate does not change
-    # each seed errs on other examples, so resampling the seeds adds spread
-    assert both["ci_high"] - both["ci_low"] > one["ci_high"] - one["ci_low"]
-    assert "two-level" in two["findings"]["1"]["comparison"]["method"]
-    these = two["findings"]["1"]["comparison_these_seeds"]  # supporting: the seeds as trained
-    assert "two-level" not in these["method"] and these["diff"] == pytest.approx(two["findings"]["1"]["comparison"]["diff"])
-    assert "For these trained seeds alone" in two["findings"]["1"]["text"]
-    assert "comparison_these_seeds" not in plain["findings"]["1"]
-    # the configurations share their training seeds, and finding 2's lists are per seed: seeds are paired
-    assert "paired seeds" in both["method"]
-    f2 = two["findings"]["2"]
-    assert "paired seeds" in f2["vote_gain"]["method"], f2
-    assert all("paired seeds" in c["method"] for c in f2["vote_vs_others"].values())
-    # finding 3's agreement intervals resample the seed pairs too: never narrower, wider somewhere
-    width = [[p["kappa_ci_high"] - p["kappa_ci_low"] for p in d["findings"]["3"]["pairs"]] for d in (plain, two)]
-    assert all(w2 >= 0.9 * w1 for w1, w2 in zip(*width)) and any(w2 > 1.2 * w1 for w1, w2 in zip(*width))
+def test_default_intervals_are_over_seeds_and_speakers_with_examples_supporting(replicated):
+    decided = decide(replicated, draws=400)
+    manifest = pd.read_csv(Path(replicated.uri) / "manifest.csv")
+    speakers = manifest.loc[manifest["split"] == "test", "speaker"].dropna().nunique()
+    assert decided["interval"] == "seeds-speakers" and decided["resampling_unit"] == "seeds x speakers"
+    assert decided["test_speakers"] == speakers == SPEAKERS and decided["clusters"] == speakers + 1
+    refs = decided["references"]
+    hybrid = refs["hybrid_vs_uniform"]
+    assert hybrid["interval"] == "seeds x speakers" and hybrid["caveat"] == ""
+    assert hybrid["spread"]["pairing"] == "paired" and hybrid["spread"]["n_seeds"] == 3
+    assert hybrid["spread"]["n_clusters"] == speakers + 1 and hybrid["spread"]["df"] == 2
+    # hybrid and LoRA are right on 0.8 of the clips on every seed: no seed variance, the speakers' only
+    assert hybrid["diff"] == pytest.approx(0.0) and hybrid["spread"]["seed_var"] == pytest.approx(0.0)
+    se = hybrid["spread"]["speaker_var"] ** 0.5
+    assert se > 0 and hybrid["ci_high"] == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    support = hybrid["supporting"]
+    assert support["interval"] == "examples only: these trained models" and support["diff"] == pytest.approx(0.0)
+    assert hybrid["ci_high"] - hybrid["ci_low"] > 1.5 * (support["ci_high"] - support["ci_low"])
+    # the nothing-learned check pairs every seed with the one deterministic trivial reference
+    assert all(c["spread"]["pairing"] == "fixed reference" for c in refs["vs_trivial"].values())
+    f1, f2 = decided["findings"]["1"], decided["findings"]["2"]
+    assert f1["comparison"]["interval"] == "seeds x speakers" and f1["comparison"]["supporting"] is not None
+    assert "95% seeds x speakers CI of DARTS - best uniform" in f1["rule"]
+    assert "supporting, examples only: these trained models" in f1["text"]
+    assert f2["vote_gain"]["spread"]["pairing"] == "paired"  # the ensembles are built per seed
+    assert all(c["spread"]["pairing"] == "paired" for c in f2["vote_vs_others"].values())
+    assert all(r["interval"] == "seeds x speakers" and "supporting_kappa_ci" in r for r in decided["findings"]["3"]["pairs"])
+    # analysis.interval: examples decides on the paired bootstrap over test examples
+    examples = decide(replicated, draws=400, interval="examples")
+    assert examples["resampling_unit"] == "examples" and examples["test_speakers"] is None
+    other = examples["references"]["hybrid_vs_uniform"]
+    assert other["interval"] == "examples only: these trained models" and other["supporting"] is None
+    assert other["ci_low"] == pytest.approx(support["ci_low"]) and other["ci_high"] == pytest.approx(support["ci_high"])
+    with pytest.raises(ValueError, match="analysis.interval"):
+        decide(replicated, draws=400, interval="seeds")
+
+
+def test_one_seed_makes_every_verdict_inconclusive_with_the_reason(replicated):
+    """The same trials, seeds 1 and 2 left out: the intervals cover speakers only."""
+    from pefttune.analysis import findings as F
+
+    original = F.configurations
+
+    def first_seed_only(experiment):
+        configs = original(experiment)
+        for c in configs.values():
+            c.trials = c.trials[:1]
+        return configs
+
+    F.configurations = first_seed_only
+    try:
+        decided = decide(replicated, draws=300, alpha=alpha_table(replicated))
+    finally:
+        F.configurations = original
+    assert decided["learned"] is True
+    for key in ("1", "2", "3"):
+        f = decided["findings"][key]
+        assert f["verdict"] == "inconclusive", f["rule"]
+        assert f["rule"].startswith("inconclusive: one seed: training randomness not bounded"), f["rule"]
+    assert decided["findings"]["1"]["comparison"]["interval"] == "speakers only (one seed)"
+    need = decided["findings"]["1"]["seeds_needed"]
+    assert need["n"] is None and "one seed" in need["intervals"][0]["reason"]
 
 
 def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
@@ -189,7 +248,6 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", same, 100, dev_mean=0.7),
                "darts-derived:x": Config("darts-derived:x", "darts-derived", None, same, 100, dev_mean=0.7)}
     scorer = SimpleNamespace(
-        resample_seeds=False,
         compare_configs=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
     out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
     assert out["verdict"] == "reproduced" and out["derived_is_uniform"] is True
@@ -197,25 +255,6 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     configs["darts-derived:x"].placement_short = "L0:lora(r=8) L1:none L2:lora(r=8) L3:lora(r=8)"
     out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
     assert out["derived_is_uniform"] is False and "itself" not in out["text"]
-
-
-def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, monkeypatch):
-    """benchmarks/verdict_stability.py prints each run's verdicts with the other interval setting
-    too: the same trials, decided with ``analysis.resample_seeds`` flipped."""
-    import sys
-
-    import pefttune.runtime.experiment as runtime_experiment
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import verdict_stability
-
-    monkeypatch.setattr(runtime_experiment, "experiment_path", lambda config: replicated.uri)
-    out = verdict_stability.other_intervals(None, {"train_seeds": [0, 1, 2]})
-    assert out["resample_seeds"] is True and out["train_seeds"] == [0, 1, 2]  # the saved config: examples only
-    expected = decide(replicated, resample_seeds=True, alpha=alpha_table(replicated))["findings"]
-    assert {k: f["verdict"] for k, f in out["findings"].items()} == {k: f["verdict"] for k, f in expected.items()}
-    rows = [line for line in verdict_stability.table({0: out}).splitlines() if line.startswith("| ") and "seed" not in line]
-    assert [r.split("|")[2].strip() for r in rows] == [out["findings"][k]["verdict"] for k in ("1", "2", "3")]
 
 
 def test_finding2_members_go_best_by_dev_first_whatever_the_trial_order(replicated):
@@ -243,3 +282,36 @@ def test_finding2_per_seed_table_orients_differences_as_the_rule_does():
     acc = "\n".join(_strategies_by_seed({**finding, "majority_strategy": "rover"}, "accuracy", "max"))
     assert "0.4200 (+0.1200)" in acc
     assert _strategies_by_seed({"majority_strategy": "vote", "per_seed": finding["per_seed"]}, "per", "min") == []
+
+
+def test_an_undecided_finding_says_how_many_seeds_would_decide_it():
+    """Finding 1 straddles +delta: per seed DARTS - uniform +0.005, -0.064, +0.030 (as measured on the
+    embedded study), no speaker variance; the seeds needed put the t half-width inside the distance
+    from the mean to +delta."""
+    from types import SimpleNamespace
+
+    from pefttune.analysis.findings import Config, finding_darts
+    from pefttune.analysis.intervals import Comparison
+    from pefttune.analysis.report import _seeds_needed_line
+    from pefttune.analysis.seeds_speakers import Spread, seeds_to_decide
+
+    d = np.array([0.005, -0.064, 0.030])
+    spread = Spread("paired", 3, float(d.var(ddof=1)), float(d.var(ddof=1)) / 3, 0.0, 2.0, 40)
+    half = stats.t.ppf(0.975, 2) * (d.var(ddof=1) / 3) ** 0.5
+    cmp = Comparison(d.mean(), d.mean() - half, d.mean() + half, 0.5, "t", 600, 3, 3, interval="seeds x speakers",
+                     spread=spread)
+    experiment = SimpleNamespace(mode="max", metric="accuracy", trials=[])
+    configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", "L0:lora", 100, dev_mean=0.7),
+               "darts-derived:x": Config("darts-derived:x", "darts-derived", None, "L0:none", 90, dev_mean=0.7)}
+    out = finding_darts(experiment, configs, SimpleNamespace(compare_configs=lambda *args: cmp),
+                        {"converged": True}, 0.01, 0.95, 100)
+    assert out["verdict"] == "inconclusive"
+    need = out["seeds_needed"]
+    gap = 0.01 - d.mean()  # the mean lies below +delta: the interval must come below it
+    assert need["intervals"][0]["gap"] == pytest.approx(gap)
+    n = need["n"]
+    assert n == seeds_to_decide(d.mean(), spread, 0.95, 0.0, 0.01).n
+    assert stats.t.ppf(0.975, n - 1) * (d.var(ddof=1) / n) ** 0.5 < gap
+    assert stats.t.ppf(0.975, n - 2) * (d.var(ddof=1) / (n - 1)) ** 0.5 >= gap
+    line = "\n".join(_seeds_needed_line(out))
+    assert f"**{n} seeds per configuration**" in line and "true difference is the observed mean" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from pefttune.analysis.intervals import (
     Comparison,
     PairAgreement,
     agreement_by_seed,
+    agreement_seeds_speakers,
     bonferroni_confidence,
     ctc_agreement_by_seed,
     finding1_verdict,
@@ -24,8 +26,10 @@ from pefttune.analysis.intervals import (
     paired_bootstrap,
     paired_permutation,
     seed_summary,
+    seeds_speakers_bootstrap,
     unless_nothing_learned,
 )
+from pefttune.analysis.seeds_speakers import ONE_SEED, Clusters, Spread, seeds_to_decide
 
 
 def _cmp(lo: float, hi: float, conf: float = 0.95, p: float = 0.5) -> Comparison:
@@ -125,70 +129,141 @@ def test_ctc_ratio_form_point_estimate_and_orientation():
     assert up.diff == pytest.approx(-0.35) and up.ci_low == pytest.approx(-c.ci_high)
 
 
-def test_two_level_bootstrap_widens_with_seed_spread():
-    rng = np.random.default_rng(3)
-    n = 600
-    a = [(rng.random(n) < p).astype(float) for p in (0.45, 0.6, 0.75)]
-    b = [(rng.random(n) < 0.6).astype(float) for _ in range(3)]
-    one = paired_bootstrap(a, b, draws=2000)
-    two = paired_bootstrap(a, b, draws=2000, resample_seeds=True)
-    assert two.diff == pytest.approx(one.diff)
-    assert (two.ci_high - two.ci_low) > 1.5 * (one.ci_high - one.ci_low)
-    assert "two-level" in two.method
-    back = paired_bootstrap(b, a, draws=2000, resample_seeds=True)  # the spread seeds are now B's
-    assert back.diff == pytest.approx(-one.diff)
-    assert (back.ci_high - back.ci_low) > 1.5 * (one.ci_high - one.ci_low)
-
-
-def test_two_level_interval_covers_a_difference_that_varies_with_the_training_seed():
-    """The quantity a verdict is about: A - B over training seeds, not for the seeds that happened
-    to be trained.  Each replication trains 5 seeds of A and B, whose accuracies move with the seed
-    (sd 0.03 shared by A and B, 0.03 each alone; true mean difference +0.03), and tests them on 500
-    examples.  The interval over examples alone misses the seed spread; the paired two-level one
-    covers it (95% nominal)."""
-    rng = np.random.default_rng(0)
-    n, seeds, reps, delta = 500, 5, 100, 0.03
-    hits = {False: 0, True: 0}
-    for r in range(reps):
-        shared = rng.normal(0, 0.03, seeds)
-        pa = 0.73 + shared + rng.normal(0, 0.03, seeds)
-        pb = 0.70 + shared + rng.normal(0, 0.03, seeds)
-        a = [(rng.random(n) < p).astype(float) for p in pa]
-        b = [(rng.random(n) < p).astype(float) for p in pb]
-        for two_level in hits:
-            c = paired_bootstrap(a, b, draws=300, seed=r, resample_seeds=two_level, paired_seeds=True)
-            hits[two_level] += c.ci_low <= delta <= c.ci_high
-    assert hits[True] / reps >= 0.9 and hits[False] / reps <= 0.8  # measured: 0.97 and 0.67
-
-
-def test_paired_seed_resampling_follows_the_spread_of_the_difference():
-    # a seed moves A and B together (shared members, same training seed): A = B + 0.05 on every seed
-    rng = np.random.default_rng(5)
-    n = 2000
-    b = [(rng.random(n) < p).astype(float) for p in (0.45, 0.6, 0.75)]
-    a = []
-    for x in b:  # A gets 100 of B's errors right on each seed (+0.05), at random places
+# --------------------------------------------------------------------------- seeds x speakers
+def _balanced(rng, seeds, speakers=20, clips=10, deltas=None):
+    """A and B per seed over ``speakers`` x ``clips`` examples; B is A with ``deltas[s]`` clips
+    more wrong in EVERY speaker (so each speaker's difference is the same: no speaker variance)."""
+    a, b = [], []
+    for s in range(seeds):
+        x = (rng.random((speakers, clips)) < 0.5).astype(float)
+        x[:, : clips // 2] = 1.0  # at least half right in each speaker
         y = x.copy()
-        y[rng.choice(np.flatnonzero(y == 0), 100, replace=False)] = 1.0
-        a.append(y)
-    one = paired_bootstrap(a, b, draws=2000)
-    unpaired = paired_bootstrap(a, b, draws=2000, resample_seeds=True)
-    paired = paired_bootstrap(a, b, draws=2000, resample_seeds=True, paired_seeds=True)
-    assert paired.diff == pytest.approx(0.05) == pytest.approx(unpaired.diff)
-    assert "paired seeds" in paired.method
-    # the difference is the same on every seed: pairing removes the seed spread of each side
-    assert paired.ci_high - paired.ci_low < 0.5 * (unpaired.ci_high - unpaired.ci_low)
-    assert paired.ci_low > 0 and unpaired.ci_low < 0
-    assert paired.ci_high - paired.ci_low <= 1.5 * (one.ci_high - one.ci_low)
-    # the difference itself varies by seed (+0.0, +0.05, +0.10): paired two-level is wider than examples only
-    a2 = [b[0].copy(), a[1], b[2].copy()]
-    extra = rng.choice(np.flatnonzero(b[2] == 0), 200, replace=False)
-    a2[2][extra] = 1.0
-    one2 = paired_bootstrap(a2, b, draws=2000)
-    paired2 = paired_bootstrap(a2, b, draws=2000, resample_seeds=True, paired_seeds=True)
-    assert paired2.ci_high - paired2.ci_low > 2 * (one2.ci_high - one2.ci_low)
-    with pytest.raises(ValueError, match="as many seeds"):
-        paired_bootstrap(a[:2], b, resample_seeds=True, paired_seeds=True)
+        y[:, : deltas[s]] = 0.0  # B loses deltas[s] of A's right clips in every speaker
+        a.append(x.ravel())
+        b.append(y.ravel())
+    return a, b, Clusters.from_speakers(np.repeat(np.arange(speakers), clips))
+
+
+def test_seeds_speakers_is_a_t_interval_over_seeds_when_speakers_agree():
+    a, b, clusters = _balanced(np.random.default_rng(0), 4, deltas=[1, 2, 4, 1])
+    c = seeds_speakers_bootstrap(a, b, clusters=clusters, seeds_a=[0, 1, 2, 3], seeds_b=[0, 1, 2, 3], draws=500)
+    d = np.array([1, 2, 4, 1]) / 10  # per seed: deltas[s] of 10 clips wrong in every speaker
+    lo, hi = stats.t.interval(0.95, df=3, loc=d.mean(), scale=stats.sem(d))
+    assert c.diff == pytest.approx(d.mean()) and c.spread.speaker_var == pytest.approx(0.0, abs=1e-20)
+    assert (c.ci_low, c.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+    assert c.spread.pairing == "paired" and c.spread.df == 3 and c.spread.n_clusters == 20
+    assert c.interval == "seeds x speakers" and c.caveat == "" and "t over 4 seeds (paired" in c.method
+    assert c.p_value == pytest.approx(2 * stats.t.sf(d.mean() / stats.sem(d), 3))
+    # Bonferroni on the t quantile: a family of 3 widens it to t_{3, 1 - 0.05/6}
+    c3 = seeds_speakers_bootstrap(a, b, clusters=clusters, seeds_a=[0, 1, 2, 3], seeds_b=[0, 1, 2, 3], draws=500,
+                                  confidence=bonferroni_confidence(0.95, 3))
+    assert c3.ci_high - c3.diff == pytest.approx(stats.t.ppf(1 - 0.05 / 6, 3) * stats.sem(d))
+
+
+def test_speaker_variance_is_the_cluster_bootstrap_variance_of_the_seed_average():
+    """One seed pair's difference per speaker delta_j (10 clips each): resampling 20 speakers
+    gives the seed-averaged difference the variance var(delta_j, ddof=0) / 20."""
+    rng = np.random.default_rng(1)
+    speakers, clips = 20, 10
+    a = [(rng.random(speakers * clips) < 0.8).astype(float) for _ in range(2)]
+    b = [np.where(np.repeat(rng.random(speakers) < 0.5, clips), 0.0, x) for x in a]  # B loses half the speakers
+    clusters = Clusters.from_speakers(np.repeat(np.arange(speakers), clips))
+    c = seeds_speakers_bootstrap(a, b, clusters=clusters, seeds_a=[7, 8], seeds_b=[7, 8], draws=20000)
+    delta = np.mean([(x - y).reshape(speakers, clips).mean(1) for x, y in zip(a, b)], axis=0)
+    assert c.spread.speaker_var == pytest.approx(delta.var() / speakers, rel=0.05)
+    d = np.array([x.mean() - y.mean() for x, y in zip(a, b)])
+    se = math.sqrt(d.var(ddof=1) / 2 + c.spread.speaker_var)
+    assert c.ci_high - c.diff == pytest.approx(stats.t.ppf(0.975, 1) * se)
+    # the same data with clips as independent units: the variance of the clustered errors is missed
+    clips_only = seeds_speakers_bootstrap(a, b, seeds_a=[7, 8], seeds_b=[7, 8], draws=4000)
+    assert clips_only.interval == "seeds x utterances" and clips_only.spread.n_clusters == speakers * clips
+    assert clips_only.spread.speaker_var < 0.5 * c.spread.speaker_var
+
+
+def test_seeds_speakers_pairs_shared_seeds_else_welch():
+    rng = np.random.default_rng(2)
+    a = [(rng.random(300) < p).astype(float) for p in (0.6, 0.65, 0.7)]
+    b = [(rng.random(300) < p).astype(float) for p in (0.55, 0.5, 0.6)]
+    ma, mb = np.array([x.mean() for x in a]), np.array([x.mean() for x in b])
+    shared = seeds_speakers_bootstrap(a, b, seeds_a=[0, 1, 2], seeds_b=[1, 2, 3], draws=300)
+    assert shared.spread.pairing == "paired" and shared.spread.n_seeds == 2
+    assert shared.diff == pytest.approx(np.mean(ma[[1, 2]] - mb[[0, 1]]))  # seeds 1 and 2 of each side
+    welch = seeds_speakers_bootstrap(a, b, seeds_a=[0, 1, 2], seeds_b=[3, 4, 5], draws=300)
+    va, vb = ma.var(ddof=1) / 3, mb.var(ddof=1) / 3
+    assert welch.spread.pairing == "Welch" and welch.diff == pytest.approx(ma.mean() - mb.mean())
+    assert welch.spread.df == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2))
+    assert welch.spread.seed_se2 == pytest.approx(va + vb)
+    assert seeds_speakers_bootstrap(a, b, draws=300).spread.pairing == "Welch"  # seeds not named: not paired
+    with pytest.raises(ValueError, match="seeds_a"):
+        seeds_speakers_bootstrap(a, b, seeds_a=[0, 1], seeds_b=[0, 1, 2])
+
+
+def test_one_seed_covers_speakers_only_and_no_verdict_rests_on_it():
+    rng = np.random.default_rng(3)
+    a = [(rng.random(400) < 0.9).astype(float)]
+    b = [(rng.random(400) < 0.5).astype(float)]
+    clusters = Clusters.from_speakers(np.repeat(np.arange(40), 10))
+    c = seeds_speakers_bootstrap(a, b, clusters=clusters, seeds_a=[0], seeds_b=[0], draws=1000)
+    assert c.caveat == ONE_SEED == "one seed: training randomness not bounded"
+    assert c.interval == "speakers only (one seed)" and c.spread.pairing == "one seed"
+    assert c.ci_low > 0.3 and "speakers only" in c.method
+    v = finding1_verdict(c, margin=0.01, converged=True)
+    assert v.label == "inconclusive" and v.rule.startswith("inconclusive: one seed: training randomness not bounded")
+    assert "speakers only (one seed) CI" in v.rule
+    fam = bonferroni_confidence(0.95, 1)
+    v2 = finding2_verdict(c, {"soft": replace(c, confidence=fam)}, {"soft": replace(c, confidence=fam)}, 0.01)
+    assert v2.label == "inconclusive" and "one seed: training randomness not bounded" in v2.rule
+
+
+def test_fixed_reference_pairs_every_seed_with_it():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 300)
+    trivial = [(y == 0).astype(float)]
+    models = [(rng.random(300) < p).astype(float) for p in (0.7, 0.75, 0.8)]
+    c = seeds_speakers_bootstrap(models, trivial, fixed_b=True, draws=400)
+    d = np.array([m.mean() for m in models]) - trivial[0].mean()
+    assert c.spread.pairing == "fixed reference" and c.spread.n_seeds == 3 and c.diff == pytest.approx(d.mean())
+    assert c.spread.seed_var == pytest.approx(d.var(ddof=1))
+    with pytest.raises(ValueError, match="deterministic reference"):
+        seeds_speakers_bootstrap(models, models, fixed_b=True)
+
+
+def test_ctc_sums_edits_per_speaker_not_rates():
+    den = np.array([10.0, 2.0, 8.0, 4.0])
+    a = [(np.array([1.0, 1.0, 0.0, 0.0]), den), (np.array([0.0, 2.0, 2.0, 0.0]), den)]
+    b = [(np.array([5.0, 1.0, 4.0, 2.0]), den), (np.array([4.0, 2.0, 4.0, 2.0]), den)]
+    clusters = Clusters.from_speakers(["x", "x", "y", None])
+    c = seeds_speakers_bootstrap(a, b, clusters=clusters, seeds_a=[0, 1], seeds_b=[0, 1], draws=500,
+                                 higher_is_better=False)
+    assert clusters.count == 3 and clusters.n_speakers == 2  # the clip without a speaker is a cluster of its own
+    assert c.mean_a == pytest.approx(np.mean([2 / 24, 4 / 24])) and c.mean_b == pytest.approx(np.mean([12 / 24, 12 / 24]))
+    assert c.diff == pytest.approx(c.mean_b - c.mean_a) and "per cluster" in c.method
+
+
+def test_clusters_from_speakers_give_missing_speakers_clusters_of_their_own():
+    c = Clusters.from_speakers(["b", None, "a", float("nan"), "b", "", "a"])
+    assert c.unit == "speakers" and c.n_speakers == 2 and c.count == 5 and c.label == "seeds x speakers"
+    assert c.ids[0] == c.ids[4] and c.ids[2] == c.ids[6] and len({c.ids[1], c.ids[3], c.ids[5]}) == 3
+    u = Clusters.utterances(4, "no speaker column")
+    assert u.count == 4 and u.label == "seeds x utterances" and u.note == "no speaker column"
+    with pytest.raises(ValueError, match="one cluster per test example"):
+        seeds_speakers_bootstrap([np.ones(5)], [np.zeros(5)], clusters=u)
+
+
+def test_seeds_to_decide_puts_the_t_half_width_inside_the_gap():
+    spread = Spread("paired", 3, 0.0036, 0.0012, 0.0, 2.0)  # seed sd 0.06, no speaker variance
+    need = seeds_to_decide(0.05, spread, 0.95, 0.0, 0.01)  # gap: 0.05 above 0
+    assert need.gap == pytest.approx(0.05)
+    n = need.n
+    assert stats.t.ppf(0.975, n - 1) * math.sqrt(0.0036 / n) < 0.05 <= stats.t.ppf(0.975, n - 2) * math.sqrt(
+        0.0036 / (n - 1))
+    assert n == 9  # t_8 x 0.06 / 3 = 0.0461 < 0.05; t_7 x 0.06 / sqrt(8) = 0.0502
+    # the speakers alone are too wide: no number of seeds decides it
+    wide = Spread("paired", 3, 0.0036, 0.0012, 0.03 ** 2, 2.0)
+    assert seeds_to_decide(0.05, wide, 0.95, 0.0, 0.01).n is None
+    assert "more test speakers" in seeds_to_decide(0.05, wide, 0.95, 0.0, 0.01).reason
+    assert "one seed" in seeds_to_decide(0.05, Spread("one seed", 1, math.nan, math.nan, 0.0, math.nan),
+                                         0.95, 0.0, 0.01).reason
 
 
 def test_p_values_small_for_real_difference_large_for_none():
@@ -388,20 +463,30 @@ def test_agreement_by_seed_matches_stats_and_bounds():
     assert same.kappa_ci_low == pytest.approx(1.0) and same.overlap_ci_low == pytest.approx(1.0)
 
 
-def test_agreement_two_level_covers_seeds_that_agree_differently():
+def test_agreement_over_seed_pairs_and_speakers_covers_seeds_that_agree_differently():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 12, 800)
     b = [np.where(rng.random(800) < 0.7, y, rng.integers(0, 12, 800)) for _ in range(3)]
     # seed 0: A copies B (kappa 1); seeds 1, 2: A independent of B (kappa ~0.5)
     a = [b[0].copy()] + [np.where(rng.random(800) < 0.7, y, rng.integers(0, 12, 800)) for _ in range(2)]
+    speakers = np.repeat(np.arange(40), 20)
     one = agreement_by_seed(a, b, y, draws=800)
-    two = agreement_by_seed(a, b, y, draws=800, resample_seeds=True)
+    two = agreement_seeds_speakers(a, b, y, clusters=speakers, unit="speakers", draws=800)
     assert two.kappa == pytest.approx(one.kappa) and two.overlap == pytest.approx(one.overlap)
+    assert two.interval == "seeds x speakers" and one.interval == "examples only: these trained models"
+    k = np.array(two.kappa_by_seed)
+    half = stats.t.ppf(0.975, 2) * math.sqrt(k.var(ddof=1) / 3 + two.kappa_spread.speaker_var)
+    assert two.kappa_ci_low == pytest.approx(k.mean() - half) and two.kappa_ci_high == 1.0  # clipped at 1
     assert two.kappa_ci_high - two.kappa_ci_low > 3 * (one.kappa_ci_high - one.kappa_ci_low)
-    assert two.kappa_ci_high == pytest.approx(1.0)  # some draws hold seed 0 three times
-    # every seed alike: resampling seeds adds nothing beyond the examples
-    same = agreement_by_seed(b, b, y, draws=200, resample_seeds=True)
-    assert same.kappa_ci_low == pytest.approx(1.0)
+    assert two.kappa_spread.n_clusters == 40 and two.kappa_spread.df == 2
+    # every seed alike: the seed level adds nothing, the interval is the speakers' alone
+    same = agreement_seeds_speakers(b, b, y, clusters=speakers, unit="speakers", draws=200)
+    assert same.kappa_ci_low == pytest.approx(1.0) and same.overlap_ci_low == pytest.approx(1.0)
+    # one seed pair: speakers only, and finding 3 does not rest on it
+    single = agreement_seeds_speakers(a[1:2], b[1:2], y, clusters=speakers, unit="speakers", draws=300)
+    assert single.caveat == ONE_SEED and single.interval == "speakers only (one seed)"
+    v = finding3_verdict([single])
+    assert v.label == "inconclusive" and ONE_SEED in v.rule
 
 
 def test_finding3_each_outcome_with_numbers():

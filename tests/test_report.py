@@ -43,9 +43,16 @@ def test_analyze_returns_the_key_numbers(analysis):
     assert f2["vote_gain"]["diff"] == pytest.approx(0.3) and f2["vote_gain"]["ci_low"] <= 0
     assert f2["per_seed"][0]["vote_test"] == 1.0 and f2["per_seed"][0]["best_member_test"] == pytest.approx(0.7)
     assert f2["per_seed"][0]["mcnemar_p"] == pytest.approx(0.25)
-    # finding 3: disjoint errors between the three uniform methods: overlap 0 with any resample
-    assert f3["own_verdict"] == "reproduced" and len(f3["pairs"]) == 3
+    # finding 3: disjoint errors between the three uniform methods: overlap 0 with any resample, but
+    # one seed bounds no training randomness: its own rule is inconclusive too, and says why
+    assert f3["own_verdict"] == "inconclusive" and len(f3["pairs"]) == 3
+    assert f3["own_rule"].startswith("inconclusive: one seed: training randomness not bounded")
     assert all(r["error_overlap"] == 0.0 and r["overlap_ci_high"] == 0.0 for r in f3["pairs"])
+    assert all(r["interval"] == "utterances only (one seed)" for r in f3["pairs"])
+    # the config copy names the synthesized ks corpus, which is not in this cache: utterances are the units
+    decision = result["decision"]
+    assert decision["resampling_unit"] == "seeds x utterances" and decision["clusters"] == 10
+    assert decision["test_speakers"] is None and "not in the cache" in decision["clusters_note"]
     names = [row["name"] for row in result["comparison"]]
     assert names[:3] == ["uniform:lora", "uniform:bitfit", "uniform:sequential"]
     assert "best darts-derived" in names and "ensemble per-method:vote" in names
@@ -60,11 +67,14 @@ def test_analyze_writes_report_tables_and_plots(analysis):
     report = (out / "report.md").read_text()
     for n in ("1", "2", "3"):
         assert f"### Finding {n}:" in report
-    assert "the finding's own rule said: inconclusive: the 95% CI of DARTS - best uniform [-0.3000, +0.3000]" in report
+    assert ("the finding's own rule said: inconclusive: one seed: training randomness not bounded: the 95% "
+            "utterances only (one seed) CI of DARTS - best uniform [-0.3000, +0.3000]") in report
+    assert "resampling unit **seeds x utterances**, 10 test utterances as units" in report
+    assert "Supporting: the paired bootstrap over test examples (examples only: these trained models)" in report
     assert "**Nothing learned**" in report
     assert "b=1, c=1, p=1.000" in report  # finding 1's supporting McNemar
     assert "seed 0: 1.0000 vs 0.7000, b=3, c=0, p=0.250" in report  # finding 2's supporting McNemar
-    assert "own rule said: reproduced: 3 of 3 pairs" in report
+    assert "own rule said: inconclusive: one seed: training randomness not bounded: the pairs' intervals" in report
     assert "## Configurations (mean over seeds" in report and "| one seed: no interval |" in report
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
@@ -104,7 +114,7 @@ def test_report_cli(ray_session, tmp_path, capsys):
     assert main(["report", str(classification_experiment()), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "finding 1" in out and "finding 2" in out and "finding 3" in out and "nothing learned" in out
-    assert out.count("  rule: ") == 3 and "own rule said: reproduced:" in " ".join(out.split())
+    assert out.count("  rule: ") == 3 and "own rule said: inconclusive: one seed:" in " ".join(out.split())
     assert all(len(line) <= 120 for line in out.splitlines())
     assert (tmp_path / "report.md").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2

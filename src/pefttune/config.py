@@ -274,11 +274,12 @@ class AnalysisSection(_Section):
     )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of every interval in the report.")
     bootstrap_draws: int = Field(2000, ge=200, description="Paired bootstrap draws per comparison.")
-    resample_seeds: bool = Field(
-        False, description="Comparisons also resample the training seeds in every draw (a two-level bootstrap; "
-        "seeds paired where both sides have the same seeds), so an interval covers what another set of training "
-        "seeds would change as well as test sampling; wider, and coarse with 3 seeds. Default: test examples "
-        "only, seeds averaged: an interval for the models as trained."
+    interval: Literal["seeds-speakers", "examples"] = Field(
+        "seeds-speakers", description="The interval every verdict is decided on. 'seeds-speakers': Student-t over "
+        "training seeds (paired where both sides share seeds) plus the variance of a cluster bootstrap over the test "
+        "speakers (utterances when the manifest has no speaker column); it covers what other seeds and other speakers "
+        "would change, and with one seed a verdict is inconclusive. 'examples': the paired bootstrap over test "
+        "examples, an interval for the models as trained (always reported as a supporting number)."
     )
     logmel_reference: bool = Field(
         True, description="Add the 'log-mel' reference: the same head on log-mel filterbank features, no SSL "

@@ -1,22 +1,30 @@
-"""The paper's three findings, decided on intervals over seeds and test examples.
+"""The paper's three findings, decided on intervals over seeds and test speakers.
 
 A *configuration* (``config_id``) is trained once per seed of ``train.seeds``; its seeds'
-per-example test results are compared with another configuration's by the paired bootstrap
-of :func:`pefttune.analysis.intervals.paired_bootstrap` (one resample of test examples
-shared by both and all their seeds, the per-seed metric averaged over seeds; CTC: edit counts
-over reference lengths). Every verdict names its rule (:mod:`pefttune.analysis.intervals`)
-and the numbers it used; an interval that straddles its threshold gives *inconclusive*.
+per-example test results are compared with another configuration's on the interval that
+``analysis.interval`` names: by default ``seeds-speakers``
+(:func:`pefttune.analysis.intervals.seeds_speakers_bootstrap`: Student-t over training seeds,
+paired where both share seeds, plus the variance of a cluster bootstrap over the test speakers
+of the manifest, :mod:`pefttune.analysis.speakers`; utterances when it names none); or
+``examples``, the paired bootstrap over test examples for the seeds that were trained, which is
+also kept next to every default interval as a supporting number ("examples only: these trained
+models").  CTC: edit counts over reference lengths.  Every verdict names its rule
+(:mod:`pefttune.analysis.intervals`) and the numbers it used; an interval that straddles its
+threshold gives *inconclusive*, and so does one seed ("training randomness not bounded"); an
+undecided finding says how many seeds per configuration its observed variance implies
+(:func:`pefttune.analysis.seeds_speakers.seeds_to_decide`).
 
 1. **DARTS vs uniform**: the best DARTS-derived configuration vs the best uniform one (both by
    mean dev over seeds): :func:`~pefttune.analysis.intervals.finding1_verdict`; inconclusive
    when the relaxation did not converge (final mean normalised entropy of alpha above
    ``darts.converged_entropy``, default 0.7).
 2. **Majority vote**: ensembles built per seed (the seed-k uniform trials, one per method,
-   vote together); gains over the seed's best member by dev, vote vs the other strategies:
-   :func:`~pefttune.analysis.intervals.finding2_verdict` (the other strategies' intervals are
-   simultaneous, Bonferroni over the family). McNemar per seed stays as a supporting number.
-3. **Different errors**: kappa and error overlap of each pair of uniform methods, paired by
-   seed, with simultaneous bootstrap intervals:
+   vote together), so they are paired by seed; gains over the seed's best member by dev, vote
+   vs the other strategies: :func:`~pefttune.analysis.intervals.finding2_verdict` (the other
+   strategies' intervals are simultaneous, Bonferroni over the family). McNemar per seed stays
+   as a supporting number.
+3. **Different errors**: kappa and error overlap of each pair of uniform methods, per seed
+   pair, with simultaneous intervals over seed pairs and speakers:
    :func:`~pefttune.analysis.intervals.finding3_verdict`.
 
 Before any verdict stands, the *nothing learned* rule: when no configuration beats the
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from typing import Any
 
@@ -38,17 +46,23 @@ from pefttune.analysis.ensemble_runner import (
     contributions, errors, load_members, majority_strategy, run_ensembles, strategies_for,
 )
 from pefttune.analysis.intervals import (
+    INTERVALS,
     Comparison,
+    PairAgreement,
     Verdict,
     agreement_by_seed,
-    ctc_agreement_by_seed,
+    agreement_seeds_speakers,
     bonferroni_confidence,
+    ctc_phoneme_examples,
     finding1_verdict,
     finding2_verdict,
     finding3_verdict,
     paired_bootstrap,
+    seeds_speakers_bootstrap,
     unless_nothing_learned,
 )
+from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
+from pefttune.analysis.speakers import test_clusters
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
 
 NOT_RUN = "not run"
@@ -102,14 +116,18 @@ def best_config(experiment: Experiment, configs: dict[str, Config], kind: str) -
 
 
 class Scorer:
-    """Per-example test results of trials and ensembles, aligned on the example index."""
+    """Per-example test results of trials and ensembles, aligned on the example index, and the
+    comparisons of the interval ``analysis.interval`` names (``seeds-speakers`` or ``examples``)."""
 
-    def __init__(self, experiment: Experiment, resample_seeds: bool = False):
+    def __init__(self, experiment: Experiment, interval: str = "seeds-speakers"):
+        if interval not in INTERVALS:
+            raise ValueError(f"analysis.interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
         self.experiment = experiment
-        self.resample_seeds = resample_seeds  # comparisons: two-level bootstrap (seeds and examples)
+        self.interval = interval
         self.ctc = experiment.task != "classification"
         self.higher_is_better = experiment.mode == "max"
         self._cache: dict[str, Any] = {}
+        self._clusters: Clusters | None = None
         self.index: np.ndarray | None = None
         self.ref: Any = None
 
@@ -118,6 +136,15 @@ class Scorer:
             self.index, self.ref = index, ref
         elif not np.array_equal(self.index, index):
             raise ValueError("trials were evaluated on different test examples; no paired comparison")
+
+    @property
+    def clusters(self) -> Clusters:
+        """The test examples' speakers (utterances when the manifest names none)."""
+        if self.index is None:
+            raise ValueError("no trial scored yet")
+        if self._clusters is None:
+            self._clusters = test_clusters(self.experiment.config, self.index)
+        return self._clusters
 
     def contributions(self, preds) -> Any:
         """Per-example correctness (classification) or (edits, reference lengths) (CTC)."""
@@ -162,21 +189,36 @@ class Scorer:
         # ties go to the smallest label, so the reference does not depend on the trials' order
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
 
-    def compare(self, a: list, b: list, confidence: float, draws: int, seed: int = 0,
-                paired: bool = False, resample_seeds: bool | None = None) -> Comparison:
-        """A - B; ``paired``: entry k of A and of B come from the same training seed (with
-        ``resample_seeds``, one seed resample then serves both).  ``resample_seeds`` None: the
-        scorer's setting."""
-        resample = self.resample_seeds if resample_seeds is None else resample_seeds
-        return paired_bootstrap(a, b, draws=draws, confidence=confidence, seed=seed,
-                                higher_is_better=self.higher_is_better, resample_seeds=resample,
-                                paired_seeds=paired and len(a) == len(b))
+    def compare(self, a: list, b: list, confidence: float, draws: int, seeds_a: list | None = None,
+                seeds_b: list | None = None, fixed_b: bool = False) -> Comparison:
+        """A - B on the scorer's interval; ``seeds_a``/``seeds_b``: each entry's training seed
+        (shared seeds are paired); ``fixed_b``: B is a deterministic reference.  A seeds x
+        speakers comparison carries the examples-only one as ``supporting``."""
+        examples = paired_bootstrap(a, b, draws=draws, confidence=confidence, higher_is_better=self.higher_is_better)
+        if self.interval == "examples":
+            return examples
+        main = seeds_speakers_bootstrap(a, b, clusters=self.clusters, seeds_a=seeds_a, seeds_b=seeds_b,
+                                        fixed_b=fixed_b, draws=draws, confidence=confidence,
+                                        higher_is_better=self.higher_is_better)
+        return replace(main, supporting=examples)
 
-    def compare_configs(self, a: Config, b: Config, confidence: float, draws: int,
-                        resample_seeds: bool | None = None) -> Comparison:
-        """Configuration A - B over all their seeds, paired by seed when both have the same seeds."""
-        return self.compare(self.config(a), self.config(b), confidence, draws, paired=a.seeds == b.seeds,
-                            resample_seeds=resample_seeds)
+    def compare_configs(self, a: Config, b: Config, confidence: float, draws: int) -> Comparison:
+        """Configuration A - B over all their seeds, paired on the seeds both have."""
+        return self.compare(self.config(a), self.config(b), confidence, draws, a.seeds, b.seeds)
+
+    def agreement(self, pa: list, pb: list, names: tuple[str, str], confidence: float, draws: int) -> PairAgreement:
+        """Kappa and error overlap of seed-paired predictions on the scorer's interval (the
+        examples-only one as ``supporting``); CTC: over aligned reference phonemes."""
+        labels, groups, units = self.ref, None, np.arange(len(self.ref))
+        if self.ctc:
+            pa, pb, labels, units = ctc_phoneme_examples(pa, pb, self.ref)
+            groups = units  # the examples-only bootstrap resamples utterances, each with its phonemes
+        examples = agreement_by_seed(pa, pb, labels, names=names, draws=draws, confidence=confidence, groups=groups)
+        if self.interval == "examples":
+            return examples
+        main = agreement_seeds_speakers(pa, pb, labels, clusters=self.clusters.ids[units], unit=self.clusters.unit,
+                                        names=names, draws=draws, confidence=confidence)
+        return replace(main, supporting=examples)
 
 
 def _cmp_dict(c: Comparison | None) -> dict | None:
@@ -184,7 +226,36 @@ def _cmp_dict(c: Comparison | None) -> dict | None:
         return None
     return {"diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p_value": c.p_value, "confidence": c.confidence,
             "mean_a": c.mean_a, "mean_b": c.mean_b, "seeds_a": c.seeds_a, "seeds_b": c.seeds_b,
-            "n_examples": c.n_examples, "method": c.method}
+            "n_examples": c.n_examples, "method": c.method, "interval": c.interval, "caveat": c.caveat,
+            "spread": asdict(c.spread) if c.spread is not None else None, "supporting": _cmp_dict(c.supporting)}
+
+
+def _supporting_text(c: Comparison) -> str:
+    s = c.supporting
+    return f" (supporting, {s.interval}: {s.ci_text()})" if s is not None else ""
+
+
+ASSUMPTION = ("assuming the true difference is the observed mean and the seed and speaker variances stay as "
+              "measured: the smallest n seeds per configuration with t_{n-1} x sqrt(seed variance / n + speaker "
+              "variance) below the distance from the mean to the threshold the interval must clear")
+
+
+def seeds_needed(items: list[tuple[str, float, Any, float, float, float]]) -> dict:
+    """Seeds per configuration to decide a finding: for each undecided interval ``(name,
+    estimate, spread, confidence, low, high)`` (deciding = lying above ``low`` or below
+    ``high``), :func:`~pefttune.analysis.seeds_speakers.seeds_to_decide`; the finding needs the
+    largest n (every such interval cleared), None when one of them cannot be decided by seeds."""
+    rows = []
+    for name, estimate, spread, confidence, low, high in items:
+        need = seeds_to_decide(estimate, spread, confidence, low, high)
+        rows.append({"interval": name, "n": need.n, "gap": need.gap, "reason": need.reason})
+    ns = [r["n"] for r in rows]
+    n = max(ns) if rows and all(x is not None for x in ns) else None
+    return {"n": n, "intervals": rows, "assumption": ASSUMPTION}
+
+
+def _undecided(c: Comparison, low: float, high: float) -> bool:
+    return not (c.lies_above(low) or c.lies_below(high))
 
 
 def _verdict_dict(v: Verdict) -> dict:
@@ -241,13 +312,11 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
         out["discrete_vs_uniform"] = _cmp_dict(
             scorer.compare_configs(discrete, uniform, confidence, draws))
     out["text"] = (f"Best DARTS-derived `{darts.config_id}` ({darts.placement_short}, seeds {darts.seeds}) minus "
-                   f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} "
-                   f"(test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}).")
-    if scorer.resample_seeds and len(darts.seeds) > 1:  # supporting: these trained models
-        fixed = scorer.compare_configs(darts, uniform, confidence, draws, resample_seeds=False)
-        out["comparison_these_seeds"] = _cmp_dict(fixed)
-        out["text"] += (f" For these trained seeds alone (test examples resampled, seeds fixed, so not what "
-                        f"another set of seeds would give): {fixed.ci_text()}.")
+                   f"best uniform `{uniform.config_id}` (seeds {uniform.seeds}): {cmp.ci_text()} ({cmp.interval}; "
+                   f"test {experiment.metric} {cmp.mean_a:.4f} vs {cmp.mean_b:.4f}){_supporting_text(cmp)}.")
+    if verdict.label == "inconclusive" and convergence.get("converged"):
+        out["seeds_needed"] = seeds_needed([("DARTS - best uniform", cmp.diff, cmp.spread, cmp.confidence, 0.0,
+                                             margin)])
     out["derived_is_uniform"] = darts.placement_short == uniform.placement_short
     if out["derived_is_uniform"]:  # the same placement trained with the same seeds: the difference is 0 by design
         out["text"] += (" DARTS derived the best uniform placement itself, so this compares one configuration with "
@@ -304,19 +373,30 @@ def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer
         return _not_run(2, claim, f"the majority vote ({vote}) was not computed")
     others = [s for s in ens if s != vote]
     family = bonferroni_confidence(confidence, max(1, len(others)))
-    # entry k of every list is seed k's ensemble or best member: paired by seed
-    vote_gain = scorer.compare(ens[vote], best, confidence, draws, paired=True)
-    other_gains = {s: scorer.compare(ens[s], best, family, draws, paired=True) for s in others}
-    vote_vs_others = {s: scorer.compare(ens[s], ens[vote], family, draws, paired=True) for s in others}
+    seeds = list(by_seed)  # entry k of every list is seed k's ensemble or best member: paired by seed
+
+    def compare(a: list, b: list, level: float) -> Comparison:
+        return scorer.compare(a, b, level, draws, seeds, seeds)
+
+    vote_gain = compare(ens[vote], best, confidence)
+    other_gains = {s: compare(ens[s], best, family) for s in others}
+    vote_vs_others = {s: compare(ens[s], ens[vote], family) for s in others}
     verdict = finding2_verdict(vote_gain, other_gains, vote_vs_others, margin, family_confidence=confidence)
     text = (f"Per seed ({len(by_seed)} seeds), the {len(next(iter(by_seed.values())))} uniform trials vote together; "
-            f"majority vote ({vote}) minus its best member by dev: {vote_gain.ci_text()}. "
-            "Other strategies (gain over the best member; simultaneous intervals): "
-            + ", ".join(f"{s} {c.ci_text()}" for s, c in other_gains.items()) + ".")
-    return {"finding": 2, "claim": claim, **_verdict_dict(verdict), "majority_strategy": vote, "text": text,
-            "vote_gain": _cmp_dict(vote_gain), "other_gains": {s: _cmp_dict(c) for s, c in other_gains.items()},
-            "vote_vs_others": {s: _cmp_dict(c) for s, c in vote_vs_others.items()}, "per_seed": per_seed,
-            "family_confidence": family}
+            f"majority vote ({vote}) minus its best member by dev: {vote_gain.ci_text()} ({vote_gain.interval})"
+            f"{_supporting_text(vote_gain)}. Other strategies (gain over the best member; simultaneous intervals): "
+            + ", ".join(f"{s} {c.ci_text()}{_supporting_text(c)}" for s, c in other_gains.items()) + ".")
+    out = {"finding": 2, "claim": claim, **_verdict_dict(verdict), "majority_strategy": vote, "text": text,
+           "vote_gain": _cmp_dict(vote_gain), "other_gains": {s: _cmp_dict(c) for s, c in other_gains.items()},
+           "vote_vs_others": {s: _cmp_dict(c) for s, c in vote_vs_others.items()}, "per_seed": per_seed,
+           "family_confidence": family}
+    if verdict.label == "inconclusive":
+        family_items = {**({} if vote_gain.lies_above(0.0) else {f"{s} gain": c for s, c in other_gains.items()}),
+                        **{f"{s} - vote": c for s, c in vote_vs_others.items()}}
+        items = {"vote gain": vote_gain, **family_items}
+        out["seeds_needed"] = seeds_needed([(name, c.diff, c.spread, c.confidence, 0.0, margin)
+                                            for name, c in items.items() if _undecided(c, 0.0, margin)])
+    return out
 
 
 def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,
@@ -334,26 +414,55 @@ def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: S
             continue
         pa = [scorer.preds(next(t for t in a.trials if t.seed == s)) for s in seeds]
         pb = [scorer.preds(next(t for t in b.trials if t.seed == s)) for s in seeds]
-        agreement = ctc_agreement_by_seed if scorer.ctc else agreement_by_seed
-        pair = agreement(pa, pb, scorer.ref, names=(a.config_id, b.config_id), draws=draws, confidence=family,
-                         resample_seeds=scorer.resample_seeds)
+        pair = scorer.agreement(pa, pb, (a.config_id, b.config_id), family, draws)
         pairs.append(pair)
-        rows.append({"a": a.config_id, "b": b.config_id, "seeds": len(seeds), "kappa": pair.kappa,
-                     "kappa_ci_low": pair.kappa_ci_low, "kappa_ci_high": pair.kappa_ci_high,
-                     "error_overlap": pair.overlap, "overlap_ci_low": pair.overlap_ci_low,
-                     "overlap_ci_high": pair.overlap_ci_high, "confidence": family})
+        rows.append(_pair_row(pair, family))
     if not pairs:
         return _not_run(3, claim, "no pair of uniform methods shares a seed"), []
     verdict = finding3_verdict(pairs, family_confidence=confidence)
     units = ("reference phonemes (each hypothesis aligned to its reference by Levenshtein; a phoneme is an error "
-             "when substituted or deleted, insertions are not counted; utterances resampled)" if scorer.ctc
-             else "test examples")
+             "when substituted or deleted, insertions are not counted)" if scorer.ctc else "test examples")
     text = (f"{len(pairs)} pairs of uniform methods, paired by seed; kappa and error overlap (Jaccard of the error "
-            f"sets) over {units}, with simultaneous {family:.1%} intervals: "
+            f"sets) over {units}, with simultaneous {family:.1%} {pairs[0].interval} intervals: "
             + "; ".join(f"{r['a']}/{r['b']} kappa {r['kappa']:.3f} [{r['kappa_ci_low']:.3f}, {r['kappa_ci_high']:.3f}], "
                         f"overlap {r['error_overlap']:.3f} [{r['overlap_ci_low']:.3f}, {r['overlap_ci_high']:.3f}]"
-                        for r in rows) + ".")
-    return {"finding": 3, "claim": claim, **_verdict_dict(verdict), "text": text, "pairs": rows}, rows
+                        + _pair_supporting(r) for r in rows) + ".")
+    out = {"finding": 3, "claim": claim, **_verdict_dict(verdict), "text": text, "pairs": rows}
+    if verdict.label == "inconclusive":
+        out["seeds_needed"] = seeds_needed(_pair_items(pairs))
+    return out, rows
+
+
+def _pair_row(pair: PairAgreement, family: float) -> dict:
+    row = {"a": pair.a, "b": pair.b, "seeds": pair.seeds, "kappa": pair.kappa,
+           "kappa_ci_low": pair.kappa_ci_low, "kappa_ci_high": pair.kappa_ci_high,
+           "error_overlap": pair.overlap, "overlap_ci_low": pair.overlap_ci_low,
+           "overlap_ci_high": pair.overlap_ci_high, "confidence": family, "interval": pair.interval,
+           "caveat": pair.caveat}
+    s = pair.supporting
+    if s is not None:
+        row.update({"supporting_interval": s.interval, "supporting_kappa_ci": [s.kappa_ci_low, s.kappa_ci_high],
+                    "supporting_overlap_ci": [s.overlap_ci_low, s.overlap_ci_high]})
+    return row
+
+
+def _pair_supporting(row: dict) -> str:
+    if "supporting_interval" not in row:
+        return ""
+    k, o = row["supporting_kappa_ci"], row["supporting_overlap_ci"]
+    return f" (supporting, {row['supporting_interval']}: kappa [{k[0]:.3f}, {k[1]:.3f}], overlap [{o[0]:.3f}, {o[1]:.3f}])"
+
+
+def _pair_items(pairs: list[PairAgreement], threshold: float = 0.8) -> list[tuple]:
+    """The undecided kappa and overlap intervals of finding 3 (threshold 0.8 on both)."""
+    items = []
+    for p in pairs:
+        for stat, est, low, high, spread in (("kappa", p.kappa, p.kappa_ci_low, p.kappa_ci_high, p.kappa_spread),
+                                             ("overlap", p.overlap, p.overlap_ci_low, p.overlap_ci_high,
+                                              p.overlap_spread)):
+            if not (high < threshold or low >= threshold):
+                items.append((f"{p.a}/{p.b} {stat}", est, spread, p.confidence, threshold, threshold))
+    return items
 
 
 def references(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,
@@ -361,7 +470,7 @@ def references(experiment: Experiment, configs: dict[str, Config], scorer: Score
     """What PEFT and the SSL encoder add: every configuration vs the trivial reference (the
     nothing-learned gate), and the best uniform configuration vs the frozen and log-mel rows."""
     trivial = scorer.trivial()
-    vs_trivial = {cid: scorer.compare(scorer.config(c), trivial, confidence, draws)
+    vs_trivial = {cid: scorer.compare(scorer.config(c), trivial, confidence, draws, c.seeds, fixed_b=True)
                   for cid, c in configs.items() if c.kind not in REFERENCE_KINDS}
     out = {"vs_trivial": vs_trivial}
     uniform = best_config(experiment, configs, "uniform")
@@ -385,12 +494,25 @@ def hybrid_row(experiment: Experiment, configs: dict[str, Config], comparison: d
             "uniform": uniform.config_id, "uniform_params": uniform.trainable_params, **comparison}
 
 
+def _units(scorer: Scorer) -> dict:
+    """What the intervals resample: ``resampling_unit`` ("seeds x speakers", "seeds x utterances"
+    or "examples"), the number of test speakers and clusters, and why the unit is utterances."""
+    if scorer.index is None:
+        return {"resampling_unit": None, "test_speakers": None, "clusters": None, "clusters_note": ""}
+    if scorer.interval == "examples":
+        return {"resampling_unit": "examples", "test_speakers": None, "clusters": int(scorer.index.size),
+                "clusters_note": ""}
+    c = scorer.clusters
+    return {"resampling_unit": c.label, "test_speakers": c.n_speakers if c.unit == "speakers" else None,
+            "clusters": c.count, "clusters_note": c.note}
+
+
 def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.95, draws: int = 2000,
-           converged_entropy: float = 0.7, alpha=None, resample_seeds: bool = False) -> dict:
+           converged_entropy: float = 0.7, alpha=None, interval: str = "seeds-speakers") -> dict:
     """All three findings with their rules, the reference comparisons and the nothing-learned gate.
-    ``resample_seeds``: every comparison resamples seeds as well as test examples."""
+    ``interval`` (``analysis.interval``): ``seeds-speakers`` (default) or ``examples``."""
     configs = configurations(experiment)
-    scorer = Scorer(experiment, resample_seeds)
+    scorer = Scorer(experiment, interval)
     convergence = darts_convergence(alpha, converged_entropy)
     findings = {
         "1": finding_darts(experiment, configs, scorer, convergence, margin, confidence, draws),
@@ -421,7 +543,8 @@ def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.9
         "margin": margin,
         "confidence": confidence,
         "draws": draws,
-        "resample_seeds": resample_seeds,
+        "interval": interval,
+        **_units(scorer),
         "pairs": pairs,
         "references": refs_out,
         "configs": {cid: {"kind": c.kind, "seeds": c.seeds, "dev_mean": c.dev_mean, "trials": [t.trial_id for t in c.trials]}

@@ -1,21 +1,35 @@
-"""Intervals over seeds and test examples, paired tests, and the finding verdict rules.
+"""Intervals over seeds, speakers and test examples, paired tests, and the finding verdict rules.
 
-One concept, one module (about 520 lines): the verdict rules are stated in full in their
-docstrings, next to the intervals they read, so a reader checks a rule in one place.
+One concept, one module: the verdict rules are stated in full in their docstrings, next to the
+intervals they read, so a reader checks a rule in one place.
 
-Numpy only, plus scipy's Student-t quantile (scipy is a runtime dependency).  Sources, as in
-``shared/reference/statistics.md``: Koehn (EMNLP 2004) and Bisani & Ney (ICASSP 2004), paired
-bootstrap over test examples with one resample for both systems, percentile interval, and for
-error rates summed edits over summed reference lengths; Agarwal et al. (NeurIPS 2021), stratified
-bootstrap over few runs; Dror et al. (ACL 2018), bootstrap and permutation tests for paired
+The default interval of a comparison (``analysis.interval: seeds-speakers``,
+:func:`seeds_speakers_bootstrap`) covers what the findings are about: training randomness and
+new speakers.  Each seed's difference is taken on the whole test set; the seed level is a
+Student-t interval over seeds (paired by training seed where both sides share seeds, Welch
+otherwise), because a bootstrap over 3 seeds cannot see the tails and undercovers; the speaker
+level adds the variance of a cluster bootstrap over test speakers (utterances when the manifest
+names no speakers).  The maths and why: :mod:`pefttune.analysis.seeds_speakers`; the coverage,
+measured by simulation: ``tests/test_interval_coverage.py``.  With one seed the interval covers
+speakers only and every verdict that rests on it is *inconclusive* ("one seed: training
+randomness not bounded").  The paired bootstrap over test examples (:func:`paired_bootstrap`,
+``analysis.interval: examples``) stays as a supporting number: it says how sure we are about
+these trained models, not about the methods.
+
+Numpy only, plus scipy's Student-t quantile.  Sources, as in ``shared/reference/statistics.md``:
+Koehn (EMNLP 2004) and Bisani & Ney (ICASSP 2004), paired bootstrap over test examples with one
+resample for both systems and, for error rates, summed edits over summed reference lengths;
+Field & Welsh (JRSS-B 2007), bootstrapping clustered data; Colas et al. (2018) and Agarwal et al.
+(NeurIPS 2021) on few runs; Dror et al. (ACL 2018), bootstrap and permutation tests for paired
 systems and Holm's correction (Holm, Scand. J. Stat. 1979); Bouthillier et al. (MLSys 2021) and
 Dodge et al. (2020), why results are compared over seeds.
 
 Verdicts decide on intervals, never on p-values alone: "no better" needs the interval below a
 margin delta; an interval that straddles its threshold gives "inconclusive"; a comparison among
-models that learned nothing is "inconclusive".  A rule over a *family* of intervals ("some", "no"
-or "most" of m comparisons) requires simultaneous intervals, built at
-``bonferroni_confidence(family_confidence, m)``; Holm-adjusted p-values go to ``details``.
+models that learned nothing is "inconclusive"; an interval with a caveat (one seed) gives
+"inconclusive".  A rule over a *family* of intervals ("some", "no" or "most" of m comparisons)
+requires simultaneous intervals, built at ``bonferroni_confidence(family_confidence, m)`` (for
+the t-based interval: Bonferroni on the t quantile); Holm-adjusted p-values go to ``details``.
 """
 
 from __future__ import annotations
@@ -23,20 +37,28 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy.special import stdtrit
 
+from pefttune.analysis.seeds_speakers import (
+    ONE_SEED, Clusters, Spread, cluster_counts, cluster_sums, seed_level, t_interval,
+)
 from pefttune.metrics import align_corpus
 
 __all__ = [
-    "Comparison", "PairAgreement", "SeedSummary", "Verdict", "agreement_by_seed",
-    "bonferroni_confidence", "ctc_agreement_by_seed", "finding1_verdict", "finding2_verdict", "finding3_verdict",
-    "holm", "nothing_learned", "paired_bootstrap", "paired_permutation", "seed_summary",
-    "unless_nothing_learned",
+    "EXAMPLES_ONLY", "INTERVALS", "Comparison", "PairAgreement", "SeedSummary", "Verdict", "agreement_by_seed",
+    "agreement_seeds_speakers", "bonferroni_confidence", "ctc_agreement_by_seed", "ctc_phoneme_examples",
+    "finding1_verdict", "finding2_verdict", "finding3_verdict", "holm", "nothing_learned", "paired_bootstrap",
+    "paired_permutation", "seed_summary", "seeds_speakers_bootstrap", "unless_nothing_learned",
 ]
+
+#: The settings of ``analysis.interval``: the default over seeds and speakers, or test examples only.
+INTERVALS = ("seeds-speakers", "examples")
+#: The label of today's paired bootstrap over test examples, a statement about the trained models.
+EXAMPLES_ONLY = "examples only: these trained models"
 
 _CHUNK_CELLS = 2_000_000  # draws x examples per chunk of the resampling matrix
 _NAN = float("nan")
@@ -109,6 +131,11 @@ class Comparison:
     ``diff`` is A's advantage in the better direction: ``mean_a - mean_b`` when higher is
     better, ``mean_b - mean_a`` when lower is better (error rates), so ``diff > 0`` always
     means "A is better"; ``ci_low``/``ci_high`` and ``p_value`` refer to ``diff``.
+    ``interval`` names what the interval covers ("seeds x speakers", "seeds x utterances",
+    "speakers only (one seed)", :data:`EXAMPLES_ONLY`); ``caveat`` is set when a verdict must
+    not rest on it (:data:`~pefttune.analysis.seeds_speakers.ONE_SEED`); ``spread`` holds the
+    seed and speaker variances of a seeds x speakers interval; ``supporting`` the examples-only
+    interval of the same difference.
     """
     diff: float
     ci_low: float
@@ -122,6 +149,10 @@ class Comparison:
     mean_b: float = _NAN
     confidence: float = 0.95
     higher_is_better: bool = True
+    interval: str = EXAMPLES_ONLY
+    caveat: str = ""
+    spread: Spread | None = None
+    supporting: "Comparison | None" = None
 
     def lies_below(self, threshold: float) -> bool:
         """The whole interval is below ``threshold`` (``ci_high < threshold``)."""
@@ -175,25 +206,34 @@ def _pair_runs(a: Any, b: Any):
     return na, da, nb, db, ka
 
 
-def _counts(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """(rows, n) multiplicities of ``rows`` resamples of n indices with replacement."""
-    idx = rng.integers(0, n, size=(rows, n), dtype=np.int64)
-    idx += (np.arange(rows, dtype=np.int64) * n)[:, None]
-    w = np.zeros((rows, n))
-    np.add.at(w.reshape(-1), idx.reshape(-1), 1.0)
-    return w
-
-
-def _seed_avg(w: np.ndarray, num: np.ndarray, den: np.ndarray, seed_w: np.ndarray | None) -> np.ndarray:
+def _seed_avg(w: np.ndarray, num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """(draws,): the seed-averaged metric on each resample; ``w`` (draws, units), num/den (seeds, units)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_seed = (w @ num.T) / (w @ den.T)  # (draws, seeds): each seed's metric on each resample
-    return per_seed.mean(axis=1) if seed_w is None else (per_seed * seed_w).sum(axis=1)
+        return ((w @ num.T) / (w @ den.T)).mean(axis=1)  # (draws, seeds): each seed's metric, then the mean
+
+
+def _resampled_diffs(sides, n_units: int, draws: int, seed: int, sign: float) -> np.ndarray:
+    """(draws,) A - B (signed) over resamples of ``n_units`` units, one resample for both sides
+    and all their seeds; ``sides`` = (num_a, den_a, num_b, den_b), each (seeds, units)."""
+    na, da, nb, db = sides
+    rng, out = np.random.default_rng(seed), np.empty(draws)
+    chunk = max(1, _CHUNK_CELLS // n_units)
+    for start in range(0, draws, chunk):
+        w = cluster_counts(rng, min(chunk, draws - start), n_units)
+        out[start:start + w.shape[0]] = sign * (_seed_avg(w, na, da) - _seed_avg(w, nb, db))
+    return out
+
+
+def _shifted_p(out: np.ndarray, diff: float) -> float:
+    out = out[np.isfinite(out)]
+    tol = 1e-12 * max(1.0, abs(diff))
+    return (1 + int(np.sum(np.abs(out - diff) >= abs(diff) - tol))) / (out.size + 1)
 
 
 def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0.95, seed: int = 0,
-                     higher_is_better: bool = True, resample_seeds: bool = False,
-                     paired_seeds: bool = False) -> Comparison:
-    """Paired bootstrap of A - B over test examples, averaged over seeds.
+                     higher_is_better: bool = True) -> Comparison:
+    """Paired bootstrap of A - B over test examples, averaged over seeds: an interval for these
+    trained models (:data:`EXAMPLES_ONLY`), not for the methods across training randomness.
 
     Method (Koehn 2004; Bisani & Ney 2004): ``a`` and ``b`` are lists, one entry per seed (the
     counts may differ), each over the SAME test examples in the same order: a 1-D array of
@@ -201,12 +241,7 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
     (CTC: edit counts and reference lengths; metric = sum(num) / sum(den), never a mean of
     per-utterance rates).  Each draw resamples example indices with replacement, ONE resample
     shared by A, B and all their seeds, computes each seed's metric on it, averages over A's
-    seeds and over B's seeds, and records the difference.  ``resample_seeds=True`` also
-    resamples seeds with replacement within A and within B in each draw (a two-level,
-    stratified bootstrap in the style of Agarwal et al. 2021).  ``paired_seeds=True`` (with
-    ``resample_seeds``) says seed k of A and seed k of B belong together (the same training
-    seed, or the same seed's ensemble members): one seed resample is then shared by A and B, so
-    the interval covers the seed-to-seed spread of the *difference*, not of each side.
+    seeds and over B's seeds, and records the difference.
 
     Point estimate: the same difference on the full set.  Interval: percentile, ``np.quantile``
     at ``(1 -+ confidence) / 2``.  p-value, two-sided, shifted null: the bootstrap distribution
@@ -217,31 +252,93 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
     confidence, draws = _check_confidence(confidence), _check_draws(draws)
     na, da, nb, db, kind = _pair_runs(a, b)
     (sa, n), sb = na.shape, nb.shape[0]
-    if resample_seeds and paired_seeds and sa != sb:
-        raise ValueError(f"paired_seeds needs as many seeds in a as in b (a has {sa}, b has {sb})")
     sign = 1.0 if higher_is_better else -1.0
     mean_a, mean_b = float(np.mean(na.sum(1) / da.sum(1))), float(np.mean(nb.sum(1) / db.sum(1)))
     diff = sign * (mean_a - mean_b)
-    rng = np.random.default_rng(seed)
-    out = np.empty(draws)
-    chunk = max(1, _CHUNK_CELLS // n)
-    for start in range(0, draws, chunk):
-        rows = min(chunk, draws - start)
-        w = _counts(rng, rows, n)
-        wa = _counts(rng, rows, sa) / sa if resample_seeds else None
-        wb = (wa if paired_seeds else _counts(rng, rows, sb) / sb) if resample_seeds else None
-        out[start:start + rows] = sign * (_seed_avg(w, na, da, wa) - _seed_avg(w, nb, db, wb))
+    out = _resampled_diffs((na, da, nb, db), n, draws, seed, sign)
     low, high = _percentile_ci(out, confidence)
-    out = out[np.isfinite(out)]
-    tol = 1e-12 * max(1.0, abs(diff))
-    p = (1 + int(np.sum(np.abs(out - diff) >= abs(diff) - tol))) / (out.size + 1)
-    level = ("examples, seeds averaged" if not resample_seeds else
-             "examples and paired seeds (two-level)" if paired_seeds else "examples and seeds (two-level)")
-    method = (f"paired bootstrap over {level}, {draws} draws, metric "
+    method = (f"paired bootstrap over examples, seeds averaged, {draws} draws, metric "
               f"{'sum(num)/sum(den)' if kind == 'ratio' else 'mean'}; {_pct(confidence)} percentile CI; "
               f"shifted-null two-sided p")
-    return Comparison(diff, low, high, float(p), method, n, sa, sb, mean_a, mean_b, confidence,
-                      bool(higher_is_better))
+    return Comparison(diff, low, high, float(_shifted_p(out, diff)), method, n, sa, sb, mean_a, mean_b,
+                      confidence, bool(higher_is_better))
+
+
+def _pairing(seeds_a: Sequence | None, seeds_b: Sequence | None, n_a: int, n_b: int,
+             fixed_b: bool) -> tuple[list[int], list[int], str]:
+    """(rows of A, rows of B, pairing) of the seed level; see :func:`seeds_speakers_bootstrap`."""
+    if fixed_b:
+        if n_b != 1:
+            raise ValueError(f"fixed_b: b must be one deterministic reference, got {n_b} entries")
+        return list(range(n_a)), [0] * n_a, "fixed reference" if n_a > 1 else "one seed"
+    for name, ids, n in (("seeds_a", seeds_a, n_a), ("seeds_b", seeds_b, n_b)):
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"{name} must name the seed of each of the {n} entries of its side; got {list(ids)}")
+    both = seeds_a is not None and seeds_b is not None
+    shared = list(dict.fromkeys(s for s in seeds_a if s is not None and s in set(seeds_b))) if both else []
+    rows = ([list(seeds_a).index(s) for s in shared], [list(seeds_b).index(s) for s in shared])
+    if len(shared) >= 2:
+        return rows[0], rows[1], "paired"
+    if n_a >= 2 and n_b >= 2:
+        return list(range(n_a)), list(range(n_b)), "Welch"
+    return (rows if shared else (list(range(n_a)), list(range(n_b)))) + ("one seed",)
+
+
+def _check_clusters(clusters: Clusters | None, n: int) -> Clusters:
+    clusters = Clusters.utterances(n) if clusters is None else clusters
+    if clusters.ids.shape != (n,):
+        raise ValueError(f"clusters must give one cluster per test example: {clusters.ids.size} for {n} examples")
+    return clusters
+
+
+def seeds_speakers_bootstrap(a: Any, b: Any, *, clusters: Clusters | None = None, seeds_a: Sequence | None = None,
+                             seeds_b: Sequence | None = None, fixed_b: bool = False, draws: int = 2000,
+                             confidence: float = 0.95, seed: int = 0, higher_is_better: bool = True) -> Comparison:
+    """A - B over training seeds (Student-t) and test speakers (cluster bootstrap variance).
+
+    ``a``, ``b``: as in :func:`paired_bootstrap`.  ``clusters``: the test examples' speakers
+    (:class:`~pefttune.analysis.seeds_speakers.Clusters`; None: every example its own cluster).
+    ``seeds_a``/``seeds_b`` name each entry's training seed: the seeds both sides have (at least
+    2) are paired, the others left out; otherwise Welch over all seeds of each side.
+    ``fixed_b``: B is one deterministic reference (the trivial majority label, all blank), paired
+    with every seed of A.  With fewer than 2 seeds on a side (or in the pairing) the seed level
+    cannot be bounded: the percentile interval of the speaker bootstrap alone, with the caveat
+    :data:`~pefttune.analysis.seeds_speakers.ONE_SEED`.
+
+    Estimate: A's mean over the seeds used minus B's; SE^2 = seed level + V_spk, V_spk the
+    variance of the seed-averaged difference over cluster resamples (one resample for both sides
+    and all their seeds; CTC: edit counts and reference lengths summed per cluster); interval
+    ``estimate +- t_{df, (1 + confidence)/2} SE``; p from the same t.  See
+    :mod:`pefttune.analysis.seeds_speakers` for why.
+    """
+    confidence, draws = _check_confidence(confidence), _check_draws(draws)
+    na, da, nb, db, kind = _pair_runs(a, b)
+    clusters = _check_clusters(clusters, na.shape[1])
+    ra, rb, pairing = _pairing(seeds_a, seeds_b, na.shape[0], nb.shape[0], fixed_b)
+    sign = 1.0 if higher_is_better else -1.0
+    ma, mb = (na.sum(1) / da.sum(1))[ra], (nb.sum(1) / db.sum(1))[rb]
+    k = clusters.count
+    sums = [cluster_sums(x[rows], clusters.ids, k) for x, rows in ((na, ra), (da, ra), (nb, rb), (db, rb))]
+    star = _resampled_diffs(sums, k, draws, seed, sign)
+    finite = star[np.isfinite(star)]
+    v_spk = float(finite.var(ddof=1)) if finite.size > 1 else _NAN
+    metric = "sum(num)/sum(den) per cluster" if kind == "ratio" else "mean"
+    if pairing == "one seed":
+        est = sign * float(ma.mean() - mb.mean())
+        low, high = _percentile_ci(star, confidence)
+        spread = Spread("one seed", min(len(ra), len(rb)), _NAN, _NAN, v_spk, _NAN, k)
+        method = (f"cluster bootstrap over {k} {clusters.unit} only ({draws} draws, metric {metric}); "
+                  f"{_pct(confidence)} percentile CI; {ONE_SEED}")
+        return Comparison(est, low, high, float(_shifted_p(star, est)), method, na.shape[1], na.shape[0],
+                          nb.shape[0], float(ma.mean()), float(mb.mean()), confidence, bool(higher_is_better),
+                          f"{clusters.unit} only (one seed)", ONE_SEED, spread)
+    est, spread = seed_level(sign * ma, sign * mb, pairing)
+    spread = replace(spread, speaker_var=v_spk, n_clusters=k)
+    low, high, p = t_interval(est, spread, confidence)
+    method = (f"t over {spread.n_seeds} seeds ({pairing}, df {spread.df:.3g}) + cluster bootstrap variance over "
+              f"{k} {clusters.unit} ({draws} draws, metric {metric}); {_pct(confidence)} t interval")
+    return Comparison(est, low, high, p, method, na.shape[1], na.shape[0], nb.shape[0], float(ma.mean()),
+                      float(mb.mean()), confidence, bool(higher_is_better), clusters.label, "", spread)
 
 
 def paired_permutation(a: Any, b: Any, *, draws: int = 5000, seed: int = 0) -> float:
@@ -319,6 +416,7 @@ def finding1_verdict(comparison: Comparison, margin: float, converged: bool) -> 
 
     ``comparison`` = DARTS - best uniform (``diff > 0``: DARTS better); delta = ``margin``.  In order:
     * relaxation not converged -> "inconclusive" (the derived placement is an argmax over noise);
+    * the interval has a caveat (one seed) -> "inconclusive", the caveat stated;
     * ``ci_low > 0`` -> "not reproduced" (DARTS better; also when ``ci_high < +delta``: a
       significant gain is reported as one even when it is smaller than delta);
     * ``ci_high < +delta`` -> "reproduced" (DARTS is not better by delta or more);
@@ -328,16 +426,29 @@ def finding1_verdict(comparison: Comparison, margin: float, converged: bool) -> 
     dm = f"+{margin:.4f}"
     details = {"diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "margin": margin,
                "confidence": c.confidence, "converged": bool(converged), "p_value": c.p_value}
-    head = f"the {_pct(c.confidence)} CI of DARTS - best uniform {c.ci_text()} (diff {c.diff:+.4f})"
+    head = f"the {_ci_name(c)} of DARTS - best uniform {c.ci_text()} (diff {c.diff:+.4f})"
     if not converged:
         return Verdict("inconclusive", f"inconclusive: the DARTS relaxation did not converge, so the derived "
                        f"placement is not a search result; {head} is not used (delta = {dm})", details)
+    if c.caveat:
+        return Verdict("inconclusive", f"inconclusive: {c.caveat}: {head} covers test sampling only "
+                       f"(delta = {dm})", {**details, "caveat": c.caveat})
     if c.lies_above(0.0):
         extra = f", though by less than delta = {dm}" if c.lies_below(margin) else ""
         return Verdict("not reproduced", f"not reproduced: {head} lies above 0: DARTS is better{extra}", details)
     if c.lies_below(margin):
         return Verdict("reproduced", f"reproduced: {head} lies below +delta = {dm}", details)
     return Verdict("inconclusive", f"inconclusive: {head} is neither below +delta = {dm} nor above 0", details)
+
+
+def _ci_name(c: Comparison) -> str:
+    """e.g. "95% seeds x speakers CI": the confidence and what the interval covers."""
+    return f"{_pct(c.confidence)} {c.interval} CI"
+
+
+def _caveat(items: Sequence[Any]) -> str:
+    """The first caveat among intervals (comparisons or pair agreements), "" when none."""
+    return next((x.caveat for x in items if getattr(x, "caveat", "")), "")
 
 
 def _cis(d: Mapping[str, Comparison], names: Sequence[str] | None = None) -> str:
@@ -359,6 +470,7 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
     better, as the issue's rule says).  "No strategy beats the vote" is also a claim of *no
     better*, which needs the margin (a non-significant difference is not evidence of none), so
     "reproduced" asks for both.  In order (delta = ``margin``):
+    * an interval with a caveat (one seed) -> "inconclusive", the caveat stated;
     * vote ``ci_low > 0``, no strategy - vote ``ci_low > 0`` and every strategy - vote
       ``ci_high < +delta`` -> "reproduced";
     * vote ``ci_low > 0`` and some strategy beats the vote -> "partly reproduced" (ensembles
@@ -382,7 +494,12 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
     details = {"vote_gain": (v.diff, v.ci_low, v.ci_high), "margin": margin, "beats_vote": beat,
                "not_within_margin_of_vote": not_within, "gain_above_0": helped, **triples,
                "vote_vs_others_holm_p": dict(zip(vote_vs_others, holm_p))}
-    vtext = f"the vote's {_pct(v.confidence)} gain CI over its best member {v.ci_text()}"
+    vtext = f"the vote's {_ci_name(v)} of its gain over its best member {v.ci_text()}"
+    caveat = _caveat([v, *other_gains.values(), *vote_vs_others.values()])
+    if caveat:
+        return Verdict("inconclusive", f"inconclusive: {caveat}: {vtext} and the strategies' intervals "
+                       f"(strategy - vote: {_cis(vote_vs_others)}) cover test sampling only",
+                       {**details, "caveat": caveat})
     if v.lies_above(0.0) and not beat and not not_within:
         return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy beats the vote, nor is "
                        f"better than it by delta = {dm} or more (strategy - vote CIs, simultaneous, none above 0, "
@@ -413,9 +530,11 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
 
 @dataclass(frozen=True)
 class PairAgreement:
-    """Two methods on the same examples, averaged over paired seeds, with bootstrap intervals:
-    ``kappa`` (Cohen's kappa of the predicted labels) and ``overlap`` (Jaccard overlap of the
-    error sets: #both wrong / #either wrong)."""
+    """Two methods on the same examples, averaged over paired seeds, with intervals: ``kappa``
+    (Cohen's kappa of the predicted labels) and ``overlap`` (Jaccard overlap of the error sets:
+    #both wrong / #either wrong).  ``interval``, ``caveat`` and ``supporting`` as in
+    :class:`Comparison`; ``kappa_spread``/``overlap_spread``: the seed and speaker variances of a
+    seeds x speakers interval."""
     a: str
     b: str
     kappa: float
@@ -429,6 +548,11 @@ class PairAgreement:
     confidence: float = 0.95
     kappa_by_seed: tuple = ()
     overlap_by_seed: tuple = ()
+    interval: str = EXAMPLES_ONLY
+    caveat: str = ""
+    kappa_spread: Spread | None = None
+    overlap_spread: Spread | None = None
+    supporting: "PairAgreement | None" = None
 
 
 def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -454,39 +578,23 @@ def _agreement(w: np.ndarray, ca: np.ndarray, cb: np.ndarray, y: np.ndarray):
     return kappa, overlap
 
 
-def _nanmean(rows: list) -> np.ndarray:
+def _nanmean(rows: Any, axis: int = 0) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # every seed undefined -> NaN
-        return np.nanmean(np.asarray(rows, dtype=float), axis=0)
+        return np.nanmean(np.asarray(rows, dtype=float), axis=axis)
 
 
-def _seed_weighted_mean(rows: list, weights: np.ndarray | None) -> np.ndarray:
-    """Mean over seeds of ``rows`` (one (draws,) array per seed), NaN seeds skipped; ``weights``
-    (draws, seeds): each draw's seed multiplicities (a two-level bootstrap), None for equal."""
-    if weights is None:
-        return _nanmean(rows)
-    values = np.asarray(rows, dtype=float).T  # (draws, seeds)
-    w = np.where(np.isnan(values), 0.0, weights)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.nansum(values * w, axis=1) / w.sum(axis=1)
+@dataclass(frozen=True)
+class _AgreementData:
+    """Predictions of seed pairs as integer codes over the examples, and the examples' groups."""
+    pairs: list
+    y: np.ndarray
+    group_of: np.ndarray
+    n_groups: int
 
 
-def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any, *,
-                      names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
-                      seed: int = 0, groups: Any = None, resample_seeds: bool = False) -> PairAgreement:
-    """Kappa and error overlap of two methods, with a paired bootstrap CI over examples.
-
-    Seed k of A is paired with seed k of B (the same training seed; the counts must match).
-    Each statistic is computed per seed and averaged over seeds (undefined seeds skipped); each
-    draw resamples the examples once for both methods and all seeds (Koehn 2004); percentile
-    interval.  Kappa as ``stats.cohen_kappa``; labels may be any comparable values (strings too).
-
-    ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
-    CTC task the examples are reference phonemes and the groups their utterances, so that
-    phonemes of one utterance, which are not independent, are drawn together (Bisani & Ney 2004).
-    ``resample_seeds`` also resamples the seed pairs in each draw (two-level, seeds paired).
-    """
-    confidence, draws = _check_confidence(confidence), _check_draws(draws)
+def _agreement_data(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any,
+                    groups: Any) -> _AgreementData:
     s, y = len(preds_a_by_seed), np.asarray(labels).ravel()
     if s == 0 or s != len(preds_b_by_seed):
         raise ValueError("preds_a_by_seed and preds_b_by_seed need the same, non-zero number of seeds")
@@ -502,26 +610,115 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
         group_of = np.unique(group_ids, return_inverse=True)[1].ravel()
         n_groups = int(group_of.max()) + 1
     codes = np.unique(np.concatenate([y, *arrs]), return_inverse=True)[1].reshape(-1, y.size)
-    pairs = [(codes[1 + i], codes[1 + s + i]) for i in range(s)]
-    full = [_agreement(np.ones((1, y.size)), ca, cb, codes[0]) for ca, cb in pairs]
-    kap_s, ovl_s = (tuple(float(f[j][0]) for f in full) for j in (0, 1))
-    rng, kap, ovl = np.random.default_rng(seed), np.empty(draws), np.empty(draws)
-    chunk = max(1, _CHUNK_CELLS // y.size)
+    return _AgreementData([(codes[1 + i], codes[1 + s + i]) for i in range(s)], codes[0], group_of, n_groups)
+
+
+def _agreement_draws(data: _AgreementData, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kappa, overlap), each (draws, seed pairs): every draw resamples the groups once for all seeds."""
+    rng, n = np.random.default_rng(seed), data.y.size
+    kap, ovl = np.empty((draws, len(data.pairs))), np.empty((draws, len(data.pairs)))
+    chunk = max(1, _CHUNK_CELLS // n)
     for start in range(0, draws, chunk):
-        w = _counts(rng, min(chunk, draws - start), n_groups)[:, group_of]
-        ws = _counts(rng, w.shape[0], s) if resample_seeds else None
-        res = [_agreement(w, ca, cb, codes[0]) for ca, cb in pairs]
-        kap[start:start + w.shape[0]] = _seed_weighted_mean([r[0] for r in res], ws)
-        ovl[start:start + w.shape[0]] = _seed_weighted_mean([r[1] for r in res], ws)
+        w = cluster_counts(rng, min(chunk, draws - start), data.n_groups)[:, data.group_of]
+        for k, (ca, cb) in enumerate(data.pairs):
+            kap[start:start + w.shape[0], k], ovl[start:start + w.shape[0], k] = _agreement(w, ca, cb, data.y)
+    return kap, ovl
+
+
+def _by_seed(data: _AgreementData) -> tuple[tuple, tuple]:
+    full = [_agreement(np.ones((1, data.y.size)), ca, cb, data.y) for ca, cb in data.pairs]
+    return tuple(float(f[0][0]) for f in full), tuple(float(f[1][0]) for f in full)
+
+
+def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any, *,
+                      names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
+                      seed: int = 0, groups: Any = None) -> PairAgreement:
+    """Kappa and error overlap of two methods, with a paired bootstrap CI over examples
+    (:data:`EXAMPLES_ONLY`: for these trained models).
+
+    Seed k of A is paired with seed k of B (the same training seed; the counts must match).
+    Each statistic is computed per seed and averaged over seeds (undefined seeds skipped); each
+    draw resamples the examples once for both methods and all seeds (Koehn 2004); percentile
+    interval.  Kappa as ``stats.cohen_kappa``; labels may be any comparable values (strings too).
+
+    ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
+    CTC task the examples are reference phonemes and the groups their utterances, so that
+    phonemes of one utterance, which are not independent, are drawn together (Bisani & Ney 2004).
+    """
+    confidence, draws = _check_confidence(confidence), _check_draws(draws)
+    data = _agreement_data(preds_a_by_seed, preds_b_by_seed, labels, groups)
+    kap_s, ovl_s = _by_seed(data)
+    kap, ovl = (_nanmean(x, axis=1) for x in _agreement_draws(data, draws, seed))
     return PairAgreement(names[0], names[1], float(_nanmean(list(kap_s))), *_percentile_ci(kap, confidence),
-                         float(_nanmean(list(ovl_s))), *_percentile_ci(ovl, confidence), y.size, s, confidence,
-                         kap_s, ovl_s)
+                         float(_nanmean(list(ovl_s))), *_percentile_ci(ovl, confidence), data.y.size,
+                         len(data.pairs), confidence, kap_s, ovl_s)
+
+
+def _t_statistic(by_seed: tuple, star: np.ndarray, confidence: float, bounds: tuple[float, float],
+                 n_clusters: int) -> tuple[float, float, float, Spread]:
+    """(estimate, low, high, spread) of a per-seed-pair statistic: t over the defined seed pairs
+    plus the variance of its seed average over cluster resamples; clipped to ``bounds``."""
+    x = np.asarray(by_seed, dtype=float)
+    x = x[np.isfinite(x)]
+    seed_avg = _nanmean(star, axis=1)
+    seed_avg = seed_avg[np.isfinite(seed_avg)]
+    v_spk = float(seed_avg.var(ddof=1)) if seed_avg.size > 1 else _NAN
+    est = float(x.mean()) if x.size else _NAN
+    if x.size < 2:
+        low, high = _percentile_ci(seed_avg, confidence)
+        return est, low, high, Spread("one seed", int(x.size), _NAN, _NAN, v_spk, _NAN, n_clusters)
+    est, spread = seed_level(x, np.zeros_like(x), "paired")
+    spread = replace(spread, speaker_var=v_spk, n_clusters=n_clusters)
+    low, high, _ = t_interval(est, spread, confidence)
+    return est, max(bounds[0], low), min(bounds[1], high), spread
+
+
+def agreement_seeds_speakers(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[Any], labels: Any, *,
+                             clusters: Any = None, unit: str = "utterances", names: tuple[str, str] = ("a", "b"),
+                             draws: int = 2000, confidence: float = 0.95, seed: int = 0) -> PairAgreement:
+    """Kappa and error overlap of two methods over seed pairs and test speakers.
+
+    Seed k of A goes with seed k of B.  Each statistic per seed pair on the whole test set; the
+    estimate is their mean; the interval ``mean +- t_{n-1, (1+confidence)/2} sqrt(s^2 / n +
+    V_spk)`` with V_spk the variance of the seed-averaged statistic when whole clusters
+    (``clusters``: one id per example, e.g. each example's speaker, or for CTC phonemes the
+    speaker of their utterance; None: every example its own) are resampled, once for both
+    methods and all seeds; clipped to the statistic's range (kappa [-1, 1], overlap [0, 1]).
+    One seed pair: the percentile interval of the cluster bootstrap, with the caveat
+    :data:`~pefttune.analysis.seeds_speakers.ONE_SEED`.
+    """
+    confidence, draws = _check_confidence(confidence), _check_draws(draws)
+    data = _agreement_data(preds_a_by_seed, preds_b_by_seed, labels, clusters)
+    kap_s, ovl_s = _by_seed(data)
+    kap_star, ovl_star = _agreement_draws(data, draws, seed)
+    kappa = _t_statistic(kap_s, kap_star, confidence, (-1.0, 1.0), data.n_groups)
+    overlap = _t_statistic(ovl_s, ovl_star, confidence, (0.0, 1.0), data.n_groups)
+    one = kappa[3].pairing == "one seed"
+    return PairAgreement(names[0], names[1], *kappa[:3], *overlap[:3], data.y.size, len(data.pairs), confidence,
+                         kap_s, ovl_s, f"{unit} only (one seed)" if one else f"seeds x {unit}",
+                         ONE_SEED if one else "", kappa[3], overlap[3])
+
+
+def ctc_phoneme_examples(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
+                         hyps_b_by_seed: Sequence[Sequence[Sequence[int]]], refs: Sequence[Sequence[int]]):
+    """CTC systems as per-phoneme labels: (A's aligned labels per seed, B's, the reference
+    phonemes, each phoneme's utterance index).  See :func:`ctc_agreement_by_seed`."""
+    refs = [list(r) for r in refs]
+    for side, hyps_by_seed in (("a", hyps_a_by_seed), ("b", hyps_b_by_seed)):
+        bad = [k for k, hyps in enumerate(hyps_by_seed) if len(hyps) != len(refs)]
+        if bad:
+            raise ValueError(f"hyps_{side}_by_seed: seed(s) {bad} do not hold one hypothesis per reference "
+                             f"({len(refs)})")
+    labels = np.array([int(x) for r in refs for x in r], dtype=np.int64)
+    utterance = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
+    return ([align_corpus(h, refs) for h in hyps_a_by_seed], [align_corpus(h, refs) for h in hyps_b_by_seed],
+            labels, utterance)
 
 
 def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
                           hyps_b_by_seed: Sequence[Sequence[Sequence[int]]], refs: Sequence[Sequence[int]], *,
                           names: tuple[str, str] = ("a", "b"), draws: int = 2000, confidence: float = 0.95,
-                          seed: int = 0, resample_seeds: bool = False) -> PairAgreement:
+                          seed: int = 0) -> PairAgreement:
     """:func:`agreement_by_seed` for CTC systems, over reference phonemes.
 
     Exact-sentence errors say nothing here: at a PER of 0.3 nearly every sentence holds an
@@ -531,19 +728,9 @@ def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
     a phoneme is an error when substituted or deleted (insertions are not counted).  The
     bootstrap resamples utterances, each with all its phonemes.
     """
-    refs = [list(r) for r in refs]
-    for side, hyps_by_seed in (("a", hyps_a_by_seed), ("b", hyps_b_by_seed)):
-        bad = [k for k, hyps in enumerate(hyps_by_seed) if len(hyps) != len(refs)]
-        if bad:
-            raise ValueError(f"hyps_{side}_by_seed: seed(s) {bad} do not hold one hypothesis per reference "
-                             f"({len(refs)})")
-
-    labels = np.array([int(x) for r in refs for x in r], dtype=np.int64)
-    groups = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
-    return agreement_by_seed([align_corpus(h, refs) for h in hyps_a_by_seed],
-                             [align_corpus(h, refs) for h in hyps_b_by_seed], labels,
-                             names=names, draws=draws, confidence=confidence, seed=seed, groups=groups,
-                             resample_seeds=resample_seeds)
+    pa, pb, labels, utterance = ctc_phoneme_examples(hyps_a_by_seed, hyps_b_by_seed, refs)
+    return agreement_by_seed(pa, pb, labels, names=names, draws=draws, confidence=confidence, seed=seed,
+                             groups=utterance)
 
 
 def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.8,
@@ -555,7 +742,8 @@ def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.
     of "almost perfect" agreement, Landis & Koch 1977; an error overlap of 0.8 means 80% of the
     pair's errors are shared).  It *errs alike* when ``kappa_ci_low >= kappa_threshold`` OR
     ``overlap_ci_low >= overlap_threshold``; otherwise (an interval straddles, or is NaN) it is
-    unclear.  "reproduced" when more than m/2 pairs err differently; "not reproduced" when more
+    unclear.  An interval with a caveat (one seed) -> "inconclusive", the caveat stated.
+    "reproduced" when more than m/2 pairs err differently; "not reproduced" when more
     than m/2 err alike; otherwise "inconclusive".  The intervals must be simultaneous
     (``bonferroni_confidence(family_confidence, m)``; ValueError otherwise).  Note: the overlap
     of two independent models of accuracy p is ``(1-p)^2 / (1-p^2)``, high near chance (0.85 at
@@ -573,7 +761,12 @@ def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.
     cis = "; ".join(f"{p.a}-{p.b} kappa [{p.kappa_ci_low:.3f}, {p.kappa_ci_high:.3f}] overlap "
                     f"[{p.overlap_ci_low:.3f}, {p.overlap_ci_high:.3f}]" for p in pairs)
     crit = (f"a pair errs differently when its kappa CI < {kt:.2f} and its error-overlap CI < {ot:.2f}, "
-            f"alike when either lower bound >= its threshold; {_pct(pairs[0].confidence)} intervals")
+            f"alike when either lower bound >= its threshold; {_pct(pairs[0].confidence)} {pairs[0].interval} "
+            "intervals")
+    caveat = _caveat(pairs)
+    if caveat:
+        return Verdict("inconclusive", f"inconclusive: {caveat}: the pairs' intervals cover test sampling only "
+                       f"({crit}): {cis}", {**details, "caveat": caveat})
     if 2 * n_diff > m:
         return Verdict("reproduced", f"reproduced: {n_diff} of {m} pairs err differently (> half; {crit}): {cis}",
                        details)

@@ -6,8 +6,12 @@ in :mod:`pefttune.analysis.findings`; this module gathers and renders (about 500
 them the Markdown of the report's sections).
 
 Trials are *selected* on dev, compared on test. Every configuration is trained once per
-seed of ``train.seeds``; each finding is decided on intervals over seeds and test examples
-by :mod:`pefttune.analysis.findings` (the rules are printed next to the verdicts):
+seed of ``train.seeds``; each finding is decided by :mod:`pefttune.analysis.findings` on
+intervals over training seeds and test speakers (``analysis.interval: seeds-speakers``: a
+Student-t seed level, because a bootstrap over 3 seeds undercovers, plus a cluster bootstrap
+variance over the test speakers; the report names the resampling unit and the number of test
+speakers, and keeps the examples-only paired bootstrap as a supporting number).  The rules are
+printed next to the verdicts, and an undecided finding says how many seeds would decide it:
 
 1. **DARTS placement does not beat uniform placement** (best DARTS-derived vs best uniform
    configuration; inconclusive while the relaxation has not converged);
@@ -16,8 +20,9 @@ by :mod:`pefttune.analysis.findings` (the rules are printed next to the verdicts
 3. **different PEFT methods make different errors** (kappa and error overlap of each pair
    of uniform methods, with simultaneous intervals).
 
-The margin delta (``analysis.margin``), the confidence (``analysis.confidence``) and the
-bootstrap draws (``analysis.bootstrap_draws``) come from the experiment's config. When no
+The margin delta (``analysis.margin``), the confidence (``analysis.confidence``), the
+bootstrap draws (``analysis.bootstrap_draws``) and the interval (``analysis.interval``) come
+from the experiment's config. When no
 configuration beats the trivial reference by more than delta, every finding is
 *inconclusive: nothing learned*. McNemar and kappa per seed stay as supporting numbers.
 """
@@ -68,7 +73,7 @@ def analysis_settings(experiment: Experiment) -> dict:
         "margin": float(section.get("margin", 0.01)),
         "confidence": float(section.get("confidence", 0.95)),
         "draws": int(section.get("bootstrap_draws", 2000)),
-        "resample_seeds": bool(section.get("resample_seeds", False)),
+        "interval": str(section.get("interval", "seeds-speakers")),
         "converged_entropy": float(darts.get("converged_entropy", 0.7)),
     }
 
@@ -94,6 +99,52 @@ def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[s
         cells = [_fmt(v)] + [cell(r["strategies"][s]["test"], v) if s in r["strategies"] else "-" for s in names[1:]]
         lines.append(f"| {r['seed']} | {_fmt(r['best_member_test'])} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _intervals_line(result: dict, metric: str) -> str:
+    """The report's statement of what every interval covers: the resampling unit, the number of
+    test speakers, the method and why, and the supporting examples-only interval."""
+    settings, decision = result.get("settings", {}), result.get("decision", {})
+    conf, draws, margin = settings.get("confidence", 0.95), settings.get("draws", 2000), settings.get("margin", 0.01)
+    unit = decision.get("resampling_unit")
+    tail = f"margin delta = {margin} ({metric}); `analysis.interval: {settings.get('interval', 'seeds-speakers')}`"
+    if unit in (None, "examples"):
+        return (f"- intervals: {conf:.0%} paired bootstrap over test examples ({draws} draws), each configuration's "
+                f"seeds averaged inside every draw: examples only, these trained models; they do not cover what "
+                f"another set of training seeds or other speakers would change; {tail}")
+    speakers = decision.get("test_speakers")
+    who = (f"{speakers} test speakers ({decision.get('clusters')} clusters: a clip without a speaker is its own)"
+           if speakers is not None else f"{decision.get('clusters')} test utterances as units "
+           f"({decision.get('clusters_note') or 'no speakers known'})")
+    return (f"- intervals: resampling unit **{unit}**, {who}; {conf:.0%} intervals: Student-t over training seeds "
+            "(paired by seed where both sides share seeds, Welch otherwise; a bootstrap over 3 seeds cannot see the "
+            "tails and undercovers) plus the variance of a cluster bootstrap over the test "
+            f"{'speakers' if speakers is not None else 'utterances'} ({draws} draws; one resample for both sides "
+            "and all seeds; CTC: edit counts summed per cluster), t quantile at the seed level's df, Bonferroni on "
+            "it within a family. They cover what other training seeds and other speakers would change; with one "
+            "seed an interval covers speakers only and its verdict is inconclusive. Supporting: the paired bootstrap "
+            f"over test examples (examples only: these trained models); {tail}")
+
+
+def _seeds_needed_line(finding: dict) -> list[str]:
+    need = finding.get("seeds_needed")
+    if not need or not need.get("intervals") or finding.get("verdict") != "inconclusive":
+        return []
+    each = "; ".join(f"{r['interval']}: " + (f"n = {r['n']}" if r["n"] is not None else f"none ({r['reason']})")
+                     + f" (distance to the threshold {r['gap']:+.4f})" for r in need["intervals"])
+    head = (f"**{need['n']} seeds per configuration**" if need["n"] is not None else
+            "no number of seeds alone")
+    return [f"Seeds to decide it: {head} ({need['assumption']}): {each}.", ""]
+
+
+def _with_supporting(c: dict) -> str:
+    text = f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] ({c.get('interval', 'examples')})"
+    if c.get("caveat"):
+        text += f", {c['caveat']}"
+    s = c.get("supporting")
+    if s:
+        text += f"; supporting, {s['interval']}: [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"
+    return text
 
 
 def _mcnemar_by_seed(experiment: Experiment, a: list[TrialRecord], b: list[TrialRecord]) -> list[dict]:
@@ -416,20 +467,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
     if result.get("skipped_audio"):
         lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
                      f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
-    lines += [
-        (f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples and training "
-         f"seeds ({settings.get('draws', 2000)} draws; each draw resamples the test examples, once for both sides, "
-         "and the seeds, paired by seed where both sides have the same seeds: `analysis.resample_seeds`); "
-         f"margin delta = {settings.get('margin', 0.01)} ({m}). They cover test sampling and what another set of "
-         "training seeds would change (with 3 seeds a bootstrap over seeds is coarse and, if anything, narrow); "
-         "per-seed supporting tests below"
-         if settings.get("resample_seeds") else
-         f"- intervals: {settings.get('confidence', 0.95):.0%} paired bootstrap over test examples "
-         f"({settings.get('draws', 2000)} draws), each configuration's seeds averaged inside every draw; "
-         f"margin delta = {settings.get('margin', 0.01)} ({m}). These intervals cover the sampling of test examples "
-         "for the trained seeds, not how much another set of training seeds would move the result: that shows in "
-         "the configurations' t-intervals over seeds and in the per-seed supporting tests "
-         "(`analysis.resample_seeds: true` resamples the seeds too)"),
+    lines += [_intervals_line(result, m),
         "",
         "## Findings of Lin et al. 2024 on this experiment",
         "",
@@ -446,7 +484,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
               "3": "Different methods, different errors"}
     for key, f in result["findings"].items():
         lines += [f"### Finding {key}: {titles[key]} -- {f['verdict']}", "", f.get("text", ""), "",
-                  f"Rule: {f.get('rule', '')}", ""]
+                  f"Rule: {f.get('rule', '')}", ""] + _seeds_needed_line(f)
         if key == "1" and f.get("convergence", {}).get("trials"):
             conv = f["convergence"]
             lines += [f"DARTS convergence (final mean normalised entropy H/ln K of alpha, threshold "
@@ -485,7 +523,12 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                         ("uniform_vs_log-mel", "best uniform minus log-mel (what the SSL encoder adds)")):
         c = refs.get(name)
         if c:
-            ref_lines.append(f"- {label}: {c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+            ref_lines.append(f"- {label}: {_with_supporting(c)}")
+    trivial = refs.get("vs_trivial") or {}
+    if trivial:
+        ref_lines.append("- the nothing-learned check, each configuration minus the trivial reference (most frequent "
+                         "label; CTC: all blank): " + "; ".join(f"`{cid}` {_with_supporting(c)}"
+                                                                for cid, c in trivial.items()))
     if ref_lines:
         lines += ["## References", ""] + ref_lines + [""]
     hybrid = result.get("decision", {}).get("hybrid")
@@ -494,8 +537,8 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                   f"This experiment's result, not a claim of the paper: the hybrid ({hybrid['hybrid']}, "
                   f"{_fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
                   f"`{hybrid['uniform']}` ({_fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
-                  f"{hybrid['diff']:+.4f} [{hybrid['ci_low']:+.4f}, {hybrid['ci_high']:+.4f}] "
-                  f"({hybrid['confidence']:.0%} {hybrid.get('method', 'paired bootstrap').split(';')[0]}).", ""]
+                  f"{_with_supporting(hybrid)} ({hybrid['confidence']:.0%}; "
+                  f"{hybrid.get('method', 'paired bootstrap').split(';')[0]}).", ""]
 
     lines += ["## Best trials (completed, by dev)", "",
               "Single trials, one training seed each: no interval (the configurations table above has the intervals "
