@@ -1,16 +1,31 @@
-"""The whole study in one call: what `pefttune run` does.
+"""The whole study in one call: what `pefttune run` does, as a list of named stages.
 
-1. data: the corpus is made on first use (synthesized offline for the embedded default);
-2. discrete arm: uniform baselines (one per candidate method), the hybrid, and the
-   Optuna/ASHA per-layer search, all under the same parameter budget
-   (:func:`pefttune.search.experiment.run_search`);
-3. DARTS arm: relaxation search, derived placements retrained like the baselines
-   (:func:`pefttune.darts.experiment.run_darts`);
-4. analysis: ensembles over the best trials, trial tables, statistics, plots and the
-   report on the paper's three findings (:func:`pefttune.analysis.report.analyze`).
+======================  =========================================================================
+stage                   what it does
+======================  =========================================================================
+``data``                the corpus is made on first use (synthesized offline for the embedded
+                        default) and every audio file checked
+``prefill``             a local run fills the frozen cache once, before the trials
+``discrete``            uniform baselines, the hybrid and the Optuna/ASHA per-layer search
+                        (:func:`pefttune.search.experiment.run_search`)
+``replicates``          the configurations a finding compares, once per other seed, and the
+                        references (:func:`pefttune.search.replicates.run_replicates`)
+``darts-search``        the DARTS relaxation (:func:`pefttune.darts.experiment.run_darts_search`)
+``darts-retrain``       each derived placement trained like the baselines, once per seed
+``analysis``            ensembles, tables, statistics, plots and the report on the paper's three
+                        findings (:func:`pefttune.analysis.report.analyze`)
+======================  =========================================================================
 
-Everything lands in ``<storage>/<name>/`` (default ``./pefttune-results/<name>/``).
-One Ray instance serves both arms.
+Every stage is resumable: ``resume=True`` (``pefttune run --resume``) runs each stage again,
+and each finishes what it left (Ray's experiment state, the grid plans stored as data, the
+corpus and cache files written whole). Everything lands in ``<storage>/<name>/`` (default
+``./pefttune-results/<name>/``); one Ray instance serves the trial stages.
+
+Example::
+
+    from pefttune.study import run_study
+    result = run_study()             # the embedded default study
+    print(result.seconds)            # {'data': ..., 'prefill': ..., 'discrete': ..., ..., 'total': ...}
 """
 from __future__ import annotations
 
@@ -18,6 +33,9 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import pandas as pd
 
 from pefttune.config import ExperimentConfig, load_config
 
@@ -35,8 +53,147 @@ class StudyResult:
         return Path(self.summary["files"]["report"]) if "report" in self.summary.get("files", {}) else Path()
 
 
-def _stage(title: str) -> None:
+@dataclass
+class StudyRun:
+    """What the stages of one study share."""
+
+    config: ExperimentConfig
+    path: str  # <storage>/<name>
+    address: str | None = None
+    resume: bool = False
+    verbose: int = 1
+    data: object | None = None  # DataRef, from the data stage
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # stage -> one row per trial
+    darts_search: object | None = None  # the DARTS search's ResultGrid
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def discrete_finished(self) -> bool:
+        frame = self.frames.get("discrete")
+        return frame is not None and bool((frame["status"] == "TERMINATED").any())
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of the study; ``ray``: it runs Ray trials (the study connects once)."""
+
+    name: str
+    title: str
+    run: Callable[[StudyRun], None]
+    ray: bool = False
+
+
+def stage_data(study: StudyRun) -> None:
+    from pefttune.data.loaders import prepare_data
+
+    study.data = prepare_data(study.config)  # made and every audio file checked before Ray starts (errors: exit 2)
+
+
+def stage_prefill(study: StudyRun) -> None:
+    from pefttune.trainables.setup import prefill_local
+
+    prefill_local(study.config, study.data, study.address)  # a local run: its trials share this machine's cache
+
+
+def stage_discrete(study: StudyRun) -> None:
+    from pefttune.runtime.experiment import CONFIG_COPY, results_frame
+    from pefttune.runtime.storage import storage_exists
+    from pefttune.search.experiment import run_search
+
+    resume = study.resume and storage_exists(f"{study.path}/{CONFIG_COPY}")  # it had started
+    results = run_search(study.config, address=None, resume=resume, verbose=study.verbose, replicates=False)
+    study.frames["discrete"] = results_frame(results, study.config.train.epochs)
+
+
+def stage_replicates(study: StudyRun) -> None:
+    from pefttune.runtime.experiment import results_frame
+    from pefttune.search.replicates import run_replicates
+
+    results = run_replicates(study.config, study.frames["discrete"], study.resume, verbose=study.verbose)
+    if results is not None:
+        study.frames["replicates"] = results_frame(results, study.config.train.epochs)
+
+
+def stage_darts_search(study: StudyRun) -> None:
+    from pefttune.darts.experiment import darts_frame, prepare_directories, run_darts_search, validate
+
+    if not (study.config.darts.enabled and study.discrete_finished):
+        return
+    validate(study.config)
+    prepare_directories(study.config, study.path, study.resume and _holds(study, "darts"))
+    try:
+        study.darts_search = run_darts_search(study.config, study.resume, verbose=study.verbose,
+                                              local=study.address is None)
+        study.frames["darts-search"] = darts_frame(study.darts_search).assign(kind="darts")
+    except RuntimeError as err:  # no DARTS trial finished: the rest of the study stands
+        print(f"DARTS arm failed: {err}", flush=True)
+        study.frames["darts-search"] = pd.DataFrame([{"status": "ERROR", "kind": "darts", "error": str(err)}])
+
+
+def stage_darts_retrain(study: StudyRun) -> None:
+    from pefttune.darts.experiment import collect_derived, run_darts_retrain
+    from pefttune.runtime.experiment import results_frame
+
+    if study.darts_search is None:
+        return
+    derived = collect_derived(study.darts_search)
+    study.frames["darts-retrain"] = results_frame(run_darts_retrain(study.config, derived, study.resume,
+                                                                    verbose=study.verbose))
+
+
+def stage_analysis(study: StudyRun) -> None:
+    from pefttune.analysis.report import analyze
+
+    if study.discrete_finished:
+        study.summary = analyze(study.path)
+
+
+def _holds(study: StudyRun, sub: str) -> bool:
+    from pefttune.runtime.experiment import holds_run
+
+    return holds_run(f"{study.path}/{sub}")
+
+
+#: The study, in order.
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "data: corpus and audio check", stage_data),
+    Stage("prefill", "prefill: the frozen cache", stage_prefill),
+    Stage("discrete", "discrete arm: uniform baselines, hybrid, per-layer search", stage_discrete, ray=True),
+    Stage("replicates", "replicates: every compared configuration once per seed", stage_replicates, ray=True),
+    Stage("darts-search", "DARTS arm: relaxation search", stage_darts_search, ray=True),
+    Stage("darts-retrain", "DARTS arm: derived placements retrained", stage_darts_retrain, ray=True),
+    Stage("analysis", "analysis: ensembles, tables, statistics, plots, report", stage_analysis),
+)
+
+
+def _banner(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+def run_stages(study: StudyRun, stages: tuple[Stage, ...] = STAGES) -> dict[str, float]:
+    """Run ``stages`` in order (Ray connected for the trial stages only); their wall seconds."""
+    import ray
+
+    from pefttune.runtime.cluster import connect_ray
+
+    seconds: dict[str, float] = {}
+    started = False
+    try:
+        for stage in stages:
+            if stage.ray and not ray.is_initialized():
+                started = connect_ray(study.address, log_to_driver=study.verbose >= 2)
+            elif not stage.ray and started:
+                ray.shutdown()
+                started = False
+            if stage.ray or stage.name == "analysis":
+                _banner(stage.title)
+            t = time.perf_counter()
+            stage.run(study)
+            seconds[stage.name] = time.perf_counter() - t
+    finally:
+        if started:
+            ray.shutdown()
+    return seconds
 
 
 def run_study(
@@ -46,22 +203,15 @@ def run_study(
     name: str | None = None,
     verbose: int = 1,
 ) -> StudyResult:
-    """Run the discrete arm, the DARTS arm and the analysis of ``config`` (default: embedded).
+    """Run the stages of ``config`` (default: embedded) into ``<storage>/<name>/``.
 
     ``verbose``: 0 quiet, 1 pefttune's console, 2 Ray's stream as well (``-v``). The result's
     ``exit_code`` is non-zero when no trial finished or every trial of a kind failed; the
     analysis is skipped when the discrete arm finished no trial.
     """
-    import pandas as pd
-    import ray
-
-    from pefttune.analysis.report import analyze, format_comparison
-    from pefttune.data.loaders import prepare_data
-    from pefttune.runtime.cluster import connect_ray
     from pefttune.runtime.console import failure_summary
-    from pefttune.runtime.experiment import experiment_path, refuse_existing, results_frame
-    from pefttune.search.experiment import build_experiment, run_search
-    from pefttune.trainables.setup import prefill_local
+    from pefttune.runtime.experiment import experiment_path, refuse_existing
+    from pefttune.search.experiment import build_experiment
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -70,67 +220,40 @@ def run_study(
     if config.tasks:
         raise ValueError(f"tasks: {config.name} is a suite of {list(config.tasks)}; run it with "
                          "pefttune.suite.run_suite (what `pefttune run` does for such a config)")
-    seconds: dict[str, float] = {}
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
     build_experiment(config)  # every check that needs no Ray (errors name the field: exit 2)
+    path = experiment_path(config)
     if not resume:
-        refuse_existing(experiment_path(config), "a study")
-    ref = prepare_data(config)  # data made and every audio file checked before Ray starts (errors: exit 2)
-    prefill = prefill_local(config, ref, address)  # a local run: its trials share this machine's frozen cache
-    if prefill is not None:
-        seconds["prefill"] = prefill
-    started = connect_ray(address, log_to_driver=verbose >= 2)
-    frames = []
-    try:
-        _stage("discrete arm: uniform baselines, hybrid, per-layer search")
-        t = time.perf_counter()
-        results = run_search(config, address=None, resume=resume, verbose=verbose)
-        frames.append(results_frame(results, config.train.epochs))
-        seconds["discrete"] = time.perf_counter() - t
-        if config.darts.enabled and (frames[0]["status"] == "TERMINATED").any():
-            from pefttune.darts.experiment import darts_frame, darts_started, run_darts
-
-            _stage("DARTS arm: relaxation search, derive, retrain")
-            t = time.perf_counter()
-            try:
-                run = run_darts(config, address=None, resume=resume and darts_started(config), verbose=verbose)
-                frames.append(darts_frame(run.search).assign(kind="darts"))
-                if run.retrain is not None:
-                    frames.append(results_frame(run.retrain))
-            except RuntimeError as err:  # no DARTS trial finished: the rest of the study stands
-                print(f"DARTS arm failed: {err}", flush=True)
-                frames.append(pd.DataFrame([{"status": "ERROR", "kind": "darts", "error": str(err)}]))
-            seconds["darts"] = time.perf_counter() - t
-    finally:
-        if started:
-            ray.shutdown()
-    frame = pd.concat(frames, ignore_index=True)
+        refuse_existing(path, "a study")
+    study = StudyRun(config, path, address, resume, verbose)
+    seconds = run_stages(study)
+    seconds["total"] = time.perf_counter() - start
+    frame = pd.concat([f for f in study.frames.values() if len(f)], ignore_index=True)
     if "error" not in frame:
         frame["error"] = ""
     outcome = failure_summary(frame)
-    path = experiment_path(config)
-    if not (frames[0]["status"] == "TERMINATED").any():
+    if not study.discrete_finished:
         print("\n".join(outcome.lines + [f"no analysis: the discrete arm finished no trial (see {path}/errors.log)"]))
-        seconds["total"] = time.perf_counter() - start
         return StudyResult(str(path), {}, seconds, 1, outcome.lines)
-    _stage("analysis: ensembles, tables, statistics, plots, report")
-    t = time.perf_counter()
-    summary = analyze(path)
-    seconds["analysis"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - start
-    print(format_comparison(summary))
-    for key in ("1", "2", "3"):
-        finding = summary.get("findings", {}).get(key)
-        if finding:
-            print(f"finding {key}: {finding.get('verdict')}")
-            print(textwrap.fill(f"rule: {finding.get('rule', '')}", 120, initial_indent="  ", subsequent_indent="    "))
-    files = summary.get("files", {})
+    print_findings(study.summary)
+    files = study.summary.get("files", {})
     print(f"\nresults: {path}")
     if files.get("report"):
         print(f"report:  {files['report']}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), flush=True)
     if outcome.lines:
         print("\n".join(outcome.lines), flush=True)
-    return StudyResult(str(path), summary, seconds, outcome.exit_code, outcome.lines)
+    return StudyResult(str(path), study.summary, seconds, outcome.exit_code, outcome.lines)
+
+
+def print_findings(summary: dict) -> None:
+    from pefttune.analysis.report import format_comparison
+
+    print(format_comparison(summary))
+    for key in ("1", "2", "3"):
+        finding = summary.get("findings", {}).get(key)
+        if finding:
+            print(f"finding {key}: {finding.get('verdict')}")
+            print(textwrap.fill(f"rule: {finding.get('rule', '')}", 120, initial_indent="  ", subsequent_indent="    "))

@@ -57,6 +57,7 @@ from pefttune.runtime.experiment import (
     results_frame,
     write_config_copy,
 )
+from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
 SEARCH_DIR = "darts"
@@ -206,34 +207,29 @@ def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
     )
 
 
-def retrain_tuner(config: ExperimentConfig, path: str, setup, derived: list[DerivedPlacement], verbose: int):
-    from ray import tune
+#: The config fields a retrain plan is derived from (with the derived placements).
+RETRAIN_INPUTS = ("train.seeds", "train.lr")
 
+
+def retrain_plan(config: ExperimentConfig, derived: list[DerivedPlacement]) -> GridPlan:
+    """One retrain per derived placement and seed of ``train.seeds``, as the uniform baselines."""
+    trials = [
+        {"config_id": config_id("darts-derived", None, d.placement), "kind": "darts-derived", "method": "",
+         "placement": json.dumps(d.placement.to_dict(), separators=(",", ":")), "derived_from": list(d.trials),
+         "seed": seed, "lr": config.train.lr}
+        for d in derived for seed in config.train.replicate_seeds
+    ]
+    return GridPlan(trials, plan_inputs(config, RETRAIN_INPUTS))
+
+
+def retrain_tuner(config: ExperimentConfig, path: str, setup, plan: GridPlan, verbose: int):
     from pefttune.trainables.discrete import make_trainable
 
-    placements = [json.dumps(d.placement.to_dict(), separators=(",", ":")) for d in derived]
-    sources = [list(d.trials) for d in derived]
-    ids = [config_id("darts-derived", None, d.placement) for d in derived]
     reporter = _reporter(config, {"point": "point"}, {f"best_dev_{config.metric}": "best", "placement_short": "placement"})
-    return tune.Tuner(
-        make_trainable(setup),
-        param_space={
-            # one trial per derived placement and seed of train.seeds; its columns follow the grid index
-            "point": tune.grid_search(list(range(len(derived)))),
-            "seed": tune.grid_search(config.train.replicate_seeds),
-            "placement": tune.sample_from(lambda config: placements[config["point"]]),
-            "config_id": tune.sample_from(lambda config: ids[config["point"]]),
-            "derived_from": tune.sample_from(lambda config: sources[config["point"]]),
-            "kind": "darts-derived",
-            "method": "",
-            "lr": config.train.lr,  # as the uniform baselines
-        },
-        tune_config=grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-        run_config=_run_config(config, path, RETRAIN_DIR, reporter, verbose,
-                               Console("DARTS retrain", config.metric, _mode(config),
-                                       total=len(derived) * len(config.train.replicate_seeds),
-                                       experiment_path=path)),
-    )
+    console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), experiment_path=path)
+    return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
+                      grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
+                      _run_config(config, path, RETRAIN_DIR, reporter, verbose, console))
 
 
 def collect_derived(results) -> list[DerivedPlacement]:
@@ -271,8 +267,6 @@ def run_darts(
     experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
     states a study's trials would.
     """
-    from ray import tune
-
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
     if name is not None:
@@ -280,47 +274,14 @@ def run_darts(
     validate(config)
     path = experiment_path(config)
     prepare_directories(config, path, resume)
-    search_path, retrain_path = f"{path}/{SEARCH_DIR}", f"{path}/{RETRAIN_DIR}"
-    # per-trial markers (divergence, test seams) live in each Ray experiment's trial folders
-    retrain_setup = make_setup(config, retrain_path)
-    search_setup = dataclasses.replace(retrain_setup, experiment=search_experiment(config), experiment_path=search_path,
-                                       faults=faults)
-
     if prefill:
-        prefill_local(config, retrain_setup.data, address)
-
+        prefill_local(config, make_setup(config, f"{path}/{RETRAIN_DIR}").data, address)
     started = connect_ray(address, log_to_driver=verbose >= 2)
     try:
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
-        if address is None and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
-            import ray
-
-            have = ray.cluster_resources().get("CPU", 0)
-            if config.darts.search_cpu > have:
-                raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
-                                 f"machine's Ray has {have:g}")
-        from pefttune.trainables.darts import make_trainable as make_darts_trainable
-        from pefttune.trainables.discrete import make_trainable as make_discrete_trainable
-
-        with fit_environment(), quiet_ray_loggers(verbose):
-            if resume:
-                tuner = tune.Tuner.restore(
-                    search_path, trainable=make_darts_trainable(search_setup), resume_unfinished=True
-                )
-            else:
-                tuner = search_tuner(config, path, search_setup, verbose)
-            search = tuner.fit()
-            derived = collect_derived(search)
-            if not derived:
-                errors = [str(r.error).strip().splitlines()[-1] for r in search if r.error]
-                raise RuntimeError(f"darts: no DARTS trial finished ({len(errors)} errors: {errors[:3]})")
-            if resume and holds_run(retrain_path):
-                tuner = tune.Tuner.restore(
-                    retrain_path, trainable=make_discrete_trainable(retrain_setup), resume_unfinished=True
-                )
-            else:
-                tuner = retrain_tuner(config, path, retrain_setup, derived, verbose)
-            retrain = tuner.fit()
+        search = run_darts_search(config, resume, verbose=verbose, faults=faults, local=address is None)
+        derived = collect_derived(search)
+        retrain = run_darts_retrain(config, derived, resume, verbose=verbose)
     finally:
         if started:
             import ray
@@ -331,6 +292,55 @@ def run_darts(
         print(summary(run, config))
         print("\n".join(run_outcome(run).lines))
     return run
+
+
+def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose: int = 1,
+                     faults: Faults | None = None, local: bool = True):
+    """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`);
+    returns its ResultGrid. Raises RuntimeError when no DARTS trial finished."""
+    from ray import tune
+
+    from pefttune.trainables.darts import make_trainable
+
+    path = experiment_path(config)
+    search_path = f"{path}/{SEARCH_DIR}"
+    setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
+    if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
+        import ray
+
+        have = ray.cluster_resources().get("CPU", 0)
+        if config.darts.search_cpu > have:
+            raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
+                             f"machine's Ray has {have:g}")
+    if resume and holds_run(search_path):
+        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(setup), resume_unfinished=True)
+    else:
+        tuner = search_tuner(config, path, setup, verbose)
+    with fit_environment(), quiet_ray_loggers(verbose):
+        search = tuner.fit()
+    if not collect_derived(search):
+        errors = [str(r.error).strip().splitlines()[-1] for r in search if r.error]
+        raise RuntimeError(f"darts: no DARTS trial finished ({len(errors)} errors: {errors[:3]})")
+    return search
+
+
+def run_darts_retrain(config: ExperimentConfig, derived: list[DerivedPlacement], resume: bool = False, *,
+                      verbose: int = 1):
+    """Train each derived placement once per seed of ``train.seeds`` (Ray connected); returns the
+    ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
+    from pefttune.trainables.discrete import make_trainable
+
+    path = experiment_path(config)
+    retrain_path = f"{path}/{RETRAIN_DIR}"
+    setup = make_setup(config, retrain_path)
+    plan = retrain_plan(config, derived)
+    if resume and holds_run(retrain_path):
+        check_plan(retrain_path, plan)
+        tuner = restore_grid(retrain_path, make_trainable(setup))
+    else:
+        tuner = retrain_tuner(config, path, setup, plan, verbose)
+    with fit_environment(), quiet_ray_loggers(verbose):
+        return tuner.fit()
 
 
 def run_outcome(run: DartsRun) -> Outcome:

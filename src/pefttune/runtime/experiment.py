@@ -63,11 +63,23 @@ def check_same_config(config: ExperimentConfig, copy: str, hint: str = "resume w
     text = read_storage_text(copy)
     if text is None:
         return
-    saved = yaml.safe_load(text)
-    current = config.model_dump(mode="json")
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = changed_fields(yaml.safe_load(text), config.model_dump(mode="json"))
     if changed:
         raise ValueError(f"{prefix}the config differs from {copy} in {', '.join(changed)}; {hint}")
+
+
+def changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ (``train.seeds``, not ``train``)."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_fields(a, b, f"{prefix}{key}."))
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def write_config_copy(config: ExperimentConfig, path: str) -> None:

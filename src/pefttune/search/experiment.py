@@ -47,11 +47,13 @@ from pefttune.runtime.experiment import (
     CONFIG_COPY,
     check_same_config,
     experiment_path,
+    holds_run,
     refuse_existing,
     require_resumable,
     results_frame,
     write_config_copy,
 )
+from pefttune.runtime.storage import storage_exists
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
 from pefttune.search.summary import summary_table
@@ -138,20 +140,25 @@ def build_experiment(config: ExperimentConfig, extra_points: list[FixedPoint] | 
 # -- the experiment directory ---------------------------------------------------------------------
 
 
-def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) -> None:
-    """Refuse to overwrite an experiment; on resume, require one with the same config.
+def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) -> bool:
+    """Refuse to overwrite an experiment; on resume, require one with the same config. Returns
+    whether there is a Ray run to restore.
 
     A new search's config copy is written unless ``write=False`` (then
     :func:`~pefttune.runtime.experiment.write_config_copy` writes it later, once the cluster
-    checks passed)."""
+    checks passed). A resumed search that was stopped after its config copy was written but
+    before Ray saved any state starts afresh (nothing of it was trained)."""
     path = experiment.path
     if not resume:
         refuse_existing(path, "a search")
         if write:
             write_config_copy(experiment.config, path)
-        return
-    require_resumable(path, "search")
-    check_same_config(experiment.config, f"{path}/{CONFIG_COPY}", "resume with the saved config", prefix="--resume: ")
+        return False
+    copy = f"{path}/{CONFIG_COPY}"
+    if not holds_run(path) and not storage_exists(copy):
+        require_resumable(path, "search")
+    check_same_config(experiment.config, copy, "resume with the saved config", prefix="--resume: ")
+    return holds_run(path)
 
 
 # -- Ray ---------------------------------------------------------------------------------------------
@@ -293,7 +300,7 @@ def run_search(
     if name is not None:
         config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
     experiment = build_experiment(config, extra_points)
-    prepare_directory(experiment, resume, write=False)
+    restore = prepare_directory(experiment, resume, write=False)
     setup = make_setup(config, experiment.path, faults)
     if prefill:
         prefill_local(config, setup.data, address)
@@ -302,9 +309,9 @@ def run_search(
     try:
         # before the Tuner (and before the config copy, so a refused search can be rerun)
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
-        if not resume:
+        if not restore:
             write_config_copy(config, experiment.path)
-        if resume:
+        if restore:
             from pefttune.trainables.discrete import make_trainable
 
             tuner = tune.Tuner.restore(

@@ -29,6 +29,7 @@ from pefttune.config import ExperimentConfig
 from pefttune.placement import Placement
 from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
+from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.runtime.experiment import (
     config_id,
     experiment_path,
@@ -104,6 +105,18 @@ def space_mode(config: ExperimentConfig) -> str:
     return metric_mode(config.metric)
 
 
+#: The config fields a replicates plan is derived from (with the search's results).
+PLAN_INPUTS = ("methods", "budget", "train.seeds", "train.lr", "search.hybrid", "search.uniform_baselines",
+               "search.replicate_top", "search.frozen_reference", "search.budget_exempt_fixed",
+               "analysis.logmel_reference")
+
+
+def replicates_plan(config: ExperimentConfig, search: pd.DataFrame) -> GridPlan:
+    """The replicates of ``config`` as data: one trial config per replicate."""
+    trials = [r.trial_config(config.train.lr) for r in plan_replicates(config, search)]
+    return GridPlan(trials, plan_inputs(config, PLAN_INPUTS))
+
+
 def run_replicates(
     config: ExperimentConfig,
     search: pd.DataFrame,
@@ -113,42 +126,27 @@ def run_replicates(
     faults: Faults | None = None,
 ):
     """Train the replicates of ``config`` (Ray must be connected); returns the ResultGrid, or
-    None when there is nothing to replicate. ``resume`` finishes an interrupted replicates run."""
-    from ray import tune
-
+    None when there is nothing to replicate. ``resume`` finishes an interrupted replicates run
+    from its stored plan (``replicates/plan.json``), refusing one this config would plan otherwise."""
     from pefttune.trainables.discrete import make_trainable
 
-    path = f"{experiment_path(config)}/{REPLICATES_DIR}"
+    path = replicates_path(config)
+    setup = make_setup(config, path, faults)
+    plan = replicates_plan(config, search)
     if resume and holds_run(path):
-        setup = make_setup(config, path, faults)
-        tuner = tune.Tuner.restore(path, trainable=make_trainable(setup), resume_unfinished=True)
+        check_plan(path, plan)
+        tuner = restore_grid(path, make_trainable(setup))
     else:
-        plan = plan_replicates(config, search)
-        if not plan:
+        if not plan.trials:
             return None
         if holds_run(path):
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
-        setup = make_setup(config, path, faults)
-        configs = [r.trial_config(config.train.lr) for r in plan]
-        console = Console("replicates", config.metric, space_mode(config), total=len(plan),
+        console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
                           experiment_path=experiment_path(config))
-        tuner = tune.Tuner(
-            make_trainable(setup),
-            param_space={
-                "point": tune.grid_search(list(range(len(plan)))),
-                **{key: tune.sample_from(lambda spec, key=key: configs[spec["point"]][key])
-                   for key in configs[0]},
-            },
-            tune_config=grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-            run_config=tune.RunConfig(
-                name=REPLICATES_DIR,
-                storage_path=experiment_path(config),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-                callbacks=[console.callback()] if verbose == 1 else [],
-                verbose=1 if verbose >= 2 else 0,
-            ),
-        )
+        run_config = tune_run_config(config, REPLICATES_DIR, experiment_path(config),
+                                     [console.callback()] if verbose == 1 else [], verbose)
+        tuner = grid_tuner(make_trainable(setup), path, plan,
+                           grid_tune_config(config.search.max_concurrent, config.search.reuse_actors), run_config)
     with fit_environment(), quiet_ray_loggers(verbose):
         results = tuner.fit()
     if verbose:
@@ -158,6 +156,24 @@ def run_replicates(
     return results
 
 
+def tune_run_config(config: ExperimentConfig, name: str, storage: str, callbacks: list, verbose: int):
+    """Ray's run config of a grid experiment ``<storage>/<name>`` of trainings."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+        callbacks=callbacks,
+        verbose=1 if verbose >= 2 else 0,
+    )
+
+
+def replicates_path(config: ExperimentConfig) -> str:
+    return f"{experiment_path(config)}/{REPLICATES_DIR}"
+
+
 def load_replicates(config: ExperimentConfig):
-    path = f"{experiment_path(config)}/{REPLICATES_DIR}"
+    path = replicates_path(config)
     return load_results(path) if holds_run(path) else None

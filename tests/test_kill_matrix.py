@@ -1,0 +1,175 @@
+"""A study killed (SIGKILL of the driver's process group) in the middle of each stage, then resumed.
+
+One small study on a tone corpus is run through the CLI in a subprocess and killed once inside
+every trial stage and inside the analysis, each moment found through the results store (a
+trial of that stage has reported, the stage has not finished), never by sleeping; after each
+kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
+uninterrupted one of the same config and seeds: the same configurations and seeds, one
+completed trial each, the same scores and verdicts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pefttune.cli import main as cli_main
+from test_search_fixtures import search_config, write_tone_manifest
+
+pytestmark = pytest.mark.slow
+
+SEEDS = [0, 1]
+
+
+def _config(manifest: Path, storage: Path, name: str) -> dict:
+    config = search_config(
+        manifest, storage, name=name,
+        methods={"lora": {"rank": 2}, "bitfit": {}},
+        train={"epochs": 3, "max_steps_per_epoch": 3, "seeds": SEEDS},
+        search={"num_samples": 1, "scheduler": "none", "max_failures": 1, "hybrid": False, "replicate_top": 1,
+                "frozen_reference": True},
+        darts={"warmup_epochs": 0, "seeds": [0]},
+    )
+    return config
+
+
+def _reported(folder: Path) -> bool:
+    """A trial of the Ray experiment in ``folder`` has reported a result (the stage is under way)."""
+    return any(p.stat().st_size > 0 for p in folder.glob("*/result.json"))
+
+
+def _trials_done(folder: Path) -> bool:
+    """Every trial of the experiment in ``folder`` wrote its final checkpoint (the stage is over)."""
+    from pefttune.trainables.checkpoint import read_state
+
+    trials = [t for t in folder.glob("train_fn_*") if t.is_dir()] + [t for t in folder.glob("darts_fn_*") if t.is_dir()]
+    finished = 0
+    for trial in trials:
+        for ckpt in sorted(trial.glob("checkpoint_*"), reverse=True):
+            try:
+                finished += read_state(ckpt).finished
+                break
+            except (FileNotFoundError, ValueError):
+                continue
+    plan = folder / "plan.json"
+    planned = len(json.loads(plan.read_text())["trials"]) if plan.is_file() else None
+    return bool(trials) and finished == (planned or len(trials))
+
+
+#: stage -> (folder of its results under the study, "under way" test on that folder)
+MOMENTS = {
+    "discrete": ("", _reported),
+    "replicates": ("replicates", _reported),
+    "darts-search": ("darts", _reported),
+    "darts-retrain": ("darts-retrain", _reported),
+    "analysis": ("analysis", lambda f: (f / "tables" / "trials.parquet").is_file()),
+}
+
+
+def _kill_group(driver: subprocess.Popen, temp_root: str) -> None:
+    import psutil
+
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    for proc in psutil.process_iter(["pid", "cmdline"]):  # Ray's daemons of the killed driver
+        try:
+            if any(temp_root in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Path) -> dict:
+    """Start ``pefttune run`` and SIGKILL it once ``stage`` is under way; what was seen then."""
+    sub, under_way = MOMENTS[stage]
+    folder = study / sub if sub else study
+    temp_root = tempfile.mkdtemp(prefix="pk-")  # Ray's temp folder of this driver: its leftovers are found by it
+    env = {**os.environ, "TMPDIR": temp_root}
+    cmd = [sys.executable, "-m", "pefttune", "run", str(config_path)] + (["--resume"] if resume else [])
+    with log.open("a") as out:
+        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                if folder.is_dir() and under_way(folder):
+                    seen = {"finished_before_kill": sub != "analysis" and _trials_done(folder)}
+                    if stage == "analysis":
+                        seen["finished_before_kill"] = (folder / "summary.json").is_file()
+                    _kill_group(driver, temp_root)
+                    return seen
+                if driver.poll() is not None:
+                    pytest.fail(f"the study ended (rc {driver.returncode}) before stage {stage} was under way; "
+                                f"see {log}")
+                time.sleep(0.05)
+            pytest.fail(f"stage {stage} never started; see {log}")
+        finally:
+            if driver.poll() is None:
+                _kill_group(driver, temp_root)
+    return {}
+
+
+def _table(study: Path) -> pd.DataFrame:
+    trials = pd.read_parquet(study / "analysis" / "tables" / "trials.parquet")
+    return trials[trials["kind"] != "darts"]
+
+
+@pytest.fixture(scope="module")
+def killed_and_reference(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    manifest = write_tone_manifest(root / "data", classes=3, per_split={"train": 8, "dev": 4, "test": 4})
+    reference_cfg = root / "reference.yaml"
+    reference_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "reference")))
+    assert cli_main(["run", str(reference_cfg)]) == 0
+
+    killed_cfg = root / "killed.yaml"
+    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed")))
+    study = root / "results" / "killed"
+    log = root / "killed.log"
+    seen = {}
+    for k, stage in enumerate(MOMENTS):
+        seen[stage] = _run_until(killed_cfg, study, stage, resume=k > 0, log=log)
+    final = subprocess.run([sys.executable, "-m", "pefttune", "run", str(killed_cfg), "--resume"],
+                           capture_output=True, text=True, env={**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pk-")},
+                           timeout=600)
+    return {"root": root, "reference": root / "results" / "reference", "killed": study, "seen": seen,
+            "final": final, "log": log}
+
+
+@pytest.mark.parametrize("stage", list(MOMENTS))
+def test_kill_lands_mid_stage_and_the_resume_finishes(killed_and_reference, stage):
+    run = killed_and_reference
+    assert not run["seen"][stage]["finished_before_kill"], f"the kill in {stage} came after the stage finished"
+    assert run["final"].returncode == 0, run["final"].stdout[-3000:] + run["final"].stderr[-3000:]
+    assert (run["killed"] / "analysis" / "report.md").is_file()
+
+
+def test_resumed_study_loses_and_duplicates_no_trial(killed_and_reference):
+    killed = _table(killed_and_reference["killed"])
+    reference = _table(killed_and_reference["reference"])
+    done = killed[killed["outcome"] == "completed"]
+    assert not done.duplicated(["config_id", "seed"]).any()
+    assert len(killed) == len(done), killed[killed["outcome"] != "completed"][["config_id", "seed", "outcome"]]
+    key = lambda t: sorted(zip(t["config_id"], t["seed"]))  # noqa: E731
+    assert key(done) == key(reference[reference["outcome"] == "completed"])
+    assert {"uniform", "discrete", "frozen", "darts-derived"} <= set(done["kind"])
+
+
+def test_resumed_study_gives_the_uninterrupted_scores_and_verdicts(killed_and_reference):
+    killed = _table(killed_and_reference["killed"]).set_index(["config_id", "seed"]).sort_index()
+    reference = _table(killed_and_reference["reference"]).set_index(["config_id", "seed"]).sort_index()
+    # a trial killed mid-epoch resumes from its last checkpoint with its optimizer and RNG state:
+    # the same numbers as a trial that was never stopped
+    pd.testing.assert_series_equal(killed["test_score"], reference["test_score"], check_exact=False, atol=1e-6)
+    pd.testing.assert_series_equal(killed["best_dev_score"], reference["best_dev_score"], check_exact=False, atol=1e-6)
+    verdicts = [json.loads((killed_and_reference[k] / "analysis" / "summary.json").read_text())["findings"]
+                for k in ("killed", "reference")]
+    assert {k: v["verdict"] for k, v in verdicts[0].items()} == {k: v["verdict"] for k, v in verdicts[1].items()}
