@@ -62,7 +62,7 @@ from pefttune.analysis.intervals import (
     unless_nothing_learned,
 )
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
-from pefttune.analysis.speakers import test_clusters
+from pefttune.analysis.speakers import speaker_clusters
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
 
 NOT_RUN = "not run"
@@ -143,7 +143,7 @@ class Scorer:
         if self.index is None:
             raise ValueError("no trial scored yet")
         if self._clusters is None:
-            self._clusters = test_clusters(self.experiment.config, self.index)
+            self._clusters = speaker_clusters(self.experiment.config, self.index)
         return self._clusters
 
     def contributions(self, preds) -> Any:

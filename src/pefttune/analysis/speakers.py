@@ -17,7 +17,7 @@ import numpy as np
 
 from pefttune.analysis.seeds_speakers import Clusters
 
-__all__ = ["manifest_of", "test_clusters"]
+__all__ = ["manifest_of", "speaker_clusters"]
 
 _SIZES = ("per_class", "test_per_class", "sentences")
 
@@ -44,7 +44,7 @@ def manifest_of(config: dict | None) -> tuple[Path | None, str]:
         return None, f"the manifest of data.source {source!r} was not found: {err}"
 
 
-def test_clusters(config: dict | None, index: np.ndarray) -> Clusters:
+def speaker_clusters(config: dict | None, index: np.ndarray) -> Clusters:
     """The clusters of the aligned test examples ``index`` (manifest row ids): their speakers, or
     the utterances (with the reason in ``note``)."""
     from pefttune.data.manifest import read_manifest
