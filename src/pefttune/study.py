@@ -171,29 +171,47 @@ def _banner(title: str) -> None:
 
 
 def run_stages(study: StudyRun, stages: tuple[Stage, ...] = STAGES) -> dict[str, float]:
-    """Run ``stages`` in order (Ray connected for the trial stages only); their wall seconds."""
+    """Run ``stages`` in order (Ray connected for the trial stages only); their wall seconds.
+
+    The driver's heartbeat (``<study>/heartbeat.json``: pid, host, stage, refreshed every 2 s)
+    tells ``pefttune status`` where the study is, and that it was interrupted as soon as the
+    driver is gone. A stage that raises ends the study with
+    :class:`~pefttune.runtime.heartbeat.StageFailed` naming it (traceback in ``errors.log``)."""
     import ray
 
-    from pefttune.runtime.cluster import connect_ray
+    from pefttune.runtime.heartbeat import Heartbeat
 
     seconds: dict[str, float] = {}
     started = False
     try:
-        for stage in stages:
-            if stage.ray and not ray.is_initialized():
-                started = connect_ray(study.address, log_to_driver=study.verbose >= 2)
-            elif not stage.ray and started:
-                ray.shutdown()
-                started = False
-            if stage.ray or stage.name == "analysis":
-                _banner(stage.title)
-            t = time.perf_counter()
-            stage.run(study)
-            seconds[stage.name] = time.perf_counter() - t
+        with Heartbeat(study.path) as beat:
+            for stage in stages:
+                beat.stage(stage.name)
+                started = _run_stage(study, stage, started, seconds)
     finally:
         if started:
             ray.shutdown()
     return seconds
+
+
+def _run_stage(study: StudyRun, stage: Stage, started: bool, seconds: dict[str, float]) -> bool:
+    """One stage (Ray connected first when it runs trials, shut down after the last); whether
+    this study's Ray is running."""
+    import ray
+
+    from pefttune.runtime.cluster import connect_ray
+
+    if stage.ray and not ray.is_initialized():
+        started = connect_ray(study.address, log_to_driver=study.verbose >= 2)
+    elif not stage.ray and started:
+        ray.shutdown()
+        started = False
+    if stage.ray or stage.name == "analysis":
+        _banner(stage.title)
+    t = time.perf_counter()
+    stage.run(study)
+    seconds[stage.name] = time.perf_counter() - t
+    return started
 
 
 def run_study(

@@ -47,8 +47,7 @@ def run_suite(config: ExperimentConfig | str | Path | None = None, address: str 
               name: str | None = None, verbose: int = 1, tasks=None) -> SuiteResult:
     """Run the study on every task of the suite, then write ``suite.md`` and the ``suite`` table."""
     from pefttune.runtime.experiment import experiment_path, refuse_existing
-    from pefttune.runtime.storage import storage_exists
-    from pefttune.study import run_study
+    from pefttune.runtime.heartbeat import Heartbeat
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
@@ -61,19 +60,12 @@ def run_suite(config: ExperimentConfig | str | Path | None = None, address: str 
             refuse_existing(experiment_path(task_config), "a study of this suite")
     result = SuiteResult(root)
     start = time.perf_counter()
-    for task, task_config in configs.items():
-        path = experiment_path(task_config)
-        if resume and (analysis_dir(path) / "summary.json").is_file():
-            print(f"\n##### suite task {task}: finished before, kept ({path})", flush=True)
-            result.studies[task] = None
-            continue
-        print(f"\n##### suite task {task} ({list(configs).index(task) + 1} of {len(configs)}) #####", flush=True)
-        t = time.perf_counter()
-        study = run_study(task_config, address=address, resume=resume and storage_exists(path), verbose=verbose)
-        result.studies[task] = study
-        result.seconds[task] = time.perf_counter() - t
-        result.exit_code = max(result.exit_code, study.exit_code)
-    result.files = write_suite(root, {task: experiment_path(c) for task, c in configs.items()})
+    with Heartbeat(root) as beat:  # the suite's own: which task runs (each study has its own too)
+        for task, task_config in configs.items():
+            beat.stage(f"task {task}")
+            _run_task(result, task, list(configs), task_config, address, resume, verbose)
+        beat.stage("suite table")
+        result.files = write_suite(root, {task: experiment_path(c) for task, c in configs.items()})
     result.seconds["total"] = time.perf_counter() - start
     print(f"\nsuite: {result.files.get('suite', root)}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()), flush=True)
@@ -174,6 +166,26 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
     if len(values) == 1:
         return next(iter(values))
     return "differs by task: " + ", ".join(f"{t} {v}" for t, v in verdicts.items())
+
+
+def _run_task(result: SuiteResult, task: str, tasks: list[str], config: ExperimentConfig, address: str | None,
+              resume: bool, verbose: int) -> None:
+    """One task's study into ``result`` (a task finished before is kept on resume)."""
+    from pefttune.runtime.experiment import experiment_path
+    from pefttune.runtime.storage import storage_exists
+    from pefttune.study import run_study
+
+    path = experiment_path(config)
+    if resume and (analysis_dir(path) / "summary.json").is_file():
+        print(f"\n##### suite task {task}: finished before, kept ({path})", flush=True)
+        result.studies[task] = None
+        return
+    print(f"\n##### suite task {task} ({tasks.index(task) + 1} of {len(tasks)}) #####", flush=True)
+    t = time.perf_counter()
+    study = run_study(config, address=address, resume=resume and storage_exists(path), verbose=verbose)
+    result.studies[task] = study
+    result.seconds[task] = time.perf_counter() - t
+    result.exit_code = max(result.exit_code, study.exit_code)
 
 
 def write_suite(root: str, task_dirs: dict[str, str]) -> dict:

@@ -29,8 +29,16 @@ def run(args) -> int:
     try:
         return _run(args)
     except StageFailed as err:
+        cause = err.__cause__
+        if err.stage == "data" and isinstance(cause, INPUT_ERRORS):  # bad data: every bad file named, exit 2
+            print(f"pefttune run: {cause}", file=sys.stderr, flush=True)
+            return 2
         print(f"pefttune run: {err}", file=sys.stderr, flush=True)
         return 1
+
+
+#: Errors of the data stage that mean bad input (a missing or bad manifest or audio file).
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def _run(args) -> int:
