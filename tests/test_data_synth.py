@@ -290,3 +290,15 @@ def test_test_speakers_override_and_validation():
     # Different test speakers, different cached corpus.
     assert corpus_dir("ks", seed=0, test_speakers=40) != corpus_dir("ks", seed=0)
     assert synth.CORPUS_FORMAT >= 2
+
+
+def test_config_test_speakers_reaches_the_corpus_plan_and_is_refused_elsewhere():
+    from pefttune.config import parse_config
+
+    base = {"name": "t", "backbone": "tiny-hubert", "methods": {"lora": {"rank": 2}}}
+    config = parse_config({**base, "data": {"source": "synth", "task": "pr", "test_speakers": 12}})
+    assert config.data.test_speakers == 12
+    with pytest.raises(ValueError, match="data.test_speakers: applies to the synthesized ks and pr"):
+        parse_config({**base, "data": {"source": "synth", "task": "sid", "test_speakers": 12}})
+    with pytest.raises(ValueError, match="data.test_speakers"):
+        parse_config({**base, "data": {"source": "synth", "task": "ks", "test_speakers": 0}})

@@ -315,3 +315,33 @@ def test_an_undecided_finding_says_how_many_seeds_would_decide_it():
     assert stats.t.ppf(0.975, n - 2) * (d.var(ddof=1) / (n - 1)) ** 0.5 >= gap
     line = "\n".join(_seeds_needed_line(out))
     assert f"**{n} seeds per configuration**" in line and "true difference is the observed mean" in line
+
+
+def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, monkeypatch):
+    """benchmarks/verdict_stability.py prints each run's verdicts with the other interval setting
+    too: the same trials, decided with ``analysis.interval`` flipped."""
+    import sys
+
+    import pefttune.runtime.experiment as runtime_experiment
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import verdict_stability
+
+    monkeypatch.setattr(runtime_experiment, "experiment_path", lambda config: replicated.uri)
+    out = verdict_stability.other_intervals(None, {"train_seeds": [0, 1, 2]})
+    assert out["interval"] == "examples" and out["train_seeds"] == [0, 1, 2]  # the saved config: seeds x speakers
+    expected = decide(replicated, interval="examples", alpha=alpha_table(replicated))["findings"]
+    assert {k: f["verdict"] for k, f in out["findings"].items()} == {k: f["verdict"] for k, f in expected.items()}
+    rows = [line for line in verdict_stability.table({"0": out}).splitlines() if line.startswith("| ") and "seed" not in line]
+    assert [r.split("|")[2].strip() for r in rows] == [out["findings"][k]["verdict"] for k in ("1", "2", "3")]
+
+
+def test_verdict_stability_flags_only_contradicting_verdicts():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import verdict_stability
+
+    assert verdict_stability.contradicts(["reproduced", "not reproduced", "inconclusive"])
+    assert verdict_stability.contradicts(["partly reproduced: ...", "not reproduced"])
+    assert not verdict_stability.contradicts(["reproduced", "inconclusive", "inconclusive: one seed"])

@@ -33,8 +33,12 @@ class DataConfig(_Section):
     seed: int = Field(0, description="Seed of the synthesized corpus.")
     per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
     test_per_class: int | None = Field(
-        None, ge=1, description="Synthesized KS test clips per class (default: 200 for the default corpus, sized for "
+        None, ge=1, description="Synthesized KS test clips per class (default: 400 for the default corpus, sized for "
         "paired comparisons at a 0.01 margin; with per_class set, per_class // 4 like dev)."
+    )
+    test_speakers: int | None = Field(
+        None, ge=1, description="Speakers of the synthesized KS or PR test split (default: 50 for KS, 30 for PR), "
+        "disjoint from the train and dev speakers: the clusters a speaker-level interval resamples."
     )
     sentences: int | None = Field(
         None, ge=3, description="Sentences of the synthesized PR corpus (default 600; 70/15/15 train/dev/test)."
@@ -57,6 +61,8 @@ class DataConfig(_Section):
             raise ValueError("data.test_per_class: applies to the synthesized ks corpus only")
         if self.sentences is not None and (self.source != "synth" or self.task != "pr"):
             raise ValueError("data.sentences: applies to the synthesized pr corpus only")
+        if self.test_speakers is not None and (self.source != "synth" or self.task not in ("ks", "pr")):
+            raise ValueError("data.test_speakers: applies to the synthesized ks and pr corpora only")
         return self
 
 

@@ -62,8 +62,10 @@ def _size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=None, help="ks: train clips per class; sid: utterances per speaker.")
     parser.add_argument("--eval-per-class", type=int, default=None, help="ks: dev clips per class.")
     parser.add_argument("--test-per-class", type=int, default=None,
-                        help="ks: test clips per class (default 200 for the default corpus, else --eval-per-class).")
+                        help="ks: test clips per class (default 400 for the default corpus, else --eval-per-class).")
     parser.add_argument("--speakers", type=int, default=None, help="Number of synthetic speakers.")
+    parser.add_argument("--test-speakers", type=int, default=None,
+                        help="ks, pr: speakers of the test split (default 50 for ks, 30 for pr).")
     parser.add_argument("--per-speaker", type=int, default=None, help="sid: utterances per speaker.")
     parser.add_argument("--sentences", type=int, default=None, help="pr: number of sentences.")
 
@@ -73,6 +75,7 @@ def _sizes(args) -> dict:
 
     names = {"per_class": args.per_class, "eval_per_class": args.eval_per_class,
              "test_per_class": args.test_per_class, "speakers": args.speakers,
+             "test_speakers": args.test_speakers,
              "per_speaker": args.per_speaker, "sentences": args.sentences}
     sizes = {k: v for k, v in names.items() if v is not None}
     allowed = set(DEFAULT_SIZES[args.task]) | ({"per_class"} if args.task == "sid" else set())

@@ -74,8 +74,8 @@ def prepare_data(config: ExperimentConfig, progress: bool | None = None) -> Data
     data = config.data
     where = f"data.path: {data.path}" if data.path else f"data.source: {data.source}"
     try:
-        sizes = {k: v for k, v in (("test_per_class", data.test_per_class), ("sentences", data.sentences))
-                 if v is not None}
+        sizes = {k: v for k, v in (("test_per_class", data.test_per_class), ("sentences", data.sentences),
+                                   ("test_speakers", data.test_speakers)) if v is not None}
         manifest = manifest_for(data.source, data.task, path=data.path, seed=data.seed, per_class=data.per_class,
                                 **sizes)
     except FileNotFoundError as err:
