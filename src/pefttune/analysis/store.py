@@ -22,7 +22,15 @@ Outcome of a trial (column ``outcome``):
 ``stopped_early``  TERMINATED with fewer epochs than expected (ASHA);
 ``over_budget``    the trial reported ``over_budget=True`` (rejected, never trained);
 ``error``          Ray status ERROR;
+``incomplete``     it would be ``completed``, but its newest checkpoint was not written to
+                   the end (no valid ``state.json``, or a file it lists missing or cut off:
+                   a kill mid-write, lost data); ``note`` says what is wrong.  Its files are
+                   not read, and it takes part in no comparison;
 ``running`` / ``pending`` / ``paused``: not finished.
+
+Incomplete checkpoints (see :mod:`pefttune.trainables.checkpoint`: ``state.json``, written
+last, lists every file with its size) are never used: predictions come only from complete
+ones, and the reason is kept in :attr:`TrialRecord.note`.
 
 Only ``completed`` trials with test predictions, of a kind other than ``darts`` (DARTS
 supernets are searches, not placements), are **usable** as ensemble members unless a
@@ -76,6 +84,8 @@ SKIP_DIRS = {"analysis", "driver_artifacts", "__pycache__"}
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
 PREDICTIONS_DIR = "predictions"  # pefttune.trainables.checkpoint.PREDICTIONS_DIR
+STATE_FILE = "state.json"  # pefttune.trainables.checkpoint.STATE_FILE: written last, lists the files
+FILES_KEY = "files"  # pefttune.trainables.checkpoint.FILES_KEY: relative path -> [size, sha256]
 SPLITS = ("dev", "test")
 CTC_METRICS = ("per", "wer", "cer")
 #: Ray's bookkeeping keys of a result row (kept out of the metric columns).
@@ -187,6 +197,7 @@ class TrialRecord:
     prediction_files: dict[str, str] = field(default_factory=dict)  # split -> file path
     seed: int | None = None  # the training seed (replicates of a configuration differ only in it)
     config_id: str | None = None  # the configuration, the same for all its seeds
+    note: str | None = None  # why its newest checkpoint is not used (incomplete), else None
 
     def value(self, key: str) -> Any:
         return self.last_result.get(key)
@@ -430,6 +441,34 @@ class Experiment:
             return "error (error file unreadable)"
         return lines[-1][:500] if lines else "error"
 
+    def _checkpoint_problem(self, path: str) -> str | None:
+        """Why the checkpoint at ``path`` is incomplete (None: complete): ``state.json`` missing
+        or not valid, or a file it lists missing or of another size (sizes only: cheap on any
+        storage). An older ``state.json`` without a file list is taken as complete."""
+        name = PurePosixPath(path).name
+        try:
+            data = json.loads(_read_text(self.fs, _join(path, STATE_FILE)))
+        except (FileNotFoundError, OSError):
+            return f"{name}: no {STATE_FILE} (not written to the end)"
+        except ValueError:  # not UTF-8, not JSON: cut off
+            return f"{name}: {STATE_FILE} is not valid JSON (cut off?)"
+        files = data.get(FILES_KEY) if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(files, (dict, type(None))):
+            return f"{name}: {STATE_FILE} holds no valid state"
+        if not files:
+            return None
+        try:
+            files = {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
+        except (TypeError, ValueError):
+            return f"{name}: the '{FILES_KEY}' list of its {STATE_FILE} is malformed"
+        infos = self.fs.get_file_info([_join(path, rel) for rel in files])
+        for (rel, (size, _)), info in zip(files.items(), infos):
+            if info.type != pafs.FileType.File:
+                return f"{name}: {rel} is missing"
+            if info.size != size:
+                return f"{name}: {rel} has {info.size} bytes, {STATE_FILE} lists {size} (cut off)"
+        return None
+
     def _find_checkpoints(self, trial: TrialRecord) -> None:
         dirs = []
         for entry in _list(self.fs, trial.path):
@@ -439,6 +478,8 @@ class Experiment:
         trial.checkpoints = [p for _, p in sorted(dirs)]
         if not trial.checkpoints:
             return
+        # Only complete checkpoints are read; the newest one's problem, if any, is the trial's note.
+        trial.note = self._checkpoint_problem(trial.checkpoints[-1])
         # The final checkpoint holds the predictions; prefer the newest one with test
         # predictions, then the newest with any predictions, then the last reported one.
         fallback: tuple[str, dict] | None = None
@@ -448,6 +489,8 @@ class Experiment:
                 for split in SPLITS
                 if _exists(self.fs, _join(path, PREDICTIONS_DIR, f"{split}.safetensors"))
             }
+            if files and self._checkpoint_problem(path) is not None:
+                continue
             if "test" in files:
                 trial.checkpoint, trial.prediction_files = path, files
                 return
@@ -552,6 +595,12 @@ class Experiment:
         return (None if seed is None else int(seed)), (str(cid) if cid else None)
 
     def _outcome(self, trial: TrialRecord) -> str:
+        outcome = self._status_outcome(trial)
+        if outcome == "completed" and trial.note is not None:
+            return "incomplete"  # finished, but its final checkpoint was not written to the end
+        return outcome
+
+    def _status_outcome(self, trial: TrialRecord) -> str:
         status = trial.status.upper()
         if status == "ERROR":
             return "error"

@@ -13,7 +13,9 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     experiment (str)          Ray experiment dir, relative to the experiment folder (``.`` = itself)
     trial_name (str)          trial dir name
     status (str)              Ray status: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
-    outcome (str)             completed, stopped_early, over_budget, error, running, pending, paused
+    outcome (str)             completed, stopped_early, over_budget, error, running, pending, paused, or
+                              incomplete (finished, but its final checkpoint was cut off: see ``note``;
+                              left out of every comparison)
     usable (bool)             ensemble member by default (completed, test predictions, not a DARTS search)
     kind (str)                uniform, discrete, hybrid, frozen, darts-derived, darts (DARTS search supernet)
     method (str, null)        the method of a uniform trial
@@ -37,7 +39,9 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     derived_placement (str, null)  DARTS: the placement derived from alpha (JSON)
     error (str, null)         last line of Ray's error file
     checkpoint (str, null)    the final checkpoint dir (holding the predictions when stored)
-    has_predictions (bool)    test predictions are stored
+    has_predictions (bool)    test predictions are stored (in a complete checkpoint)
+    note (str, null)          why the trial's newest checkpoint is not used (incomplete: no valid
+                              ``state.json``, or a listed file missing or cut off), else null
     <reported keys>           every other scalar the trial reported in its last row
                               (``dev_<metric>``, ``test_loss``, ``lr``, ``over_budget``...;
                               not ``alpha/...``, which is in ``alpha``)
@@ -127,7 +131,7 @@ TRIAL_COLUMNS = [
     "dev_score", "best_dev_score", "test_score", "trainable_params", "epochs", "time_total_s",
     "wall_time_s", "start_time", "num_failures", "placement", "placement_short", "num_layers",
 ]
-TRIAL_TAIL = ["derived_placement", "error", "checkpoint", "has_predictions"]
+TRIAL_TAIL = ["derived_placement", "error", "checkpoint", "has_predictions", "note"]
 HISTORY_COLUMNS = ["trial_id", "experiment", "kind", "method", "training_iteration", "epoch",
                    "time_total_s", "time_this_iter_s"]
 ALPHA_COLUMNS = ["trial_id", "experiment", "training_iteration", "epoch", "layer", "method", "prob",
@@ -140,7 +144,7 @@ ENSEMBLE_COLUMNS = [
 ]
 _STR = ["trial_id", "experiment", "trial_name", "status", "outcome", "kind", "method", "config_id", "metric",
         "placement",
-        "placement_short", "derived_placement", "error", "checkpoint", "split", "ensemble_id", "members",
+        "placement_short", "derived_placement", "error", "checkpoint", "note", "split", "ensemble_id", "members",
         "strategy", "member_ids", "selected", "mode", "best_member_id", "ref", "hyp"]
 _INT = ["seed", "trainable_params", "epochs", "num_failures", "num_layers", "training_iteration", "epoch", "layer"]
 _FLOAT = ["dev_score", "best_dev_score", "test_score", "time_total_s", "wall_time_s", "start_time",
@@ -257,6 +261,7 @@ def trials_table(experiment: Experiment | str) -> pd.DataFrame:
         row["error"] = t.error
         row["checkpoint"] = t.checkpoint
         row["has_predictions"] = t.has_predictions
+        row["note"] = t.note
         for key, value in _metric_columns(t, fixed).items():
             if key not in extra_keys:
                 extra_keys.append(key)

@@ -14,10 +14,23 @@ Layout (nothing pickled; optimizer state via ``torch.load(weights_only=True)``):
     best/                      the same for the best-dev weights (load_model_dir works)
     trainer_state.pt           optimizer, scheduler and torch RNG state (tensors only)
     predictions/dev.safetensors, predictions/test.safetensors   final checkpoint only
+
+Complete or not: ``state.json`` is written last, atomically (a temporary file renamed into
+place), and lists every other file of the checkpoint with its size and SHA-256 (``files``).
+A checkpoint is complete when its ``state.json`` parses and every listed file is there with
+that size and hash; anything else (a kill while the files were written or copied into the
+trial's folder, storage that lost data) is an :class:`IncompleteCheckpointError`, which
+:func:`read_state` and :func:`read_checkpoint` raise instead of reading half a file.  A trial
+restored from an incomplete checkpoint goes back to its newest complete one
+(:func:`restore`).  A ``state.json`` without ``files`` (written before the list existed) is
+taken as complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +48,14 @@ TRAINER_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 BEST_DIR = "best"
 PREDICTIONS_DIR = "predictions"
+FILES_KEY = "files"  # state.json: relative path -> [size, sha256] of every other file
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # Ray's checkpoint folders in a trial's folder
+
+
+class IncompleteCheckpointError(FileNotFoundError, ValueError):
+    """A checkpoint that was not written (or copied) to the end: no valid ``state.json``, or a
+    file it lists missing, truncated or different.  (Both a FileNotFoundError, like the missing
+    ``state.json`` of old, and a ValueError.)"""
 
 
 @dataclass
@@ -110,15 +131,112 @@ def write_checkpoint(
         (directory / PREDICTIONS_DIR).mkdir(exist_ok=True)
         for split, evaluation in predictions.items():
             save_predictions(directory / PREDICTIONS_DIR / f"{split}.safetensors", evaluation)
-    (directory / STATE_FILE).write_text(state.to_json())
+    write_state(directory, state)
     return directory
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """Relative paths of the checkpoint's files, ``state.json`` and hidden temporaries aside."""
+    out = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != STATE_FILE and not any(part.startswith(".") for part in rel.split("/")):
+            out.append(rel)
+    return out
+
+
+def write_state(directory: str | Path, state: CheckpointState) -> Path:
+    """Write ``state.json`` listing every other file of ``directory`` (size, SHA-256), atomically:
+    the last step of a checkpoint, which makes it complete (see the module docstring)."""
+    directory = Path(directory)
+    data = json.loads(state.to_json())
+    data[FILES_KEY] = {rel: [(directory / rel).stat().st_size, _sha256(directory / rel)]
+                       for rel in _checkpoint_files(directory)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / STATE_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return directory / STATE_FILE
+
+
+def seal_checkpoint(directory: str | Path) -> Path:
+    """Rewrite ``state.json`` so that it also lists files added after :func:`write_checkpoint`
+    (e.g. a DARTS checkpoint's architecture state); :func:`report` does this for every checkpoint."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise IncompleteCheckpointError(f"checkpoint {directory}: no {STATE_FILE} to seal (write_checkpoint first)")
+    return write_state(directory, CheckpointState.from_json(path.read_text()))
+
+
+def listed_files(text: str) -> dict[str, tuple[int, str]] | None:
+    """The ``files`` list of a ``state.json`` text (None: an older checkpoint without one).
+    Raises :class:`IncompleteCheckpointError` when the text is not a valid state."""
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise IncompleteCheckpointError(f"{STATE_FILE} is not valid JSON (cut off?): {err}") from None
+    if not isinstance(data, dict):
+        raise IncompleteCheckpointError(f"{STATE_FILE} holds no state")
+    files = data.get(FILES_KEY)
+    if files is None:
+        return None
+    try:
+        return {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise IncompleteCheckpointError(f"{STATE_FILE}: its '{FILES_KEY}' list is malformed") from None
+
+
+def checkpoint_problem(directory: str | Path, hashes: bool = True) -> str | None:
+    """Why the checkpoint in ``directory`` is incomplete, or None when it is complete.
+
+    ``hashes=False`` compares sizes only (enough for a cut-off file, and cheap)."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        return f"no {STATE_FILE} (the checkpoint was not written to the end)"
+    try:
+        files = listed_files(path.read_text())
+    except IncompleteCheckpointError as err:
+        return str(err)
+    for rel, (size, digest) in (files or {}).items():
+        file = directory / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{rel} has {actual} bytes, {STATE_FILE} lists {size} (cut off)"
+        if hashes and _sha256(file) != digest:
+            return f"{rel} differs from what {STATE_FILE} lists (SHA-256)"
+    return None
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise :class:`IncompleteCheckpointError` (naming the folder and the first problem) unless
+    the checkpoint in ``directory`` is complete."""
+    problem = checkpoint_problem(directory)
+    if problem is not None:
+        raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete: {problem}")
+
+
 def read_state(directory: str | Path) -> CheckpointState:
-    path = Path(directory) / STATE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {directory}: missing {STATE_FILE}")
-    return CheckpointState.from_json(path.read_text())
+    """The state of a complete checkpoint (else :class:`IncompleteCheckpointError`)."""
+    verify_checkpoint(directory)
+    return CheckpointState.from_json((Path(directory) / STATE_FILE).read_text())
 
 
 def read_checkpoint(
@@ -130,7 +248,8 @@ def read_checkpoint(
 ) -> tuple[CheckpointState, dict[str, torch.Tensor] | None]:
     """Restore what :func:`write_checkpoint` wrote into ``model``/``optimizer``/``scheduler``.
 
-    Returns the state and the best-dev weights (None if the checkpoint has none).
+    Returns the state and the best-dev weights (None if the checkpoint has none). An incomplete
+    checkpoint raises :class:`IncompleteCheckpointError` before anything is loaded.
     """
     directory = Path(directory)
     state = read_state(directory)
@@ -153,11 +272,57 @@ def read_checkpoint(
 
 
 def checkpoint_predictions(directory: str | Path, split: str) -> dict:
-    """Per-example predictions stored in a final checkpoint (see training.evaluate)."""
+    """Per-example predictions stored in a final checkpoint (see training.evaluate); an
+    incomplete checkpoint raises :class:`IncompleteCheckpointError`."""
     path = Path(directory) / PREDICTIONS_DIR / f"{split}.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {directory}: no {split} predictions (not a final checkpoint?)")
+    verify_checkpoint(directory)
     return load_predictions(path)
+
+
+def complete_checkpoints(trial_dir: str | Path, below: int | None = None) -> list[Path]:
+    """The complete ``checkpoint_NNNNNN`` folders of a (local) trial folder, newest first;
+    ``below``: only those with a smaller index."""
+    found = []
+    for path in Path(trial_dir).iterdir() if Path(trial_dir).is_dir() else []:
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir() and (below is None or int(match.group(1)) < below):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found, reverse=True) if checkpoint_problem(path) is None]
+
+
+def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=None, on_restore=None):
+    """Restore the trial's Ray checkpoint (``tune.get_checkpoint()``) with :func:`read_checkpoint`;
+    returns ``(state, best_weights)``, or None when there is nothing to resume from.
+
+    An incomplete checkpoint (:class:`IncompleteCheckpointError`) is never read: the trial goes
+    back to the newest complete checkpoint before it in the same trial folder (local storage),
+    else starts from scratch, and says so.  ``on_restore(path)`` runs with the checkpoint
+    folder that was read (e.g. to read more files of it)."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        try:
+            restored = read_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler)
+            if on_restore is not None:
+                on_restore(Path(path))
+            return restored
+        except IncompleteCheckpointError as err:
+            problem = str(err)
+    match = CHECKPOINT_NAME.match(Path(checkpoint.path).name)
+    local = Path(checkpoint.path).parent if match and Path(checkpoint.path).is_dir() else None
+    for older in complete_checkpoints(local, below=int(match.group(1))) if local is not None else []:
+        print(f"[pefttune] {problem}; resuming from {older.name} instead", flush=True)
+        restored = read_checkpoint(older, model, optimizer=optimizer, scheduler=scheduler)
+        if on_restore is not None:
+            on_restore(older)
+        return restored
+    print(f"[pefttune] {problem}; no complete checkpoint before it: the trial starts again", flush=True)
+    return None
 
 
 def report(metrics: dict, write: Callable[[Path], None] | None = None) -> None:
@@ -173,6 +338,7 @@ def report(metrics: dict, write: Callable[[Path], None] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="pefttune-ckpt-") as tmp:
         write(Path(tmp))
+        seal_checkpoint(tmp)  # state.json lists what write added after write_checkpoint too
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -16,7 +16,8 @@ Per epoch it reports (``tune.report``) the dev metric and loss, ``best_dev_<metr
 ``trainable_params`` (PEFT + head), ``peft_params``, ``samples_per_s``, ``epoch``, the
 placement columns (``placement`` JSON, ``placement_short``, ``layer_00``...), ``kind``,
 ``method``, ``over_budget`` and ``node_id`` (the Ray node of this attempt), with a
-checkpoint of the PEFT + head weights, the optimizer/scheduler state and the epoch. The last epoch first scores the best-dev
+checkpoint of the PEFT + head weights, the optimizer/scheduler state and the epoch (a restored
+trial resumes from its newest complete checkpoint: :func:`~pefttune.trainables.checkpoint.restore`). The last epoch first scores the best-dev
 weights on dev and test and adds ``test_<metric>``/``test_loss`` and the per-example
 predictions to the final checkpoint (before the report: ASHA stops a trial right at its
 ``max_t`` report).
@@ -72,7 +73,6 @@ def trial_backbone(config: dict, experiment) -> str:
 def train_fn(config: dict, setup: TrialSetup) -> None:
     """Train, evaluate and checkpoint one placement (a Ray Tune function trainable)."""
     import ray
-    from ray import tune
 
     experiment = setup.experiment
     if "placement" not in config:
@@ -136,10 +136,9 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
 
     state = CheckpointState()
     best_weights = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state, best_weights = ckpt.read_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler)
+    restored = ckpt.restore(model, optimizer=optimizer, scheduler=scheduler)  # never an incomplete checkpoint
+    if restored is not None:
+        state, best_weights = restored
         if state.finished:  # restored after the final report: report it again, train nothing
             ckpt.report(state.metrics)
             return
