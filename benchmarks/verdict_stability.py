@@ -36,10 +36,8 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
     data["train"].pop("seed", None)
     if data_seed is not None:
         data["data"]["seed"] = data_seed
-    if len(base.darts.seeds) > 1:  # one DARTS search per training seed, as the base config does
-        data["darts"]["seeds"] = list(data["train"]["seeds"])
-    else:
-        data["darts"]["seeds"] = [data["train"]["seeds"][0]]
+    if base.darts.retrain == "every-seed":  # the searches run with the study's first seed
+        data["darts"]["seeds"] = [data["train"]["seeds"][0]]  # (per-seed: one search per training seed)
     if smoke:  # seconds, not minutes: the tiny random backbone on a small synthesized corpus
         data["backbone"] = "tiny-hubert"
         data["data"].update({"per_class": 4, "batch_size": 16})

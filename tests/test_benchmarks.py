@@ -69,7 +69,7 @@ def test_verdict_stability_configs_use_disjoint_seeds_and_the_table_flags_flips(
     configs = [verdict_stability.study_config(base, s, tmp_path, 3, smoke=False) for s in (0, 1, 2)]
     seeds = [c.train.replicate_seeds for c in configs]
     assert seeds == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert [c.darts.seeds for c in configs] == [[0], [3], [6]] and [c.train.seed for c in configs] == [0, 3, 6]
+    assert [c.darts_seeds for c in configs] == seeds and [c.train.seed for c in configs] == [0, 3, 6]  # per seed
     assert len({c.name for c in configs}) == 3 and all(c.data == base.data for c in configs)  # same data
     summaries = {
         0: {"train_seeds": [0, 1, 2], "findings": {"1": {"verdict": "inconclusive"}, "2": {"verdict": "reproduced"},

@@ -225,7 +225,10 @@ def test_the_stages_to_come_are_estimated_from_the_config():
               "train": {"seeds": [0, 1]}, "darts": {"seeds": [0, 1], "variants": [{}, {"mix": "exact"}, {}]}}
     # fixed: 2 uniform + hybrid, x 1 other seed; frozen, log-mel x 2 seeds; top min(2, 1 searched) x 1
     assert expected_replicates(config) == 3 + 2 + 2 + 1
-    assert upcoming_stages(None, config) == {"replicates": 8, "DARTS search": 6, "DARTS retrain": 12}
+    assert upcoming_stages(None, config) == {"replicates": 8, "DARTS search": 6, "DARTS retrain": 6}  # per seed
+    every = {**config, "darts": {**config["darts"], "retrain": "every-seed"}}
+    assert upcoming_stages(None, every)["DARTS retrain"] == 12  # each search's placement x 2 seeds
+    assert upcoming_stages(None, {**config, "darts": {}})["DARTS search"] == 2  # default: one per train seed
     off = {**config, "darts": {"enabled": False}, "search": {"frozen_reference": False, "hybrid": False},
            "analysis": {"logmel_reference": False}, "train": {"seed": 0}}
     assert upcoming_stages(None, off) == {}  # one seed and no references: no replicates, no DARTS arm

@@ -65,6 +65,7 @@ def darts_config(manifest: Path, storage: Path) -> dict:
             "warmup_epochs": 0,
             "arch_lr": 0.05,
             "budget_penalty": 1.0,
+            "retrain": "every-seed",  # each distinct placement a configuration (per-seed: tests/test_kill_matrix.py)
             "seeds": [0],
             "variants": [{}, {"mix": "exact", "relaxation": "gumbel", "hard": True, "temperature": 5.0,
                               "final_temperature": 0.5}],

@@ -233,7 +233,17 @@ class DartsSection(_Section):
     )
     budget_penalty: float = Field(0.0, ge=0, description="Weight of the expected-parameters-over-budget penalty.")
     fair_zero_one: float = Field(10.0, ge=0, description="Fair-DARTS: weight of the zero-one loss.")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="One DARTS search per seed.")
+    retrain: Literal["per-seed", "every-seed"] = Field(
+        "per-seed", description="How DARTS enters the comparisons. 'per-seed': one search per seed of train.seeds, "
+        "the placement derived with seed k retrained with seed k, all under one configuration id (DARTS as a "
+        "method: its search's randomness is inside the seed level of every interval). 'every-seed': the searches "
+        "of darts.seeds, each distinct derived placement retrained with every seed of train.seeds (a configuration "
+        "per placement)."
+    )
+    seeds: list[int] | None = Field(
+        None, description="Seeds of the DARTS searches, one search each. Default: train.seeds with retrain "
+        "'per-seed' (another list is refused there), [train.seed] with 'every-seed'."
+    )
     search_cpu: float | None = Field(
         None, gt=0, description="CPUs (and so threads) of each DARTS search trial; default resources.cpu. A lone "
         "search leaves the other trial slots idle, so 2 halves its time on the 2-core machine, but the thread "
@@ -348,6 +358,24 @@ class ExperimentConfig(_Section):
             raise ValueError(f"tasks: a task is listed twice in {names}")
         task_configs(self)  # every task's config validated; errors name tasks.<task>
         return self
+
+    @model_validator(mode="after")
+    def _darts_seeds(self):
+        seeds = self.darts.seeds
+        if seeds is not None and not seeds:
+            raise ValueError("darts.seeds: need at least one seed")
+        if self.darts.retrain == "per-seed" and seeds is not None and list(seeds) != self.train.replicate_seeds:
+            raise ValueError(f"darts.seeds: {list(seeds)}, but with darts.retrain 'per-seed' the searches run once per "
+                             f"seed of train.seeds ({self.train.replicate_seeds}); leave darts.seeds out, or set "
+                             "darts.retrain: every-seed")
+        return self
+
+    @property
+    def darts_seeds(self) -> list[int]:
+        """The seeds of the DARTS searches (see ``darts.retrain``)."""
+        if self.darts.seeds is not None:
+            return list(self.darts.seeds)
+        return self.train.replicate_seeds if self.darts.retrain == "per-seed" else [self.train.seed]
 
     @model_validator(mode="after")
     def _method_lr_names(self):

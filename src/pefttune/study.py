@@ -131,13 +131,12 @@ def stage_darts_search(study: StudyRun) -> None:
 
 
 def stage_darts_retrain(study: StudyRun) -> None:
-    from pefttune.darts.experiment import collect_derived, run_darts_retrain
+    from pefttune.darts.experiment import run_darts_retrain
     from pefttune.runtime.experiment import results_frame
 
     if study.darts_search is None:
         return
-    derived = collect_derived(study.darts_search)
-    study.frames["darts-retrain"] = results_frame(run_darts_retrain(study.config, derived, study.resume,
+    study.frames["darts-retrain"] = results_frame(run_darts_retrain(study.config, study.darts_search, study.resume,
                                                                     verbose=study.verbose))
 
 

@@ -61,11 +61,13 @@ from pefttune.analysis.intervals import (
     seeds_speakers_bootstrap,
     unless_nothing_learned,
 )
+from pefttune.placement import Placement
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
 from pefttune.analysis.speakers import speaker_clusters
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
 
 NOT_RUN = "not run"
+VARIES_BY_SEED = "its own per seed"
 REFERENCE_KINDS = ("frozen", "log-mel")
 
 
@@ -100,6 +102,8 @@ def configurations(experiment: Experiment) -> dict[str, Config]:
         config.trials.append(trial)
     for config in out.values():
         config.trials.sort(key=lambda t: (t.seed is None, t.seed, t.trial_id))
+        if len({t.placement_short for t in config.trials}) > 1:  # DARTS as a method: each seed derived its own
+            config.placement_short = VARIES_BY_SEED
         devs = [experiment.score(t, "dev") for t in config.trials]
         devs = [d for d in devs if d is not None]
         config.dev_mean = float(np.mean(devs)) if devs else math.nan
@@ -270,26 +274,69 @@ def darts_convergence(alpha: "Any", threshold: float = 0.7) -> dict:
     """Convergence of every DARTS search trial from the alpha table (``trial_id``, ``epoch``,
     ``layer``, ``method``, ``prob``): the final epoch's normalised entropy H/ln K per layer,
     averaged over layers, and the smallest top-2 margin. Converged when every trial's final
-    mean normalised entropy is at most ``threshold``."""
+    mean normalised entropy is at most ``threshold``. A layer whose own final H/ln K is above
+    ``threshold`` is listed in the trial's ``unconverged_layers``: its argmax is close to a coin
+    flip, whatever the average says."""
     if alpha is None or len(alpha) == 0:
         return {"converged": False, "reason": "no alpha history", "trials": {}}
     trials = {}
     for trial_id, rows in alpha.groupby("trial_id"):
         last = rows[rows["epoch"] == rows["epoch"].max()]
-        entropies, margins = [], []
-        for _, layer in last.groupby("layer"):
-            p = layer["prob"].to_numpy(dtype=np.float64)
+        entropies, margins = {}, []
+        for layer, probs in last.groupby("layer"):
+            p = probs["prob"].to_numpy(dtype=np.float64)
             p = p / p.sum() if p.sum() > 0 else p
             k = len(p)
             nz = p[p > 0]
-            entropies.append(float(-(nz * np.log(nz)).sum() / math.log(k)) if k > 1 else 0.0)
+            entropies[int(layer)] = float(-(nz * np.log(nz)).sum() / math.log(k)) if k > 1 else 0.0
             top = np.sort(p)[::-1]
             margins.append(float(top[0] - top[1]) if k > 1 else 1.0)
-        trials[str(trial_id)] = {"entropy_norm_mean": float(np.mean(entropies)), "margin_min": float(np.min(margins)),
-                                 "epoch": int(last["epoch"].iloc[0])}
+        trials[str(trial_id)] = {"entropy_norm_mean": float(np.mean(list(entropies.values()))),
+                                 "margin_min": float(np.min(margins)), "epoch": int(last["epoch"].iloc[0]),
+                                 "entropy_norm": entropies,
+                                 "unconverged_layers": [k for k, h in sorted(entropies.items()) if h > threshold]}
     converged = all(t["entropy_norm_mean"] <= threshold for t in trials.values())
     worst = max(t["entropy_norm_mean"] for t in trials.values())
     return {"converged": converged, "threshold": threshold, "worst_entropy_norm_mean": worst, "trials": trials}
+
+
+def darts_by_seed(experiment: Experiment, convergence: dict) -> list[dict]:
+    """One row per finished DARTS search: its seed, derived placement (a layer whose relaxation
+    did not converge marked ``?``), convergence, and the test score of its retrain with its seed."""
+    retrained = {}
+    for t in experiment.trials:
+        if t.kind == "darts-derived" and t.usable:
+            for source in t.config.get("derived_from") or []:
+                retrained[str(source).split()[0]] = t
+    rows = []
+    for t in experiment.trials:
+        text = t.value("derived_placement")
+        if t.kind != "darts" or not text:
+            continue
+        conv = convergence.get("trials", {}).get(t.trial_id, {})
+        layers = Placement.from_json(text).layer_methods()
+        flagged = set(conv.get("unconverged_layers", []))
+        retrain = retrained.get(t.trial_id)
+        rows.append({"trial_id": t.trial_id, "seed": t.seed, "variant": t.value("variant") or "",
+                     "layers": layers,
+                     "placement": " ".join(f"L{i}:{m}" + ("?" if i in flagged else "") for i, m in enumerate(layers)),
+                     "entropy_norm_mean": conv.get("entropy_norm_mean"),
+                     "unconverged_layers": sorted(flagged),
+                     "retrain_test": experiment.score(retrain, "test") if retrain is not None else None})
+    return sorted(rows, key=lambda r: (str(r["variant"]), r["seed"] if r["seed"] is not None else -1))
+
+
+def placement_agreement(rows: list[dict]) -> dict | None:
+    """How far the seeds' derived placements agree: per pair of searches, the share of layers given
+    the same method (mean over pairs), and the layers whose method is the same in every search."""
+    layers = [r["layers"] for r in rows if r.get("layers")]
+    if len(layers) < 2 or len({len(x) for x in layers}) != 1:
+        return None
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i + 1:]]
+    shares = [float(np.mean([x == y for x, y in zip(a, b)])) for a, b in pairs]
+    common = [i for i in range(len(layers[0])) if len({x[i] for x in layers}) == 1]
+    return {"searches": len(layers), "pairwise_same_layers_mean": float(np.mean(shares)),
+            "layers_in_common": common, "num_layers": len(layers[0])}
 
 
 # --------------------------------------------------------------------------- the findings
@@ -317,6 +364,8 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     if verdict.label == "inconclusive" and convergence.get("converged"):
         out["seeds_needed"] = seeds_needed([("DARTS - best uniform", cmp.diff, cmp.spread, cmp.confidence, 0.0,
                                              margin)])
+    out["by_seed"] = darts_by_seed(experiment, convergence)
+    out["agreement"] = placement_agreement(out["by_seed"])
     out["derived_is_uniform"] = darts.placement_short == uniform.placement_short
     if out["derived_is_uniform"]:  # the same placement trained with the same seeds: the difference is 0 by design
         out["text"] += (" DARTS derived the best uniform placement itself, so this compares one configuration with "

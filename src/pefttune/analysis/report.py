@@ -126,6 +126,26 @@ def _intervals_line(result: dict, metric: str) -> str:
             f"over test examples (examples only: these trained models); {tail}")
 
 
+def _darts_by_seed(f: dict, metric: str) -> list[str]:
+    """Finding 1's DARTS searches, one row each, and how far their derived placements agree."""
+    threshold = f.get("convergence", {}).get("threshold", 0.7)
+    rows = [{**r, "h": _fmt(r["entropy_norm_mean"]) if r["entropy_norm_mean"] is not None else "-",
+             "flag": ", ".join(f"L{i}" for i in r["unconverged_layers"]) or "none",
+             "test": _fmt(r["retrain_test"]) if r["retrain_test"] is not None else "-"} for r in f["by_seed"]]
+    lines = [f"DARTS searches (one per seed; `?` marks a layer whose own final H/ln K is above {threshold}: its "
+             "argmax is close to a coin flip):", "",
+             md_table(rows, ["seed", "variant", "placement", "h", "flag", "test"],
+                      ["seed", "variant", "derived placement", "mean H/ln K", "layers not converged",
+                       f"retrained test {metric}"]), ""]
+    agreement = f.get("agreement")
+    if agreement:
+        common = ", ".join(f"L{i}" for i in agreement["layers_in_common"]) or "none"
+        lines += [f"Agreement of the {agreement['searches']} derived placements: on average "
+                  f"{agreement['pairwise_same_layers_mean']:.0%} of the {agreement['num_layers']} layers get the same "
+                  f"method in two searches; the same in every search: {common}.", ""]
+    return lines
+
+
 def _seeds_needed_line(finding: dict) -> list[str]:
     need = finding.get("seeds_needed")
     if not need or not need.get("intervals") or finding.get("verdict") != "inconclusive":
@@ -492,6 +512,8 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
                           f"`{t}` {v['entropy_norm_mean']:.3f} (min top-2 margin {v['margin_min']:.3f})"
                           for t, v in conv["trials"].items())
                       + f" -> {'converged' if conv['converged'] else 'not converged'}.", ""]
+        if key == "1" and f.get("by_seed"):
+            lines += _darts_by_seed(f, result.get("metric", "metric"))
         paired_test = ("McNemar" if result.get("task") == "classification" else
                        "sign test on per-utterance edit counts: b = utterances with fewer edits, c = more")
         if key == "1" and f.get("mcnemar_by_seed"):

@@ -39,8 +39,10 @@ Rules, stated so the numbers can be checked:
     for the frozen reference (``search.frozen_reference``) and again for the log-mel reference
     (``analysis.logmel_reference``) + ``min(search.replicate_top, search.num_samples) x
     (len(train.seeds) - 1)``; fixed points: one uniform trial per candidate method and the hybrid;
-  * DARTS search (``darts/``, when ``darts.enabled``): ``len(darts.seeds) x max(1, len(darts.variants))``;
-  * DARTS retrain (``darts-retrain/``): ``derived placements x len(train.seeds)``, the derived
+  * DARTS search (``darts/``, when ``darts.enabled``): ``len(darts.seeds) x max(1, len(darts.variants))``
+    (darts.seeds defaults to train.seeds with ``darts.retrain: per-seed``);
+  * DARTS retrain (``darts-retrain/``): one per search trial with ``per-seed``; otherwise
+    ``derived placements x len(train.seeds)``, the derived
     placements being the distinct ones the finished DARTS search trials reported, or one per
     DARTS search trial before they finished (an upper bound).
 
@@ -162,6 +164,8 @@ def expected_darts_search(config: dict | None) -> int:
         return 0
     seeds = darts.get("seeds")
     variants = darts.get("variants")
+    if seeds is None and darts.get("retrain", "per-seed") == "per-seed":
+        seeds = _section(config, "train").get("seeds")
     count = len(seeds) if isinstance(seeds, list) and seeds else 1
     return count * max(1, len(variants) if isinstance(variants, list) else 0)
 
@@ -189,9 +193,12 @@ def upcoming_stages(experiment: Experiment | None, config: dict | None) -> dict[
     if darts and DARTS_DIR not in present:
         out["DARTS search"] = darts
     if darts and RETRAIN_DIR not in present:
-        derived = _derived_placements(experiment, config)
-        if derived:
-            out["DARTS retrain"] = derived * _seeds(config)
+        if _section(config, "darts").get("retrain", "per-seed") == "per-seed":
+            out["DARTS retrain"] = darts
+        else:
+            derived = _derived_placements(experiment, config)
+            if derived:
+                out["DARTS retrain"] = derived * _seeds(config)
     return out
 
 

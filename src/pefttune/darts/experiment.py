@@ -4,15 +4,18 @@
 ``<storage>/<name>/`` (the discrete search's folder):
 
 - ``<storage>/<name>/darts/``: one trial of :func:`pefttune.trainables.darts.darts_fn` per
-  (seed in ``darts.seeds``) x (variant in ``darts.variants``, default: the ``darts``
-  section itself); every trial reports alpha per epoch and ends with its derived placement
-  (``derived_placement``, a JSON string);
-- ``<storage>/<name>/darts-retrain/``: each distinct derived placement trained from scratch
-  by the *discrete* trainable (:func:`pefttune.trainables.discrete.train_fn`) exactly as
-  the uniform baselines are (``train.epochs``, ``train.lr``, ``train.seed``, the same
-  budget check and final dev/test evaluation with predictions), tagged
-  ``kind="darts-derived"``, with ``derived_from`` (the DARTS trials that derived it:
-  ``"<trial_id> seed=<s> variant=<v>"``) in its trial config.
+  (seed of the searches: ``train.seeds`` by default) x (variant in ``darts.variants``,
+  default: the ``darts`` section itself); every trial reports alpha per epoch and ends with
+  its derived placement (``derived_placement``, a JSON string);
+- ``<storage>/<name>/darts-retrain/``: derived placements trained from scratch by the
+  *discrete* trainable (:func:`pefttune.trainables.discrete.train_fn`) exactly as the uniform
+  baselines are (``train.epochs``, ``train.lr``, the same budget check and final dev/test
+  evaluation with predictions), tagged ``kind="darts-derived"``, with ``derived_from`` (the
+  DARTS trials that derived it: ``"<trial_id> seed=<s> variant=<v>"``) in its trial config.
+  With ``darts.retrain: per-seed`` (the default) the placement derived with seed k is trained
+  with seed k, and all of them form one configuration, ``darts-derived``: DARTS as a method,
+  whose search is inside every interval's seed level. With ``every-seed`` each distinct
+  derived placement is trained with every seed of ``train.seeds`` (a configuration each).
 
 The discrete search (``<storage>/<name>/`` itself) is untouched, so the two arms can run in
 either order, and :mod:`pefttune.analysis.store` finds all three Ray experiments under the
@@ -98,7 +101,7 @@ def trial_space(config: ExperimentConfig) -> dict:
     from ray import tune
 
     variants = config.darts.variants or [{}]
-    return {"seed": tune.grid_search(list(config.darts.seeds)), "variant": tune.grid_search(list(variants))}
+    return {"seed": tune.grid_search(config.darts_seeds), "variant": tune.grid_search(list(variants))}
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -107,8 +110,6 @@ def validate(config: ExperimentConfig) -> None:
 
     backbone_info(config.backbone)
     darts_candidates(config)  # the candidates must fit in one supernet layer
-    if not config.darts.seeds:
-        raise ValueError("darts.seeds: need at least one seed")
     for variant in config.darts.variants or [{}]:
         settings = variant_settings(config, variant)
         if settings.budget_penalty and config.budget is None:
@@ -171,7 +172,7 @@ def _mode(config: ExperimentConfig) -> str:
 
 
 def _search_trials(config: ExperimentConfig) -> int:
-    return len(config.darts.seeds) * len(config.darts.variants or [{}])
+    return len(config.darts_seeds) * len(config.darts.variants or [{}])
 
 
 def search_experiment(config: ExperimentConfig) -> ExperimentConfig:
@@ -208,17 +209,55 @@ def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
 
 
 #: The config fields a retrain plan is derived from (with the derived placements).
-RETRAIN_INPUTS = ("train.seeds", "train.lr")
+RETRAIN_INPUTS = ("train.seeds", "train.lr", "darts.retrain", "darts.seeds", "darts.variants")
 
 
-def retrain_plan(config: ExperimentConfig, derived: list[DerivedPlacement]) -> GridPlan:
-    """One retrain per derived placement and seed of ``train.seeds``, as the uniform baselines."""
-    trials = [
-        {"config_id": config_id("darts-derived", None, d.placement), "kind": "darts-derived", "method": "",
-         "placement": json.dumps(d.placement.to_dict(), separators=(",", ":")), "derived_from": list(d.trials),
-         "seed": seed, "lr": config.train.lr}
-        for d in derived for seed in config.train.replicate_seeds
-    ]
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What one finished DARTS search trial derived."""
+
+    seed: int
+    variant: str  # variant label ("base" for the darts section itself)
+    placement: Placement
+    label: str  # "<trial_id> seed=<s> variant=<v>"
+
+
+def search_outcomes(results) -> list[SearchOutcome]:
+    """The finished DARTS search trials' derived placements, by variant and seed."""
+    out = []
+    for result in results:
+        metrics = result.metrics or {}
+        text = metrics.get("derived_placement")
+        if result.error or not text or "derived_dev_loss" not in metrics:  # not finished
+            continue
+        label = f"{metrics.get('trial_id', '?')} seed={metrics.get('seed')} variant={metrics.get('variant')}"
+        out.append(SearchOutcome(int(metrics["seed"]), str(metrics.get("variant") or "base"),
+                                 Placement.from_json(text), label))
+    return sorted(out, key=lambda o: (o.variant, o.seed))
+
+
+def derived_config_id(config: ExperimentConfig, variant: str) -> str:
+    """The configuration id of DARTS-derived retrains with ``darts.retrain: per-seed``: one per variant."""
+    return "darts-derived" if len(config.darts.variants) <= 1 else f"darts-derived:{variant}"
+
+
+def _retrain_trial(config: ExperimentConfig, cid: str, placement: Placement, sources: list[str], seed: int) -> dict:
+    return {"config_id": cid, "kind": "darts-derived", "method": "",
+            "placement": json.dumps(placement.to_dict(), separators=(",", ":")), "derived_from": list(sources),
+            "seed": seed, "lr": config.train.lr}
+
+
+def retrain_plan(config: ExperimentConfig, search) -> GridPlan:
+    """The retrains of the derived placements, as the uniform baselines are trained.
+
+    ``per-seed``: the placement derived with seed k trained with seed k (DARTS as a method);
+    ``every-seed``: each distinct derived placement trained with every seed of ``train.seeds``."""
+    if config.darts.retrain == "per-seed":
+        trials = [_retrain_trial(config, derived_config_id(config, o.variant), o.placement, [o.label], o.seed)
+                  for o in search_outcomes(search)]
+    else:
+        trials = [_retrain_trial(config, config_id("darts-derived", None, d.placement), d.placement, d.trials, seed)
+                  for d in collect_derived(search) for seed in config.train.replicate_seeds]
     return GridPlan(trials, plan_inputs(config, RETRAIN_INPUTS))
 
 
@@ -281,7 +320,7 @@ def run_darts(
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         search = run_darts_search(config, resume, verbose=verbose, faults=faults, local=address is None)
         derived = collect_derived(search)
-        retrain = run_darts_retrain(config, derived, resume, verbose=verbose)
+        retrain = run_darts_retrain(config, search, resume, verbose=verbose)
     finally:
         if started:
             import ray
@@ -324,16 +363,15 @@ def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose:
     return search
 
 
-def run_darts_retrain(config: ExperimentConfig, derived: list[DerivedPlacement], resume: bool = False, *,
-                      verbose: int = 1):
-    """Train each derived placement once per seed of ``train.seeds`` (Ray connected); returns the
-    ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
+def run_darts_retrain(config: ExperimentConfig, search, resume: bool = False, *, verbose: int = 1):
+    """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
+    connected); returns the ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
     from pefttune.trainables.discrete import make_trainable
 
     path = experiment_path(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     setup = make_setup(config, retrain_path)
-    plan = retrain_plan(config, derived)
+    plan = retrain_plan(config, search)
     if resume and holds_run(retrain_path):
         check_plan(retrain_path, plan)
         tuner = restore_grid(retrain_path, make_trainable(setup))

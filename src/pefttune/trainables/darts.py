@@ -245,7 +245,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     from ray import tune
 
     experiment = setup.experiment
-    seed = int(config.get("seed", experiment.darts.seeds[0]))
+    seed = int(config.get("seed", experiment.darts_seeds[0]))
     variant = dict(config.get("variant") or {})
     settings = variant_settings(experiment, variant)
     epochs = settings.epochs or experiment.train.epochs
