@@ -290,6 +290,19 @@ class AnalysisSection(_Section):
     )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of every interval in the report.")
     bootstrap_draws: int = Field(2000, ge=200, description="Paired bootstrap draws per comparison.")
+    max_seeds: int | None = Field(
+        None, ge=2, description="More seeds where a finding is open: after train.seeds, while a finding's interval "
+        "straddles its threshold, train one more seed of the configurations it compares (a DARTS search included for "
+        "the DARTS finding), up to this many seeds in all. Every verdict is then decided on a group-sequential "
+        "design (alpha spent over the looks), valid whatever the stopping time. None: the planned seeds only."
+    )
+    max_extra_minutes: float | None = Field(
+        None, gt=0, description="Wall-time budget of the further seeds' rounds (with analysis.max_seeds)."
+    )
+    spending: Literal["obrien-fleming", "pocock"] = Field(
+        "obrien-fleming", description="Alpha spending over the looks of analysis.max_seeds: O'Brien-Fleming spends "
+        "little at the first looks, Pocock about evenly."
+    )
     interval: Literal["seeds-speakers", "examples"] = Field(
         "seeds-speakers", description="The interval every verdict is decided on. 'seeds-speakers': Student-t over "
         "training seeds (paired where both sides share seeds) plus the variance of a cluster bootstrap over the test "
@@ -368,6 +381,19 @@ class ExperimentConfig(_Section):
             raise ValueError(f"darts.seeds: {list(seeds)}, but with darts.retrain 'per-seed' the searches run once per "
                              f"seed of train.seeds ({self.train.replicate_seeds}); leave darts.seeds out, or set "
                              "darts.retrain: every-seed")
+        return self
+
+    @model_validator(mode="after")
+    def _max_seeds(self):
+        max_seeds, planned = self.analysis.max_seeds, len(self.train.replicate_seeds)
+        if max_seeds is not None:
+            if planned < 2:
+                raise ValueError(f"analysis.max_seeds: needs at least 2 planned seeds in train.seeds to start from, "
+                                 f"got {planned}")
+            if max_seeds < planned:
+                raise ValueError(f"analysis.max_seeds: {max_seeds} is fewer than the {planned} seeds of train.seeds")
+        elif self.analysis.max_extra_minutes is not None:
+            raise ValueError("analysis.max_extra_minutes: only used with analysis.max_seeds")
         return self
 
     @property

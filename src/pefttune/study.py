@@ -12,6 +12,8 @@ stage                   what it does
                         references (:func:`pefttune.search.replicates.run_replicates`)
 ``darts-search``        the DARTS relaxation (:func:`pefttune.darts.experiment.run_darts_search`)
 ``darts-retrain``       each derived placement trained like the baselines, once per seed
+``more-seeds``          while a finding is open, one more seed of what it compares, up to
+                        ``analysis.max_seeds`` (:mod:`pefttune.more_seeds`; off by default)
 ``analysis``            ensembles, tables, statistics, plots and the report on the paper's three
                         findings (:func:`pefttune.analysis.report.analyze`)
 ======================  =========================================================================
@@ -81,6 +83,7 @@ class Stage:
     title: str
     run: Callable[[StudyRun], None]
     ray: bool = False
+    when: Callable[[ExperimentConfig], bool] = lambda config: True  # noqa: E731 - the stage is part of this study
 
 
 def stage_data(study: StudyRun) -> None:
@@ -140,6 +143,16 @@ def stage_darts_retrain(study: StudyRun) -> None:
                                                                     verbose=study.verbose))
 
 
+def stage_more_seeds(study: StudyRun) -> None:
+    from functools import partial
+
+    from pefttune.analysis.report import current_findings
+    from pefttune.more_seeds import more_seeds
+
+    if study.discrete_finished:
+        more_seeds(study.config, study.path, study.resume, study.verbose, partial(current_findings, study.path))
+
+
 def stage_analysis(study: StudyRun) -> None:
     from pefttune.analysis.report import analyze
 
@@ -161,6 +174,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("replicates", "replicates: every compared configuration once per seed", stage_replicates, ray=True),
     Stage("darts-search", "DARTS arm: relaxation search", stage_darts_search, ray=True),
     Stage("darts-retrain", "DARTS arm: derived placements retrained", stage_darts_retrain, ray=True),
+    Stage("more-seeds", "more seeds: where a finding is still open (analysis.max_seeds)", stage_more_seeds, ray=True,
+          when=lambda config: config.analysis.max_seeds is not None),
     Stage("analysis", "analysis: ensembles, tables, statistics, plots, report", stage_analysis),
 )
 
@@ -184,7 +199,7 @@ def run_stages(study: StudyRun, stages: tuple[Stage, ...] = STAGES) -> dict[str,
     started = False
     try:
         with Heartbeat(study.path) as beat:
-            for stage in stages:
+            for stage in (s for s in stages if s.when(study.config)):
                 beat.stage(stage.name)
                 started = _run_stage(study, stage, started, seconds)
     finally:

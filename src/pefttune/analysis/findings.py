@@ -62,6 +62,7 @@ from pefttune.analysis.intervals import (
     unless_nothing_learned,
 )
 from pefttune.placement import Placement
+from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
 from pefttune.analysis.speakers import speaker_clusters
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
@@ -556,11 +557,27 @@ def _units(scorer: Scorer) -> dict:
             "clusters": c.count, "clusters_note": c.note}
 
 
+def sequential_look(design: SequentialDesign, configs: dict[str, Config]) -> tuple[float, dict]:
+    """The confidence of this look of ``design``: the look at the number of seeds that every
+    uniform configuration has (clamped to the design's looks), and a record of it."""
+    seeds = [len(c.seeds) for c in configs.values() if c.kind == "uniform"]
+    n = min(max(min(seeds, default=design.n_planned), design.n_planned), design.n_max)
+    confidence = design.confidence_at(n)
+    return confidence, {"design": design.describe(), "look": n, "confidence": confidence,
+                        "n_planned": design.n_planned, "n_max": design.n_max}
+
+
 def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.95, draws: int = 2000,
-           converged_entropy: float = 0.7, alpha=None, interval: str = "seeds-speakers") -> dict:
+           converged_entropy: float = 0.7, alpha=None, interval: str = "seeds-speakers",
+           design: SequentialDesign | None = None) -> dict:
     """All three findings with their rules, the reference comparisons and the nothing-learned gate.
-    ``interval`` (``analysis.interval``): ``seeds-speakers`` (default) or ``examples``."""
+    ``interval`` (``analysis.interval``): ``seeds-speakers`` (default) or ``examples``. With a
+    ``design`` (``analysis.max_seeds``: seeds added while a finding is open), every interval is
+    taken at the level the design spends at this look (the seeds every uniform method has)."""
     configs = configurations(experiment)
+    sequential = None
+    if design is not None:
+        confidence, sequential = sequential_look(design, configs)
     scorer = Scorer(experiment, interval)
     convergence = darts_convergence(alpha, converged_entropy)
     findings = {
@@ -593,6 +610,7 @@ def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.9
         "confidence": confidence,
         "draws": draws,
         "interval": interval,
+        "sequential": sequential,
         **_units(scorer),
         "pairs": pairs,
         "references": refs_out,

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.ensemble_runner import (
     EnsembleRun,
     errors,
@@ -69,13 +70,27 @@ def analysis_settings(experiment: Experiment) -> dict:
     config = experiment.config or {}
     section = config.get("analysis") or {}
     darts = config.get("darts") or {}
+    confidence = float(section.get("confidence", 0.95))
+    design = None
+    if section.get("max_seeds"):  # seeds added while a finding is open: a group-sequential design
+        train = config.get("train") or {}
+        planned = len(train.get("seeds") or [train.get("seed", 0)])
+        design = SequentialDesign(planned, int(section["max_seeds"]), 1 - confidence,
+                                  section.get("spending", "obrien-fleming"))
     return {
         "margin": float(section.get("margin", 0.01)),
-        "confidence": float(section.get("confidence", 0.95)),
+        "confidence": confidence,
         "draws": int(section.get("bootstrap_draws", 2000)),
         "interval": str(section.get("interval", "seeds-speakers")),
         "converged_entropy": float(darts.get("converged_entropy", 0.7)),
+        "design": design,
     }
+
+
+def current_findings(path: str) -> dict:
+    """The findings of the study at ``path`` as it stands (nothing written)."""
+    experiment = open_experiment(path)
+    return decide(experiment, alpha=alpha_table(experiment), **analysis_settings(experiment))
 
 
 def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[str]:
@@ -108,6 +123,12 @@ def _intervals_line(result: dict, metric: str) -> str:
     conf, draws, margin = settings.get("confidence", 0.95), settings.get("draws", 2000), settings.get("margin", 0.01)
     unit = decision.get("resampling_unit")
     tail = f"margin delta = {margin} ({metric}); `analysis.interval: {settings.get('interval', 'seeds-speakers')}`"
+    sequential = decision.get("sequential")
+    if sequential:  # seeds added while a finding was open: this look's level, not the nominal one
+        conf = sequential["confidence"]
+        tail += (f"; seeds added while a finding was open (`analysis.max_seeds: {sequential['n_max']}`): "
+                 f"{sequential['design']} This is the look at {sequential['look']} seeds, so every interval here "
+                 f"is a {conf:.2%} interval")
     if unit in (None, "examples"):
         return (f"- intervals: {conf:.0%} paired bootstrap over test examples ({draws} draws), each configuration's "
                 f"seeds averaged inside every draw: examples only, these trained models; they do not cover what "
@@ -124,6 +145,28 @@ def _intervals_line(result: dict, metric: str) -> str:
             "it within a family. They cover what other training seeds and other speakers would change; with one "
             "seed an interval covers speakers only and its verdict is inconclusive. Supporting: the paired bootstrap "
             f"over test examples (examples only: these trained models); {tail}")
+
+
+def _seed_rounds_lines(experiment: Experiment) -> list[str]:
+    """The rounds of further seeds (``seed_rounds.json``): which seed, for which open findings and
+    configurations, and why they stopped; nothing when the study planned its seeds only."""
+    from pefttune.runtime.storage import read_storage_text
+
+    text = read_storage_text(f"{experiment.uri}/seed_rounds.json")
+    if text is None:
+        return []
+    log = json.loads(text)
+    rows = [{"seed": r["seed"], "open": ", ".join(r["open_findings"]),
+             "configs": ", ".join(r["config_ids"]) + (" + a DARTS search" if r["darts"] else ""),
+             "time": f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else "unfinished"}
+            for r in log.get("rounds", [])]
+    lines = ["## Further seeds", "",
+             "Seeds trained after `train.seeds` because a finding was still open (`analysis.max_seeds`); the "
+             "configurations table above gives every configuration's seeds.", ""]
+    if rows:
+        lines += [md_table(rows, ["seed", "open", "configs", "time"],
+                           ["seed", "open findings", "configurations trained", "wall time"]), ""]
+    return lines + [f"Stopped: {log.get('stopped') or 'not yet'}.", ""]
 
 
 def _darts_by_seed(f: dict, metric: str) -> list[str]:
@@ -432,7 +475,7 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
         "ensembles": [r.row() for r in ensemble_rows],
         "findings": findings,
         "decision": {k: v for k, v in decided.items() if k != "findings"},
-        "settings": settings,
+        "settings": {**settings, "design": settings["design"].describe() if settings["design"] else None},
         "configs": config_rows.astype(object).where(config_rows.notna(), None).to_dict("records"),
         "skipped_audio": skipped,
         "comparison": _comparison(experiment, runs),
@@ -539,6 +582,7 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
         lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test", "ci"],
                            ["configuration", "kind", "placement", "params", "seeds", f"dev {m} (mean)",
                             f"test {m} (mean ± std)", "test CI"]), ""]
+    lines += _seed_rounds_lines(experiment)
     refs = result.get("decision", {}).get("references", {})
     ref_lines = []
     for name, label in (("uniform_vs_frozen", "best uniform minus frozen (what PEFT adds)"),

@@ -334,14 +334,15 @@ def run_darts(
 
 
 def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose: int = 1,
-                     faults: Faults | None = None, local: bool = True):
-    """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`);
-    returns its ResultGrid. Raises RuntimeError when no DARTS trial finished."""
+                     faults: Faults | None = None, local: bool = True, root: str | None = None):
+    """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`) into
+    ``<root>/darts`` (default root: the study folder); returns its ResultGrid. Raises
+    RuntimeError when no DARTS trial finished."""
     from ray import tune
 
     from pefttune.trainables.darts import make_trainable
 
-    path = experiment_path(config)
+    path = root or experiment_path(config)
     search_path = f"{path}/{SEARCH_DIR}"
     setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
     if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
@@ -363,12 +364,14 @@ def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose:
     return search
 
 
-def run_darts_retrain(config: ExperimentConfig, search, resume: bool = False, *, verbose: int = 1):
+def run_darts_retrain(config: ExperimentConfig, search, resume: bool = False, *, verbose: int = 1,
+                      root: str | None = None):
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
-    connected); returns the ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
+    connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
+    ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
     from pefttune.trainables.discrete import make_trainable
 
-    path = experiment_path(config)
+    path = root or experiment_path(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     setup = make_setup(config, retrain_path)
     plan = retrain_plan(config, search)

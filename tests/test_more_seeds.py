@@ -1,0 +1,99 @@
+"""More seeds where a finding is open: which findings are open, what a round trains, when it stops.
+
+The rounds themselves run in tests/test_kill_matrix.py (killed mid-round and resumed); the
+error rate of the group-sequential design under this stopping rule is simulated in
+tests/test_sequential.py.
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pefttune.analysis.findings import sequential_look
+from pefttune.analysis.sequential import SequentialDesign
+from pefttune.config import parse_config
+from pefttune.more_seeds import Round, RoundsLog, next_seed, open_findings, round_configs, stop_reason
+
+BASE = {"name": "m", "backbone": "tiny-hubert", "methods": {"lora": {"rank": 2}, "bitfit": {}},
+        "data": {"source": "synth", "task": "ks"}}
+
+
+def _cmp(low, high):
+    return {"ci_low": low, "ci_high": high}
+
+
+def _decided(v1="inconclusive", v2="reproduced", v3="inconclusive", converged=True, learned=True, trivial=(0.3, 0.5)):
+    return {
+        "margin": 0.01, "learned": learned,
+        "findings": {"1": {"verdict": v1, "uniform_config": "uniform:lora", "convergence": {"converged": converged}},
+                     "2": {"verdict": v2}, "3": {"verdict": v3}},
+        "references": {"vs_trivial": {"uniform:lora": _cmp(*trivial)}},
+        "configs": {"uniform:lora": {"kind": "uniform"}, "uniform:bitfit": {"kind": "uniform"},
+                    "hybrid": {"kind": "hybrid"}, "darts-derived": {"kind": "darts-derived"}},
+    }
+
+
+def test_open_findings_are_the_inconclusive_ones_that_seeds_can_decide():
+    assert open_findings(_decided()) == ["1", "3"]
+    assert open_findings(_decided(converged=False)) == ["3"]  # more retrains do not make a relaxation converge
+    assert open_findings(_decided(v1="not run", v3="not reproduced")) == []
+
+
+def test_nothing_learned_is_open_only_while_its_own_gate_straddles_the_margin():
+    held = _decided(v1="inconclusive: nothing learned", v2="inconclusive: nothing learned",
+                    v3="inconclusive: nothing learned", learned=False)
+    for key, own in zip("123", ("reproduced", "inconclusive", "not reproduced")):
+        held["findings"][key]["own_verdict"] = own
+    held["references"]["vs_trivial"]["uniform:lora"] = _cmp(-0.02, 0.04)  # straddles +0.01
+    assert open_findings(held) == ["1", "2", "3"]
+    held["references"]["vs_trivial"]["uniform:lora"] = _cmp(-0.02, 0.005)  # decidedly nothing learned
+    assert open_findings(held) == []
+
+
+def test_a_round_trains_exactly_what_the_open_findings_compare():
+    decided = _decided()
+    assert round_configs(decided, ["1"]) == (["uniform:lora"], True)
+    assert round_configs(decided, ["3"]) == (["uniform:bitfit", "uniform:lora"], False)
+    assert round_configs(decided, ["1", "2"]) == (["uniform:bitfit", "uniform:lora"], True)
+
+
+def test_rounds_stop_at_the_seed_and_time_budgets_and_take_fresh_seeds():
+    config = parse_config({**BASE, "train": {"seeds": [0, 1, 2]}, "analysis": {"max_seeds": 5, "max_extra_minutes": 1}})
+    log = RoundsLog()
+    now = time.time()
+    assert stop_reason(config, log, ["1"], now) == ""
+    assert "every finding is decided" in stop_reason(config, log, [], now)
+    assert "max_extra_minutes (1) spent" in stop_reason(config, log, ["1"], now - 61)
+    log.rounds = [Round(3, ["1"], ["uniform:lora"], True, seconds=5.0), Round(4, ["1"], ["uniform:lora"], True)]
+    assert next_seed(config, log) == 5
+    assert "max_seeds (5) reached with finding(s) 1 open" in stop_reason(config, log, ["1"], now)
+
+
+def test_the_rounds_log_survives_a_round_trip(tmp_path):
+    log = RoundsLog([Round(3, ["2"], ["uniform:lora"], False, started=1.0, seconds=2.5)], "every finding is decided")
+    log.write(str(tmp_path))
+    again = RoundsLog.read(str(tmp_path))
+    assert again == log and RoundsLog.read(str(tmp_path / "none")) == RoundsLog()
+
+
+def test_max_seeds_is_checked_against_the_planned_seeds():
+    with pytest.raises(ValueError, match="analysis.max_seeds: 2 is fewer than the 3 seeds"):
+        parse_config({**BASE, "train": {"seeds": [0, 1, 2]}, "analysis": {"max_seeds": 2}})
+    with pytest.raises(ValueError, match="analysis.max_seeds: needs at least 2 planned seeds"):
+        parse_config({**BASE, "analysis": {"max_seeds": 4}})
+    with pytest.raises(ValueError, match="analysis.max_extra_minutes: only used with analysis.max_seeds"):
+        parse_config({**BASE, "analysis": {"max_extra_minutes": 4}})
+
+
+def test_each_look_is_decided_at_the_level_the_design_spends_there():
+    design = SequentialDesign(3, 6)
+    configs = {"a": SimpleNamespace(kind="uniform", seeds=[0, 1, 2, 3]),
+               "b": SimpleNamespace(kind="uniform", seeds=[0, 1, 2, 3, 4]),
+               "d": SimpleNamespace(kind="darts-derived", seeds=[0])}
+    confidence, record = sequential_look(design, configs)
+    assert record["look"] == 4 and confidence == pytest.approx(design.confidence_at(4))
+    assert confidence > 0.95  # a look spends only part of the 0.05
+    first, _ = sequential_look(design, {"a": SimpleNamespace(kind="uniform", seeds=[0, 1])})
+    assert first == pytest.approx(design.confidence_at(3))  # fewer seeds than planned: the first look's level
