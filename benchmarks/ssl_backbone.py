@@ -11,7 +11,7 @@ mean-pool + linear head on four frozen backbones of the same shape (HuBERT, hidd
 - ``ssl + lora``: the same with LoRA;
 - a reference without any encoder: per-clip mean and std of log-mel bands, linear classifier.
 
-The last lines check issue 16's targets: SSL head only >= the log-mel baseline of the same
+The last lines check the shipped encoder's targets: SSL head only >= the log-mel baseline of the same
 run, and SSL + LoRA >= 0.80 test accuracy.
 
 Each condition trains with AdamW (head lr 1e-2, LoRA lr 2e-3, batch 32) for a fixed number
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-epochs", type=int, help="Head-only epochs (default 100, --quick 60).")
     parser.add_argument("--lora-epochs", type=int, help="LoRA epochs (default 20, --quick 10).")
     parser.add_argument("--skip-random", action="store_true",
-                        help="Leave out the random-init rows (log-mel baseline and SSL rows only; issue 16's check).")
+                        help="Leave out the random-init rows (log-mel baseline and SSL rows only; the encoder's target check).")
     parser.add_argument("--json", help="Also write the rows to this JSON file.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ machine falls on all loops alike; [min-max] shows the spread. Also printed: samp
 (median epoch), peak memory (CPU: resident memory of the loop's own process; CUDA: peak
 allocated), both above the level after model build and cache fill, the memory the cache
 holds, and the max difference between the loss trajectories of the loops (all start from
-the same LoRA weights). At the issue's shape (base, batch 2 x 1 s, CPU) the medians are
+the same LoRA weights). At the reference shape (base, batch 2 x 1 s, CPU) the medians are
 checked against its hand-measured figures.
 
   python benchmarks/throughput.py --config tiny            # seconds
@@ -204,7 +204,7 @@ def set_lora(loop, weights: dict[str, torch.Tensor]) -> None:
 
 LOOPS = ("hf-default", "hf-careful", "pefttune", "floor")
 
-#: figures measured by hand in the issue (CPU, base config, batch 2 x 1 s, 2 threads):
+#: figures measured by hand (CPU, base config, batch 2 x 1 s, 2 threads):
 #: pefttune's speed-up over each reference must be at least these; floor/pefttune at most 1.1
 TARGETS = {
     "a-uniform": {"hf-careful": 1.24, "hf-default": 2.05},
@@ -368,7 +368,7 @@ def main(argv=None) -> None:
         print(f"{label:<10} {name:<11} {speed:>10.2f} {format_ratio(r_careful):>20} {format_ratio(r_default):>20} "
               f"{format_ratio(floor_ratio):>20} {drift:>12.2e} {mem:>8.0f} {cache_mb:>9.1f}")
     if (args.config, args.batch, args.seconds, device.type) == ("base", 2, 1.0, "cpu"):
-        print("# the issue's hand-measured figures (this shape, CPU), medians against them:")
+        print("# the hand-measured reference figures (this shape, CPU), medians against them:")
         for label, what, value, op, target in checks:
             met = value >= target if op == ">=" else value <= target
             print(f"{label:<10} {what:<24} {value:.2f}x {op} {target:.2f}x  {'met' if met else 'NOT met'}")

@@ -61,7 +61,7 @@ def uniform(method, **kwargs) -> tuple:
     return tuple([entry] * NUM_LAYERS)
 
 
-#: Every registered method with its defaults (the 9 of issue 2), run on every backbone.
+#: Every registered method with its defaults (the 9 of the study's table), run on every backbone.
 DEFAULT_CASES: tuple[Case, ...] = tuple(Case(name, uniform(name)) for name in method_names())
 
 #: Non-default hyper-parameters, hybrid layers and a non-uniform placement, each on the

@@ -41,7 +41,7 @@ def wav_bytes(seconds: float = 0.05) -> bytes:
 
 
 def make_bad_files(audio: Path) -> dict[str, tuple[Path, str]]:
-    """The six bad cases of issue 17: name -> (path, expected reason)."""
+    """Six bad audio cases: name -> (path, expected reason)."""
     audio.mkdir(parents=True, exist_ok=True)
     (audio / "empty.wav").write_bytes(b"")
     (audio / "random.wav").write_bytes(RNG.integers(0, 256, 3000, dtype=np.uint8).tobytes())

@@ -23,7 +23,7 @@ TINY = BackboneInfo("tiny-hubert", "hubert", 4, 64, 128, 4)
 @pytest.mark.parametrize(
     ("method", "hparams", "per_layer"),
     [
-        # the study's numbers (issue 2)
+        # the study's numbers
         ("sequential", {"bottleneck": 32}, 49_952),
         ("parallel", {"bottleneck": 32}, 49_952),
         ("lora", {"rank": 8, "targets": ["q_proj", "v_proj"]}, 24_576),

@@ -1,4 +1,4 @@
-"""Phoneme recognition learns (issue 19): the shipped encoder, uniform LoRA and SUPERB's
+"""Phoneme recognition learns: the shipped encoder, uniform LoRA and SUPERB's
 linear CTC head get past the blank-only phase on a tiny synthesized PR corpus within a
 small step budget, through the same data, cache and training loop as a trial."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Use the results (issue 9): export-model -> load_model -> predict reproduces stored predictions."""
+"""Use the results: export-model -> load_model -> predict reproduces stored predictions."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The suite (issue 19): one study per task, `suite.md` shaped like the paper's table, the
+"""The suite: one study per task, `suite.md` shaped like the paper's table, the
 `suite` table, findings per task and over all tasks, `--resume` of the whole suite."""
 from __future__ import annotations
 

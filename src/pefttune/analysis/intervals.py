@@ -16,7 +16,7 @@ randomness not bounded").  The paired bootstrap over test examples (:func:`paire
 ``analysis.interval: examples``) stays as a supporting number: it says how sure we are about
 these trained models, not about the methods.
 
-Numpy only, plus scipy's Student-t quantile.  Sources, as in ``shared/reference/statistics.md``:
+Numpy only, plus scipy's Student-t quantile.  Sources:
 Koehn (EMNLP 2004) and Bisani & Ney (ICASSP 2004), paired bootstrap over test examples with one
 resample for both systems and, for error rates, summed edits over summed reference lengths;
 Field & Welsh (JRSS-B 2007), bootstrapping clustered data; Colas et al. (2018) and Agarwal et al.
@@ -467,7 +467,7 @@ def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison
     Holm-adjusted p-values of ``vote_vs_others`` are reported in ``details``, not used.
 
     A strategy *beats* the vote when its strategy - vote interval lies above 0 (significantly
-    better, as the issue's rule says).  "No strategy beats the vote" is also a claim of *no
+    better).  "No strategy beats the vote" is also a claim of *no
     better*, which needs the margin (a non-significant difference is not evidence of none), so
     "reproduced" asks for both.  In order (delta = ``margin``):
     * an interval with a caveat (one seed) -> "inconclusive", the caveat stated;

@@ -1,8 +1,8 @@
 """The maths of the default interval: training seeds at one level, test speakers at the other.
 
 A finding is a claim about methods across training randomness and across new speakers, so an
-interval of a difference must cover both (``shared/reference/statistics.md``, "Units of
-variance").  The method, for a difference D of two configurations:
+interval of a difference must cover both (Bouthillier et al., MLSys 2021: seeds; Field & Welsh,
+JRSS-B 2007: clustered test data).  The method, for a difference D of two configurations:
 
 * **seed level, t-based**: d_s, the difference of seed s on the whole test set (paired by
   training seed where both sides have the same seeds: the shared seeds; otherwise the two means

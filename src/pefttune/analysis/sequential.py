@@ -3,8 +3,8 @@
 The study trains ``n_planned`` seeds, decides, and while a finding's interval straddles its
 threshold trains one more seed of the configurations that finding compares and decides again,
 until it is decided or ``n_max`` seeds (or the wall-time budget) are spent.  Reading a fixed 95%
-interval after every round inflates the error rate (optional stopping:
-``shared/reference/statistics.md``, "Deciding as data arrive"); ``tests/test_sequential.py``
+interval after every round inflates the error rate (optional stopping;
+Howard et al., Annals of Statistics 2021; Lan & DeMets 1983); ``tests/test_sequential.py``
 measures it, with this design beside it.
 
 **Method: Lan-DeMets alpha spending with Bonferroni over the looks.**  The looks are fixed in
