@@ -23,7 +23,11 @@ A corpus folder holds ``audio/<split>/<label or speaker>/<id>.flac`` (16 kHz, 16
 ``pefttune_corpus.json`` and, for ``pr``, ``vocab.json``.  The same task, seed and sizes
 give the same bytes: every random choice comes from ``numpy.random.default_rng(seed)``
 (one sub-seed per clip), and eSpeak runs its requests in a fixed order in a fresh
-process (:func:`pefttune.data.espeak.synthesize_stream`).
+process (:func:`pefttune.data.espeak.synthesize_stream`).  A corpus is written into a hidden
+staging folder beside its target (``.<name>.partial-<host>-<pid>-<random>``), marker last,
+and renamed into place only when complete; a build killed half-way leaves only its staging
+folder, which the next build of that corpus on the host removes (its process being gone)
+before it starts again: nothing half-written is ever used.
 
 Helpers for other corpora (e.g. self-supervised pretraining audio): :class:`Speaker`,
 :func:`make_speakers`, :func:`make_sentences` (its words exclude all KS words),
@@ -32,7 +36,10 @@ Helpers for other corpora (e.g. self-supervised pretraining audio): :class:`Spea
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -626,7 +633,40 @@ def _write_corpus(task: str, folder: Path, seed: int, sizes: dict[str, int]) -> 
 
 
 def _staging_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+    """A new hidden staging folder beside ``out_dir`` (named after this host and process), after
+    removing the ones that builders killed on this host left behind (their process is gone):
+    a killed build leaves nothing half-written that a later one would keep or read."""
+    _clear_abandoned_staging(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_abandoned_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging folders of ``out_dir`` whose builder ran on this host and is dead; returns them.
+    (Live builders' folders, other hosts' and unnamed ones are left alone.)"""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.partial-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{12}}$")
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and match["host"] == _host() and not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def build_corpus(task: str, out_dir: str | Path, seed: int = 0, **size: int) -> Path:
