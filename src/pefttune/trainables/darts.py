@@ -242,8 +242,6 @@ def make_trainable(setup: TrialSetup):
 
 def darts_fn(config: dict, setup: TrialSetup) -> None:
     """One DARTS search (a Ray Tune function trainable); see the module docstring."""
-    from ray import tune
-
     experiment = setup.experiment
     seed = int(config.get("seed", experiment.darts_seeds[0]))
     variant = dict(config.get("variant") or {})
@@ -301,11 +299,11 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     columns["supernet_peft_params"] = supernet.model.count_parameters()["peft"]
 
     state = CheckpointState()
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state, _ = ckpt.read_checkpoint(path, supernet.model, optimizer=optimizer, scheduler=scheduler)
-            load_arch(Path(path), supernet, architect, parts.arch_sampler)
+    # the newest complete checkpoint (an incomplete one is never read), with its architecture state
+    restored = ckpt.restore(supernet.model, optimizer=optimizer, scheduler=scheduler,
+                            on_restore=lambda path: load_arch(path, supernet, architect, parts.arch_sampler))
+    if restored is not None:
+        state, _ = restored
         if state.finished:  # restored after the final report: report it again, train nothing
             ckpt.report(state.metrics)
             return
