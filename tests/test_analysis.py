@@ -80,6 +80,8 @@ def _make_trainable():
 
         from safetensors.numpy import save_file
 
+        from pefttune.schema import MODEL_DIR, PREDICTIONS_DIR, STATE_FILE, metric_key, predictions_file
+
         class Evaluation:  # pefttune.training.Evaluation's fields, without importing torch in workers
             def __init__(self, metric, score, loss, arrays):
                 self.metric, self.score, self.loss, self.arrays = metric, score, loss, arrays
@@ -103,7 +105,8 @@ def _make_trainable():
             **({"config_id": spec["config_id"]} if "config_id" in spec else {}),
         }
         if spec.get("over_budget"):
-            tune.report({**columns, "over_budget": True, "epoch": 0, f"dev_{metric}": 0.0, f"best_dev_{metric}": 0.0})
+            tune.report({**columns, "over_budget": True, "epoch": 0, metric_key("dev", metric): 0.0,
+                         metric_key("dev", metric, best=True): 0.0})
             return
 
         def classification(labels, index, wrong, conf, reverse):
@@ -157,8 +160,8 @@ def _make_trainable():
             step = 0.05 if metric == "accuracy" else -0.05
             score = dev.score - (epochs - epoch) * step
             best = score if best is None else (max(best, score) if metric == "accuracy" else min(best, score))
-            metrics = {**columns, "epoch": epoch, "train_loss": 1.0 / epoch, f"dev_{metric}": score, "dev_loss": 0.5,
-                       f"best_dev_{metric}": best, "best_epoch": epoch}
+            metrics = {**columns, "epoch": epoch, "train_loss": 1.0 / epoch, metric_key("dev", metric): score,
+                       "dev_loss": 0.5, metric_key("dev", metric, best=True): best, "best_epoch": epoch}
             if spec.get("alpha"):
                 for layer in range(len(layers)):
                     scale = spec.get("alpha_scale", 0.3)
@@ -168,18 +171,18 @@ def _make_trainable():
                         metrics[f"alpha/L{layer:02d}/{name}"] = float(p)
                 metrics["derived_placement"] = _json.dumps({"num_layers": 4, "layers": [["lora"]] * 4})
             with _tempfile.TemporaryDirectory() as tmp:
-                _os.makedirs(_os.path.join(tmp, "model"))
-                with open(_os.path.join(tmp, "model", "placement.json"), "w") as f:
+                _os.makedirs(_os.path.join(tmp, MODEL_DIR))
+                with open(_os.path.join(tmp, MODEL_DIR, "placement.json"), "w") as f:
                     _json.dump(placement, f)
                 final = epoch == epochs and not spec.get("alpha")
-                _os.makedirs(_os.path.join(tmp, "predictions"))
+                _os.makedirs(_os.path.join(tmp, PREDICTIONS_DIR))
                 if final:
-                    save_predictions(_os.path.join(tmp, "predictions", "test.safetensors"), test)
-                    metrics[f"test_{metric}"] = test.score
+                    save_predictions(_os.path.join(tmp, PREDICTIONS_DIR, predictions_file("test")), test)
+                    metrics[metric_key("test", metric)] = test.score
                     metrics["test_loss"] = 0.5
                 if final or spec.get("stop_after"):
-                    save_predictions(_os.path.join(tmp, "predictions", "dev.safetensors"), dev)
-                with open(_os.path.join(tmp, "state.json"), "w") as f:
+                    save_predictions(_os.path.join(tmp, PREDICTIONS_DIR, predictions_file("dev")), dev)
+                with open(_os.path.join(tmp, STATE_FILE), "w") as f:
                     _json.dump({"epoch": epoch, "finished": final}, f)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         if spec.get("fail"):

@@ -26,6 +26,7 @@ import torch
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model
 from pefttune.placement import Placement
+from pefttune.schema import PREDICTIONS_DIR, STATE_FILE, predictions_file
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import IncompleteCheckpointError
 from pefttune.training import Evaluation, TrainConfig, setup_optimizer, setup_scheduler
@@ -63,7 +64,7 @@ def _cut(path: Path) -> None:
 
 def test_state_json_is_last_and_lists_every_file(tmp_path):
     directory = _write(tmp_path / "ckpt", 1, _predictions())
-    listed = json.loads((directory / "state.json").read_text())["files"]
+    listed = json.loads((directory / STATE_FILE).read_text())["files"]
     assert set(listed) == {"trainer_state.pt", "model/adapter.safetensors", "model/placement.json",
                            "model/model.json", "best/adapter.safetensors", "best/placement.json", "best/model.json",
                            "predictions/dev.safetensors", "predictions/test.safetensors"}
@@ -108,7 +109,7 @@ def test_state_json_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path / "ckpt", 1)
-    assert not (tmp_path / "ckpt" / "state.json").exists()
+    assert not (tmp_path / "ckpt" / STATE_FILE).exists()
     assert "no state.json" in ckpt.checkpoint_problem(tmp_path / "ckpt")
 
 
@@ -121,7 +122,7 @@ def test_files_cut_off_after_the_seal_are_refused(tmp_path, damage):
         _cut(directory / "model" / "adapter.safetensors")
         expected = r"model/adapter\.safetensors has \d+ bytes, state\.json lists \d+ \(cut off\)"
     elif damage == "cut predictions":
-        _cut(directory / "predictions" / "test.safetensors")
+        _cut(directory / PREDICTIONS_DIR / predictions_file("test"))
         expected = r"predictions/test\.safetensors has \d+ bytes"
     elif damage == "changed bytes":
         data = bytearray((directory / "best" / "adapter.safetensors").read_bytes())
@@ -132,7 +133,7 @@ def test_files_cut_off_after_the_seal_are_refused(tmp_path, damage):
         (directory / "trainer_state.pt").unlink()
         expected = r"trainer_state\.pt is missing"
     else:
-        _cut(directory / "state.json")
+        _cut(directory / STATE_FILE)
         expected = r"state\.json is not valid JSON"
     with pytest.raises(IncompleteCheckpointError, match=expected):
         ckpt.read_state(directory)
@@ -144,9 +145,9 @@ def test_files_cut_off_after_the_seal_are_refused(tmp_path, damage):
 
 def test_older_state_without_a_file_list_is_read(tmp_path):
     directory = _write(tmp_path / "ckpt", 1)
-    state = json.loads((directory / "state.json").read_text())
+    state = json.loads((directory / STATE_FILE).read_text())
     del state["files"]
-    (directory / "state.json").write_text(json.dumps(state))
+    (directory / STATE_FILE).write_text(json.dumps(state))
     assert ckpt.read_state(directory).epoch == 1
 
 
@@ -256,9 +257,9 @@ def test_report_flags_trials_with_files_cut_off(search, tmp_path):
     shutil.copytree(search["path"], copy)
     reference = _trial_dir(copy, frame.loc["reference", "trial_id"])
     final = max(reference.glob("checkpoint_*"))
-    _cut(final / "predictions" / "test.safetensors")
+    _cut(final / PREDICTIONS_DIR / predictions_file("test"))
     uniform = _trial_dir(copy, frame.loc["uniform", "trial_id"])
-    (max(uniform.glob("checkpoint_*")) / "state.json").unlink()
+    (max(uniform.glob("checkpoint_*")) / STATE_FILE).unlink()
 
     assert cli_main(["report", str(copy)]) == 0
     trials = pd.read_parquet(copy / "analysis" / "tables" / "trials.parquet").set_index("kind")
@@ -277,4 +278,4 @@ def test_report_flags_trials_with_files_cut_off(search, tmp_path):
     assert str(trials.loc["cut-weights", "trial_id"]) in compared
     summary = json.loads((copy / "analysis" / "summary.json").read_text())
     assert summary["outcomes"].get("incomplete") == 2
-    assert os.path.getsize(final / "predictions" / "test.safetensors") > 0  # the file was read around, not "fixed"
+    assert os.path.getsize(final / PREDICTIONS_DIR / predictions_file("test")) > 0  # the file was read around, not "fixed"

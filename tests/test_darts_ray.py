@@ -23,6 +23,7 @@ from pefttune.data.manifest import write_manifest
 from pefttune.darts.experiment import RETRAIN_DIR, SEARCH_DIR, canonical, load_darts, run_darts
 from pefttune.placement import Placement
 from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.schema import PREDICTIONS_DIR, predictions_file
 from pefttune.backbones import backbone_info
 from pefttune.testing import Faults, fail_once_after
 from pefttune.trainables.darts import ALPHA_FILE, ARCH_FILE, read_alpha
@@ -152,7 +153,7 @@ def test_derived_placements_are_retrained_like_uniform_baselines(darts_run):
         key = canonical(Placement.from_json(result.config["placement"]))
         assert result.config["derived_from"] == by_key[key].trials
         assert result.config["lr"] == config.train.lr
-        assert (Path(result.checkpoint.path) / "predictions" / "test.safetensors").exists()
+        assert (Path(result.checkpoint.path) / PREDICTIONS_DIR / predictions_file("test")).exists()
 
     table = load_darts(path)  # read back from storage
     assert len(table) == 2 and table["retrain_test_accuracy"].between(0, 1).all()

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from pefttune.config import parse_config
 from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.schema import STATE_FILE
 from pefttune.search.experiment import load_study, run_search
 from pefttune.search.summary import top_k
 from pefttune.testing import Faults, fail_once_after, nan_at
@@ -221,7 +222,7 @@ def _checkpoints(path: Path) -> dict[str, dict]:
         for name in reversed(names):
             try:
                 state = read_state(trial / name)
-                info.update(epoch=state.epoch, finished=state.finished, mtime=(trial / name / "state.json").stat().st_mtime)
+                info.update(epoch=state.epoch, finished=state.finished, mtime=(trial / name / STATE_FILE).stat().st_mtime)
                 break
             except (FileNotFoundError, ValueError):  # being copied right now
                 continue

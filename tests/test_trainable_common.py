@@ -191,7 +191,7 @@ def _frame():
 def test_top_k_and_pareto_front():
     frame = _frame()
     best = top_k(frame, "best_dev_accuracy", "max", k=3)
-    assert list(best["trial_id"]) == ["t2", "t1", "t0"]  # ties: fewer parameters first
+    assert list(best["trial_id"]) == ["t1", "t2", "t0"]  # ties: by trial id
     assert list(top_k(frame, "best_dev_accuracy", "min", k=2)["trial_id"]) == ["t3", "t0"]
     assert list(top_k(frame, "best_dev_accuracy", "max", kinds=["uniform"])["trial_id"]) == ["t0"]
     front = pareto_front(frame, "best_dev_accuracy", "max")

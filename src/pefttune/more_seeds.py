@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from pefttune.config import ExperimentConfig
 from pefttune.runtime.storage import read_storage_text, write_storage_text
+from pefttune.schema import TrialKind
 
 ROUNDS_FILE = "seed_rounds.json"
 TRAININGS_DIR = "trainings"
@@ -100,7 +101,7 @@ def round_configs(decided: dict, keys: list[str]) -> tuple[list[str], bool]:
     """The configurations the open findings compare (DARTS-derived ones excluded: they come from a
     new search), and whether finding 1's DARTS search is needed."""
     configs = decided.get("configs", {})
-    uniform = sorted(cid for cid, c in configs.items() if c.get("kind") == "uniform")
+    uniform = sorted(cid for cid, c in configs.items() if c.get("kind") == TrialKind.UNIFORM)
     wanted: set[str] = set()
     if "1" in keys:
         wanted.add(decided["findings"]["1"].get("uniform_config"))

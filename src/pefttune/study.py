@@ -40,6 +40,7 @@ from typing import Callable
 import pandas as pd
 
 from pefttune.config import ExperimentConfig, load_config
+from pefttune.schema import TrialKind
 
 
 @dataclass
@@ -127,10 +128,11 @@ def stage_darts_search(study: StudyRun) -> None:
     try:
         study.darts_search = run_darts_search(study.config, study.resume, verbose=study.verbose,
                                               local=study.address is None)
-        study.frames["darts-search"] = darts_frame(study.darts_search).assign(kind="darts")
+        study.frames["darts-search"] = darts_frame(study.darts_search).assign(kind=TrialKind.DARTS.value)
     except RuntimeError as err:  # no DARTS trial finished: the rest of the study stands
         print(f"DARTS arm failed: {err}", flush=True)
-        study.frames["darts-search"] = pd.DataFrame([{"status": "ERROR", "kind": "darts", "error": str(err)}])
+        study.frames["darts-search"] = pd.DataFrame([{"status": "ERROR", "kind": TrialKind.DARTS.value,
+                                                      "error": str(err)}])
 
 
 def stage_darts_retrain(study: StudyRun) -> None:

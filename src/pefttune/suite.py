@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pefttune.analysis.store import analysis_dir, local_output_dir
 from pefttune.config import ExperimentConfig, load_config, suite_path, task_configs
+from pefttune.schema import TrialKind
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
 DEFAULT_TASKS = ("ks", "sid", "pr")
@@ -99,12 +100,14 @@ def task_rows(task: str, path: str):
     trials = pd.read_parquet(tables / "trials.parquet").set_index("trial_id")
     metric, mode = summary.get("metric", "accuracy"), summary.get("mode", "max")
     chosen = []
-    for kind, label in (("frozen", "frozen (head only)"), ("log-mel", "log-mel (no encoder)")):
+    for kind, label in ((TrialKind.FROZEN, "frozen (head only)"), (TrialKind.LOG_MEL, "log-mel (no encoder)")):
         chosen += [(label, row) for _, row in configs[configs["kind"] == kind].iterrows()]
-    for _, row in configs[configs["kind"] == "uniform"].sort_values("method").iterrows():
+    for _, row in configs[configs["kind"] == TrialKind.UNIFORM].sort_values("method").iterrows():
         chosen.append((f"uniform {row['method']}", row))
-    chosen += [("hybrid (merged in each layer)", row) for _, row in configs[configs["kind"] == "hybrid"].iterrows()]
-    for kind, label in (("discrete", "best discrete (by dev)"), ("darts-derived", "DARTS-derived (by dev)")):
+    hybrid = configs[configs["kind"] == TrialKind.HYBRID]
+    chosen += [("hybrid (merged in each layer)", row) for _, row in hybrid.iterrows()]
+    for kind, label in ((TrialKind.DISCRETE, "best discrete (by dev)"),
+                        (TrialKind.DARTS_DERIVED, "DARTS-derived (by dev)")):
         best = _best(configs, kind, mode)
         if best is not None:
             chosen.append((label, best))

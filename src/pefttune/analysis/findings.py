@@ -66,10 +66,11 @@ from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
 from pefttune.analysis.speakers import speaker_clusters
 from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
+from pefttune.schema import TrialKind
 
 NOT_RUN = "not run"
 VARIES_BY_SEED = "its own per seed"
-REFERENCE_KINDS = ("frozen", "log-mel")
+REFERENCE_KINDS = (TrialKind.FROZEN, TrialKind.LOG_MEL)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def configurations(experiment: Experiment) -> dict[str, Config]:
     """Completed trials with test predictions grouped by ``config_id`` (DARTS supernets left out)."""
     out: dict[str, Config] = {}
     for trial in experiment.trials:
-        if not trial.usable or trial.kind == "darts" or not trial.config_id:
+        if not trial.usable or trial.kind == TrialKind.DARTS or not trial.config_id:
             continue
         config = out.setdefault(trial.config_id, Config(trial.config_id, trial.kind, trial.method,
                                                         trial.placement_short, trial.trainable_params))
@@ -306,13 +307,13 @@ def darts_by_seed(experiment: Experiment, convergence: dict) -> list[dict]:
     did not converge marked ``?``), convergence, and the test score of its retrain with its seed."""
     retrained = {}
     for t in experiment.trials:
-        if t.kind == "darts-derived" and t.usable:
+        if t.kind == TrialKind.DARTS_DERIVED and t.usable:
             for source in t.config.get("derived_from") or []:
                 retrained[str(source).split()[0]] = t
     rows = []
     for t in experiment.trials:
         text = t.value("derived_placement")
-        if t.kind != "darts" or not text:
+        if t.kind != TrialKind.DARTS or not text:
             continue
         conv = convergence.get("trials", {}).get(t.trial_id, {})
         layers = Placement.from_json(text).layer_methods()
@@ -344,17 +345,18 @@ def placement_agreement(rows: list[dict]) -> dict | None:
 def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, convergence: dict,
                   margin: float, confidence: float, draws: int) -> dict:
     claim = "DARTS over per-layer placement does not beat uniform placement"
-    uniform, darts = best_config(experiment, configs, "uniform"), best_config(experiment, configs, "darts-derived")
+    uniform = best_config(experiment, configs, TrialKind.UNIFORM)
+    darts = best_config(experiment, configs, TrialKind.DARTS_DERIVED)
     if uniform is None or darts is None:
         missing = "uniform baselines" if uniform is None else "DARTS-derived (retrained) placements"
-        searches = sum(t.kind == "darts" for t in experiment.trials)
+        searches = sum(t.kind == TrialKind.DARTS for t in experiment.trials)
         extra = f" ({searches} DARTS search trial(s) found, but no retrained placement)" if searches and darts is None else ""
         return _not_run(1, claim, f"this experiment has no completed {missing}{extra}")
     cmp = scorer.compare_configs(darts, uniform, confidence, draws)
     verdict = finding1_verdict(cmp, margin, bool(convergence.get("converged")))
     out = {"finding": 1, "claim": claim, **_verdict_dict(verdict), "comparison": _cmp_dict(cmp),
            "darts_config": darts.config_id, "uniform_config": uniform.config_id, "convergence": convergence}
-    discrete = best_config(experiment, configs, "discrete")
+    discrete = best_config(experiment, configs, TrialKind.DISCRETE)
     if discrete is not None:
         out["discrete_config"] = discrete.config_id
         out["discrete_vs_uniform"] = _cmp_dict(
@@ -385,7 +387,7 @@ def _uniform_by_seed(experiment: Experiment, configs: dict[str, Config]) -> dict
         return (math.inf if dev is None else sign * dev, trial.config_id)
 
     by_seed: dict[int, list[TrialRecord]] = {}
-    uniform = [c for c in configs.values() if c.kind == "uniform"]
+    uniform = [c for c in configs.values() if c.kind == TrialKind.UNIFORM]
     seeds = set.intersection(*(set(c.seeds) for c in uniform)) if uniform else set()
     for seed in sorted(s for s in seeds if s is not None):
         by_seed[seed] = sorted((next(t for t in c.trials if t.seed == seed) for c in uniform), key=rank)
@@ -452,7 +454,7 @@ def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer
 def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,
                    draws: int) -> tuple[dict, list[dict]]:
     claim = "different PEFT methods make different errors"
-    uniform = sorted((c for c in configs.values() if c.kind == "uniform"), key=lambda c: c.config_id)
+    uniform = sorted((c for c in configs.values() if c.kind == TrialKind.UNIFORM), key=lambda c: c.config_id)
     pairs_in = list(combinations(uniform, 2))
     if not pairs_in:
         return _not_run(3, claim, "fewer than 2 uniform methods"), []
@@ -523,12 +525,12 @@ def references(experiment: Experiment, configs: dict[str, Config], scorer: Score
     vs_trivial = {cid: scorer.compare(scorer.config(c), trivial, confidence, draws, c.seeds, fixed_b=True)
                   for cid, c in configs.items() if c.kind not in REFERENCE_KINDS}
     out = {"vs_trivial": vs_trivial}
-    uniform = best_config(experiment, configs, "uniform")
+    uniform = best_config(experiment, configs, TrialKind.UNIFORM)
     for ref in REFERENCE_KINDS:
         config = configs.get(ref)
         if config is not None and uniform is not None:
             out[f"uniform_vs_{ref}"] = scorer.compare_configs(uniform, config, confidence, draws)
-    hybrid = configs.get("hybrid")
+    hybrid = configs.get(TrialKind.HYBRID)
     if hybrid is not None and uniform is not None:
         out["hybrid_vs_uniform"] = scorer.compare_configs(hybrid, uniform, confidence, draws)
     return out
@@ -537,7 +539,7 @@ def references(experiment: Experiment, configs: dict[str, Config], scorer: Score
 def hybrid_row(experiment: Experiment, configs: dict[str, Config], comparison: dict | None) -> dict | None:
     """This experiment's result for the hybrid (methods merged in each layer) against the best
     uniform configuration, with both parameter counts (no claim of the paper rests on it)."""
-    hybrid, uniform = configs.get("hybrid"), best_config(experiment, configs, "uniform")
+    hybrid, uniform = configs.get(TrialKind.HYBRID), best_config(experiment, configs, TrialKind.UNIFORM)
     if hybrid is None or uniform is None or comparison is None:
         return None
     return {"hybrid": hybrid.placement_short, "hybrid_params": hybrid.trainable_params,
@@ -560,7 +562,7 @@ def _units(scorer: Scorer) -> dict:
 def sequential_look(design: SequentialDesign, configs: dict[str, Config]) -> tuple[float, dict]:
     """The confidence of this look of ``design``: the look at the number of seeds that every
     uniform configuration has (clamped to the design's looks), and a record of it."""
-    seeds = [len(c.seeds) for c in configs.values() if c.kind == "uniform"]
+    seeds = [len(c.seeds) for c in configs.values() if c.kind == TrialKind.UNIFORM]
     n = min(max(min(seeds, default=design.n_planned), design.n_planned), design.n_max)
     confidence = design.confidence_at(n)
     return confidence, {"design": design.describe(), "look": n, "confidence": confidence,

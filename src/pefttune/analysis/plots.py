@@ -27,12 +27,13 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from pefttune.runtime.storage import atomic_output  # noqa: E402
+from pefttune.schema import TrialKind
 
 __all__ = ["agreement_heatmap", "alpha_evolution", "ensemble_bar", "pareto_front", "pareto_plot", "placement_heatmap"]
 
 KIND_COLORS = {
-    "uniform": "tab:blue", "discrete": "tab:orange", "hybrid": "tab:purple",
-    "darts-derived": "tab:red", "darts": "tab:brown",
+    TrialKind.UNIFORM: "tab:blue", TrialKind.DISCRETE: "tab:orange", TrialKind.HYBRID: "tab:purple",
+    TrialKind.DARTS_DERIVED: "tab:red", TrialKind.DARTS: "tab:brown",
 }
 
 
@@ -63,7 +64,7 @@ def placement_heatmap(trials: pd.DataFrame, path: str | Path, mode: str = "max",
     hybrid layers (``a+b``) are a colour of their own, empty layers are light grey.
     """
     layer_cols = sorted(c for c in trials.columns if c.startswith("layer_") and c[6:].isdigit())
-    pool = trials[(trials["outcome"] == "completed") & (trials["kind"] != "darts")]
+    pool = trials[(trials["outcome"] == "completed") & (trials["kind"] != TrialKind.DARTS)]
     pool = _ranked(pool, mode).head(top)
     if pool.empty or not layer_cols:
         return None
@@ -182,7 +183,7 @@ def pareto_front(params: Sequence[float], scores: Sequence[float], mode: str = "
 def pareto_plot(trials: pd.DataFrame, path: str | Path, mode: str = "max", metric: str = "score") -> Path | None:
     """Score (test if reported, else best dev) vs trainable parameters, Pareto front drawn."""
     column = _score_column(trials)
-    pool = trials[trials[column].notna() & trials["trainable_params"].notna() & (trials["kind"] != "darts")
+    pool = trials[trials[column].notna() & trials["trainable_params"].notna() & (trials["kind"] != TrialKind.DARTS)
                   & (trials["outcome"] == "completed")]
     pool = pool[pool["trainable_params"] > 0]
     if pool.empty:

@@ -57,6 +57,7 @@ from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.metrics import align_corpus
+from pefttune.schema import TrialKind
 
 __all__ = ["analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
 
@@ -327,8 +328,8 @@ def pairwise_methods(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame
 def _comparison(experiment: Experiment, runs: Sequence[EnsembleRun]) -> list[dict]:
     rows = []
     for method, trial in best_per_method(experiment).items():
-        rows.append({"name": f"uniform:{method}", **_trial_summary(experiment, trial)})
-    for kind in ("hybrid", "discrete", "darts-derived"):
+        rows.append({"name": f"{TrialKind.UNIFORM}:{method}", **_trial_summary(experiment, trial)})
+    for kind in (TrialKind.HYBRID, TrialKind.DISCRETE, TrialKind.DARTS_DERIVED):
         trial = _best_of_kind(experiment, kind)
         if trial is not None:
             rows.append({"name": f"best {kind}", **_trial_summary(experiment, trial)})
@@ -457,8 +458,8 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
         findings["3"]["text"] += f" ({pairwise_error})"
     config_rows = configs_table(experiment, settings["confidence"])
     skipped = _skipped_audio(experiment)
-    best = {kind: _trial_summary(experiment, _best_of_kind(experiment, kind))
-            for kind in ("uniform", "discrete", "hybrid", "darts-derived")}
+    best = {kind.value: _trial_summary(experiment, _best_of_kind(experiment, kind))
+            for kind in (TrialKind.UNIFORM, TrialKind.DISCRETE, TrialKind.HYBRID, TrialKind.DARTS_DERIVED)}
     overall = ranked(experiment)
     best["overall"] = _trial_summary(experiment, overall[0] if overall else None)
     result = {
@@ -610,7 +611,8 @@ def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pa
               "Single trials, one training seed each: no interval (the configurations table above has the intervals "
               "over seeds).", ""]
     cols = ["trial_id", "kind", "method", "placement_short", "trainable_params", "best_dev_score", "test_score", "outcome"]
-    top = trials[trials["best_dev_score"].notna() & (trials["kind"] != "darts") & (trials["outcome"] == "completed")]
+    top = trials[trials["best_dev_score"].notna() & (trials["kind"] != TrialKind.DARTS)
+                 & (trials["outcome"] == "completed")]
     top = top.sort_values(["best_dev_score", "trial_id"], ascending=[experiment.mode == "min", True]).head(10)
     lines += [md_table(top.astype(object).where(top.notna(), None).to_dict("records"), cols,
                        ["trial", "kind", "method", "placement", "params", f"dev {m}", f"test {m}", "outcome"]), ""]

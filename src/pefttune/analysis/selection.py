@@ -13,6 +13,7 @@ import pandas as pd
 from pefttune.analysis.store import Experiment, TrialRecord, open_experiment
 from pefttune.analysis.tables import trials_table
 from pefttune.metrics import METRICS
+from pefttune.schema import TrialKind, metric_key, rank_trials
 
 __all__ = ["best_per_method", "ranked", "select_members", "top_k"]
 
@@ -20,7 +21,7 @@ __all__ = ["best_per_method", "ranked", "select_members", "top_k"]
 def _rank_key(experiment: Experiment, metric: str | None, mode: str | None) -> tuple[str, str]:
     metric = metric or experiment.metric
     if metric in METRICS:  # a task metric name: rank by its best dev score
-        return f"best_dev_{metric}", mode or METRICS[metric][1]
+        return metric_key("dev", metric, best=True), mode or METRICS[metric][1]
     if mode is None:
         base = metric.split("_")[-1]
         if metric == "trainable_params":
@@ -40,7 +41,8 @@ def ranked(
     mode: str | None = None,
     trials: Iterable[TrialRecord] | None = None,
 ) -> list[TrialRecord]:
-    """Trials (default: the usable ones) sorted best first by ``metric``; ties by trial id.
+    """Trials (default: the usable ones) best first by ``metric`` (:func:`~pefttune.schema.rank_trials`:
+    ties by trial id).
 
     ``metric`` is a task metric name (ranked by ``best_dev_<metric>``, falling back to the
     last ``dev_<metric>``) or any numeric column of the trials table.
@@ -51,16 +53,14 @@ def ranked(
     pool = list(trials) if trials is not None else [t for t in experiment.trials if t.usable]
     frame = trials_table(experiment).set_index("trial_id")
     if column not in frame.columns:
-        if column == f"best_dev_{experiment.metric}":
+        if column == metric_key("dev", experiment.metric, best=True):
             column = "best_dev_score"
         else:
             raise ValueError(f"no column {column!r} in the trials table of {experiment.uri}")
     values = pd.to_numeric(frame[column], errors="coerce")
     if column.startswith("best_dev_"):
         values = values.fillna(pd.to_numeric(frame["dev_score"], errors="coerce"))
-    scored = [(float(values.get(t.trial_id)), t) for t in pool if pd.notna(values.get(t.trial_id))]
-    scored.sort(key=lambda item: (-item[0] if mode == "max" else item[0], item[1].trial_id))
-    return [t for _, t in scored]
+    return rank_trials(pool, lambda t: values.get(t.trial_id), lambda t: t.trial_id, mode)
 
 
 def top_k(experiment: Experiment | str, k: int, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
@@ -81,7 +81,8 @@ def best_per_method(
     """The best usable *uniform* trial of each method, best method first."""
     experiment = open_experiment(experiment)
     out: dict[str, TrialRecord] = {}
-    for trial in ranked(experiment, metric, mode, [t for t in experiment.trials if t.usable and t.kind == "uniform"]):
+    uniform = [t for t in experiment.trials if t.usable and t.kind == TrialKind.UNIFORM]
+    for trial in ranked(experiment, metric, mode, uniform):
         out.setdefault(trial.method or "?", trial)
     return out
 

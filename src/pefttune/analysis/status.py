@@ -57,6 +57,7 @@ import yaml
 
 from pefttune.analysis.store import Experiment, open_experiment
 from pefttune.runtime.heartbeat import HeartbeatRecord, driver_alive, read_heartbeat
+from pefttune.schema import TrialKind
 
 DONE = ("completed", "stopped_early", "over_budget")
 PENDING = ("pending", "paused")
@@ -269,7 +270,7 @@ def experiment_status(path, stale_after: float = 600.0, heartbeat_stale_after: f
     kinds = sorted(by_kind.values(), key=lambda k: k.kind)
     running = sum(k.running for k in kinds)
     expected = _expected_discrete(config)
-    seen = sum(1 for t in trials if t.experiment == "." and t.kind not in ("darts", "darts-derived"))
+    seen = sum(1 for t in trials if t.experiment == "." and t.kind not in (TrialKind.DARTS, TrialKind.DARTS_DERIVED))
     unseen = max(0, expected - seen) if expected is not None else 0
     pending = sum(k.pending for k in kinds) + unseen
 

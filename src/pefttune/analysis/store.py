@@ -68,6 +68,8 @@ import yaml
 from pefttune.metrics import METRICS
 from pefttune.runtime.experiment import config_id
 from pefttune.runtime.storage import atomic_output
+from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_FILE, TrialKind, metric_key,
+                             predictions_file)
 from pefttune.training import load_predictions
 
 __all__ = [
@@ -82,10 +84,6 @@ MAX_DEPTH = 3
 #: Folders never searched for Ray experiments (our own outputs, Ray's internals).
 SKIP_DIRS = {"analysis", "driver_artifacts", "__pycache__"}
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
-CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")
-PREDICTIONS_DIR = "predictions"  # pefttune.trainables.checkpoint.PREDICTIONS_DIR
-STATE_FILE = "state.json"  # pefttune.trainables.checkpoint.STATE_FILE: written last, lists the files
-FILES_KEY = "files"  # pefttune.trainables.checkpoint.FILES_KEY: relative path -> [size, sha256]
 SPLITS = ("dev", "test")
 CTC_METRICS = ("per", "wer", "cer")
 #: Ray's bookkeeping keys of a result row (kept out of the metric columns).
@@ -209,7 +207,7 @@ class TrialRecord:
     @property
     def usable(self) -> bool:
         """Eligible as an ensemble member without being listed explicitly."""
-        return self.outcome == "completed" and self.has_predictions and self.kind != "darts"
+        return self.outcome == "completed" and self.has_predictions and self.kind != TrialKind.DARTS
 
     @property
     def label(self) -> str:
@@ -277,8 +275,8 @@ def _short(placement: dict, layers: list[str]) -> str:
 def infer_kind(layers: list[str]) -> str:
     """uniform (one method everywhere), hybrid (the same merge everywhere) or discrete."""
     if layers and len(set(layers)) == 1 and layers[0] != "none":
-        return "hybrid" if "+" in layers[0] else "uniform"
-    return "discrete"
+        return TrialKind.HYBRID.value if "+" in layers[0] else TrialKind.UNIFORM.value
+    return TrialKind.DISCRETE.value
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -382,7 +380,7 @@ class Experiment:
                     or name in skip
                     or name in SKIP_DIRS
                     or name.startswith(".")
-                    or CHECKPOINT_DIR.match(name)
+                    or CHECKPOINT_NAME.match(name)
                 ):
                     continue
                 queue.append((entry.path, depth + 1))
@@ -472,7 +470,7 @@ class Experiment:
     def _find_checkpoints(self, trial: TrialRecord) -> None:
         dirs = []
         for entry in _list(self.fs, trial.path):
-            match = CHECKPOINT_DIR.match(entry.base_name)
+            match = CHECKPOINT_NAME.match(entry.base_name)
             if match and entry.type == pafs.FileType.Directory:
                 dirs.append((int(match.group(1)), entry.path))
         trial.checkpoints = [p for _, p in sorted(dirs)]
@@ -485,9 +483,9 @@ class Experiment:
         fallback: tuple[str, dict] | None = None
         for path in reversed(trial.checkpoints):
             files = {
-                split: _join(path, PREDICTIONS_DIR, f"{split}.safetensors")
+                split: _join(path, PREDICTIONS_DIR, predictions_file(split))
                 for split in SPLITS
-                if _exists(self.fs, _join(path, PREDICTIONS_DIR, f"{split}.safetensors"))
+                if _exists(self.fs, _join(path, PREDICTIONS_DIR, predictions_file(split)))
             }
             if files and self._checkpoint_problem(path) is not None:
                 continue
@@ -520,7 +518,8 @@ class Experiment:
         if data.get("task"):
             return {"pr": "per", "asr": "wer"}.get(data["task"], "accuracy")
         for name in METRICS:
-            if any(f"dev_{name}" in t.last_result or f"best_dev_{name}" in t.last_result for t in self.trials):
+            keys = (metric_key("dev", name), metric_key("dev", name, best=True))
+            if any(key in t.last_result for t in self.trials for key in keys):
                 return name
         return "accuracy"
 
@@ -556,14 +555,14 @@ class Experiment:
         kind = last.get("kind") or config.get("kind")
         if not isinstance(kind, str) or not kind:
             if any(k.startswith("alpha/") for k in last):
-                kind = "darts"
+                kind = TrialKind.DARTS.value
             elif "retrain" in trial.experiment or config.get("derived_from"):
-                kind = "darts-derived"
+                kind = TrialKind.DARTS_DERIVED.value
             else:
                 kind = infer_kind(trial.layers)
         trial.kind = kind
         method = last.get("method") or config.get("method")
-        if not method and kind == "uniform" and trial.layers:
+        if not method and kind == TrialKind.UNIFORM and trial.layers:
             method = trial.layers[0]
         trial.method = str(method) if method else None
         for key in ("trainable_params", "peft_params", "derived_params"):
@@ -586,10 +585,10 @@ class Experiment:
             seed = _finite(((self.config or {}).get("train") or {}).get("seed", 0))
         cid = last.get("config_id") or config.get("config_id")
         if not cid:
-            if trial.kind == "darts":
+            if trial.kind == TrialKind.DARTS:
                 variant = last.get("variant") or "base"
-                cid = f"darts:{variant}"
-            elif trial.placement is not None or trial.kind in ("uniform", "hybrid", "frozen"):
+                cid = f"{TrialKind.DARTS}:{variant}"
+            elif trial.placement is not None or trial.kind in (TrialKind.UNIFORM, TrialKind.HYBRID, TrialKind.FROZEN):
                 with contextlib.suppress(Exception):
                     cid = config_id(trial.kind, trial.method, trial.placement)
         return (None if seed is None else int(seed)), (str(cid) if cid else None)
@@ -610,10 +609,10 @@ class Experiment:
             return "over_budget"
         if not trial.last_result:
             return "stopped_early"
-        if f"test_{self.metric}" in trial.last_result:
+        if metric_key("test", self.metric) in trial.last_result:
             return "completed"
         siblings = [t for t in self.trials if t.experiment == trial.experiment]
-        if any(f"test_{self.metric}" in t.last_result for t in siblings):
+        if any(metric_key("test", self.metric) in t.last_result for t in siblings):
             return "stopped_early"  # others of its Ray experiment reached the final row
         expected = max((int(t.last_result.get("training_iteration") or 0) for t in siblings), default=0)
         return "completed" if int(trial.last_result.get("training_iteration") or 0) >= expected else "stopped_early"
@@ -622,9 +621,9 @@ class Experiment:
     def score(self, trial: TrialRecord, split: str = "dev") -> float | None:
         """The reported score: ``best_dev_<m>`` (else last ``dev_<m>``) or ``test_<m>``."""
         if split == "test":
-            return _finite(trial.last_result.get(f"test_{self.metric}"))
-        best = _finite(trial.last_result.get(f"best_dev_{self.metric}"))
-        return best if best is not None else _finite(trial.last_result.get(f"dev_{self.metric}"))
+            return _finite(trial.last_result.get(metric_key("test", self.metric)))
+        best = _finite(trial.last_result.get(metric_key("dev", self.metric, best=True)))
+        return best if best is not None else _finite(trial.last_result.get(metric_key("dev", self.metric)))
 
     def history(self, trial: TrialRecord) -> pd.DataFrame:
         """Every result row the trial reported (result.json, else progress.csv, else the last
@@ -681,7 +680,7 @@ class Experiment:
             where = trial.checkpoint or "no checkpoint"
             raise MissingPredictionsError(
                 f"predictions are missing for trial {trial.trial_id} ({trial.label}, outcome {trial.outcome}): "
-                f"no {PREDICTIONS_DIR}/{split}.safetensors in its checkpoints ({where}); only trials that ran "
+                f"no {PREDICTIONS_DIR}/{predictions_file(split)} in its checkpoints ({where}); only trials that ran "
                 "their final epoch store predictions, and re-running inference is not possible from the "
                 "results store"
             )

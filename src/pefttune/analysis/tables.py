@@ -106,6 +106,7 @@ import pandas as pd
 from pefttune.analysis.store import RAY_KEYS, Experiment, TrialRecord, open_experiment
 from pefttune.metrics import edit_distance
 from pefttune.runtime.storage import atomic_output
+from pefttune.schema import TrialKind, metric_key
 from pefttune.training import unpack_sequences
 
 __all__ = [
@@ -203,11 +204,11 @@ def _metric_columns(trial: TrialRecord, skip: set[str]) -> dict:
 
 
 def _best_dev(experiment: Experiment, trial: TrialRecord) -> float | None:
-    value = trial.last_result.get(f"best_dev_{experiment.metric}")
+    value = trial.last_result.get(metric_key("dev", experiment.metric, best=True))
     if value is not None:
         return value
     frame = experiment.history(trial)
-    col = f"dev_{experiment.metric}"
+    col = metric_key("dev", experiment.metric)
     if col in frame.columns:
         values = pd.to_numeric(frame[col], errors="coerce").dropna()
         if len(values):
@@ -240,9 +241,9 @@ def trials_table(experiment: Experiment | str) -> pd.DataFrame:
             "config_id": t.config_id,
             "seed": t.seed,
             "metric": experiment.metric,
-            "dev_score": t.last_result.get(f"dev_{experiment.metric}"),
+            "dev_score": t.last_result.get(metric_key("dev", experiment.metric)),
             "best_dev_score": _best_dev(experiment, t),
-            "test_score": t.last_result.get(f"test_{experiment.metric}"),
+            "test_score": t.last_result.get(metric_key("test", experiment.metric)),
             "trainable_params": t.trainable_params,
             "epochs": t.epochs,
             "time_total_s": t.time_total_s,
@@ -442,7 +443,8 @@ def configs_table(experiment: Experiment | str, confidence: float = 0.95) -> pd.
 
     experiment = open_experiment(experiment)
     trials = trials_table(experiment)
-    done = trials[(trials["outcome"] == "completed") & (trials["kind"] != "darts") & trials["config_id"].notna()]
+    done = trials[(trials["outcome"] == "completed") & (trials["kind"] != TrialKind.DARTS)
+                  & trials["config_id"].notna()]
     rows = []
     for cid, group in done.groupby("config_id", sort=False):
         group = group.sort_values("seed", kind="mergesort")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pefttune.cli.common import add_experiment_arguments, verbosity
+from pefttune.schema import TrialKind
 
 
 def register(sub) -> None:
@@ -37,7 +38,8 @@ def run(args) -> int:
         prefill=True,
     )
     frame = results_frame(results, config.train.epochs)
-    outcome = failure_summary(frame, kinds=("uniform", "hybrid", "discrete", "frozen", "darts-derived"))
+    outcome = failure_summary(frame, kinds=(TrialKind.UNIFORM, TrialKind.HYBRID, TrialKind.DISCRETE, TrialKind.FROZEN,
+                                               TrialKind.DARTS_DERIVED))
     if args.quiet:
         from pefttune.search.summary import summary_table
 

@@ -61,6 +61,7 @@ from pefttune.runtime.experiment import (
     write_config_copy,
 )
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
+from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
 SEARCH_DIR = "darts"
@@ -161,7 +162,7 @@ def _reporter(config: ExperimentConfig, parameters: dict, extra: dict):
 
     metric = config.metric
     return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", f"dev_{metric}": f"dev_{metric}", **extra},
+        metric_columns={"epoch": "epoch", metric_key("dev", metric): metric_key("dev", metric), **extra},
         parameter_columns=parameters,
         max_report_frequency=30,
     )
@@ -238,11 +239,12 @@ def search_outcomes(results) -> list[SearchOutcome]:
 
 def derived_config_id(config: ExperimentConfig, variant: str) -> str:
     """The configuration id of DARTS-derived retrains with ``darts.retrain: per-seed``: one per variant."""
-    return "darts-derived" if len(config.darts.variants) <= 1 else f"darts-derived:{variant}"
+    kind = TrialKind.DARTS_DERIVED.value
+    return kind if len(config.darts.variants) <= 1 else f"{kind}:{variant}"
 
 
 def _retrain_trial(config: ExperimentConfig, cid: str, placement: Placement, sources: list[str], seed: int) -> dict:
-    return {"config_id": cid, "kind": "darts-derived", "method": "",
+    return {"config_id": cid, "kind": TrialKind.DARTS_DERIVED.value, "method": "",
             "placement": json.dumps(placement.to_dict(), separators=(",", ":")), "derived_from": list(sources),
             "seed": seed, "lr": config.train.lr}
 
@@ -256,7 +258,8 @@ def retrain_plan(config: ExperimentConfig, search) -> GridPlan:
         trials = [_retrain_trial(config, derived_config_id(config, o.variant), o.placement, [o.label], o.seed)
                   for o in search_outcomes(search)]
     else:
-        trials = [_retrain_trial(config, config_id("darts-derived", None, d.placement), d.placement, d.trials, seed)
+        trials = [_retrain_trial(config, config_id(TrialKind.DARTS_DERIVED, None, d.placement), d.placement, d.trials,
+                                 seed)
                   for d in collect_derived(search) for seed in config.train.replicate_seeds]
     return GridPlan(trials, plan_inputs(config, RETRAIN_INPUTS))
 
@@ -264,7 +267,8 @@ def retrain_plan(config: ExperimentConfig, search) -> GridPlan:
 def retrain_tuner(config: ExperimentConfig, path: str, setup, plan: GridPlan, verbose: int):
     from pefttune.trainables.discrete import make_trainable
 
-    reporter = _reporter(config, {"point": "point"}, {f"best_dev_{config.metric}": "best", "placement_short": "placement"})
+    best = metric_key("dev", config.metric, best=True)
+    reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), experiment_path=path)
     return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
@@ -387,7 +391,7 @@ def run_darts_retrain(config: ExperimentConfig, search, resume: bool = False, *,
 def run_outcome(run: DartsRun) -> Outcome:
     """Grouped failures of the DARTS search and the retrains, and the exit status: non-zero
     when every DARTS search trial or every retrain failed."""
-    frames = [darts_frame(run.search).assign(kind="darts")]
+    frames = [darts_frame(run.search).assign(kind=TrialKind.DARTS.value)]
     if run.retrain is not None:
         frames.append(results_frame(run.retrain))
     frame = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
@@ -441,8 +445,9 @@ def summary(run: DartsRun, config: ExperimentConfig) -> str:
     metric = config.metric
     frame = run.frame()
     columns = [
-        c for c in ["seed", "variant", f"best_dev_{metric}", "entropy_mean", "none_share", "derived_placement_short",
-                    "derived_params", f"derived_dev_{metric}", f"retrain_best_dev_{metric}", f"retrain_test_{metric}"]
+        c for c in ["seed", "variant", metric_key("dev", metric, best=True), "entropy_mean", "none_share",
+                    "derived_placement_short", "derived_params", "derived_" + metric_key("dev", metric),
+                    "retrain_" + metric_key("dev", metric, best=True), "retrain_" + metric_key("test", metric)]
         if c in frame
     ]
     lines = [f"DARTS {config.name}: {len(frame)} search trial(s), {len(run.derived)} distinct derived placement(s)"]

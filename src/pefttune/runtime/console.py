@@ -32,6 +32,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from pefttune.runtime.storage import read_storage_text, write_storage_text
+from pefttune.schema import TrialKind, metric_key
 
 ERRORS_LOG = "errors.log"
 WIDTH = 120  # the summary and the trial lines fit in this many columns
@@ -113,8 +114,8 @@ class Console:
         self.running.discard(trial_id)
         self.done += 1
         config, result = config if isinstance(config, dict) else {}, result if isinstance(result, dict) else {}
-        dev = result.get(f"best_dev_{self.metric}", result.get(f"dev_{self.metric}"))
-        test = result.get(f"test_{self.metric}")
+        dev = result.get(metric_key("dev", self.metric, best=True), result.get(metric_key("dev", self.metric)))
+        test = result.get(metric_key("test", self.metric))
         seconds = _number(result.get("time_total_s")) or 0.0
         self.durations.append(seconds)
         if result.get("over_budget"):
@@ -123,7 +124,7 @@ class Console:
             note = f"dev {_fmt(dev)} test {_fmt(test)} {seconds / 60:5.1f} min"
             self._update_best(dev)
         kind = _text(config.get("kind") or result.get("kind"))
-        if config.get("seed") is not None and kind not in ("darts",):
+        if config.get("seed") is not None and kind != TrialKind.DARTS:
             kind = f"{kind} s{_text(config.get('seed'))}"
         placement = _text(result.get("placement_short") or result.get("derived_placement_short"), "")
         head = f"{_text(trial_id):<10} {kind:<16} "
@@ -142,7 +143,7 @@ class Console:
 
     def result(self, result: dict) -> None:
         if isinstance(result, dict) and not result.get("over_budget"):
-            self._update_best(result.get(f"best_dev_{self.metric}"))
+            self._update_best(result.get(metric_key("dev", self.metric, best=True)))
 
     def _update_best(self, value) -> None:
         value = _number(value)

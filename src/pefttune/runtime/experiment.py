@@ -21,6 +21,7 @@ import yaml
 from pefttune.config import ExperimentConfig
 from pefttune.placement import Placement
 from pefttune.runtime.storage import read_storage_text, storage_exists, write_storage_text
+from pefttune.schema import TrialKind
 
 CONFIG_COPY = "experiment.yaml"
 TUNER_FILE = "tuner.pkl"
@@ -191,10 +192,10 @@ def config_id(kind: str, method: str | None, placement: Placement | dict | str) 
     import hashlib
     import json
 
-    if kind == "uniform" and method:
-        return f"uniform:{method}"
-    if kind in ("hybrid", "frozen", "log-mel"):
-        return kind
+    if kind == TrialKind.UNIFORM and method:
+        return f"{TrialKind.UNIFORM}:{method}"
+    if kind in (TrialKind.HYBRID, TrialKind.FROZEN, TrialKind.LOG_MEL):
+        return str(kind)
     placement = parse_placement(placement)
     digest = hashlib.sha1(json.dumps(placement.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     return f"{kind}:{digest}"

@@ -54,6 +54,7 @@ from pefttune.runtime.experiment import (
     write_config_copy,
 )
 from pefttune.runtime.storage import storage_exists
+from pefttune.schema import TrialKind, metric_key
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
 from pefttune.search.summary import summary_table
@@ -120,7 +121,7 @@ def build_experiment(config: ExperimentConfig, extra_points: list[FixedPoint] | 
     space = validate_space(config, info)
     metric = config.metric
     objective = Objective(
-        metric=f"best_dev_{metric}",
+        metric=metric_key("dev", metric, best=True),
         mode=metric_mode(metric),
         max_epochs=config.train.epochs,
         multi_objective=config.search.multi_objective,
@@ -178,7 +179,7 @@ def build_searcher(experiment: Experiment) -> PefttuneSearch:
 
 
 #: Trial kinds that ASHA never stops: the baselines every comparison (and ensemble) needs.
-FIXED_KINDS = ("uniform", "hybrid")
+FIXED_KINDS = (TrialKind.UNIFORM, TrialKind.HYBRID)
 
 
 def build_scheduler(experiment: Experiment):
@@ -214,7 +215,7 @@ def progress_reporter(experiment: Experiment):
     return tune.CLIReporter(
         metric_columns={
             "epoch": "epoch",
-            f"dev_{metric}": f"dev_{metric}",
+            metric_key("dev", metric): metric_key("dev", metric),
             experiment.metric: experiment.metric,
             "trainable_params": "params",
             "over_budget": "over_budget",

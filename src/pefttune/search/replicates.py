@@ -37,6 +37,7 @@ from pefttune.runtime.experiment import (
     load_results,
     results_frame,
 )
+from pefttune.schema import TrialKind, metric_key
 from pefttune.search.space import fixed_points, validate_space
 from pefttune.search.summary import top_k
 from pefttune.trainables.setup import Faults, make_setup
@@ -58,7 +59,7 @@ class Replicate:
     def trial_config(self, lr: float) -> dict:
         return {"config_id": self.config_id, "kind": self.kind, "method": self.method, "placement": self.placement,
                 "seed": self.seed, "lr": lr, "budget_exempt": self.budget_exempt,
-                "backbone": LOG_MEL if self.kind == "log-mel" else None}
+                "backbone": LOG_MEL if self.kind == TrialKind.LOG_MEL else None}
 
 
 def frozen_placement(num_layers: int) -> Placement:
@@ -81,19 +82,21 @@ def plan_replicates(config: ExperimentConfig, search: pd.DataFrame) -> list[Repl
         add(point.extra.get("config_id") or config_id(point.kind, point.method, placement), point.kind,
             point.method or "", placement, others, config.search.budget_exempt_fixed)
     if config.search.frozen_reference:
-        add("frozen", "frozen", "", frozen_placement(space.info.num_layers), seeds, True)
+        kind = TrialKind.FROZEN.value  # the references' configuration id is their kind
+        add(kind, kind, "", frozen_placement(space.info.num_layers), seeds, True)
     if config.analysis.logmel_reference:
-        add("log-mel", "log-mel", "", Placement.from_dict({"num_layers": 0, "layers": []}), seeds, True)
+        kind = TrialKind.LOG_MEL.value
+        add(kind, kind, "", Placement.from_dict({"num_layers": 0, "layers": []}), seeds, True)
     if config.search.replicate_top and others and len(search) and "kind" in search:
-        metric = f"best_dev_{config.metric}"
-        best = top_k(search, metric, space_mode(config), k=len(search), kinds=["discrete"])
+        metric = metric_key("dev", config.metric, best=True)
+        best = top_k(search, metric, space_mode(config), k=len(search), kinds=[TrialKind.DISCRETE])
         chosen: list[str] = []
         for _, row in best.iterrows():
             placement = Placement.from_json(row["placement"])
-            cid = config_id("discrete", None, placement)
+            cid = config_id(TrialKind.DISCRETE, None, placement)
             if cid not in chosen:
                 chosen.append(cid)
-                add(cid, "discrete", "", placement, others)
+                add(cid, TrialKind.DISCRETE.value, "", placement, others)
             if len(chosen) == config.search.replicate_top:
                 break
     return out

@@ -31,10 +31,10 @@ from pefttune.config import ExperimentConfig
 from pefttune.methods import get_method
 from pefttune.methods import hybrid as hybrid_spec
 from pefttune.placement import Placement
+from pefttune.schema import TrialKind
 
 NONE = "none"
 FIXED_ATTR = "pefttune_fixed"
-KINDS = ("uniform", "discrete", "hybrid", "darts-derived")
 
 
 def layer_param(index: int) -> str:
@@ -78,9 +78,9 @@ class FixedPoint:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind == "uniform" and not self.method:
+        if self.kind == TrialKind.UNIFORM and not self.method:
             raise ValueError("FixedPoint: kind 'uniform' needs a method")
-        if self.kind not in ("uniform", "hybrid") and self.placement is None:
+        if self.kind not in (TrialKind.UNIFORM, TrialKind.HYBRID) and self.placement is None:
             raise ValueError(f"FixedPoint: kind {self.kind!r} needs an explicit placement")
         if self.placement is not None:
             Placement.from_dict(self.placement)  # validates
@@ -108,11 +108,12 @@ def fixed_points(config: ExperimentConfig) -> list[FixedPoint]:
     seed = {"seed": config.train.seed}
     points = []
     if config.search.uniform_baselines:
-        points += [FixedPoint("uniform", method=name, extra={**seed, "config_id": f"uniform:{name}"})
+        points += [FixedPoint(TrialKind.UNIFORM.value, method=name,
+                              extra={**seed, "config_id": f"{TrialKind.UNIFORM}:{name}"})
                    for name in uniform_methods(config)]
     hybrid = config.search.hybrid
     if hybrid is not False and (hybrid != "candidates" or len(uniform_methods(config)) > 1):
-        points.append(FixedPoint("hybrid", extra={**seed, "config_id": "hybrid"}))
+        points.append(FixedPoint(TrialKind.HYBRID.value, extra={**seed, "config_id": TrialKind.HYBRID.value}))
     return points
 
 
@@ -240,20 +241,20 @@ class PlacementSpace:
             placement = Placement.from_dict(point.placement)
             placement.validate_for(self.info)
             return placement
-        if point.kind == "uniform":
+        if point.kind == TrialKind.UNIFORM:
             if point.method not in self.choices:
                 raise ValueError(f"FixedPoint: method {point.method!r} is not a candidate in config.methods")
             return self.uniform(point.method)
-        if point.kind == "hybrid":
+        if point.kind == TrialKind.HYBRID:
             return self.hybrid()
         raise ValueError(f"FixedPoint: kind {point.kind!r} needs an explicit placement")
 
     def optuna_params(self, point: FixedPoint) -> dict:
         """Parameters to enqueue for a fixed point (so the sampler learns from it)."""
         params = {}
-        if self.conditional is False or point.kind in ("uniform", "hybrid"):
+        if self.conditional is False or point.kind in (TrialKind.UNIFORM, TrialKind.HYBRID):
             params.update({name: values[0] for name, values in self.searched_hparams().items()})
-        if point.kind == "uniform" and point.placement is None:
+        if point.kind == TrialKind.UNIFORM and point.placement is None:
             params.update({layer_param(i): point.method for i in range(self.num_layers)})
         return params
 
@@ -262,7 +263,7 @@ class PlacementSpace:
         fixed_attr = trial.user_attrs.get(FIXED_ATTR)
         point = FixedPoint.from_attr(fixed_attr) if fixed_attr else None
         lr = self.lr
-        if point is None or point.kind == "uniform" and point.placement is None:
+        if point is None or point.kind == TrialKind.UNIFORM and point.placement is None:
             layers = [trial.suggest_categorical(layer_param(i), self.layer_options()) for i in range(self.num_layers)]
             used = set(layers) - {NONE}
             hparams = {}
@@ -279,11 +280,11 @@ class PlacementSpace:
             if point is None and self.lr_range is not None:
                 lr = trial.suggest_float("lr", self.lr_range[0], self.lr_range[1], log=True)
         else:
-            if point.kind == "hybrid" and point.placement is None:
+            if point.kind == TrialKind.HYBRID and point.placement is None:
                 for name, options in self.searched_hparams().items():  # fixed by the enqueued params
                     trial.suggest_categorical(name, options)
             placement = self.fixed_placement(point)
-        kind = point.kind if point else "discrete"
+        kind = point.kind if point else TrialKind.DISCRETE.value
         method = point.method if point else None
         if point is not None and point.lr is not None:
             lr = point.lr

@@ -10,12 +10,14 @@ import pandas as pd
 from pefttune.config import ExperimentConfig
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import format_table
+from pefttune.schema import TrialKind, metric_key, rank_trials
 from pefttune.search.optuna_search import PARAMS_METRIC
 
 
 def top_k(frame: pd.DataFrame, metric: str, mode: str, k: int = 5, kinds: list[str] | None = None) -> pd.DataFrame:
     """The k best finished trials by ``metric`` (e.g. ``best_dev_accuracy``): no errors, no
-    over-budget or early-stopped trials; ties broken by fewer trainable parameters."""
+    over-budget or early-stopped trials; ranked by :func:`~pefttune.schema.rank_trials` (ties
+    by trial id, as the analysis ranks them)."""
     if metric not in frame:
         return frame.iloc[0:0]
     keep = (frame["status"] == "TERMINATED") & ~frame["over_budget"] & ~frame["stopped_early"]
@@ -23,9 +25,9 @@ def top_k(frame: pd.DataFrame, metric: str, mode: str, k: int = 5, kinds: list[s
     if kinds is not None:
         keep &= frame["kind"].isin(kinds)
     chosen = frame[keep]
-    by = [metric, "trainable_params"] if "trainable_params" in chosen else [metric]
-    ascending = [mode == "min", True][: len(by)]
-    return chosen.sort_values(by, ascending=ascending, kind="mergesort").head(k)
+    scores, ids = chosen[metric].tolist(), chosen["trial_id"].astype(str).tolist()
+    order = rank_trials(range(len(chosen)), scores.__getitem__, ids.__getitem__, mode)
+    return chosen.iloc[order[:k]]
 
 
 def pareto_front(frame: pd.DataFrame, metric: str, mode: str, params: str = PARAMS_METRIC) -> pd.DataFrame:
@@ -50,9 +52,9 @@ def summary_table(frame: pd.DataFrame, config: ExperimentConfig, k: int = 5, wid
     Pareto front, errors grouped by message."""
     from collections import Counter
 
-    metric = f"best_dev_{config.metric}"
+    metric = metric_key("dev", config.metric, best=True)
     mode = metric_mode(config.metric)
-    test = f"test_{config.metric}"
+    test = metric_key("test", config.metric)
     columns = ["trial_id", "kind", "seed", "placement_short", "trainable_params", metric, test, "epoch"]
     lines = [f"experiment {config.name}: {len(frame)} trials"]
     if len(frame):
@@ -66,7 +68,7 @@ def summary_table(frame: pd.DataFrame, config: ExperimentConfig, k: int = 5, wid
         best = top_k(frame, metric, mode, k)
         lines += [f"\nbest {len(best)} trials by {metric}:", format_table(best, columns, width)]
         if "kind" in frame:
-            fixed = frame[frame["kind"].isin(["uniform", "hybrid", "frozen"])]
+            fixed = frame[frame["kind"].isin([TrialKind.UNIFORM, TrialKind.HYBRID, TrialKind.FROZEN])]
             if len(fixed):
                 lines += ["\nuniform baselines and hybrid:", format_table(fixed, columns + ["status"], width)]
         if config.search.multi_objective:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,15 +40,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pefttune.model import MODEL_FILE, PLACEMENT_FILE, WEIGHTS_FILE, PeftSpeechModel
+from pefttune.schema import (BEST_DIR, CHECKPOINT_NAME, FILES_KEY, MODEL_DIR, PREDICTIONS_DIR, STATE_FILE,
+                             TRAINER_FILE, predictions_file)
 from pefttune.training import Evaluation, TrainConfig, evaluate, load_predictions, save_predictions
 
-STATE_FILE = "state.json"
-TRAINER_FILE = "trainer_state.pt"
-MODEL_DIR = "model"
-BEST_DIR = "best"
-PREDICTIONS_DIR = "predictions"
-FILES_KEY = "files"  # state.json: relative path -> [size, sha256] of every other file
-CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)$")  # Ray's checkpoint folders in a trial's folder
 
 
 class IncompleteCheckpointError(FileNotFoundError, ValueError):
@@ -130,7 +124,7 @@ def write_checkpoint(
     if predictions:
         (directory / PREDICTIONS_DIR).mkdir(exist_ok=True)
         for split, evaluation in predictions.items():
-            save_predictions(directory / PREDICTIONS_DIR / f"{split}.safetensors", evaluation)
+            save_predictions(directory / PREDICTIONS_DIR / predictions_file(split), evaluation)
     write_state(directory, state)
     return directory
 
@@ -274,7 +268,7 @@ def read_checkpoint(
 def checkpoint_predictions(directory: str | Path, split: str) -> dict:
     """Per-example predictions stored in a final checkpoint (see training.evaluate); an
     incomplete checkpoint raises :class:`IncompleteCheckpointError`."""
-    path = Path(directory) / PREDICTIONS_DIR / f"{split}.safetensors"
+    path = Path(directory) / PREDICTIONS_DIR / predictions_file(split)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {directory}: no {split} predictions (not a final checkpoint?)")
     verify_checkpoint(directory)

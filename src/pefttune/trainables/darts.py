@@ -73,6 +73,7 @@ from pefttune.placement import MethodChoice, Placement
 from pefttune.data.loaders import EpochSampler, TaskData, load_data
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
+from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, train_config
@@ -254,7 +255,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     if settings.budget_penalty and budget is None:
         raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
     columns = {
-        "kind": "darts",
+        "kind": TrialKind.DARTS.value,
         "seed": seed,
         "variant": variant_label(variant),
         "mix": settings.mix,
@@ -324,7 +325,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         metrics = {
             **columns,
             **result.metrics(),
-            f"best_dev_{metric}": state.best_score,
+            metric_key("dev", metric, best=True): state.best_score,
             "best_epoch": state.best_epoch,
             "start_epoch": start_epoch,
             "derived_placement": json.dumps(placement.to_dict(), separators=(",", ":")),
@@ -344,7 +345,8 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
         def write(path: Path) -> None:
             ckpt.write_checkpoint(
                 path, supernet.model, state, optimizer=optimizer, scheduler=scheduler,
-                metadata={"kind": "darts", "seed": seed, "variant": columns["variant"], "epoch": result.epoch},
+                metadata={"kind": TrialKind.DARTS.value, "seed": seed, "variant": columns["variant"],
+                          "epoch": result.epoch},
             )
             save_arch(path, supernet, architect, parts.arch_sampler)
             placement.save(path / DERIVED_FILE)

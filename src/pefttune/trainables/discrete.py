@@ -43,6 +43,7 @@ from pefttune.model import build_model
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
 from pefttune.runtime.experiment import config_id, parse_placement, placement_columns
+from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
@@ -88,7 +89,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     head = setup.head
     peft = placement.trainable_parameters(info)
     head_params = head_parameters(info, head)
-    kind = _trial_value(config, "kind", "discrete")
+    kind = _trial_value(config, "kind", TrialKind.DISCRETE.value)
     columns = {
         **placement_columns(placement),
         "kind": kind,
@@ -114,8 +115,8 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
                 **columns,
                 "over_budget": True,
                 "epoch": 0,
-                f"dev_{metric}": worst,
-                f"best_dev_{metric}": worst,
+                metric_key("dev", metric): worst,
+                metric_key("dev", metric, best=True): worst,
                 "best_epoch": 0,
                 "budget": budget,
             }
@@ -156,7 +157,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         metrics = {
             **columns,
             **result.metrics(),
-            f"best_dev_{metric}": state.best_score,
+            metric_key("dev", metric, best=True): state.best_score,
             "best_epoch": state.best_epoch,
             "over_budget": False,
             "start_epoch": start_epoch,
