@@ -325,7 +325,7 @@ class ResourcesSection(_Section):
     )
 
 
-class ExperimentConfig(_Section):
+class StudyConfig(_Section):
     name: str = Field("pefttune", min_length=1, description="Experiment name (folder under storage).")
     backbone: str = Field("tiny-hubert-ssl", description="Built-in name, local model dir, or Hugging Face id.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -474,7 +474,7 @@ class ExperimentConfig(_Section):
         return {"pr": "per", "asr": "wer"}.get(self.data.task, "accuracy")
 
 
-def task_configs(config: ExperimentConfig, tasks=None) -> dict[str, ExperimentConfig]:
+def task_configs(config: StudyConfig, tasks=None) -> dict[str, StudyConfig]:
     """One experiment config per task: ``data.task`` set, the task's overrides merged, stored
     under ``<storage>/<name>/<task>``. ``tasks`` defaults to ``config.tasks``."""
     tasks = config.tasks if tasks is None else tasks
@@ -487,7 +487,7 @@ def task_configs(config: ExperimentConfig, tasks=None) -> dict[str, ExperimentCo
         data = _deep_merge(base, extra or {})
         data = _deep_merge(data, {"name": task, "storage": suite_path(config), "data": {"task": task}})
         try:
-            out[task] = ExperimentConfig.model_validate(data)
+            out[task] = StudyConfig.model_validate(data)
         except ValidationError as err:  # every bad field, named inside the task: tasks.pr.train.epochs
             problems = "; ".join(
                 f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + f": {e['msg'].removeprefix('Value error, ')}"
@@ -497,7 +497,7 @@ def task_configs(config: ExperimentConfig, tasks=None) -> dict[str, ExperimentCo
     return out
 
 
-def suite_path(config: ExperimentConfig) -> str:
+def suite_path(config: StudyConfig) -> str:
     return f"{config.storage.rstrip('/')}/{config.name}"
 
 
@@ -511,14 +511,14 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid experiment config\n" + "\n".join(lines)
 
 
-def parse_config(data: dict | None, source: str = "config") -> ExperimentConfig:
+def parse_config(data: dict | None, source: str = "config") -> StudyConfig:
     try:
-        return ExperimentConfig.model_validate(data or {})
+        return StudyConfig.model_validate(data or {})
     except ValidationError as err:
         raise ValueError(_format_error(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> StudyConfig:
     """Load and validate a YAML config (default: the embedded study).
 
     A config may start from another one: ``extends: embedded.yaml`` (a path relative to the

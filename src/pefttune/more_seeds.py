@@ -33,7 +33,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.runtime.storage import read_storage_text, write_storage_text
 from pefttune.schema import TrialKind
 
@@ -110,12 +110,12 @@ def round_configs(decided: dict, keys: list[str]) -> tuple[list[str], bool]:
     return sorted(c for c in wanted if c), "1" in keys
 
 
-def next_seed(config: ExperimentConfig, log: RoundsLog) -> int:
+def next_seed(config: StudyConfig, log: RoundsLog) -> int:
     used = set(config.train.replicate_seeds) | {r.seed for r in log.rounds}
     return max(used) + 1
 
 
-def seeds_trained(config: ExperimentConfig, log: RoundsLog) -> int:
+def seeds_trained(config: StudyConfig, log: RoundsLog) -> int:
     return len(config.train.replicate_seeds) + len(log.rounds)
 
 
@@ -123,7 +123,7 @@ def round_path(study_path: str, seed: int) -> str:
     return f"{study_path}/seeds-{seed}"
 
 
-def stop_reason(config: ExperimentConfig, log: RoundsLog, keys: list[str], started: float) -> str:
+def stop_reason(config: StudyConfig, log: RoundsLog, keys: list[str], started: float) -> str:
     """Why no further round runs now ("" when one should)."""
     limit = config.analysis.max_extra_minutes
     if not keys:
@@ -135,7 +135,7 @@ def stop_reason(config: ExperimentConfig, log: RoundsLog, keys: list[str], start
     return ""
 
 
-def run_round(config: ExperimentConfig, study_path: str, rnd: Round, resume: bool, verbose: int) -> None:
+def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, verbose: int) -> None:
     """Train ``rnd``'s configurations with its seed (Ray connected); a resume finishes it."""
     import pandas as pd
 
@@ -170,7 +170,7 @@ def run_round(config: ExperimentConfig, study_path: str, rnd: Round, resume: boo
         _darts_round(config, root, rnd.seed, resume, verbose)
 
 
-def _darts_round(config: ExperimentConfig, root: str, seed: int, resume: bool, verbose: int) -> None:
+def _darts_round(config: StudyConfig, root: str, seed: int, resume: bool, verbose: int) -> None:
     """One DARTS search with ``seed`` and its placement retrained with that seed, under ``root``."""
     from pefttune.darts.experiment import SEARCH_DIR, run_darts_retrain, run_darts_search
     from pefttune.runtime.experiment import holds_run
@@ -184,7 +184,7 @@ def _darts_round(config: ExperimentConfig, root: str, seed: int, resume: bool, v
     run_darts_retrain(one, search, resume, verbose=verbose, root=root)
 
 
-def more_seeds(config: ExperimentConfig, study_path: str, resume: bool, verbose: int, decide) -> RoundsLog:
+def more_seeds(config: StudyConfig, study_path: str, resume: bool, verbose: int, decide) -> RoundsLog:
     """Rounds of one more seed while a finding is open (Ray connected); ``decide()`` returns the
     findings of the study as it stands (:func:`pefttune.analysis.findings.decide`'s dict)."""
     log = RoundsLog.read(study_path)
@@ -209,7 +209,7 @@ def more_seeds(config: ExperimentConfig, study_path: str, resume: bool, verbose:
         _finish(config, study_path, log, rnd, resume, verbose)
 
 
-def _finish(config: ExperimentConfig, study_path: str, log: RoundsLog, rnd: Round, resume: bool, verbose: int) -> None:
+def _finish(config: StudyConfig, study_path: str, log: RoundsLog, rnd: Round, resume: bool, verbose: int) -> None:
     start = time.time()
     run_round(config, study_path, rnd, resume, verbose)
     rnd.seconds = time.time() - start

@@ -39,7 +39,7 @@ from typing import Callable
 
 import pandas as pd
 
-from pefttune.config import ExperimentConfig, load_config
+from pefttune.config import StudyConfig, load_config
 from pefttune.schema import TrialKind
 
 
@@ -60,7 +60,7 @@ class StudyResult:
 class StudyRun:
     """What the stages of one study share."""
 
-    config: ExperimentConfig
+    config: StudyConfig
     path: str  # <storage>/<name>
     address: str | None = None
     resume: bool = False
@@ -84,7 +84,7 @@ class Stage:
     title: str
     run: Callable[[StudyRun], None]
     ray: bool = False
-    when: Callable[[ExperimentConfig], bool] = lambda config: True  # noqa: E731 - the stage is part of this study
+    when: Callable[[StudyConfig], bool] = lambda config: True  # noqa: E731 - the stage is part of this study
 
 
 def stage_data(study: StudyRun) -> None:
@@ -231,7 +231,7 @@ def _run_stage(study: StudyRun, stage: Stage, started: bool, seconds: dict[str, 
 
 
 def run_study(
-    config: ExperimentConfig | str | Path | None = None,
+    config: StudyConfig | str | Path | None = None,
     address: str | None = None,
     resume: bool = False,
     name: str | None = None,
@@ -247,10 +247,10 @@ def run_study(
     from pefttune.runtime.experiment import experiment_path, refuse_existing
     from pefttune.search.experiment import build_experiment
 
-    if not isinstance(config, ExperimentConfig):
+    if not isinstance(config, StudyConfig):
         config = load_config(config)
     if name is not None:
-        config = ExperimentConfig.model_validate({**config.model_dump(), "name": name})
+        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
     if config.tasks:
         raise ValueError(f"tasks: {config.name} is a suite of {list(config.tasks)}; run it with "
                          "pefttune.suite.run_suite (what `pefttune run` does for such a config)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.analysis.store import analysis_dir, local_output_dir
-from pefttune.config import ExperimentConfig, load_config, suite_path, task_configs
+from pefttune.config import StudyConfig, load_config, suite_path, task_configs
 from pefttune.schema import TrialKind
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
@@ -44,16 +44,16 @@ class SuiteResult:
     exit_code: int = 0
 
 
-def run_suite(config: ExperimentConfig | str | Path | None = None, address: str | None = None, resume: bool = False,
+def run_suite(config: StudyConfig | str | Path | None = None, address: str | None = None, resume: bool = False,
               name: str | None = None, verbose: int = 1, tasks=None) -> SuiteResult:
     """Run the study on every task of the suite, then write ``suite.md`` and the ``suite`` table."""
     from pefttune.runtime.experiment import experiment_path, refuse_existing
     from pefttune.runtime.heartbeat import Heartbeat
 
-    if not isinstance(config, ExperimentConfig):
+    if not isinstance(config, StudyConfig):
         config = load_config(config)
     if name is not None:
-        config = ExperimentConfig.model_validate({**config.model_dump(), "name": name})
+        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
     configs = task_configs(config, tasks or config.tasks or list(DEFAULT_TASKS))
     root = suite_path(config)
     if not resume:  # refuse before any compute: every task folder named
@@ -171,7 +171,7 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
     return "differs by task: " + ", ".join(f"{t} {v}" for t, v in verdicts.items())
 
 
-def _run_task(result: SuiteResult, task: str, tasks: list[str], config: ExperimentConfig, address: str | None,
+def _run_task(result: SuiteResult, task: str, tasks: list[str], config: StudyConfig, address: str | None,
               resume: bool, verbose: int) -> None:
     """One task's study into ``result`` (a task finished before is kept on resume)."""
     from pefttune.runtime.experiment import experiment_path

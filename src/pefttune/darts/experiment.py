@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from pefttune.backbones import backbone_info
-from pefttune.config import ExperimentConfig, load_config
+from pefttune.config import StudyConfig, load_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
@@ -97,7 +97,7 @@ def canonical(placement: Placement) -> str:
     return json.dumps(placement.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def trial_space(config: ExperimentConfig) -> dict:
+def trial_space(config: StudyConfig) -> dict:
     """Ray param_space of the DARTS trials: seeds x variants."""
     from ray import tune
 
@@ -105,7 +105,7 @@ def trial_space(config: ExperimentConfig) -> dict:
     return {"seed": tune.grid_search(config.darts_seeds), "variant": tune.grid_search(list(variants))}
 
 
-def validate(config: ExperimentConfig) -> None:
+def validate(config: StudyConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
     from pefttune.trainables.darts import darts_candidates, variant_settings
 
@@ -124,7 +124,7 @@ def validate(config: ExperimentConfig) -> None:
             )
 
 
-def prepare_directories(config: ExperimentConfig, path: str, resume: bool) -> None:
+def prepare_directories(config: StudyConfig, path: str, resume: bool) -> None:
     """Refuse to overwrite a DARTS search; never mix configs in one experiment folder."""
     hint = "an experiment folder holds one config (choose another name, or use the saved config)"
     for copy in (f"{path}/{CONFIG_COPY}", f"{path}/{SEARCH_DIR}/{CONFIG_COPY}"):
@@ -140,7 +140,7 @@ def prepare_directories(config: ExperimentConfig, path: str, resume: bool) -> No
     write_config_copy(config, search)
 
 
-def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
+def _run_config(config: StudyConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -157,7 +157,7 @@ def _run_config(config: ExperimentConfig, path: str, name: str, reporter, verbos
     )
 
 
-def _reporter(config: ExperimentConfig, parameters: dict, extra: dict):
+def _reporter(config: StudyConfig, parameters: dict, extra: dict):
     from ray import tune
 
     metric = config.metric
@@ -168,15 +168,15 @@ def _reporter(config: ExperimentConfig, parameters: dict, extra: dict):
     )
 
 
-def _mode(config: ExperimentConfig) -> str:
+def _mode(config: StudyConfig) -> str:
     return metric_mode(config.metric)
 
 
-def _search_trials(config: ExperimentConfig) -> int:
+def _search_trials(config: StudyConfig) -> int:
     return len(config.darts_seeds) * len(config.darts.variants or [{}])
 
 
-def search_experiment(config: ExperimentConfig) -> ExperimentConfig:
+def search_experiment(config: StudyConfig) -> StudyConfig:
     """The config the search trials see: ``resources.cpu`` set to ``darts.search_cpu`` when given."""
     cpu = config.darts.search_cpu
     if cpu is None or cpu == config.resources.cpu:
@@ -184,7 +184,7 @@ def search_experiment(config: ExperimentConfig) -> ExperimentConfig:
     return config.model_copy(update={"resources": config.resources.model_copy(update={"cpu": cpu})})
 
 
-def search_tuner(config: ExperimentConfig, path: str, setup, verbose: int):
+def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
     from ray import tune
 
     from pefttune.trainables.darts import make_trainable
@@ -237,19 +237,19 @@ def search_outcomes(results) -> list[SearchOutcome]:
     return sorted(out, key=lambda o: (o.variant, o.seed))
 
 
-def derived_config_id(config: ExperimentConfig, variant: str) -> str:
+def derived_config_id(config: StudyConfig, variant: str) -> str:
     """The configuration id of DARTS-derived retrains with ``darts.retrain: per-seed``: one per variant."""
     kind = TrialKind.DARTS_DERIVED.value
     return kind if len(config.darts.variants) <= 1 else f"{kind}:{variant}"
 
 
-def _retrain_trial(config: ExperimentConfig, cid: str, placement: Placement, sources: list[str], seed: int) -> dict:
+def _retrain_trial(config: StudyConfig, cid: str, placement: Placement, sources: list[str], seed: int) -> dict:
     return {"config_id": cid, "kind": TrialKind.DARTS_DERIVED.value, "method": "",
             "placement": json.dumps(placement.to_dict(), separators=(",", ":")), "derived_from": list(sources),
             "seed": seed, "lr": config.train.lr}
 
 
-def retrain_plan(config: ExperimentConfig, search) -> GridPlan:
+def retrain_plan(config: StudyConfig, search) -> GridPlan:
     """The retrains of the derived placements, as the uniform baselines are trained.
 
     ``per-seed``: the placement derived with seed k trained with seed k (DARTS as a method);
@@ -264,7 +264,7 @@ def retrain_plan(config: ExperimentConfig, search) -> GridPlan:
     return GridPlan(trials, plan_inputs(config, RETRAIN_INPUTS))
 
 
-def retrain_tuner(config: ExperimentConfig, path: str, setup, plan: GridPlan, verbose: int):
+def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
     from pefttune.trainables.discrete import make_trainable
 
     best = metric_key("dev", config.metric, best=True)
@@ -291,7 +291,7 @@ def collect_derived(results) -> list[DerivedPlacement]:
 
 
 def run_darts(
-    config: ExperimentConfig | str | Path,
+    config: StudyConfig | str | Path,
     address: str | None = None,
     resume: bool = False,
     *,
@@ -310,10 +310,10 @@ def run_darts(
     experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
     states a study's trials would.
     """
-    if not isinstance(config, ExperimentConfig):
+    if not isinstance(config, StudyConfig):
         config = load_config(config)
     if name is not None:
-        config = ExperimentConfig.model_validate({**config.model_dump(), "name": name})
+        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
     validate(config)
     path = experiment_path(config)
     prepare_directories(config, path, resume)
@@ -337,7 +337,7 @@ def run_darts(
     return run
 
 
-def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose: int = 1,
+def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int = 1,
                      faults: Faults | None = None, local: bool = True, root: str | None = None):
     """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`) into
     ``<root>/darts`` (default root: the study folder); returns its ResultGrid. Raises
@@ -368,7 +368,7 @@ def run_darts_search(config: ExperimentConfig, resume: bool = False, *, verbose:
     return search
 
 
-def run_darts_retrain(config: ExperimentConfig, search, resume: bool = False, *, verbose: int = 1,
+def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verbose: int = 1,
                       root: str | None = None):
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
     connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
@@ -441,7 +441,7 @@ def darts_frame(search, retrain=None) -> pd.DataFrame:
     return frame.merge(retrained, on="key", how="left").drop(columns=["key"])
 
 
-def summary(run: DartsRun, config: ExperimentConfig) -> str:
+def summary(run: DartsRun, config: StudyConfig) -> str:
     metric = config.metric
     frame = run.frame()
     columns = [
@@ -463,7 +463,7 @@ def load_darts(path: str | Path) -> pd.DataFrame:
     return darts_frame(search, retrain)
 
 
-def darts_started(config: ExperimentConfig) -> bool:
+def darts_started(config: StudyConfig) -> bool:
     """Whether ``<storage>/<name>/darts`` holds a DARTS search (``pefttune run --resume``
     resumes it then, and starts it otherwise)."""
     return holds_run(f"{experiment_path(config)}/{SEARCH_DIR}")

@@ -20,7 +20,7 @@ import torch
 from pefttune.heads import HeadConfig
 
 if TYPE_CHECKING:  # pydantic is not needed to train
-    from pefttune.config import ExperimentConfig
+    from pefttune.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,15 @@ class DataRef:
     def num_outputs(self) -> int:
         return len(self.vocabulary())
 
-    def head_config(self, experiment: ExperimentConfig) -> HeadConfig:
+    def head_config(self, experiment: StudyConfig) -> HeadConfig:
         return HeadConfig(self.task_kind, self.num_outputs, experiment.head.kind, experiment.head.hidden)
 
 
-def _unit(config: ExperimentConfig) -> str:
+def _unit(config: StudyConfig) -> str:
     return "char" if config.data.task == "asr" else "phoneme"
 
 
-def prepare_data(config: ExperimentConfig, progress: bool | None = None) -> DataRef:
+def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     """Driver side, before Ray starts: make sure the data exist (synthesize the corpus or
     index the dataset folder once, :func:`pefttune.data.sources.manifest_for`), check every
     audio file (one error naming every bad file; under ``data.on_error: skip`` they are
@@ -125,7 +125,7 @@ class TaskData:
         return max(1, min(steps, max_steps) if max_steps else steps)
 
 
-def load_data(config: ExperimentConfig, ref: DataRef, seed: int = 0, num_workers: int = 0) -> TaskData:
+def load_data(config: StudyConfig, ref: DataRef, seed: int = 0, num_workers: int = 0) -> TaskData:
     """Data loaders of the train/dev/test splits (trial side), batches as
     :func:`pefttune.data.dataset.collate_batch` makes them. Train is shuffled by an
     :class:`EpochSampler` and cropped to ``data.max_seconds``; dev/test keep manifest order."""

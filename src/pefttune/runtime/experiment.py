@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.placement import Placement
 from pefttune.runtime.storage import read_storage_text, storage_exists, write_storage_text
 from pefttune.schema import TrialKind
@@ -27,7 +27,7 @@ CONFIG_COPY = "experiment.yaml"
 TUNER_FILE = "tuner.pkl"
 
 
-def experiment_path(config: ExperimentConfig) -> str:
+def experiment_path(config: StudyConfig) -> str:
     """``<storage>/<name>``: an absolute local path, or a URI."""
     storage = config.storage
     if "://" in storage:
@@ -35,7 +35,7 @@ def experiment_path(config: ExperimentConfig) -> str:
     return str(Path(storage).expanduser().resolve() / config.name)
 
 
-def config_yaml(config: ExperimentConfig) -> str:
+def config_yaml(config: StudyConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
@@ -58,7 +58,7 @@ def require_resumable(path: str, what: str = "search") -> None:
         raise FileNotFoundError(f"--resume: no {what} to resume at {path} (missing {TUNER_FILE})")
 
 
-def check_same_config(config: ExperimentConfig, copy: str, hint: str = "resume with the saved config",
+def check_same_config(config: StudyConfig, copy: str, hint: str = "resume with the saved config",
                       prefix: str = "") -> None:
     """Refuse ``config`` when the config copy at ``copy`` (if any) differs; names the fields."""
     text = read_storage_text(copy)
@@ -83,7 +83,7 @@ def changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_config_copy(config: ExperimentConfig, path: str) -> None:
+def write_config_copy(config: StudyConfig, path: str) -> None:
     """Write ``experiment.yaml`` into the Ray experiment directory ``path``."""
     write_storage_text(f"{path}/{CONFIG_COPY}", config_yaml(config))
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.backbones import backbone_info
-from pefttune.config import ExperimentConfig, load_config, parse_config
+from pefttune.config import StudyConfig, load_config, parse_config
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
@@ -72,7 +72,7 @@ OPTUNA_DB = "optuna.db"
 class Experiment:
     """Everything a search needs, built and validated before Ray starts."""
 
-    config: ExperimentConfig
+    config: StudyConfig
     path: str  # <storage>/<name>, absolute local path or URI
     space: PlacementSpace
     objective: Objective
@@ -115,7 +115,7 @@ class Experiment:
         return searched + len(self.points)
 
 
-def build_experiment(config: ExperimentConfig, extra_points: list[FixedPoint] | None = None) -> Experiment:
+def build_experiment(config: StudyConfig, extra_points: list[FixedPoint] | None = None) -> Experiment:
     """Validate everything that can be checked without Ray (errors name the field)."""
     info = backbone_info(config.backbone)
     space = validate_space(config, info)
@@ -268,7 +268,7 @@ def build_tuner(experiment: Experiment, setup, verbose: int = 1, callbacks: list
 
 
 def run_search(
-    config: ExperimentConfig | str | Path,
+    config: StudyConfig | str | Path,
     address: str | None = None,
     resume: bool = False,
     *,
@@ -296,7 +296,7 @@ def run_search(
     """
     from ray import tune
 
-    if not isinstance(config, ExperimentConfig):
+    if not isinstance(config, StudyConfig):
         config = load_config(config)
     if name is not None:
         config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.search.space import FIXED_ATTR, FixedPoint, PlacementSpace
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 PARAMS_METRIC = "trainable_params"
 
 
-def make_sampler(config: ExperimentConfig, space: PlacementSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(config: StudyConfig, space: PlacementSpace) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``search.algorithm`` (seeded with ``train.seed``)."""
     search, seed = config.search, config.train.seed
     if search.algorithm == "tpe":

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pefttune.backbones import LOG_MEL, backbone_info
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.placement import Placement
 from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
@@ -66,7 +66,7 @@ def frozen_placement(num_layers: int) -> Placement:
     return Placement.from_dict({"num_layers": num_layers, "layers": ["none"] * num_layers})
 
 
-def plan_replicates(config: ExperimentConfig, search: pd.DataFrame) -> list[Replicate]:
+def plan_replicates(config: StudyConfig, search: pd.DataFrame) -> list[Replicate]:
     """The replicates of ``config`` given the search's results (one row per trial)."""
     seeds = config.train.replicate_seeds
     others = seeds[1:]
@@ -102,7 +102,7 @@ def plan_replicates(config: ExperimentConfig, search: pd.DataFrame) -> list[Repl
     return out
 
 
-def space_mode(config: ExperimentConfig) -> str:
+def space_mode(config: StudyConfig) -> str:
     from pefttune.metrics import metric_mode
 
     return metric_mode(config.metric)
@@ -114,14 +114,14 @@ PLAN_INPUTS = ("methods", "budget", "train.seeds", "train.lr", "search.hybrid", 
                "analysis.logmel_reference")
 
 
-def replicates_plan(config: ExperimentConfig, search: pd.DataFrame) -> GridPlan:
+def replicates_plan(config: StudyConfig, search: pd.DataFrame) -> GridPlan:
     """The replicates of ``config`` as data: one trial config per replicate."""
     trials = [r.trial_config(config.train.lr) for r in plan_replicates(config, search)]
     return GridPlan(trials, plan_inputs(config, PLAN_INPUTS))
 
 
 def run_replicates(
-    config: ExperimentConfig,
+    config: StudyConfig,
     search: pd.DataFrame,
     resume: bool = False,
     *,
@@ -159,7 +159,7 @@ def run_replicates(
     return results
 
 
-def tune_run_config(config: ExperimentConfig, name: str, storage: str, callbacks: list, verbose: int):
+def tune_run_config(config: StudyConfig, name: str, storage: str, callbacks: list, verbose: int):
     """Ray's run config of a grid experiment ``<storage>/<name>`` of trainings."""
     from ray import tune
 
@@ -173,10 +173,10 @@ def tune_run_config(config: ExperimentConfig, name: str, storage: str, callbacks
     )
 
 
-def replicates_path(config: ExperimentConfig) -> str:
+def replicates_path(config: StudyConfig) -> str:
     return f"{experiment_path(config)}/{REPLICATES_DIR}"
 
 
-def load_replicates(config: ExperimentConfig):
+def load_replicates(config: StudyConfig):
     path = replicates_path(config)
     return load_results(path) if holds_run(path) else None

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pefttune.backbones import BackboneInfo
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.methods import get_method
 from pefttune.methods import hybrid as hybrid_spec
 from pefttune.placement import Placement
@@ -97,13 +97,13 @@ class FixedPoint:
         return cls(**data)
 
 
-def uniform_methods(config: ExperimentConfig) -> list[str]:
+def uniform_methods(config: StudyConfig) -> list[str]:
     """The candidates that get a uniform baseline: all but a ``hybrid`` candidate (the
     hybrid in every layer is a hybrid, not one method everywhere)."""
     return [name for name in config.methods if name != hybrid_spec.HYBRID]
 
 
-def fixed_points(config: ExperimentConfig) -> list[FixedPoint]:
+def fixed_points(config: StudyConfig) -> list[FixedPoint]:
     """Uniform baselines (one per candidate method) and the hybrid, as configured."""
     seed = {"seed": config.train.seed}
     points = []
@@ -136,7 +136,7 @@ class PlacementSpace:
     hybrid_spec: Any = True  # search.hybrid: true (the study's mix), auto, candidates or a members mapping
 
     @classmethod
-    def from_config(cls, config: ExperimentConfig, info: BackboneInfo, conditional: bool = True) -> "PlacementSpace":
+    def from_config(cls, config: StudyConfig, info: BackboneInfo, conditional: bool = True) -> "PlacementSpace":
         choices = {
             method: {hp: [encode_choice(v) for v in values] for hp, values in hps.items()}
             for method, hps in config.candidate_choices().items()
@@ -308,7 +308,7 @@ class PlacementSpace:
         return out
 
 
-def validate_space(config: ExperimentConfig, info: BackboneInfo) -> PlacementSpace:
+def validate_space(config: StudyConfig, info: BackboneInfo) -> PlacementSpace:
     """Build the space for ``config`` and check it can be searched (errors name the field)."""
     algorithm = config.search.algorithm
     space = PlacementSpace.from_config(config, info, conditional=algorithm != "grid")

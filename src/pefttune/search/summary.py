@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pefttune.config import ExperimentConfig
+from pefttune.config import StudyConfig
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import format_table
 from pefttune.schema import TrialKind, metric_key, rank_trials
@@ -47,7 +47,7 @@ def pareto_front(frame: pd.DataFrame, metric: str, mode: str, params: str = PARA
     return chosen.loc[front].sort_values(params, kind="mergesort")
 
 
-def summary_table(frame: pd.DataFrame, config: ExperimentConfig, k: int = 5, width: int = 120) -> str:
+def summary_table(frame: pd.DataFrame, config: StudyConfig, k: int = 5, width: int = 120) -> str:
     """Text summary, no wider than ``width``: counts, best trials, uniform baselines (+ hybrid),
     Pareto front, errors grouped by message."""
     from collections import Counter

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pefttune.config import DartsSection, ExperimentConfig
+from pefttune.config import DartsSection, StudyConfig
 from pefttune.darts import (
     Relaxation,
     Supernet,
@@ -88,7 +88,7 @@ DERIVED_FILE = "derived_placement.json"
 # -- settings ---------------------------------------------------------------------------------------
 
 
-def variant_settings(experiment: ExperimentConfig, variant: dict | None) -> DartsSection:
+def variant_settings(experiment: StudyConfig, variant: dict | None) -> DartsSection:
     """The experiment's ``darts`` section with a variant's overrides (validated)."""
     base = experiment.darts.model_dump()
     return DartsSection.model_validate({**base, **(variant or {})})
@@ -99,7 +99,7 @@ def variant_label(variant: dict | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((variant or {}).items())) or "base"
 
 
-def darts_candidates(experiment: ExperimentConfig) -> tuple[MethodChoice, ...]:
+def darts_candidates(experiment: StudyConfig) -> tuple[MethodChoice, ...]:
     """``none`` and one choice per configured method (first listed value of each hyper-parameter)."""
     return candidate_choices(experiment.methods)
 

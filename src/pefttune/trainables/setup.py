@@ -23,7 +23,7 @@ from pefttune.runtime.storage import write_storage_text
 from pefttune.training import TrainConfig, num_frozen_states
 
 if TYPE_CHECKING:  # pydantic is not needed to train or to read checkpoints
-    from pefttune.config import ExperimentConfig
+    from pefttune.config import StudyConfig
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Faults:
 class TrialSetup:
     """What every trial shares (passed once through ``tune.with_parameters``)."""
 
-    experiment: ExperimentConfig
+    experiment: StudyConfig
     data: DataRef
     experiment_path: str | None = None  # the Ray experiment's folder: per-trial markers live there
     faults: Faults | None = None
@@ -67,7 +67,7 @@ class TrialSetup:
             self.faults.after_epoch(trial_config, epoch, None if trial_dir is None else str(trial_dir))
 
 
-def make_setup(config: ExperimentConfig, experiment_path: str, faults: Faults | None = None) -> TrialSetup:
+def make_setup(config: StudyConfig, experiment_path: str, faults: Faults | None = None) -> TrialSetup:
     """The trials' shared setup; a local backbone path is made absolute (trials run in
     their own working directories)."""
     backbone = Path(config.backbone).expanduser()
@@ -94,7 +94,7 @@ def write_skipped_audio(data: DataRef, root: str) -> None:
     write_storage_text(f"{root}/{SKIPPED_AUDIO}", buffer.getvalue())
 
 
-def train_config(config: ExperimentConfig, **overrides) -> TrainConfig:
+def train_config(config: StudyConfig, **overrides) -> TrainConfig:
     """The training loop's settings for one trial of ``config`` (``overrides``: e.g. lr)."""
     train = config.train
     values = dict(
@@ -119,7 +119,7 @@ def head_parameters(info: BackboneInfo, head: HeadConfig) -> int:
     return sum(p.numel() for p in Head(info.num_layers + 1, info.hidden_size, head).parameters())
 
 
-def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechModel):
+def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
     """The trial's :class:`~pefttune.cache.FrozenStateCache` (None when ``train.frozen_cache: off``).
 
     Keyed by the backbone's content hash, the manifest's bytes and the preprocessing, so a
@@ -161,7 +161,7 @@ def frozen_cache(experiment: ExperimentConfig, ref: DataRef, model: PeftSpeechMo
     return FrozenStateCache(key, directory, max_memory_bytes=int(memory_gb * 2**30), max_disk_bytes=max_disk)
 
 
-def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: int | None = None) -> int:
+def prefill_frozen_cache(experiment: StudyConfig, ref: DataRef, workers: int | None = None) -> int:
     """Compute h_0 (the frozen front end's output) of every utterance the disk cache lacks,
     before any trial starts; returns how many were computed.
 
@@ -188,7 +188,7 @@ def prefill_frozen_cache(experiment: ExperimentConfig, ref: DataRef, workers: in
                             [workers] * workers))
 
 
-def prefill_local(experiment: ExperimentConfig, ref: DataRef, address: str | None) -> float | None:
+def prefill_local(experiment: StudyConfig, ref: DataRef, address: str | None) -> float | None:
     """:func:`prefill_frozen_cache` for a local run (``address`` None: the trials share this
     machine's cache), with one line on what it did; returns its seconds, None when it computed
     nothing.  Used by ``pefttune run``, ``search`` and ``darts`` alike, always with the
@@ -207,7 +207,7 @@ def prefill_local(experiment: ExperimentConfig, ref: DataRef, address: str | Non
     return seconds
 
 
-def _prefill_share(experiment: ExperimentConfig, ref: DataRef, share: int, shares: int) -> int:
+def _prefill_share(experiment: StudyConfig, ref: DataRef, share: int, shares: int) -> int:
     """Utterances ``index % shares == share`` of :func:`prefill_frozen_cache`, in one process."""
     import contextlib
     import io
