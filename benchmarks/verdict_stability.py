@@ -73,11 +73,11 @@ def other_intervals(config, summary: dict) -> dict:
     flipped: seeds x speakers <-> test examples only), from the same trials."""
     from pefttune.analysis.findings import decide
     from pefttune.analysis.report import analysis_settings
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import alpha_table
     from pefttune.runtime.experiment import experiment_path
 
-    experiment = open_experiment(str(experiment_path(config)))
+    experiment = open_results(str(experiment_path(config)))
     settings = analysis_settings(experiment)
     settings["interval"] = "examples" if settings["interval"] == "seeds-speakers" else "seeds-speakers"
     decided = decide(experiment, alpha=alpha_table(experiment), **settings)

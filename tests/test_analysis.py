@@ -35,7 +35,7 @@ import pytest
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.ensemble_runner import load_members, run_ensembles
 from pefttune.analysis.selection import best_per_method, select_members, top_k
-from pefttune.analysis.store import MissingPredictionsError, open_experiment
+from pefttune.analysis.store import MissingPredictionsError, open_results
 
 TEST_Y = [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
 DEV_N = 20
@@ -259,7 +259,7 @@ def exp_dir(ray_session) -> Path:
 
 @pytest.fixture(scope="module")
 def exp(exp_dir):
-    return open_experiment(exp_dir)
+    return open_results(exp_dir)
 
 
 @pytest.fixture(scope="module")
@@ -303,17 +303,17 @@ def test_store_discovers_all_ray_experiments_and_trials(exp, exp_dir):
 
 
 def test_store_opens_uri_and_nested_experiment_dirs(exp, exp_dir):
-    uri = open_experiment(f"file://{exp_dir}")
+    uri = open_results(f"file://{exp_dir}")
     assert sorted(t.trial_id for t in uri.trials) == sorted(t.trial_id for t in exp.trials)
     assert uri.is_local
     # a single Ray experiment dir opens on its own too (experiment.yaml from the parent)
-    darts = open_experiment(exp_dir / "darts")
+    darts = open_results(exp_dir / "darts")
     assert darts.ray_experiments == ["."] and [t.kind for t in darts.trials] == ["darts"]
     assert darts.metric == "accuracy"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        open_experiment(exp_dir / "nope")
+        open_results(exp_dir / "nope")
     with pytest.raises(ValueError, match="no Ray Tune experiment"):
-        open_experiment(exp_dir / "darts" / by_name(darts)["darts"].trial_name)
+        open_results(exp_dir / "darts" / by_name(darts)["darts"].trial_name)
 
 
 def test_store_history_sources(exp):
@@ -358,7 +358,7 @@ def test_select_members(exp):
 
 
 def test_remote_experiments_copy_prediction_files(exp_dir):
-    remote = open_experiment(exp_dir)
+    remote = open_results(exp_dir)
     remote.is_local = False  # exercise the copy-to-local path used for s3:// / gs://
     trial = by_name(remote)["lora"]
     arrays = remote.predictions(trial, "test")
@@ -439,7 +439,7 @@ def test_top_k_and_explicit_ensembles(exp):
 
 
 def test_ctc_ensembles_known_answers(ctc_dir):
-    exp = open_experiment(ctc_dir)
+    exp = open_results(ctc_dir)
     assert exp.task == "ctc" and exp.metric == "per" and exp.mode == "min"
     run = run_ensembles(exp, "per-method")
     for trial in run.trials:

@@ -8,7 +8,7 @@ import pytest
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.ensemble_runner import load_members, run_ensembles
 from pefttune.analysis.report import analyze
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import trials_table
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def search_dir(ray_session, tmp_path_factory):
 
 
 def test_store_reads_a_real_search(search_dir):
-    exp = open_experiment(search_dir)
+    exp = open_results(search_dir)
     assert exp.ray_experiments == ["."] and exp.metric == "accuracy" and exp.name == "analysis-real"
     assert sorted((t.kind, t.method, t.outcome) for t in exp.trials) == [
         ("uniform", "bitfit", "completed"), ("uniform", "lora", "completed")]
@@ -49,7 +49,7 @@ def test_store_reads_a_real_search(search_dir):
 
 
 def test_ensemble_and_report_over_a_real_search(search_dir, tmp_path):
-    exp = open_experiment(search_dir)
+    exp = open_results(search_dir)
     run = run_ensembles(exp, "per-method", ["vote", "soft"])
     data = load_members(exp, run.trials, "test")
     assert run.result("vote").test_pred == E.majority_vote(data.probs).tolist()

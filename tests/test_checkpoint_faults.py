@@ -219,7 +219,7 @@ def _trial_dir(path: Path, trial_id: str) -> Path:
 
 
 def test_trials_cut_mid_write_resume_from_the_previous_complete_checkpoint(search):
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
 
     frame, path = search["frame"], search["path"]
     assert set(frame.index) >= {"reference", "cut-weights", "cut-predictions"}
@@ -235,7 +235,7 @@ def test_trials_cut_mid_write_resume_from_the_previous_complete_checkpoint(searc
     assert frame.loc["cut-predictions", "start_epoch"] == EPOCHS
     # with the numbers of the trial never cut (same placement, seed and data order): its
     # optimizer, scheduler and RNG state came from the complete checkpoint (tolerance 1e-6)
-    experiment = open_experiment(path)
+    experiment = open_results(path)
     reference = experiment.predictions(frame.loc["reference", "trial_id"], "test")
     for kind in ("cut-weights", "cut-predictions"):
         for key in ("test_accuracy", "best_dev_accuracy", "test_loss"):

@@ -181,7 +181,7 @@ def test_the_heartbeat_decides_the_state_and_the_eta_covers_the_stages_to_come(r
     import sys
 
     import pefttune.analysis.status as status_module
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
 
     root = _running_copy(tmp_path)
     # a study of 3 candidates, 8 searched trials, 3 seeds: the replicates have not started
@@ -198,7 +198,7 @@ def test_the_heartbeat_decides_the_state_and_the_eta_covers_the_stages_to_come(r
     text = format_status(status)
     assert "stage discrete" in text and "replicates 18" in text and all(len(line) <= 120 for line in text.splitlines())
 
-    experiment = open_experiment(root)
+    experiment = open_results(root)
     durations = [t.wall_time_s for t in experiment.trials if t.outcome in status_module.DONE and t.wall_time_s]
     mean = sum(durations) / len(durations)
     monkeypatch.setattr(status_module, "upcoming_stages", lambda *a: {})

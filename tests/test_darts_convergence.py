@@ -309,7 +309,7 @@ def test_alpha_table_and_plot_carry_entropy_and_margin(monkeypatch, tmp_path):
     from pefttune.analysis import plots, tables
 
     rows = {"t0": [reported(1, [[0.25] * 4, [0.25] * 4]), reported(2, [peaked(2, 0.9), [0.4, 0.4, 0.1, 0.1]])]}
-    monkeypatch.setattr(tables, "open_experiment", lambda experiment: experiment)
+    monkeypatch.setattr(tables, "open_results", lambda experiment: experiment)
     frame = tables.alpha_table(FakeExperiment(rows))
     assert list(frame.columns) == tables.ALPHA_COLUMNS and {"entropy_norm", "margin"} <= set(frame.columns)
     assert frame["entropy_norm"].dtype == np.float64 and frame["margin"].dtype == np.float64

@@ -161,10 +161,10 @@ def test_derived_placements_are_retrained_like_uniform_baselines(darts_run):
 
 
 def test_analysis_store_sees_both_darts_experiments(darts_run):
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import alpha_table
 
-    experiment = open_experiment(darts_run["path"])
+    experiment = open_results(darts_run["path"])
     kinds = sorted(t.kind for t in experiment.trials)
     assert kinds.count("darts") == 2 and kinds.count("darts-derived") == len(darts_run["run"].derived)
     alpha = alpha_table(experiment)

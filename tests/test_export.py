@@ -17,13 +17,13 @@ from pefttune.analysis.tables import (
     predictions_table,
     trials_table,
 )
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from test_analysis import by_name, classification_experiment, ctc_experiment
 
 
 @pytest.fixture(scope="module")
 def exp(ray_session):
-    return open_experiment(classification_experiment())
+    return open_results(classification_experiment())
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_alpha_table(exp, ctc_dir_exp):
 
 @pytest.fixture(scope="module")
 def ctc_dir_exp(ray_session):
-    return open_experiment(ctc_experiment())
+    return open_results(ctc_experiment())
 
 
 def test_predictions_table_classification(exp):

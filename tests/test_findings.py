@@ -14,7 +14,7 @@ from scipy import stats
 
 from pefttune.analysis.findings import configurations, darts_convergence, decide
 from pefttune.analysis.report import analyze
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table
 from test_analysis import _run, _spec
 
@@ -81,7 +81,7 @@ def _manifest_with_speakers(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def replicated(ray_session):
-    return open_experiment(replicated_experiment())
+    return open_results(replicated_experiment())
 
 
 def test_configurations_group_seeds_and_the_configs_table_aggregates(replicated):
@@ -194,7 +194,7 @@ def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
 
 
 def test_nothing_learned_makes_every_finding_inconclusive(ray_session):
-    experiment = open_experiment(replicated_experiment(learned=False))
+    experiment = open_results(replicated_experiment(learned=False))
     decided = decide(experiment, draws=300)
     assert decided["learned"] is False
     for key in ("2", "3"):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pefttune.analysis import plots
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import alpha_table, trials_table
 from test_analysis import classification_experiment
 
@@ -19,7 +19,7 @@ def is_png(path) -> bool:
 
 @pytest.fixture(scope="module")
 def exp(ray_session):
-    return open_experiment(classification_experiment())
+    return open_results(classification_experiment())
 
 
 def test_backend_is_headless():

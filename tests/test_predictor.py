@@ -47,11 +47,11 @@ def _stored(exp, trial_id):
 
 def test_single_model_export_reproduces_stored_predictions(experiment, tmp_path):
     from pefttune.analysis.selection import top_k
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.predictor import load_model
 
     path, manifest = experiment
-    exp = open_experiment(path)
+    exp = open_results(path)
     best = top_k(exp, 1)[0]
     out = tmp_path / "best"
     assert cli_main(["export-model", str(path), "--best", "--out", str(out)]) == 0
@@ -72,11 +72,11 @@ def test_single_model_export_reproduces_stored_predictions(experiment, tmp_path)
 
 def test_vote_ensemble_export_reproduces_stored_vote(experiment, tmp_path):
     from pefttune.analysis.ensembles import majority_vote
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.predictor import EnsemblePredictor, load_model
 
     path, manifest = experiment
-    exp = open_experiment(path)
+    exp = open_results(path)
     out = tmp_path / "ensemble"
     assert cli_main(["export-model", str(path), "--ensemble", "per-method", "--out", str(out)]) == 0
     spec = json.loads((out / "ensemble.json").read_text())
@@ -167,12 +167,12 @@ def test_tampered_directories_fail_clearly(experiment, tmp_path):
 def test_lora_only_export_loads_with_peft(experiment, tmp_path):
     from peft import PeftModel
 
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.backbones import build_tiny_model
     from pefttune.model import load_model_dir
 
     path, _ = experiment
-    exp = open_experiment(path)
+    exp = open_results(path)
     lora = next(t for t in exp.trials if t.method == "lora")
     out = tmp_path / "lora"
     cli_main(["export-model", str(path), "--trial", lora.trial_id, "--out", str(out)])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import configs_table, trials_table
 from pefttune.config import parse_config
 from pefttune.search.replicates import plan_replicates
@@ -57,7 +57,7 @@ def replicated_search(ray_session, tmp_path_factory):
 
 def test_replicate_trials_carry_seeds_and_config_ids(replicated_search):
     config, path = replicated_search
-    trials = trials_table(open_experiment(path))
+    trials = trials_table(open_results(path))
     done = trials[trials["outcome"] == "completed"]
     seeds = done.groupby("config_id")["seed"].apply(sorted).to_dict()
     assert seeds["uniform:lora"] == [0, 1] and seeds["uniform:bitfit"] == [0, 1] and seeds["hybrid"] == [0, 1]
@@ -66,7 +66,7 @@ def test_replicate_trials_carry_seeds_and_config_ids(replicated_search):
     frozen = set(done[done["config_id"] == "frozen"]["trainable_params"])
     log_mel = set(done[done["config_id"] == "log-mel"]["trainable_params"])
     assert len(frozen) == 1 and len(log_mel) == 1 and frozen != log_mel  # head only; their inputs differ in width
-    configs = configs_table(open_experiment(path)).set_index("config_id")
+    configs = configs_table(open_results(path)).set_index("config_id")
     assert configs.loc["uniform:lora", "n_seeds"] == 2 and configs.loc["uniform:lora", "seeds"] == "0,1"
     assert configs.loc["log-mel", "note"] == "" and configs.loc["frozen", "n_seeds"] == 2
 
@@ -75,8 +75,8 @@ def test_replicates_survive_resume(replicated_search):
     from pefttune.search.experiment import run_search
 
     config, path = replicated_search
-    before = set(trials_table(open_experiment(path))["trial_id"])
+    before = set(trials_table(open_results(path))["trial_id"])
     run_search(config, resume=True, verbose=0)  # nothing left: restores, trains nothing new
-    after = trials_table(open_experiment(path))
+    after = trials_table(open_results(path))
     assert set(after["trial_id"]) == before
     assert (after[after["experiment"] == "replicates"]["outcome"] == "completed").all()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pefttune.analysis.report import analyze, format_comparison
-from pefttune.analysis.store import open_experiment
+from pefttune.analysis.store import open_results
 from test_analysis import by_name, classification_experiment, ctc_experiment
 
 
@@ -20,7 +20,7 @@ def analysis(ray_session, tmp_path_factory):
 
 def test_analyze_returns_the_key_numbers(analysis):
     result, out = analysis
-    exp = open_experiment(classification_experiment())
+    exp = open_results(classification_experiment())
     t = by_name(exp)
     assert result["metric"] == "accuracy" and result["task"] == "classification" and result["n_trials"] == 10
     assert result["outcomes"] == {"completed": 7, "error": 1, "stopped_early": 1, "over_budget": 1}
@@ -137,7 +137,7 @@ def test_report_with_nothing_to_compare(ray_session, tmp_path):
 def test_pairwise_trials_between_any_trials(ray_session):
     from pefttune.analysis.report import pairwise_trials
 
-    exp = open_experiment(classification_experiment())
+    exp = open_results(classification_experiment())
     t = by_name(exp)
     pairs, kappa = pairwise_trials(exp, [t["lora"], t["discrete"], t["derived"]])
     assert list(kappa.index) == [t["lora"].trial_id, t["discrete"].trial_id, t["derived"].trial_id]
@@ -153,7 +153,7 @@ def test_pairwise_trials_ctc_compares_aligned_phonemes(ray_session):
     inserts a token (no reference phoneme wrong)."""
     from pefttune.analysis.report import pairwise_trials
 
-    exp = open_experiment(ctc_experiment())
+    exp = open_results(ctc_experiment())
     t = by_name(exp)
     pairs, _ = pairwise_trials(exp, {"lora": t["lora"], "bitfit": t["bitfit"], "sequential": t["sequential"]})
     rows = {(r["a"], r["b"]): r for _, r in pairs.iterrows()}

@@ -318,7 +318,7 @@ def export_model(
     majority vote / CTC frame vote).
     """
     from pefttune.analysis.selection import select_members, top_k
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
     from pefttune.backbones import load_backbone
 
     out = Path(out)
@@ -326,7 +326,7 @@ def export_model(
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
     if sum(x is not None and x is not False for x in (trial, best or None, ensemble)) != 1:
         raise ValueError("choose exactly one of --trial ID, --best or --ensemble MEMBERS")
-    exp = open_experiment(experiment)
+    exp = open_results(experiment)
     if ensemble:
         _, members = select_members(exp, ensemble)
         if len(members) < 2:

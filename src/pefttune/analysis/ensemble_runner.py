@@ -34,7 +34,7 @@ import numpy as np
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.stats import sign_test
 from pefttune.analysis.selection import select_members
-from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
+from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.tables import ensembles_table, write_table
 from pefttune.metrics import METRICS, edit_distance, error_rate
 from pefttune.runtime.storage import atomic_write_text
@@ -113,7 +113,7 @@ class MemberPredictions:
         return np.stack(out)
 
 
-def load_members(experiment: Experiment, members: Sequence[TrialRecord], split: str) -> MemberPredictions:
+def load_members(experiment: ResultsStore, members: Sequence[TrialRecord], split: str) -> MemberPredictions:
     """Load and align the members' stored predictions on ``split``."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
@@ -178,7 +178,7 @@ def load_members(experiment: Experiment, members: Sequence[TrialRecord], split: 
 
 
 # --------------------------------------------------------------------------- scoring
-def score(experiment: Experiment, preds, ref) -> float:
+def score(experiment: ResultsStore, preds, ref) -> float:
     """The experiment's metric of predictions against labels / references."""
     if experiment.task == "classification":
         fn = METRICS[experiment.metric][0] if experiment.metric in METRICS else METRICS["accuracy"][0]
@@ -203,7 +203,7 @@ def contributions(task: str, errs: np.ndarray, ref):
     return (np.asarray(errs, dtype=np.float64), np.array([len(r) for r in ref], dtype=np.float64))
 
 
-def gain_interval(experiment: Experiment, ensemble_errors: np.ndarray, member_errors: np.ndarray, ref,
+def gain_interval(experiment: ResultsStore, ensemble_errors: np.ndarray, member_errors: np.ndarray, ref,
                   confidence: float = 0.95, draws: int = 2000) -> tuple[float | None, float | None]:
     """Paired bootstrap interval (over test examples) of the ensemble's gain over one member, from
     their per-example :func:`errors`.  ``(None, None)`` when the metric is not accuracy or an error
@@ -299,7 +299,7 @@ class EnsembleRun:
         raise KeyError(strategy)
 
 
-def _apply(strategy: str, experiment: Experiment, data: MemberPredictions, weights=None, selection=None):
+def _apply(strategy: str, experiment: ResultsStore, data: MemberPredictions, weights=None, selection=None):
     """Predictions of ``strategy`` on ``data`` (class ids, or token sequences for CTC)."""
     if strategy == "vote":
         return E.majority_vote(data.probs)
@@ -346,7 +346,7 @@ def _check_strategies(task: str, strategies: Iterable[str] | None) -> list[str]:
 
 
 def run_ensembles(
-    experiment: Experiment | str,
+    experiment: ResultsStore | str,
     members: str | Sequence[str] | Sequence[TrialRecord] = "top-5",
     strategies: Iterable[str] | None = None,
     confidence: float = 0.95,
@@ -360,7 +360,7 @@ def run_ensembles(
     Each result's gain over the best member carries a paired bootstrap interval
     (:func:`gain_interval`, ``confidence``, ``draws``).
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     if isinstance(members, (list, tuple)) and members and isinstance(members[0], TrialRecord):
         label, trials = "ids", list(members)
     else:
@@ -455,11 +455,11 @@ def run_ensembles(
     return EnsembleRun(label, trials, member_scores, results, test.index, list(test_ref), member_preds)
 
 
-def default_ensembles(experiment: Experiment | str, strategies: Iterable[str] | None = None,
+def default_ensembles(experiment: ResultsStore | str, strategies: Iterable[str] | None = None,
                       confidence: float = 0.95, draws: int = 2000) -> list[EnsembleRun]:
     """The ensembles ``analyze`` runs: top-k (k = the config's ``ensemble_size``) and
     per-method, each when it has at least 2 members."""
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     runs = []
     for spec in (f"top-{experiment.ensemble_size}", "per-method"):
         label, trials = select_members(experiment, spec)
@@ -469,7 +469,7 @@ def default_ensembles(experiment: Experiment | str, strategies: Iterable[str] | 
 
 
 # --------------------------------------------------------------------------- writing
-def ensembles_json(experiment: Experiment, runs: Sequence[EnsembleRun]) -> dict:
+def ensembles_json(experiment: ResultsStore, runs: Sequence[EnsembleRun]) -> dict:
     return {
         "experiment": experiment.uri,
         "metric": experiment.metric,
@@ -490,7 +490,7 @@ def ensembles_json(experiment: Experiment, runs: Sequence[EnsembleRun]) -> dict:
     }
 
 
-def save_ensembles(experiment: Experiment, runs: Sequence[EnsembleRun], out_dir: str | Path) -> dict[str, Path]:
+def save_ensembles(experiment: ResultsStore, runs: Sequence[EnsembleRun], out_dir: str | Path) -> dict[str, Path]:
     """Write ``ensembles.json`` and the ``ensembles`` table (parquet + CSV) to ``out_dir``."""
 
     out_dir = Path(out_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pefttune.analysis.ensemble_runner import default_ensembles
-from pefttune.analysis.store import Experiment, open_experiment
+from pefttune.analysis.store import ResultsStore, open_results
 from pefttune.analysis.tables import (
     FORMATS,
     TABLES,
@@ -27,7 +27,7 @@ __all__ = ["FORMATS", "TABLES", "export_experiment"]
 
 
 def export_experiment(
-    experiment: Experiment | str,
+    experiment: ResultsStore | str,
     out_dir: str | Path,
     *,
     formats: Sequence[str] = FORMATS,
@@ -40,7 +40,7 @@ def export_experiment(
     :func:`pefttune.analysis.ensemble_runner.default_ensembles` (top-k and per-method,
     every strategy of the task), empty when fewer than 2 trials are usable.
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     unknown = set(tables) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; known: {list(TABLES)}")

@@ -65,7 +65,7 @@ from pefttune.placement import Placement
 from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
 from pefttune.analysis.speakers import speaker_clusters
-from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord
+from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord
 from pefttune.schema import TrialKind
 
 NOT_RUN = "not run"
@@ -93,7 +93,7 @@ class Config:
         return self.config_id
 
 
-def configurations(experiment: Experiment) -> dict[str, Config]:
+def configurations(experiment: ResultsStore) -> dict[str, Config]:
     """Completed trials with test predictions grouped by ``config_id`` (DARTS supernets left out)."""
     out: dict[str, Config] = {}
     for trial in experiment.trials:
@@ -112,7 +112,7 @@ def configurations(experiment: Experiment) -> dict[str, Config]:
     return out
 
 
-def best_config(experiment: Experiment, configs: dict[str, Config], kind: str) -> Config | None:
+def best_config(experiment: ResultsStore, configs: dict[str, Config], kind: str) -> Config | None:
     """The configuration of ``kind`` with the best mean dev score over its seeds."""
     pool = [c for c in configs.values() if c.kind == kind and not math.isnan(c.dev_mean)]
     if not pool:
@@ -125,7 +125,7 @@ class Scorer:
     """Per-example test results of trials and ensembles, aligned on the example index, and the
     comparisons of the interval ``analysis.interval`` names (``seeds-speakers`` or ``examples``)."""
 
-    def __init__(self, experiment: Experiment, interval: str = "seeds-speakers"):
+    def __init__(self, experiment: ResultsStore, interval: str = "seeds-speakers"):
         if interval not in INTERVALS:
             raise ValueError(f"analysis.interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
         self.experiment = experiment
@@ -302,7 +302,7 @@ def darts_convergence(alpha: "Any", threshold: float = 0.7) -> dict:
     return {"converged": converged, "threshold": threshold, "worst_entropy_norm_mean": worst, "trials": trials}
 
 
-def darts_by_seed(experiment: Experiment, convergence: dict) -> list[dict]:
+def darts_by_seed(experiment: ResultsStore, convergence: dict) -> list[dict]:
     """One row per finished DARTS search: its seed, derived placement (a layer whose relaxation
     did not converge marked ``?``), convergence, and the test score of its retrain with its seed."""
     retrained = {}
@@ -342,7 +342,7 @@ def placement_agreement(rows: list[dict]) -> dict | None:
 
 
 # --------------------------------------------------------------------------- the findings
-def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, convergence: dict,
+def finding_darts(experiment: ResultsStore, configs: dict[str, Config], scorer: Scorer, convergence: dict,
                   margin: float, confidence: float, draws: int) -> dict:
     claim = "DARTS over per-layer placement does not beat uniform placement"
     uniform = best_config(experiment, configs, TrialKind.UNIFORM)
@@ -376,7 +376,7 @@ def finding_darts(experiment: Experiment, configs: dict[str, Config], scorer: Sc
     return out
 
 
-def _uniform_by_seed(experiment: Experiment, configs: dict[str, Config]) -> dict[int, list[TrialRecord]]:
+def _uniform_by_seed(experiment: ResultsStore, configs: dict[str, Config]) -> dict[int, list[TrialRecord]]:
     """Each seed's uniform trials, the best by dev first (ties by config id).  The order is the
     ensemble's member order, which ROVER depends on (the first member is its skeleton): by dev
     it is the most trusted first, and the same in every run (trial ids are random)."""
@@ -394,7 +394,7 @@ def _uniform_by_seed(experiment: Experiment, configs: dict[str, Config]) -> dict
     return by_seed
 
 
-def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, margin: float,
+def finding_ensembles(experiment: ResultsStore, configs: dict[str, Config], scorer: Scorer, margin: float,
                       confidence: float, draws: int) -> dict:
     claim = "ensembles, particularly majority voting, perform best"
     by_seed = _uniform_by_seed(experiment, configs)
@@ -451,7 +451,7 @@ def finding_ensembles(experiment: Experiment, configs: dict[str, Config], scorer
     return out
 
 
-def finding_errors(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,
+def finding_errors(experiment: ResultsStore, configs: dict[str, Config], scorer: Scorer, confidence: float,
                    draws: int) -> tuple[dict, list[dict]]:
     claim = "different PEFT methods make different errors"
     uniform = sorted((c for c in configs.values() if c.kind == TrialKind.UNIFORM), key=lambda c: c.config_id)
@@ -517,7 +517,7 @@ def _pair_items(pairs: list[PairAgreement], threshold: float = 0.8) -> list[tupl
     return items
 
 
-def references(experiment: Experiment, configs: dict[str, Config], scorer: Scorer, confidence: float,
+def references(experiment: ResultsStore, configs: dict[str, Config], scorer: Scorer, confidence: float,
                draws: int) -> dict:
     """What PEFT and the SSL encoder add: every configuration vs the trivial reference (the
     nothing-learned gate), and the best uniform configuration vs the frozen and log-mel rows."""
@@ -536,7 +536,7 @@ def references(experiment: Experiment, configs: dict[str, Config], scorer: Score
     return out
 
 
-def hybrid_row(experiment: Experiment, configs: dict[str, Config], comparison: dict | None) -> dict | None:
+def hybrid_row(experiment: ResultsStore, configs: dict[str, Config], comparison: dict | None) -> dict | None:
     """This experiment's result for the hybrid (methods merged in each layer) against the best
     uniform configuration, with both parameter counts (no claim of the paper rests on it)."""
     hybrid, uniform = configs.get(TrialKind.HYBRID), best_config(experiment, configs, TrialKind.UNIFORM)
@@ -569,7 +569,7 @@ def sequential_look(design: SequentialDesign, configs: dict[str, Config]) -> tup
                         "n_planned": design.n_planned, "n_max": design.n_max}
 
 
-def decide(experiment: Experiment, margin: float = 0.01, confidence: float = 0.95, draws: int = 2000,
+def decide(experiment: ResultsStore, margin: float = 0.01, confidence: float = 0.95, draws: int = 2000,
            converged_entropy: float = 0.7, alpha=None, interval: str = "seeds-speakers",
            design: SequentialDesign | None = None) -> dict:
     """All three findings with their rules, the reference comparisons and the nothing-learned gate.

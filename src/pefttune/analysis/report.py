@@ -52,7 +52,7 @@ from pefttune.analysis.ensemble_runner import (
 from pefttune.analysis.export import export_experiment
 from pefttune.analysis.selection import best_per_method, ranked
 from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
-from pefttune.analysis.store import Experiment, MissingPredictionsError, TrialRecord, open_experiment
+from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
 from pefttune.runtime.storage import atomic_write_text
@@ -65,7 +65,7 @@ NOT_RUN = "not run"
 SKIPPED_AUDIO = "skipped_audio.csv"  # written by pefttune.trainables.setup when data.on_error: skip dropped files
 
 
-def analysis_settings(experiment: Experiment) -> dict:
+def analysis_settings(experiment: ResultsStore) -> dict:
     """``analysis`` and ``darts.converged_entropy`` of the experiment's saved config (defaults
     when absent)."""
     config = experiment.config or {}
@@ -90,7 +90,7 @@ def analysis_settings(experiment: Experiment) -> dict:
 
 def current_findings(path: str) -> dict:
     """The findings of the study at ``path`` as it stands (nothing written)."""
-    experiment = open_experiment(path)
+    experiment = open_results(path)
     return decide(experiment, alpha=alpha_table(experiment), **analysis_settings(experiment))
 
 
@@ -148,7 +148,7 @@ def _intervals_line(result: dict, metric: str) -> str:
             f"over test examples (examples only: these trained models); {tail}")
 
 
-def _seed_rounds_lines(experiment: Experiment) -> list[str]:
+def _seed_rounds_lines(experiment: ResultsStore) -> list[str]:
     """The rounds of further seeds (``seed_rounds.json``): which seed, for which open findings and
     configurations, and why they stopped; nothing when the study planned its seeds only."""
     from pefttune.runtime.storage import read_storage_text
@@ -211,7 +211,7 @@ def _with_supporting(c: dict) -> str:
     return text
 
 
-def _mcnemar_by_seed(experiment: Experiment, a: list[TrialRecord], b: list[TrialRecord]) -> list[dict]:
+def _mcnemar_by_seed(experiment: ResultsStore, a: list[TrialRecord], b: list[TrialRecord]) -> list[dict]:
     """Supporting numbers: McNemar of a vs b for every seed both have."""
     by_seed = {t.seed: t for t in b}
     rows = []
@@ -251,7 +251,7 @@ def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str
 
 
 # --------------------------------------------------------------------------- scores on stored predictions
-def _test_eval(experiment: Experiment, trial: TrialRecord) -> tuple[float, np.ndarray, np.ndarray] | None:
+def _test_eval(experiment: ResultsStore, trial: TrialRecord) -> tuple[float, np.ndarray, np.ndarray] | None:
     """(test score, example index, per-example errors) from stored predictions (None if missing)."""
     try:
         data = load_members(experiment, [trial], "test")
@@ -262,7 +262,7 @@ def _test_eval(experiment: Experiment, trial: TrialRecord) -> tuple[float, np.nd
     return score(experiment, preds, ref), data.index, errors(experiment.task, preds, ref)
 
 
-def _compare(experiment: Experiment, a: TrialRecord, b: TrialRecord) -> dict:
+def _compare(experiment: ResultsStore, a: TrialRecord, b: TrialRecord) -> dict:
     """Test scores of a and b and the exact paired test on their common examples: McNemar
     (classification) or the sign test on per-utterance edit counts (CTC), :func:`stats.sign_test`."""
     ea, eb = _test_eval(experiment, a), _test_eval(experiment, b)
@@ -275,7 +275,7 @@ def _compare(experiment: Experiment, a: TrialRecord, b: TrialRecord) -> dict:
             "gain": gain(ea[0], eb[0], experiment.mode)}
 
 
-def _trial_summary(experiment: Experiment, trial: TrialRecord | None) -> dict | None:
+def _trial_summary(experiment: ResultsStore, trial: TrialRecord | None) -> dict | None:
     if trial is None:
         return None
     return {
@@ -285,13 +285,13 @@ def _trial_summary(experiment: Experiment, trial: TrialRecord | None) -> dict | 
     }
 
 
-def _best_of_kind(experiment: Experiment, kind: str) -> TrialRecord | None:
+def _best_of_kind(experiment: ResultsStore, kind: str) -> TrialRecord | None:
     pool = ranked(experiment, trials=[t for t in experiment.trials if t.usable and t.kind == kind])
     return pool[0] if pool else None
 
 
 def pairwise_trials(
-    experiment: Experiment | str, trials: dict[str, TrialRecord] | Sequence[TrialRecord], split: str = "test"
+    experiment: ResultsStore | str, trials: dict[str, TrialRecord] | Sequence[TrialRecord], split: str = "test"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pairwise statistics between trials on the same examples of ``split``.
 
@@ -302,7 +302,7 @@ def pairwise_trials(
     a reference phoneme is wrong when substituted or deleted), not as whole sentences, which
     nearly always hold some error.  McNemar there counts phonemes as independent: supporting only.
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     named = trials if isinstance(trials, dict) else {t.trial_id: t for t in trials}
     if len(named) < 2:
         return pd.DataFrame(), pd.DataFrame()
@@ -316,7 +316,7 @@ def pairwise_trials(
     return pairwise_table(preds, ref), agreement_matrix(preds, "kappa")
 
 
-def pairwise_methods(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialRecord]]:
+def pairwise_methods(experiment: ResultsStore) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialRecord]]:
     """:func:`pairwise_trials` between the best trials of the uniform methods (test split);
     also returns those trials by method."""
     best = best_per_method(experiment)
@@ -325,7 +325,7 @@ def pairwise_methods(experiment: Experiment) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 # --------------------------------------------------------------------------- analyze
-def _comparison(experiment: Experiment, runs: Sequence[EnsembleRun]) -> list[dict]:
+def _comparison(experiment: ResultsStore, runs: Sequence[EnsembleRun]) -> list[dict]:
     rows = []
     for method, trial in best_per_method(experiment).items():
         rows.append({"name": f"{TrialKind.UNIFORM}:{method}", **_trial_summary(experiment, trial)})
@@ -356,7 +356,7 @@ def format_comparison(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_default_ensembles(experiment: Experiment) -> tuple[list[EnsembleRun], str | None]:
+def _run_default_ensembles(experiment: ResultsStore) -> tuple[list[EnsembleRun], str | None]:
     """The default ensembles, and why there are none when they could not be run."""
     settings = analysis_settings(experiment)
     interval = {"confidence": settings["confidence"], "draws": settings["draws"]}  # one trial per member: no seeds
@@ -372,7 +372,7 @@ def _run_default_ensembles(experiment: Experiment) -> tuple[list[EnsembleRun], s
         return [], str(err)
 
 
-def _skipped_audio(experiment: Experiment) -> int:
+def _skipped_audio(experiment: ResultsStore) -> int:
     """Manifest rows the audio check dropped (``data.on_error: skip``), 0 when none."""
     if not experiment.is_local:
         return 0
@@ -398,7 +398,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None = None) -> dict:
+def analyze(experiment_path: str | Path | ResultsStore, out_dir: str | Path | None = None) -> dict:
     """Ensembles + exports + statistics + plots + ``report.md`` in one go.
 
     Writes to ``out_dir`` (default ``<experiment>/analysis``; ``./pefttune-analysis/<name>``
@@ -411,7 +411,7 @@ def analyze(experiment_path: str | Path | Experiment, out_dir: str | Path | None
     ``verdict``, a ``text`` and the numbers behind it), ``comparison`` (rows for
     :func:`format_comparison`) and ``files``.
     """
-    experiment = open_experiment(experiment_path)
+    experiment = open_results(experiment_path)
     out = Path(out_dir) if out_dir is not None else experiment.default_out_dir()
     tables_dir, plots_dir = out / "tables", out / "plots"
     runs, ensemble_error = _run_default_ensembles(experiment)
@@ -511,7 +511,7 @@ def _rel(path: str | None, out: Path) -> str | None:
         return str(path)
 
 
-def render_report(experiment: Experiment, result: dict, trials: pd.DataFrame, pairs: pd.DataFrame,
+def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, pairs: pd.DataFrame,
                   kappa: pd.DataFrame, out: Path) -> str:
     m = experiment.metric
     better = "higher" if experiment.mode == "max" else "lower"

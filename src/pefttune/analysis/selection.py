@@ -10,7 +10,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from pefttune.analysis.store import Experiment, TrialRecord, open_experiment
+from pefttune.analysis.store import ResultsStore, TrialRecord, open_results
 from pefttune.analysis.tables import trials_table
 from pefttune.metrics import METRICS
 from pefttune.schema import TrialKind, metric_key, rank_trials
@@ -18,7 +18,7 @@ from pefttune.schema import TrialKind, metric_key, rank_trials
 __all__ = ["best_per_method", "ranked", "select_members", "top_k"]
 
 
-def _rank_key(experiment: Experiment, metric: str | None, mode: str | None) -> tuple[str, str]:
+def _rank_key(experiment: ResultsStore, metric: str | None, mode: str | None) -> tuple[str, str]:
     metric = metric or experiment.metric
     if metric in METRICS:  # a task metric name: rank by its best dev score
         return metric_key("dev", metric, best=True), mode or METRICS[metric][1]
@@ -36,7 +36,7 @@ def _rank_key(experiment: Experiment, metric: str | None, mode: str | None) -> t
 
 
 def ranked(
-    experiment: Experiment | str,
+    experiment: ResultsStore | str,
     metric: str | None = None,
     mode: str | None = None,
     trials: Iterable[TrialRecord] | None = None,
@@ -48,7 +48,7 @@ def ranked(
     last ``dev_<metric>``) or any numeric column of the trials table.
     Trials without a value are dropped.
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     column, mode = _rank_key(experiment, metric, mode)
     pool = list(trials) if trials is not None else [t for t in experiment.trials if t.usable]
     frame = trials_table(experiment).set_index("trial_id")
@@ -63,7 +63,8 @@ def ranked(
     return rank_trials(pool, lambda t: values.get(t.trial_id), lambda t: t.trial_id, mode)
 
 
-def top_k(experiment: Experiment | str, k: int, metric: str | None = None, mode: str | None = None) -> list[TrialRecord]:
+def top_k(experiment: ResultsStore | str, k: int, metric: str | None = None,
+          mode: str | None = None) -> list[TrialRecord]:
     """The ``k`` best usable trials by ``metric`` (default: the experiment's dev metric).
 
     Ray has no top-k: the trials table is sorted here and mapped back to the trials (and
@@ -76,10 +77,10 @@ def top_k(experiment: Experiment | str, k: int, metric: str | None = None, mode:
 
 
 def best_per_method(
-    experiment: Experiment | str, metric: str | None = None, mode: str | None = None
+    experiment: ResultsStore | str, metric: str | None = None, mode: str | None = None
 ) -> dict[str, TrialRecord]:
     """The best usable *uniform* trial of each method, best method first."""
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     out: dict[str, TrialRecord] = {}
     uniform = [t for t in experiment.trials if t.usable and t.kind == TrialKind.UNIFORM]
     for trial in ranked(experiment, metric, mode, uniform):
@@ -87,14 +88,15 @@ def best_per_method(
     return out
 
 
-def select_members(experiment: Experiment | str, spec: str | Iterable[str] = "top-5") -> tuple[str, list[TrialRecord]]:
+def select_members(experiment: ResultsStore | str,
+                   spec: str | Iterable[str] = "top-5") -> tuple[str, list[TrialRecord]]:
     """Resolve a member choice to ``(label, trials)``.
 
     ``top-K`` / ``topK`` (``top-k``: the config's ``ensemble_size``), ``per-method``
     (best uniform trial per method), or explicit trial ids (a list, or one comma-separated
     string).  Explicit trials may be of any outcome but must have test predictions.
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     if isinstance(spec, str):
         text = spec.strip()
         match = re.fullmatch(r"top-?(\d+|k)", text, flags=re.IGNORECASE)

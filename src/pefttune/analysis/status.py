@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from pefttune.analysis.store import Experiment, open_experiment
+from pefttune.analysis.store import ResultsStore, open_results
 from pefttune.runtime.heartbeat import HeartbeatRecord, driver_alive, read_heartbeat
 from pefttune.schema import TrialKind
 
@@ -171,7 +171,7 @@ def expected_darts_search(config: dict | None) -> int:
     return count * max(1, len(variants) if isinstance(variants, list) else 0)
 
 
-def _derived_placements(experiment: Experiment | None, config: dict | None) -> int:
+def _derived_placements(experiment: ResultsStore | None, config: dict | None) -> int:
     """Distinct placements the DARTS search derived, or one per search trial before they finished."""
     searched = [t for t in (experiment.trials if experiment else []) if t.experiment == DARTS_DIR]
     if searched and all(t.outcome in DONE or t.outcome == "error" for t in searched):
@@ -180,7 +180,7 @@ def _derived_placements(experiment: Experiment | None, config: dict | None) -> i
     return len(searched) or expected_darts_search(config)
 
 
-def upcoming_stages(experiment: Experiment | None, config: dict | None) -> dict[str, int]:
+def upcoming_stages(experiment: ResultsStore | None, config: dict | None) -> dict[str, int]:
     """Stages that have not started (no Ray experiment folder yet) -> their estimated trials."""
     if not config:
         return {}
@@ -203,7 +203,7 @@ def upcoming_stages(experiment: Experiment | None, config: dict | None) -> dict[
     return out
 
 
-def _state_age(experiment: Experiment) -> float | None:
+def _state_age(experiment: ResultsStore) -> float | None:
     """Seconds since Ray last wrote any experiment state under the experiment folder."""
     import pyarrow.fs as pafs
 
@@ -236,7 +236,7 @@ def experiment_status(path, stale_after: float = 600.0, heartbeat_stale_after: f
     """The status of the experiment folder ``path`` (local or URI); see the module docstring."""
     record = read_heartbeat(path)
     try:
-        experiment = open_experiment(path)
+        experiment = open_results(path)
     except ValueError:
         if record is None:
             raise

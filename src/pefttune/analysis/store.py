@@ -36,8 +36,8 @@ Only ``completed`` trials with test predictions, of a kind other than ``darts`` 
 supernets are searches, not placements), are **usable** as ensemble members unless a
 trial is listed explicitly.
 
-Main entry points: :func:`open_experiment`, :meth:`Experiment.history`,
-:meth:`Experiment.predictions`. The store only reads: tables are built on it by
+Main entry points: :func:`open_results`, :meth:`ResultsStore.history`,
+:meth:`ResultsStore.predictions`. The store only reads: tables are built on it by
 :mod:`pefttune.analysis.tables`, selections (top-k, per-method) by
 :mod:`pefttune.analysis.selection`, ensembles and the report above those.
 
@@ -73,10 +73,10 @@ from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_
 from pefttune.training import load_predictions
 
 __all__ = [
-    "Experiment",
+    "ResultsStore",
     "MissingPredictionsError",
     "TrialRecord",
-    "open_experiment",
+    "open_results",
 ]
 
 #: How deep below the experiment folder Ray experiment dirs are looked for.
@@ -280,7 +280,7 @@ def infer_kind(layers: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- the experiment
-class Experiment:
+class ResultsStore:
     """All Ray experiments under one experiment folder; see the module docstring."""
 
     def __init__(self, path: str | os.PathLike):
@@ -320,7 +320,7 @@ class Experiment:
         return PurePosixPath(self.root).name or "experiment"
 
     def __repr__(self) -> str:
-        return f"Experiment({self.uri!r}, {len(self.trials)} trials, metric={self.metric})"
+        return f"ResultsStore({self.uri!r}, {len(self.trials)} trials, metric={self.metric})"
 
     def default_out_dir(self) -> Path:
         """``<experiment>/analysis`` for a local experiment, ``./pefttune-analysis/<name>`` else."""
@@ -696,6 +696,6 @@ class Experiment:
             self.close()
 
 
-def open_experiment(path: str | os.PathLike | Experiment) -> Experiment:
+def open_results(path: str | os.PathLike | ResultsStore) -> ResultsStore:
     """Open an experiment folder (local path or URI) without the Tuner that made it."""
-    return path if isinstance(path, Experiment) else Experiment(path)
+    return path if isinstance(path, ResultsStore) else ResultsStore(path)

@@ -103,7 +103,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis.store import RAY_KEYS, Experiment, TrialRecord, open_experiment
+from pefttune.analysis.store import RAY_KEYS, ResultsStore, TrialRecord, open_results
 from pefttune.metrics import edit_distance
 from pefttune.runtime.storage import atomic_output
 from pefttune.schema import TrialKind, metric_key
@@ -203,7 +203,7 @@ def _metric_columns(trial: TrialRecord, skip: set[str]) -> dict:
     return out
 
 
-def _best_dev(experiment: Experiment, trial: TrialRecord) -> float | None:
+def _best_dev(experiment: ResultsStore, trial: TrialRecord) -> float | None:
     value = trial.last_result.get(metric_key("dev", experiment.metric, best=True))
     if value is not None:
         return value
@@ -217,9 +217,9 @@ def _best_dev(experiment: Experiment, trial: TrialRecord) -> float | None:
 
 
 # --------------------------------------------------------------------------- tables
-def trials_table(experiment: Experiment | str) -> pd.DataFrame:
+def trials_table(experiment: ResultsStore | str) -> pd.DataFrame:
     """One row per trial (columns in the module docstring)."""
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     cached = getattr(experiment, "_trials_table", None)
     if cached is not None:
         return cached.copy()
@@ -283,9 +283,9 @@ def trials_table(experiment: Experiment | str) -> pd.DataFrame:
     return frame.copy()
 
 
-def history_table(experiment: Experiment | str) -> pd.DataFrame:
+def history_table(experiment: ResultsStore | str) -> pd.DataFrame:
     """One row per trial per reported result (columns in the module docstring)."""
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     frames, keys = [], []
     for t in experiment.trials:
         hist = experiment.history(t)
@@ -323,7 +323,7 @@ def history_table(experiment: Experiment | str) -> pd.DataFrame:
     return frame
 
 
-def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
+def alpha_table(experiment: ResultsStore | str) -> pd.DataFrame:
     """DARTS probabilities per trial, result, layer and method (columns in the module docstring).
 
     Also, repeated on each of a layer's method rows: ``entropy_norm`` (float64), that
@@ -331,7 +331,7 @@ def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
     sum 1; 1 = uniform, 0 = one-hot), and ``margin`` (float64), the difference between the
     layer's two largest normalised probabilities (see :mod:`pefttune.darts.convergence`).
     """
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     rows = []
     for t in experiment.trials:
         if not any(k.startswith("alpha/") for k in t.last_result):
@@ -365,12 +365,12 @@ def alpha_table(experiment: Experiment | str) -> pd.DataFrame:
 
 
 def predictions_table(
-    experiment: Experiment | str,
+    experiment: ResultsStore | str,
     trials: Iterable[TrialRecord] | None = None,
     splits: Sequence[str] = ("dev", "test"),
 ) -> pd.DataFrame:
     """Per-example predictions of ``trials`` (default: every trial with stored predictions)."""
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     trials = [t for t in experiment.trials if t.prediction_files] if trials is None else list(trials)
     frames = []
     num_classes = 0
@@ -434,14 +434,14 @@ CONFIG_COLUMNS = [
 ]
 
 
-def configs_table(experiment: Experiment | str, confidence: float = 0.95) -> pd.DataFrame:
+def configs_table(experiment: ResultsStore | str, confidence: float = 0.95) -> pd.DataFrame:
     """One row per configuration (``config_id``) over its completed seeds: mean, std and a
     Student-t interval over seeds of the dev (best-dev) and test scores
     (:func:`pefttune.analysis.intervals.seed_summary`; one seed: no interval, ``note`` says so).
     DARTS search trials (supernets) are not configurations and are left out."""
     from pefttune.analysis.intervals import seed_summary
 
-    experiment = open_experiment(experiment)
+    experiment = open_results(experiment)
     trials = trials_table(experiment)
     done = trials[(trials["outcome"] == "completed") & (trials["kind"] != TrialKind.DARTS)
                   & trials["config_id"].notna()]

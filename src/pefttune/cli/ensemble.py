@@ -28,9 +28,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from pefttune.analysis.ensemble_runner import run_ensembles, save_ensembles
     from pefttune.analysis.report import _fmt, _p
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
 
-    experiment = open_experiment(args.experiment)
+    experiment = open_results(args.experiment)
     result = run_ensembles(experiment, args.members, args.strategy)
     metric = experiment.metric
     print(f"experiment {experiment.uri}: {experiment.task}, metric {metric} "

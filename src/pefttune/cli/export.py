@@ -14,9 +14,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pefttune.analysis.export import FORMATS, TABLES, export_experiment
-    from pefttune.analysis.store import open_experiment
+    from pefttune.analysis.store import open_results
 
-    experiment = open_experiment(args.experiment)
+    experiment = open_results(args.experiment)
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else list(TABLES)
     files = export_experiment(experiment, args.out, formats=args.format or FORMATS, tables=tables)
     print(f"experiment {experiment.uri}: {len(experiment.trials)} trials in {len(experiment.ray_experiments)} "
