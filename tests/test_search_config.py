@@ -9,7 +9,7 @@ import yaml
 from pefttune.cli import main
 from pefttune.config import CONFIG_DIR, load_config, parse_config
 from pefttune.search import experiment as experiment_module
-from pefttune.search.experiment import build_experiment, prepare_directory, run_search
+from pefttune.search.experiment import build_search_plan, prepare_directory, run_search
 from test_search_fixtures import search_config, write_tone_manifest
 
 
@@ -92,7 +92,7 @@ def test_bad_data_fails_before_ray(tmp_path, manifest, no_ray):
 
 def test_experiment_directory_rules(tmp_path, manifest):
     config = parse_config(search_config(manifest, tmp_path / "results"))
-    experiment = build_experiment(config)
+    experiment = build_search_plan(config)
     with pytest.raises(FileNotFoundError, match="--resume: no search to resume at .*search-test"):
         prepare_directory(experiment, resume=True)
     prepare_directory(experiment, resume=False)
@@ -102,14 +102,14 @@ def test_experiment_directory_rules(tmp_path, manifest):
         prepare_directory(experiment, resume=False)
     (saved.parent / "tuner.pkl").write_bytes(b"")  # as if Ray had started
     prepare_directory(experiment, resume=True)
-    changed = build_experiment(config.model_copy(update={"budget": 10}))
+    changed = build_search_plan(config.model_copy(update={"budget": 10}))
     with pytest.raises(ValueError, match="config differs from .*experiment.yaml in budget"):
         prepare_directory(changed, resume=True)
 
 
 def test_experiment_counts_fixed_points_and_grid(tmp_path, manifest):
     config = parse_config(search_config(manifest, tmp_path))
-    experiment = build_experiment(config)
+    experiment = build_search_plan(config)
     assert [p.label for p in experiment.points] == ["uniform:lora", "uniform:bitfit", "uniform:sequential", "hybrid"]
     assert experiment.num_samples == config.search.num_samples + 4
     assert experiment.metric == "best_dev_accuracy" and experiment.mode == "max"
@@ -117,7 +117,7 @@ def test_experiment_counts_fixed_points_and_grid(tmp_path, manifest):
     grid = parse_config(search_config(manifest, tmp_path, methods={"bitfit": {}},
                                       search={"algorithm": "grid", "num_samples": 0, "uniform_baselines": False,
                                                  "hybrid": False}))
-    assert build_experiment(grid).num_samples == 2**4  # every layer: none or bitfit
+    assert build_search_plan(grid).num_samples == 2**4  # every layer: none or bitfit
 
 
 def test_shipped_configs_are_valid():

@@ -229,13 +229,13 @@ def test_asha_never_stops_uniform_baselines_or_the_hybrid(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
     from pefttune.config import parse_config
-    from pefttune.search.experiment import build_experiment, build_scheduler
+    from pefttune.search.experiment import build_search_plan, build_scheduler
     from test_search_fixtures import search_config
 
     config = parse_config(search_config(tmp_path / "m.parquet", tmp_path / "out",
                                         train={"epochs": 4},
                                         search={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}))
-    scheduler = build_scheduler(build_experiment(config))
+    scheduler = build_scheduler(build_search_plan(config))
     metric = scheduler._metric
     trials = {name: SimpleNamespace(trial_id=name, config={"kind": kind})
               for name, kind in [("good1", "discrete"), ("good2", "discrete"), ("bad", "discrete"),

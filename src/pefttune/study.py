@@ -245,7 +245,7 @@ def run_study(
     """
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.experiment import experiment_path, refuse_existing
-    from pefttune.search.experiment import build_experiment
+    from pefttune.search.experiment import build_search_plan
 
     if not isinstance(config, StudyConfig):
         config = load_config(config)
@@ -257,7 +257,7 @@ def run_study(
     start = time.perf_counter()
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
-    build_experiment(config)  # every check that needs no Ray (errors name the field: exit 2)
+    build_search_plan(config)  # every check that needs no Ray (errors name the field: exit 2)
     path = experiment_path(config)
     if not resume:
         refuse_existing(path, "a study")

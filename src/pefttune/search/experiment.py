@@ -65,11 +65,11 @@ logger = logging.getLogger(__name__)
 OPTUNA_DB = "optuna.db"
 
 
-# -- the experiment -----------------------------------------------------------------------------
+# -- the search plan ----------------------------------------------------------------------------
 
 
 @dataclass
-class Experiment:
+class SearchPlan:
     """Everything a search needs, built and validated before Ray starts."""
 
     config: StudyConfig
@@ -115,7 +115,7 @@ class Experiment:
         return searched + len(self.points)
 
 
-def build_experiment(config: StudyConfig, extra_points: list[FixedPoint] | None = None) -> Experiment:
+def build_search_plan(config: StudyConfig, extra_points: list[FixedPoint] | None = None) -> SearchPlan:
     """Validate everything that can be checked without Ray (errors name the field)."""
     info = backbone_info(config.backbone)
     space = validate_space(config, info)
@@ -133,15 +133,15 @@ def build_experiment(config: StudyConfig, extra_points: list[FixedPoint] | None 
     points = fixed_points(config) + list(extra_points or [])
     for point in points:
         space.fixed_placement(point)
-    experiment = Experiment(config, experiment_path(config), space, objective, points)
-    experiment.optuna_url  # noqa: B018 - raises for a URI storage without optuna_storage
-    return experiment
+    plan = SearchPlan(config, experiment_path(config), space, objective, points)
+    plan.optuna_url  # noqa: B018 - raises for a URI storage without optuna_storage
+    return plan
 
 
 # -- the experiment directory ---------------------------------------------------------------------
 
 
-def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) -> bool:
+def prepare_directory(plan: SearchPlan, resume: bool, write: bool = True) -> bool:
     """Refuse to overwrite an experiment; on resume, require one with the same config. Returns
     whether there is a Ray run to restore.
 
@@ -149,32 +149,32 @@ def prepare_directory(experiment: Experiment, resume: bool, write: bool = True) 
     :func:`~pefttune.runtime.experiment.write_config_copy` writes it later, once the cluster
     checks passed). A resumed search that was stopped after its config copy was written but
     before Ray saved any state starts afresh (nothing of it was trained)."""
-    path = experiment.path
+    path = plan.path
     if not resume:
         refuse_existing(path, "a search")
         if write:
-            write_config_copy(experiment.config, path)
+            write_config_copy(plan.config, path)
         return False
     copy = f"{path}/{CONFIG_COPY}"
     if not holds_run(path) and not storage_exists(copy):
         require_resumable(path, "search")
-    check_same_config(experiment.config, copy, "resume with the saved config", prefix="--resume: ")
+    check_same_config(plan.config, copy, "resume with the saved config", prefix="--resume: ")
     return holds_run(path)
 
 
 # -- Ray ---------------------------------------------------------------------------------------------
 
 
-def build_searcher(experiment: Experiment) -> PefttuneSearch:
-    sampler = make_sampler(experiment.config, experiment.space)
-    storage = make_storage(experiment.optuna_url)
+def build_searcher(plan: SearchPlan) -> PefttuneSearch:
+    sampler = make_sampler(plan.config, plan.space)
+    storage = make_storage(plan.optuna_url)
     return PefttuneSearch(
-        experiment.space,
-        experiment.objective,
+        plan.space,
+        plan.objective,
         sampler=sampler,
         storage=storage,
-        study_name=experiment.config.name,
-        points=experiment.points,
+        study_name=plan.config.name,
+        points=plan.points,
     )
 
 
@@ -182,7 +182,7 @@ def build_searcher(experiment: Experiment) -> PefttuneSearch:
 FIXED_KINDS = (TrialKind.UNIFORM, TrialKind.HYBRID)
 
 
-def build_scheduler(experiment: Experiment):
+def build_scheduler(plan: SearchPlan):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
     class BaselineKeepingASHA(AsyncHyperBandScheduler):
@@ -195,75 +195,75 @@ def build_scheduler(experiment: Experiment):
                 return TrialScheduler.CONTINUE
             return decision
 
-    search = experiment.config.search
+    search = plan.config.search
     if search.scheduler == "none":
         return FIFOScheduler()
     return BaselineKeepingASHA(
         time_attr="epoch",
-        metric=experiment.metric,
-        mode=experiment.mode,
-        max_t=experiment.config.train.epochs,
+        metric=plan.metric,
+        mode=plan.mode,
+        max_t=plan.config.train.epochs,
         grace_period=search.grace_period,
         reduction_factor=search.reduction_factor,
     )
 
 
-def progress_reporter(experiment: Experiment):
+def progress_reporter(plan: SearchPlan):
     from ray import tune
 
-    metric = experiment.config.metric
+    metric = plan.config.metric
     return tune.CLIReporter(
         metric_columns={
             "epoch": "epoch",
             metric_key("dev", metric): metric_key("dev", metric),
-            experiment.metric: experiment.metric,
+            plan.metric: plan.metric,
             "trainable_params": "params",
             "over_budget": "over_budget",
         },
         parameter_columns={"kind": "kind", "lr": "lr"},
         max_report_frequency=30,
         sort_by_metric=True,
-        metric=experiment.metric,
-        mode=experiment.mode,
+        metric=plan.metric,
+        mode=plan.mode,
     )
 
 
-def run_config(experiment: Experiment, verbose: int = 1, callbacks: list | None = None):
+def run_config(plan: SearchPlan, verbose: int = 1, callbacks: list | None = None):
     """Ray's run config. ``verbose``: 0 silent, 1 pefttune's console (``callbacks``), 2 (``-v``)
     Ray's own status table as well."""
     from ray import tune
 
     return tune.RunConfig(
-        name=experiment.config.name,
-        storage_path=experiment.storage_path,
+        name=plan.config.name,
+        storage_path=plan.storage_path,
         # the latest checkpoint holds the best-dev weights too; keeping two means the one the
         # last experiment snapshot refers to still exists when a resume needs it
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=experiment.config.search.max_failures),
-        progress_reporter=progress_reporter(experiment) if verbose >= 2 else None,
+        failure_config=tune.FailureConfig(max_failures=plan.config.search.max_failures),
+        progress_reporter=progress_reporter(plan) if verbose >= 2 else None,
         verbose=1 if verbose >= 2 else 0,
         callbacks=list(callbacks or []),
     )
 
 
-def build_tuner(experiment: Experiment, setup, verbose: int = 1, callbacks: list | None = None):
+def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
     from pefttune.trainables.discrete import make_trainable
 
-    search = experiment.config.search
+    search = plan.config.search
     return tune.Tuner(
         make_trainable(setup),
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(experiment),
-            scheduler=build_scheduler(experiment),
-            num_samples=experiment.num_samples,
+            search_alg=build_searcher(plan),
+            scheduler=build_scheduler(plan),
+            num_samples=plan.num_samples,
             max_concurrent_trials=search.max_concurrent,
             reuse_actors=search.reuse_actors,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=run_config(experiment, verbose, callbacks),
+        run_config=run_config(plan, verbose, callbacks),
     )
 
 
@@ -300,9 +300,9 @@ def run_search(
         config = load_config(config)
     if name is not None:
         config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
-    experiment = build_experiment(config, extra_points)
-    restore = prepare_directory(experiment, resume, write=False)
-    setup = make_setup(config, experiment.path, faults)
+    plan = build_search_plan(config, extra_points)
+    restore = prepare_directory(plan, resume, write=False)
+    setup = make_setup(config, plan.path, faults)
     if prefill:
         prefill_local(config, setup.data, address)
 
@@ -311,20 +311,20 @@ def run_search(
         # before the Tuner (and before the config copy, so a refused search can be rerun)
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         if not restore:
-            write_config_copy(config, experiment.path)
+            write_config_copy(config, plan.path)
         if restore:
             from pefttune.trainables.discrete import make_trainable
 
             tuner = tune.Tuner.restore(
-                experiment.path,
+                plan.path,
                 trainable=make_trainable(setup),
                 resume_unfinished=True,
                 resume_errored=resume_errored,
             )
         else:
-            console = Console("discrete arm", config.metric, experiment.mode, total=experiment.num_samples,
-                              experiment_path=experiment.path)
-            tuner = build_tuner(experiment, setup, verbose, [console.callback()] if verbose == 1 else None)
+            console = Console("discrete arm", config.metric, plan.mode, total=plan.num_samples,
+                              experiment_path=plan.path)
+            tuner = build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
         with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
         if replicates:
