@@ -51,18 +51,18 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
 
 
 def run_one(config, resume: bool, reanalyse: bool = False) -> dict:
-    from pefttune.runtime.experiment import experiment_path
+    from pefttune.runtime.experiment import study_dir
     from pefttune.study import run_study
 
-    summary_file = Path(experiment_path(config)) / "analysis" / "summary.json"
+    summary_file = Path(study_dir(config)) / "analysis" / "summary.json"
     if summary_file.exists() and reanalyse:  # the same trained runs, decided by the current analysis code
         from pefttune.analysis.report import analyze
 
-        analyze(str(experiment_path(config)))
+        analyze(str(study_dir(config)))
     if summary_file.exists() and not resume:
         return json.loads(summary_file.read_text())
     started = time.perf_counter()
-    result = run_study(config, resume=resume or Path(experiment_path(config)).exists(), verbose=1)
+    result = run_study(config, resume=resume or Path(study_dir(config)).exists(), verbose=1)
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else dict(result.summary)
     summary["wall_s"] = time.perf_counter() - started
     return summary
@@ -75,9 +75,9 @@ def other_intervals(config, summary: dict) -> dict:
     from pefttune.analysis.report import analysis_settings
     from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import alpha_table
-    from pefttune.runtime.experiment import experiment_path
+    from pefttune.runtime.experiment import study_dir
 
-    experiment = open_results(str(experiment_path(config)))
+    experiment = open_results(str(study_dir(config)))
     settings = analysis_settings(experiment)
     settings["interval"] = "examples" if settings["interval"] == "seeds-speakers" else "seeds-speakers"
     decided = decide(experiment, alpha=alpha_table(experiment), **settings)

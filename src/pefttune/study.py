@@ -244,7 +244,7 @@ def run_study(
     analysis is skipped when the discrete arm finished no trial.
     """
     from pefttune.runtime.console import failure_summary
-    from pefttune.runtime.experiment import experiment_path, refuse_existing
+    from pefttune.runtime.experiment import refuse_existing, study_dir
     from pefttune.search.experiment import build_search_plan
 
     if not isinstance(config, StudyConfig):
@@ -258,7 +258,7 @@ def run_study(
     print(f"pefttune run: {config.name}: backbone {config.backbone}, {config.data.source}/{config.data.task}, "
           f"candidates {sorted(config.methods)}, budget {config.budget}", flush=True)
     build_search_plan(config)  # every check that needs no Ray (errors name the field: exit 2)
-    path = experiment_path(config)
+    path = study_dir(config)
     if not resume:
         refuse_existing(path, "a study")
     study = StudyRun(config, path, address, resume, verbose)

@@ -47,7 +47,7 @@ class SuiteResult:
 def run_suite(config: StudyConfig | str | Path | None = None, address: str | None = None, resume: bool = False,
               name: str | None = None, verbose: int = 1, tasks=None) -> SuiteResult:
     """Run the study on every task of the suite, then write ``suite.md`` and the ``suite`` table."""
-    from pefttune.runtime.experiment import experiment_path, refuse_existing
+    from pefttune.runtime.experiment import refuse_existing, study_dir
     from pefttune.runtime.heartbeat import Heartbeat
 
     if not isinstance(config, StudyConfig):
@@ -58,7 +58,7 @@ def run_suite(config: StudyConfig | str | Path | None = None, address: str | Non
     root = suite_path(config)
     if not resume:  # refuse before any compute: every task folder named
         for task_config in configs.values():
-            refuse_existing(experiment_path(task_config), "a study of this suite")
+            refuse_existing(study_dir(task_config), "a study of this suite")
     result = SuiteResult(root)
     start = time.perf_counter()
     with Heartbeat(root) as beat:  # the suite's own: which task runs (each study has its own too)
@@ -66,7 +66,7 @@ def run_suite(config: StudyConfig | str | Path | None = None, address: str | Non
             beat.stage(f"task {task}")
             _run_task(result, task, list(configs), task_config, address, resume, verbose)
         beat.stage("suite table")
-        result.files = write_suite(root, {task: experiment_path(c) for task, c in configs.items()})
+        result.files = write_suite(root, {task: study_dir(c) for task, c in configs.items()})
     result.seconds["total"] = time.perf_counter() - start
     print(f"\nsuite: {result.files.get('suite', root)}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()), flush=True)
@@ -174,11 +174,11 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
 def _run_task(result: SuiteResult, task: str, tasks: list[str], config: StudyConfig, address: str | None,
               resume: bool, verbose: int) -> None:
     """One task's study into ``result`` (a task finished before is kept on resume)."""
-    from pefttune.runtime.experiment import experiment_path
+    from pefttune.runtime.experiment import study_dir
     from pefttune.runtime.storage import storage_exists
     from pefttune.study import run_study
 
-    path = experiment_path(config)
+    path = study_dir(config)
     if resume and (analysis_dir(path) / "summary.json").is_file():
         print(f"\n##### suite task {task}: finished before, kept ({path})", flush=True)
         result.studies[task] = None

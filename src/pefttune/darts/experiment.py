@@ -53,7 +53,7 @@ from pefttune.runtime.experiment import (
     check_same_config,
     config_id,
     error_text,
-    experiment_path,
+    study_dir,
     holds_run,
     load_results,
     require_resumable,
@@ -315,7 +315,7 @@ def run_darts(
     if name is not None:
         config = StudyConfig.model_validate({**config.model_dump(), "name": name})
     validate(config)
-    path = experiment_path(config)
+    path = study_dir(config)
     prepare_directories(config, path, resume)
     if prefill:
         prefill_local(config, make_setup(config, f"{path}/{RETRAIN_DIR}").data, address)
@@ -346,7 +346,7 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
 
     from pefttune.trainables.darts import make_trainable
 
-    path = root or experiment_path(config)
+    path = root or study_dir(config)
     search_path = f"{path}/{SEARCH_DIR}"
     setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
     if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
@@ -375,7 +375,7 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
     from pefttune.trainables.discrete import make_trainable
 
-    path = root or experiment_path(config)
+    path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     setup = make_setup(config, retrain_path)
     plan = retrain_plan(config, search)
@@ -466,4 +466,4 @@ def load_darts(path: str | Path) -> pd.DataFrame:
 def darts_started(config: StudyConfig) -> bool:
     """Whether ``<storage>/<name>/darts`` holds a DARTS search (``pefttune run --resume``
     resumes it then, and starts it otherwise)."""
-    return holds_run(f"{experiment_path(config)}/{SEARCH_DIR}")
+    return holds_run(f"{study_dir(config)}/{SEARCH_DIR}")

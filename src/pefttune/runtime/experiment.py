@@ -27,7 +27,7 @@ CONFIG_COPY = "experiment.yaml"
 TUNER_FILE = "tuner.pkl"
 
 
-def experiment_path(config: StudyConfig) -> str:
+def study_dir(config: StudyConfig) -> str:
     """``<storage>/<name>``: an absolute local path, or a URI."""
     storage = config.storage
     if "://" in storage:

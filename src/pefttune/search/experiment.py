@@ -46,7 +46,7 @@ from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect
 from pefttune.runtime.experiment import (
     CONFIG_COPY,
     check_same_config,
-    experiment_path,
+    study_dir,
     holds_run,
     refuse_existing,
     require_resumable,
@@ -133,7 +133,7 @@ def build_search_plan(config: StudyConfig, extra_points: list[FixedPoint] | None
     points = fixed_points(config) + list(extra_points or [])
     for point in points:
         space.fixed_placement(point)
-    plan = SearchPlan(config, experiment_path(config), space, objective, points)
+    plan = SearchPlan(config, study_dir(config), space, objective, points)
     plan.optuna_url  # noqa: B018 - raises for a URI storage without optuna_storage
     return plan
 

@@ -32,7 +32,7 @@ from pefttune.runtime.console import Console, quiet_ray_loggers
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.runtime.experiment import (
     config_id,
-    experiment_path,
+    study_dir,
     holds_run,
     load_results,
     results_frame,
@@ -145,8 +145,8 @@ def run_replicates(
         if holds_run(path):
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
-                          experiment_path=experiment_path(config))
-        run_config = tune_run_config(config, REPLICATES_DIR, experiment_path(config),
+                          experiment_path=study_dir(config))
+        run_config = tune_run_config(config, REPLICATES_DIR, study_dir(config),
                                      [console.callback()] if verbose == 1 else [], verbose)
         tuner = grid_tuner(make_trainable(setup), path, plan,
                            grid_tune_config(config.search.max_concurrent, config.search.reuse_actors), run_config)
@@ -174,7 +174,7 @@ def tune_run_config(config: StudyConfig, name: str, storage: str, callbacks: lis
 
 
 def replicates_path(config: StudyConfig) -> str:
-    return f"{experiment_path(config)}/{REPLICATES_DIR}"
+    return f"{study_dir(config)}/{REPLICATES_DIR}"
 
 
 def load_replicates(config: StudyConfig):

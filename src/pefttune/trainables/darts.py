@@ -2,7 +2,7 @@
 
 ``tune.with_parameters(darts_fn, setup=TrialSetup(...))`` (see :func:`make_trainable`;
 :class:`~pefttune.trainables.setup.TrialSetup` is shared with the discrete trainable;
-its ``experiment_path`` is the DARTS Ray experiment, ``<storage>/<name>/darts``, where
+its ``ray_dir`` is the DARTS Ray experiment, ``<storage>/<name>/darts``, where
 per-trial markers live).
 The trial config holds ``seed`` (one of ``darts.seeds``) and ``variant`` (a mapping of
 ``darts`` fields overriding the experiment's ``darts`` section, ``{}`` for none), so
@@ -266,7 +266,7 @@ def darts_fn(config: dict, setup: TrialSetup) -> None:
     }
     if budget is not None:
         columns["budget"] = budget
-    directory = storage.trial_dir(setup.experiment_path)
+    directory = storage.trial_dir(setup.ray_dir)
     previous = storage.diverged_message(directory)
     if previous is not None:
         raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")

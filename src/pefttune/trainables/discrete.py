@@ -102,7 +102,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
         "trainable_params": peft + head_params,
         "node_id": ray.get_runtime_context().get_node_id(),  # where this attempt runs (clusters)
     }
-    directory = storage.trial_dir(setup.experiment_path)
+    directory = storage.trial_dir(setup.ray_dir)
     previous = storage.diverged_message(directory)
     if previous is not None:
         raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")

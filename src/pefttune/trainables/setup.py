@@ -18,7 +18,7 @@ from pefttune.backbones import BackboneInfo
 from pefttune.data.loaders import DataRef, prepare_data
 from pefttune.heads import Head, HeadConfig
 from pefttune.model import PeftSpeechModel
-from pefttune.runtime.experiment import experiment_path as experiment_root
+from pefttune.runtime.experiment import study_dir
 from pefttune.runtime.storage import write_storage_text
 from pefttune.training import TrainConfig, num_frozen_states
 
@@ -48,7 +48,7 @@ class TrialSetup:
 
     experiment: StudyConfig
     data: DataRef
-    experiment_path: str | None = None  # the Ray experiment's folder: per-trial markers live there
+    ray_dir: str | None = None  # the Ray experiment's folder: per-trial markers live there
     faults: Faults | None = None
 
     @property
@@ -67,7 +67,7 @@ class TrialSetup:
             self.faults.after_epoch(trial_config, epoch, None if trial_dir is None else str(trial_dir))
 
 
-def make_setup(config: StudyConfig, experiment_path: str, faults: Faults | None = None) -> TrialSetup:
+def make_setup(config: StudyConfig, ray_dir: str, faults: Faults | None = None) -> TrialSetup:
     """The trials' shared setup; a local backbone path is made absolute (trials run in
     their own working directories)."""
     backbone = Path(config.backbone).expanduser()
@@ -75,8 +75,8 @@ def make_setup(config: StudyConfig, experiment_path: str, faults: Faults | None 
         config = config.model_copy(update={"backbone": str(backbone.resolve())})
     data = prepare_data(config)
     if data.skipped:  # recorded in the experiment folder (and so in the report)
-        write_skipped_audio(data, experiment_root(config))
-    return TrialSetup(experiment=config, data=data, experiment_path=experiment_path, faults=faults)
+        write_skipped_audio(data, study_dir(config))
+    return TrialSetup(experiment=config, data=data, ray_dir=ray_dir, faults=faults)
 
 
 SKIPPED_AUDIO = "skipped_audio.csv"
