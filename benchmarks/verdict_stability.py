@@ -51,7 +51,7 @@ def study_config(base, study_seed: int, out: Path, seeds_per_study: int, smoke: 
 
 
 def run_one(config, resume: bool, reanalyse: bool = False) -> dict:
-    from pefttune.runtime.experiment import study_dir
+    from pefttune.runtime.study_dir import study_dir
     from pefttune.study import run_study
 
     summary_file = Path(study_dir(config)) / "analysis" / "summary.json"
@@ -75,7 +75,7 @@ def other_intervals(config, summary: dict) -> dict:
     from pefttune.analysis.report import analysis_settings
     from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import alpha_table
-    from pefttune.runtime.experiment import study_dir
+    from pefttune.runtime.study_dir import study_dir
 
     experiment = open_results(str(study_dir(config)))
     settings = analysis_settings(experiment)

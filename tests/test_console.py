@@ -106,7 +106,7 @@ def failing_search(ray_session, tmp_path_factory):
 
 
 def test_console_of_a_real_search(failing_search):
-    from pefttune.runtime.experiment import results_frame
+    from pefttune.runtime.study_dir import results_frame
 
     out = failing_search["out"]
     assert "Checkpoint successfully created" not in out and "Trial status" not in out  # no Ray stream
@@ -277,7 +277,7 @@ def test_failure_summary_takes_any_value():
 
 def test_failure_lines_of_a_resumed_run_are_those_of_the_first(failing_search):
     """A resumed run reads the trials of the earlier run back from the folder: the same grouped lines."""
-    from pefttune.runtime.experiment import load_results, results_frame
+    from pefttune.runtime.study_dir import load_results, results_frame
 
     first = failure_summary(results_frame(failing_search["results"]))
     restored = results_frame(load_results(failing_search["path"]))

@@ -22,7 +22,7 @@ from pefttune.data.espeak import SynthRequest, synthesize_many
 from pefttune.data.manifest import write_manifest
 from pefttune.darts.experiment import RETRAIN_DIR, SEARCH_DIR, canonical, load_darts, run_darts
 from pefttune.placement import Placement
-from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.runtime.study_dir import load_results, results_frame
 from pefttune.schema import PREDICTIONS_DIR, predictions_file
 from pefttune.backbones import backbone_info
 from pefttune.testing import Faults, fail_once_after

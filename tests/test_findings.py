@@ -322,12 +322,12 @@ def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, 
     too: the same trials, decided with ``analysis.interval`` flipped."""
     import sys
 
-    import pefttune.runtime.experiment as runtime_experiment
+    import pefttune.runtime.study_dir as runtime_study_dir
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import verdict_stability
 
-    monkeypatch.setattr(runtime_experiment, "study_dir", lambda config: replicated.uri)
+    monkeypatch.setattr(runtime_study_dir, "study_dir", lambda config: replicated.uri)
     out = verdict_stability.other_intervals(None, {"train_seeds": [0, 1, 2]})
     assert out["interval"] == "examples" and out["train_seeds"] == [0, 1, 2]  # the saved config: seeds x speakers
     expected = decide(replicated, interval="examples", alpha=alpha_table(replicated))["findings"]

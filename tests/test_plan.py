@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pefttune.config import parse_config
-from pefttune.runtime.experiment import changed_fields, check_same_config, config_yaml
+from pefttune.runtime.study_dir import changed_fields, check_same_config, config_yaml
 from pefttune.runtime.plan import POINT, GridPlan, check_plan, grid_space, read_plan, write_plan
 from pefttune.search.replicates import replicates_plan
 

@@ -25,7 +25,7 @@ import yaml
 from optuna.trial import TrialState
 
 from pefttune.config import parse_config
-from pefttune.runtime.experiment import load_results, results_frame
+from pefttune.runtime.study_dir import load_results, results_frame
 from pefttune.schema import STATE_FILE
 from pefttune.search.experiment import load_study, run_search
 from pefttune.search.summary import top_k

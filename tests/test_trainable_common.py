@@ -19,7 +19,7 @@ from pefttune.trainables import checkpoint as ckpt
 from pefttune.runtime import cluster
 from pefttune.data import loaders
 from pefttune import metrics
-from pefttune.runtime import experiment as results
+from pefttune.runtime import study_dir as results
 from pefttune.trainables import setup as trial_setup
 from pefttune.training import fit, setup_optimizer, setup_scheduler
 from test_search_fixtures import search_config, write_tone_manifest
@@ -217,7 +217,7 @@ def test_gpu_trials_wait_for_their_share_of_free_memory(monkeypatch):
     from pefttune.runtime import cluster
     from pefttune.data import loaders
     from pefttune import metrics
-    from pefttune.runtime import experiment as results
+    from pefttune.runtime import study_dir as results
     from pefttune.trainables import setup as trial_setup
 
     readings = iter([(10, 100), (20, 100), (30, 100), (60, 100)])  # memory being released

@@ -141,7 +141,7 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
 
     from pefttune.runtime.cluster import fit_environment, grid_tune_config
     from pefttune.runtime.console import quiet_ray_loggers
-    from pefttune.runtime.experiment import holds_run
+    from pefttune.runtime.study_dir import holds_run
     from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
     from pefttune.search.replicates import plan_replicates, tune_run_config
     from pefttune.trainables.discrete import make_trainable
@@ -173,7 +173,7 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
 def _darts_round(config: StudyConfig, root: str, seed: int, resume: bool, verbose: int) -> None:
     """One DARTS search with ``seed`` and its placement retrained with that seed, under ``root``."""
     from pefttune.darts.experiment import SEARCH_DIR, run_darts_retrain, run_darts_search
-    from pefttune.runtime.experiment import holds_run
+    from pefttune.runtime.study_dir import holds_run
 
     one = config.model_copy(update={"darts": config.darts.model_copy(update={"seeds": [seed], "retrain": "per-seed"})})
     try:

@@ -100,7 +100,7 @@ def stage_prefill(study: StudyRun) -> None:
 
 
 def stage_discrete(study: StudyRun) -> None:
-    from pefttune.runtime.experiment import CONFIG_COPY, results_frame
+    from pefttune.runtime.study_dir import CONFIG_COPY, results_frame
     from pefttune.runtime.storage import storage_exists
     from pefttune.search.experiment import run_search
 
@@ -110,7 +110,7 @@ def stage_discrete(study: StudyRun) -> None:
 
 
 def stage_replicates(study: StudyRun) -> None:
-    from pefttune.runtime.experiment import results_frame
+    from pefttune.runtime.study_dir import results_frame
     from pefttune.search.replicates import run_replicates
 
     results = run_replicates(study.config, study.frames["discrete"], study.resume, verbose=study.verbose)
@@ -137,7 +137,7 @@ def stage_darts_search(study: StudyRun) -> None:
 
 def stage_darts_retrain(study: StudyRun) -> None:
     from pefttune.darts.experiment import run_darts_retrain
-    from pefttune.runtime.experiment import results_frame
+    from pefttune.runtime.study_dir import results_frame
 
     if study.darts_search is None:
         return
@@ -163,7 +163,7 @@ def stage_analysis(study: StudyRun) -> None:
 
 
 def _holds(study: StudyRun, sub: str) -> bool:
-    from pefttune.runtime.experiment import holds_run
+    from pefttune.runtime.study_dir import holds_run
 
     return holds_run(f"{study.path}/{sub}")
 
@@ -244,7 +244,7 @@ def run_study(
     analysis is skipped when the discrete arm finished no trial.
     """
     from pefttune.runtime.console import failure_summary
-    from pefttune.runtime.experiment import refuse_existing, study_dir
+    from pefttune.runtime.study_dir import refuse_existing, study_dir
     from pefttune.search.experiment import build_search_plan
 
     if not isinstance(config, StudyConfig):

@@ -47,7 +47,7 @@ class SuiteResult:
 def run_suite(config: StudyConfig | str | Path | None = None, address: str | None = None, resume: bool = False,
               name: str | None = None, verbose: int = 1, tasks=None) -> SuiteResult:
     """Run the study on every task of the suite, then write ``suite.md`` and the ``suite`` table."""
-    from pefttune.runtime.experiment import refuse_existing, study_dir
+    from pefttune.runtime.study_dir import refuse_existing, study_dir
     from pefttune.runtime.heartbeat import Heartbeat
 
     if not isinstance(config, StudyConfig):
@@ -174,7 +174,7 @@ def overall_verdict(verdicts: dict[str, str]) -> str:
 def _run_task(result: SuiteResult, task: str, tasks: list[str], config: StudyConfig, address: str | None,
               resume: bool, verbose: int) -> None:
     """One task's study into ``result`` (a task finished before is kept on resume)."""
-    from pefttune.runtime.experiment import study_dir
+    from pefttune.runtime.study_dir import study_dir
     from pefttune.runtime.storage import storage_exists
     from pefttune.study import run_study
 

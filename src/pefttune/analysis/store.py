@@ -66,7 +66,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pefttune.metrics import METRICS
-from pefttune.runtime.experiment import config_id
+from pefttune.runtime.study_dir import config_id
 from pefttune.runtime.storage import atomic_output
 from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_FILE, TrialKind, metric_key,
                              predictions_file)

@@ -24,7 +24,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pefttune.config import load_config
     from pefttune.runtime.console import failure_summary
-    from pefttune.runtime.experiment import results_frame
+    from pefttune.runtime.study_dir import results_frame
     from pefttune.search.experiment import run_search
 
     config = load_config(args.config)  # validated before Ray starts

@@ -48,7 +48,7 @@ from pefttune.runtime.cluster import (
     grid_tune_config,
     trial_name,
 )
-from pefttune.runtime.experiment import (
+from pefttune.runtime.study_dir import (
     CONFIG_COPY,
     check_same_config,
     config_id,

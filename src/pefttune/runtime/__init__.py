@@ -5,7 +5,7 @@ arm) and :mod:`pefttune.analysis`, below all three, and imports none of them:
 
 - :mod:`pefttune.runtime.storage`: files in experiment storage (local paths and URIs),
   atomic local writes, and per-trial markers (divergence, test seams);
-- :mod:`pefttune.runtime.experiment`: the experiment directory ``<storage>/<name>`` and its
+- :mod:`pefttune.runtime.study_dir`: the experiment directory ``<storage>/<name>`` and its
   rules (never overwrite, resume only with the same config), and reading a Ray experiment's
   results into one row per trial;
 - :mod:`pefttune.runtime.cluster`: the Ray connection (a private loopback instance, or

@@ -374,7 +374,7 @@ def failure_summary(frame: pd.DataFrame, kinds: tuple[str, ...] | None = None) -
     """Group identical trial errors and decide the exit status.
 
     ``frame`` has one row per trial with ``status`` (TERMINATED/ERROR), ``kind`` and
-    ``error`` (e.g. :func:`pefttune.runtime.experiment.results_frame`, several stages
+    ``error`` (e.g. :func:`pefttune.runtime.study_dir.results_frame`, several stages
     concatenated). The run fails (exit 1) when no trial finished, or when every trial of a
     kind failed; ``kinds`` limits the kinds checked (default: all present). A row without a
     kind and with a ``path`` (its trial folder) takes the kind from the folder's ``params.json``.

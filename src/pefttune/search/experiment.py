@@ -43,7 +43,7 @@ from pefttune.config import StudyConfig, load_config, parse_config
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
-from pefttune.runtime.experiment import (
+from pefttune.runtime.study_dir import (
     CONFIG_COPY,
     check_same_config,
     study_dir,
@@ -146,7 +146,7 @@ def prepare_directory(plan: SearchPlan, resume: bool, write: bool = True) -> boo
     whether there is a Ray run to restore.
 
     A new search's config copy is written unless ``write=False`` (then
-    :func:`~pefttune.runtime.experiment.write_config_copy` writes it later, once the cluster
+    :func:`~pefttune.runtime.study_dir.write_config_copy` writes it later, once the cluster
     checks passed). A resumed search that was stopped after its config copy was written but
     before Ray saved any state starts afresh (nothing of it was trained)."""
     path = plan.path

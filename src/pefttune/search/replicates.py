@@ -13,7 +13,7 @@ finished, :func:`run_replicates` trains, as one Ray experiment ``<storage>/<name
   placements) with each other seed.
 
 Each trial config carries ``seed`` and ``config_id`` (the configuration it replicates, the
-same for every seed: :func:`pefttune.runtime.experiment.config_id`), so the analysis groups
+same for every seed: :func:`pefttune.runtime.study_dir.config_id`), so the analysis groups
 a configuration's seeds. DARTS-derived placements get their seeds in the DARTS arm's retrain
 experiment.
 """
@@ -30,7 +30,7 @@ from pefttune.placement import Placement
 from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
-from pefttune.runtime.experiment import (
+from pefttune.runtime.study_dir import (
     config_id,
     study_dir,
     holds_run,

@@ -1,6 +1,6 @@
 """Summaries of a discrete search's results: the best trials, the Pareto front, a text table.
 
-Ray has no top-k: :func:`~pefttune.runtime.experiment.results_frame` + :func:`top_k` sort
+Ray has no top-k: :func:`~pefttune.runtime.study_dir.results_frame` + :func:`top_k` sort
 the trials.
 """
 from __future__ import annotations

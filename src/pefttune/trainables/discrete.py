@@ -42,7 +42,7 @@ from pefttune.metrics import worst_score
 from pefttune.model import build_model
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
-from pefttune.runtime.experiment import config_id, parse_placement, placement_columns
+from pefttune.runtime.study_dir import config_id, parse_placement, placement_columns
 from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState

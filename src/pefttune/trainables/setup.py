@@ -18,7 +18,7 @@ from pefttune.backbones import BackboneInfo
 from pefttune.data.loaders import DataRef, prepare_data
 from pefttune.heads import Head, HeadConfig
 from pefttune.model import PeftSpeechModel
-from pefttune.runtime.experiment import study_dir
+from pefttune.runtime.study_dir import study_dir
 from pefttune.runtime.storage import write_storage_text
 from pefttune.training import TrainConfig, num_frozen_states
 
