@@ -333,8 +333,8 @@ def test_local_runs_of_run_search_and_darts_prefill_once(tmp_path, monkeypatch, 
             raise Stop
         return run
 
-    import pefttune.darts.experiment as darts_experiment
-    import pefttune.search.experiment as search_experiment
+    import pefttune.darts.run as darts_experiment
+    import pefttune.search.run as search_experiment
 
     monkeypatch.setattr(search_experiment, "run_search", fake("search"))
     monkeypatch.setattr(darts_experiment, "run_darts", fake("darts"))

@@ -191,7 +191,7 @@ def cut_then_fail(kind: str, epoch: int, files: tuple[str, ...]):
 @pytest.fixture(scope="module")
 def search(ray_session, tmp_path_factory):
     from pefttune.config import parse_config
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
     from pefttune.search.space import FixedPoint
     from pefttune.testing import Faults, chain
     from test_search_fixtures import search_config, write_tone_manifest

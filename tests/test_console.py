@@ -86,7 +86,7 @@ def test_format_table_fits_the_width():
 def failing_search(ray_session, tmp_path_factory):
     """Two uniform methods diverge (NaN), the hybrid and one searched trial train."""
     from pefttune.config import parse_config
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
     from pefttune.testing import Faults, nan_at
     from test_search_fixtures import search_config, write_tone_manifest
 

@@ -347,7 +347,7 @@ def test_tracker_of_a_restored_search_continues_from_the_restored_alpha():
 
 def test_darts_search_cpu_sets_the_search_trials_resources():
     from pefttune.config import parse_config
-    from pefttune.darts.experiment import search_experiment
+    from pefttune.darts.run import search_experiment
 
     plain = parse_config({})
     assert search_experiment(plain) is plain  # default: the trials' own resources.cpu

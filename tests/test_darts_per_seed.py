@@ -9,7 +9,7 @@ import pytest
 
 from pefttune.analysis.findings import darts_convergence, placement_agreement
 from pefttune.config import parse_config
-from pefttune.darts.experiment import retrain_plan
+from pefttune.darts.run import retrain_plan
 from pefttune.placement import Placement
 
 BASE = {"name": "d", "backbone": "tiny-hubert", "methods": {"lora": {"rank": 2}, "bitfit": {}},

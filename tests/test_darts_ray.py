@@ -20,7 +20,7 @@ from pefttune.config import parse_config
 from pefttune.data.audio import write_flac
 from pefttune.data.espeak import SynthRequest, synthesize_many
 from pefttune.data.manifest import write_manifest
-from pefttune.darts.experiment import RETRAIN_DIR, SEARCH_DIR, canonical, load_darts, run_darts
+from pefttune.darts.run import RETRAIN_DIR, SEARCH_DIR, canonical, load_darts, run_darts
 from pefttune.placement import Placement
 from pefttune.runtime.study_dir import load_results, results_frame
 from pefttune.schema import PREDICTIONS_DIR, predictions_file

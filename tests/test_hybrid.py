@@ -263,7 +263,7 @@ def test_darts_supernet_holds_a_hybrid_next_to_its_members_own_candidates(mix):
 
 
 def test_darts_refuses_a_prefix_in_two_candidates_and_accepts_overlapping_projections():
-    from pefttune.darts.experiment import validate
+    from pefttune.darts.run import validate
 
     with pytest.raises(ValueError, match=r"'prefix' is in two candidates \(prefix\(p=2\) and hybrid\[prefix"):
         build_supernet("tiny-hubert", {"prefix": {"length": 2}, "hybrid": {"prefix": {}, "lora": {}}}, HEAD)

@@ -99,7 +99,7 @@ def _deps_under(graph, prefix):
     [
         ("pefttune.runtime", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
                               "pefttune.study", "pefttune.cli")),
-        ("pefttune.trainables", ("pefttune.search", "pefttune.darts.experiment", "pefttune.analysis",
+        ("pefttune.trainables", ("pefttune.search", "pefttune.darts.run", "pefttune.analysis",
                                  "pefttune.study", "pefttune.cli")),
         ("pefttune.search", ("pefttune.darts", "pefttune.analysis", "pefttune.study", "pefttune.cli")),
         ("pefttune.darts", ("pefttune.search", "pefttune.analysis", "pefttune.study", "pefttune.cli")),

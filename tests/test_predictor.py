@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def experiment(ray_session, tmp_path_factory):
     from pefttune.config import parse_config
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
     from test_search_fixtures import search_config, write_tone_manifest
 
     root = tmp_path_factory.mktemp("predictor")

@@ -46,7 +46,7 @@ def test_plan_covers_every_configuration_and_seed(tmp_path):
 
 @pytest.fixture(scope="module")
 def replicated_search(ray_session, tmp_path_factory):
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
 
     manifest = write_tone_manifest(tmp_path_factory.mktemp("tones"))
     storage = tmp_path_factory.mktemp("results")
@@ -72,7 +72,7 @@ def test_replicate_trials_carry_seeds_and_config_ids(replicated_search):
 
 
 def test_replicates_survive_resume(replicated_search):
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
 
     config, path = replicated_search
     before = set(trials_table(open_results(path))["trial_id"])

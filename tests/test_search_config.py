@@ -8,8 +8,8 @@ import yaml
 
 from pefttune.cli import main
 from pefttune.config import CONFIG_DIR, load_config, parse_config
-from pefttune.search import experiment as experiment_module
-from pefttune.search.experiment import build_search_plan, prepare_directory, run_search
+from pefttune.search import run as search_run
+from pefttune.search.run import build_search_plan, prepare_directory, run_search
 from test_search_fixtures import search_config, write_tone_manifest
 
 
@@ -18,7 +18,7 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray must not start for an invalid experiment")
 
-    monkeypatch.setattr(experiment_module, "connect_ray", refuse)
+    monkeypatch.setattr(search_run, "connect_ray", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from pefttune.config import parse_config
 from pefttune.runtime.study_dir import load_results, results_frame
 from pefttune.schema import STATE_FILE
-from pefttune.search.experiment import load_study, run_search
+from pefttune.search.run import load_study, run_search
 from pefttune.search.summary import top_k
 from pefttune.testing import Faults, fail_once_after, nan_at
 from pefttune.search.space import FixedPoint
@@ -198,7 +198,7 @@ DRIVER = textwrap.dedent(
     import sys, tempfile, torch, ray
     torch.set_num_threads(1)
     from pefttune.config import load_config
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
     from pefttune.search.space import FixedPoint
     from pefttune.testing import Faults, sleep_after
     temp = tempfile.mkdtemp(prefix="pefttune-resume-ray-")

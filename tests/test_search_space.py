@@ -229,7 +229,7 @@ def test_asha_never_stops_uniform_baselines_or_the_hybrid(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
     from pefttune.config import parse_config
-    from pefttune.search.experiment import build_search_plan, build_scheduler
+    from pefttune.search.run import build_search_plan, build_scheduler
     from test_search_fixtures import search_config
 
     config = parse_config(search_config(tmp_path / "m.parquet", tmp_path / "out",

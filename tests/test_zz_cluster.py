@@ -22,7 +22,7 @@ import pytest
 from pefttune.config import parse_config
 from pefttune.runtime.cluster import check_cluster_storage
 from pefttune.runtime.study_dir import results_frame
-from pefttune.search.experiment import load_study, run_search
+from pefttune.search.run import load_study, run_search
 from pefttune.search.space import FixedPoint
 from pefttune.testing import Faults, sleep_after
 from pefttune.trainables.checkpoint import read_state

@@ -172,7 +172,7 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
 
 def _darts_round(config: StudyConfig, root: str, seed: int, resume: bool, verbose: int) -> None:
     """One DARTS search with ``seed`` and its placement retrained with that seed, under ``root``."""
-    from pefttune.darts.experiment import SEARCH_DIR, run_darts_retrain, run_darts_search
+    from pefttune.darts.run import SEARCH_DIR, run_darts_retrain, run_darts_search
     from pefttune.runtime.study_dir import holds_run
 
     one = config.model_copy(update={"darts": config.darts.model_copy(update={"seeds": [seed], "retrain": "per-seed"})})

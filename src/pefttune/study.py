@@ -7,10 +7,10 @@ stage                   what it does
                         default) and every audio file checked
 ``prefill``             a local run fills the frozen cache once, before the trials
 ``discrete``            uniform baselines, the hybrid and the Optuna/ASHA per-layer search
-                        (:func:`pefttune.search.experiment.run_search`)
+                        (:func:`pefttune.search.run.run_search`)
 ``replicates``          the configurations a finding compares, once per other seed, and the
                         references (:func:`pefttune.search.replicates.run_replicates`)
-``darts-search``        the DARTS relaxation (:func:`pefttune.darts.experiment.run_darts_search`)
+``darts-search``        the DARTS relaxation (:func:`pefttune.darts.run.run_darts_search`)
 ``darts-retrain``       each derived placement trained like the baselines, once per seed
 ``more-seeds``          while a finding is open, one more seed of what it compares, up to
                         ``analysis.max_seeds`` (:mod:`pefttune.more_seeds`; off by default)
@@ -102,7 +102,7 @@ def stage_prefill(study: StudyRun) -> None:
 def stage_discrete(study: StudyRun) -> None:
     from pefttune.runtime.study_dir import CONFIG_COPY, results_frame
     from pefttune.runtime.storage import storage_exists
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
 
     resume = study.resume and storage_exists(f"{study.path}/{CONFIG_COPY}")  # it had started
     results = run_search(study.config, address=None, resume=resume, verbose=study.verbose, replicates=False)
@@ -119,7 +119,7 @@ def stage_replicates(study: StudyRun) -> None:
 
 
 def stage_darts_search(study: StudyRun) -> None:
-    from pefttune.darts.experiment import darts_frame, prepare_directories, run_darts_search, validate
+    from pefttune.darts.run import darts_frame, prepare_directories, run_darts_search, validate
 
     if not (study.config.darts.enabled and study.discrete_finished):
         return
@@ -136,7 +136,7 @@ def stage_darts_search(study: StudyRun) -> None:
 
 
 def stage_darts_retrain(study: StudyRun) -> None:
-    from pefttune.darts.experiment import run_darts_retrain
+    from pefttune.darts.run import run_darts_retrain
     from pefttune.runtime.study_dir import results_frame
 
     if study.darts_search is None:
@@ -245,7 +245,7 @@ def run_study(
     """
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.study_dir import refuse_existing, study_dir
-    from pefttune.search.experiment import build_search_plan
+    from pefttune.search.run import build_search_plan
 
     if not isinstance(config, StudyConfig):
         config = load_config(config)

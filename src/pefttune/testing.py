@@ -1,7 +1,7 @@
 """Fault injection for tests: ready-made hooks for :class:`pefttune.trainables.setup.Faults`.
 
 Trainables carry no test branches: a test passes a ``Faults`` object to
-:func:`pefttune.search.experiment.run_search` / :func:`pefttune.darts.experiment.run_darts`,
+:func:`pefttune.search.run.run_search` / :func:`pefttune.darts.run.run_darts`,
 filled with hooks from here. They live in the package (not under ``tests/``) so Ray workers
 can unpickle them. Each hook targets the trials whose placement is in ``placements`` and
 whose ``kind`` is in ``kinds`` (all trials when both are None).

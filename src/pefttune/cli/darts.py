@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pefttune.config import load_config
-    from pefttune.darts.experiment import run_darts, run_outcome, summary
+    from pefttune.darts.run import run_darts, run_outcome, summary
 
     config = load_config(args.config)  # validated before Ray starts
     result = run_darts(config, address=args.address, resume=args.resume, name=args.name, verbose=verbosity(args),

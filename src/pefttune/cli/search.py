@@ -25,7 +25,7 @@ def run(args) -> int:
     from pefttune.config import load_config
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.study_dir import results_frame
-    from pefttune.search.experiment import run_search
+    from pefttune.search.run import run_search
 
     config = load_config(args.config)  # validated before Ray starts
     results = run_search(

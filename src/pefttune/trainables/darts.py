@@ -45,7 +45,7 @@ One trial:
 The derived placement is the argmax candidate per layer, or, when that exceeds
 ``config.budget``, the most probable placement within the budget
 (:func:`pefttune.darts.derive_placement`). Retraining it is the discrete trainable's job
-(:mod:`pefttune.darts.experiment`).
+(:mod:`pefttune.darts.run`).
 """
 from __future__ import annotations
 
