@@ -25,7 +25,7 @@ import time
 import torch
 
 from pefttune.backbones import SpeechEncoder, build_tiny_model
-from pefttune.cache import FrozenStateCache
+from pefttune.frozen_cache import FrozenStateCache
 from pefttune.darts import Relaxation, build_supernet, make_architect, search_hooks
 from pefttune.heads import HeadConfig
 from pefttune.model import PeftSpeechModel

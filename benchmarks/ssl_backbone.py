@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pefttune.backbones import SpeechEncoder, build_tiny_model, load_backbone
-from pefttune.data.cache import ensure_corpus
+from pefttune.data.corpus_cache import ensure_corpus
 from pefttune.data.dataset import SpeechDataset, collate_batch
 from pefttune.heads import HeadConfig
 from pefttune.model import PeftSpeechModel, build_model

@@ -43,7 +43,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from pefttune.backbones import SpeechEncoder, build_tiny_model
-from pefttune.cache import FrozenStateCache
+from pefttune.frozen_cache import FrozenStateCache
 from pefttune.heads import Head, HeadConfig
 from pefttune.model import PeftSpeechModel
 from pefttune.placement import Placement

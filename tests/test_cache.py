@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from pefttune.cache import FrozenStateCache, cache_key
+from pefttune.frozen_cache import FrozenStateCache, cache_key
 from pefttune.config import parse_config
 from pefttune.data.manifest import read_manifest
 from pefttune.heads import HeadConfig

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from data_fixtures import tree_digest
 from pefttune.data import synth
-from pefttune.data.cache import corpus_dir, ensure_corpus
+from pefttune.data.corpus_cache import corpus_dir, ensure_corpus
 from pefttune.data.manifest import read_manifest, validate_manifest
 from pefttune.data.vocab import load_vocab
 

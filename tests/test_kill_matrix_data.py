@@ -127,7 +127,7 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 
 
 def test_kill_while_the_corpus_is_written(tmp_path):
-    from pefttune.data.cache import ensure_corpus
+    from pefttune.data.corpus_cache import ensure_corpus
 
     cache = tmp_path / "cache"
     corpora = cache / "corpora"

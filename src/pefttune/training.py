@@ -165,7 +165,7 @@ def num_frozen_states(model: PeftSpeechModel) -> int:
 def frozen_step(model: PeftSpeechModel, batch: dict, cache=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Frozen hidden states h_0..h_k (k = lowest adapted layer) and the frame mask.
 
-    With a :class:`~pefttune.cache.FrozenStateCache` they come from the cache when present.
+    With a :class:`~pefttune.frozen_cache.FrozenStateCache` they come from the cache when present.
     """
     states = num_frozen_states(model)
     if cache is not None:
@@ -373,7 +373,7 @@ def fit(
     """Train epochs ``start_epoch..config.epochs``; evaluate on dev after each.
 
     ``on_epoch`` receives each :class:`EpochResult` (the Ray trainable reports and
-    checkpoints there). ``cache`` (a :class:`~pefttune.cache.FrozenStateCache`) serves the
+    checkpoints there). ``cache`` (a :class:`~pefttune.frozen_cache.FrozenStateCache`) serves the
     frozen part of each step. Raises :class:`DivergedError` on a NaN/inf loss.
     """
     hooks = hooks or Hooks()

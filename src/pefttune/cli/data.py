@@ -104,7 +104,7 @@ def _synth(args) -> int:
 
 
 def _ensure(args) -> int:
-    from pefttune.data.cache import ensure_corpus
+    from pefttune.data.corpus_cache import ensure_corpus
 
     manifest = ensure_corpus(args.task, seed=args.seed, root=args.cache, **_sizes(args))
     print(manifest)

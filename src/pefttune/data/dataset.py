@@ -115,7 +115,7 @@ class SpeechDataset(Dataset):
             raise ValueError(f"split {split!r} is empty: no manifest rows have split == {split!r}")
         self.skipped: list[tuple[int, str, str]] = []
         #: row id -> True when the model will not need this utterance's audio (its frozen
-        #: states are cached): the item then carries no samples (see pefttune.cache).
+        #: states are cached): the item then carries no samples (see pefttune.frozen_cache).
         self.skip_audio = None
         rows = self._check_files(rows)
         if task_kind == "classification":

@@ -4,7 +4,7 @@
 :func:`~pefttune.data.manifest.read_manifest` and
 :class:`~pefttune.data.dataset.SpeechDataset` read:
 
-- ``"synth"``: the cached synthesized corpus (:func:`~pefttune.data.cache.ensure_corpus`);
+- ``"synth"``: the cached synthesized corpus (:func:`~pefttune.data.corpus_cache.ensure_corpus`);
 - ``"manifest"``: the given manifest file (or a folder holding ``manifest.parquet``);
 - a layout name (``speech_commands``, ``fluent`` / ``fluent_commands``, ``voxceleb1``,
   ``librispeech``, ``iemocap``): the dataset folder is read by its loader
@@ -17,7 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pefttune.data.cache import cache_root, ensure_corpus
+from pefttune.data.corpus_cache import cache_root, ensure_corpus
 from pefttune.data.layouts import LAYOUTS, load_layout
 from pefttune.data.manifest import write_manifest
 
@@ -73,7 +73,7 @@ def manifest_for(
         path: the manifest or dataset folder (not used for ``synth``).
         seed, per_class: synthesized corpus settings (``per_class`` is the KS clips per
             class and the SID utterances per speaker).
-        cache: cache folder (default: :func:`~pefttune.data.cache.cache_root`).
+        cache: cache folder (default: :func:`~pefttune.data.corpus_cache.cache_root`).
         **options: more corpus sizes (synth) or loader options (layouts).
     """
     if source == "synth":

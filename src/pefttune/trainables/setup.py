@@ -120,7 +120,7 @@ def head_parameters(info: BackboneInfo, head: HeadConfig) -> int:
 
 
 def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
-    """The trial's :class:`~pefttune.cache.FrozenStateCache` (None when ``train.frozen_cache: off``).
+    """The trial's :class:`~pefttune.frozen_cache.FrozenStateCache` (None when ``train.frozen_cache: off``).
 
     Keyed by the backbone's content hash, the manifest's bytes and the preprocessing, so a
     changed backbone, dataset or crop never reads stale states. On disk it lives under
@@ -128,8 +128,8 @@ def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
     ``train.frozen_cache_disk_gb`` for all of them together. Prints its size: for the
     manifest when it has durations, else per second of audio.
     """
-    from pefttune.cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
-    from pefttune.data.cache import cache_root
+    from pefttune.frozen_cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
+    from pefttune.data.corpus_cache import cache_root
 
     mode = experiment.train.frozen_cache
     if mode == "off":
