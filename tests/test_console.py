@@ -18,7 +18,7 @@ LONG = " ".join(f"L{i}:sequential(b=32)+lora(r=8)" for i in range(12))
 
 def test_trial_lines_fit_and_carry_the_scores(tmp_path):
     out = io.StringIO()
-    console = Console("discrete arm", "accuracy", "max", total=3, experiment_path=str(tmp_path), stream=out)
+    console = Console("discrete arm", "accuracy", "max", total=3, study_dir=str(tmp_path), stream=out)
     console.trial_started("a1")
     console.trial_finished("a1", {"kind": "uniform"}, {"placement_short": LONG, "best_dev_accuracy": 0.51234,
                                                        "test_accuracy": 0.4, "time_total_s": 90})
@@ -242,7 +242,7 @@ def test_the_console_callback_survives_values_of_any_type(tmp_path):
     from types import SimpleNamespace
 
     out = io.StringIO()
-    console = Console("replicates", "accuracy", "max", total=2, experiment_path=str(tmp_path), stream=out)
+    console = Console("replicates", "accuracy", "max", total=2, study_dir=str(tmp_path), stream=out)
     odd = {"time_total_s": (12.0, 3.0), "best_dev_accuracy": (0.5,), "test_accuracy": "n/a",
            "placement_short": ("L0:lora", "L1:none"), "over_budget": False}
     console.trial_finished(7, {"kind": ("uniform", "lora"), "seed": [1]}, odd)

@@ -205,7 +205,7 @@ def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
         ),
         run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose,
                                Console("DARTS search", config.metric, _mode(config), total=_search_trials(config),
-                                       experiment_path=path)),
+                                       study_dir=path)),
     )
 
 
@@ -269,7 +269,7 @@ def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose
 
     best = metric_key("dev", config.metric, best=True)
     reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
-    console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), experiment_path=path)
+    console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
     return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                       _run_config(config, path, RETRAIN_DIR, reporter, verbose, console))

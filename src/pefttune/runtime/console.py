@@ -94,7 +94,7 @@ class Console:
     metric: str  # the task metric, e.g. accuracy
     mode: str  # max | min
     total: int | None = None  # trials expected in this stage
-    experiment_path: str | None = None  # where errors.log goes
+    study_dir: str | None = None  # where errors.log goes
     stream: TextIO | None = None  # None: sys.stdout at the time of writing (so the console pickles)
     interval: float = 30.0
     started: float = field(default_factory=time.monotonic)
@@ -209,9 +209,9 @@ class Console:
 
     def log_error(self, trial_id: str, config: dict, error_text: str | None) -> None:
         """Append the full traceback to ``<experiment>/errors.log``."""
-        if not self.experiment_path:
+        if not self.study_dir:
             return
-        path = f"{self.experiment_path}/{ERRORS_LOG}"
+        path = f"{self.study_dir}/{ERRORS_LOG}"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with contextlib.suppress(Exception):  # the log must never fail the run
             entry = (f"=== {stamp} [{self.stage}] trial {_text(trial_id)} kind={_text(config.get('kind'))} "

@@ -83,14 +83,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 # -- per-trial markers ------------------------------------------------------------------------------
 
 
-def trial_storage_dir(experiment_path: str | None) -> str | None:
+def trial_storage_dir(ray_dir: str | None) -> str | None:
     """This trial's folder in the experiment's storage, ``<experiment>/<trial name>``.
 
     It is the same for every attempt of the trial (retries, resumes), unlike the local
     working directory; the tuners name trial folders after the trial (trial_dirname_creator).
     None outside a Tune session or without an experiment path.
     """
-    if not experiment_path:
+    if not ray_dir:
         return None
     try:
         from ray import tune
@@ -98,7 +98,7 @@ def trial_storage_dir(experiment_path: str | None) -> str | None:
         name = tune.get_context().get_trial_name()
     except Exception:  # noqa: BLE001 - not inside a Tune session
         return None
-    return f"{experiment_path.rstrip('/')}/{name}"
+    return f"{ray_dir.rstrip('/')}/{name}"
 
 
 def read_marker(trial_dir: str | None, name: str) -> str | None:
@@ -110,11 +110,11 @@ def write_marker(trial_dir: str | None, name: str, text: str) -> None:
         write_storage_text(f"{trial_dir}/{name}", text)
 
 
-def trial_dir(experiment_path: str | None = None) -> str | Path | None:
+def trial_dir(ray_dir: str | None = None) -> str | Path | None:
     """Where this trial keeps its markers: the stable storage folder when the experiment
     path is known (:func:`trial_storage_dir`), else Ray's local working directory (which a
     retried trial may not get back). None outside Ray Tune."""
-    stable = trial_storage_dir(experiment_path)
+    stable = trial_storage_dir(ray_dir)
     if stable is not None:
         return stable
     try:

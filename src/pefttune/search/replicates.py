@@ -145,7 +145,7 @@ def run_replicates(
         if holds_run(path):
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
-                          experiment_path=study_dir(config))
+                          study_dir=study_dir(config))
         run_config = tune_run_config(config, REPLICATES_DIR, study_dir(config),
                                      [console.callback()] if verbose == 1 else [], verbose)
         tuner = grid_tuner(make_trainable(setup), path, plan,

@@ -323,7 +323,7 @@ def run_search(
             )
         else:
             console = Console("discrete arm", config.metric, plan.mode, total=plan.num_samples,
-                              experiment_path=plan.path)
+                              study_dir=plan.path)
             tuner = build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
         with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
