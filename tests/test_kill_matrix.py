@@ -2,7 +2,8 @@
 
 One small study on a tone corpus is run through the CLI in a subprocess and killed once inside
 every trial stage and inside the analysis, each moment found through the results store (a
-trial of that stage has reported, the stage has not finished), never by sleeping; after each
+trial of that stage has reported, the stage has not finished), never by sleeping (the
+further-seeds round of ``analysis.max_seeds`` included); after each
 kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
 uninterrupted one of the same config and seeds: the same configurations and seeds, one
 completed trial each, the same scores and verdicts.
@@ -37,7 +38,8 @@ def _config(manifest: Path, storage: Path, name: str) -> dict:
         train={"epochs": 3, "max_steps_per_epoch": 3, "seeds": SEEDS},
         search={"num_samples": 1, "scheduler": "none", "max_failures": 1, "hybrid": False, "replicate_top": 1,
                 "frozen_reference": True},
-        darts={"warmup_epochs": 0},  # one search per seed, each seed's placement retrained with that seed
+        darts={"warmup_epochs": 0, "converged_entropy": 1.0},  # one search per seed; "converged": finding 1 can be open
+        analysis={"logmel_reference": False, "max_seeds": 3},  # a round of seed 2 where a finding is open
     )
     return config
 
@@ -71,6 +73,7 @@ MOMENTS = {
     "replicates": ("replicates", _reported),
     "darts-search": ("darts", _reported),
     "darts-retrain": ("darts-retrain", _reported),
+    "more-seeds": ("seeds-2/trainings", _reported),
     "analysis": ("analysis", lambda f: (f / "tables" / "trials.parquet").is_file()),
 }
 
@@ -107,8 +110,9 @@ def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Pa
                     _kill_group(driver, temp_root)
                     return seen
                 if driver.poll() is not None:
-                    pytest.fail(f"the study ended (rc {driver.returncode}) before stage {stage} was under way; "
-                                f"see {log}")
+                    errors = study / "errors.log"
+                    pytest.fail(f"the study ended (rc {driver.returncode}) before stage {stage} was under way:\n"
+                                + log.read_text()[-3000:] + (errors.read_text()[-3000:] if errors.is_file() else ""))
                 time.sleep(0.05)
             pytest.fail(f"stage {stage} never started; see {log}")
         finally:

@@ -65,11 +65,11 @@ from pefttune.placement import Placement
 from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.seeds_speakers import Clusters, seeds_to_decide
 from pefttune.analysis.speakers import speaker_clusters
+from pefttune.analysis.tables import VARIES_BY_SEED
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord
 from pefttune.schema import TrialKind
 
 NOT_RUN = "not run"
-VARIES_BY_SEED = "its own per seed"
 REFERENCE_KINDS = (TrialKind.FROZEN, TrialKind.LOG_MEL)
 
 

@@ -335,8 +335,10 @@ def seeds_speakers_bootstrap(a: Any, b: Any, *, clusters: Clusters | None = None
     est, spread = seed_level(sign * ma, sign * mb, pairing)
     spread = replace(spread, speaker_var=v_spk, n_clusters=k)
     low, high, p = t_interval(est, spread, confidence)
+    units = (f"{k} clusters ({clusters.n_speakers} speakers, the other clips without one)"
+             if clusters.unit == "speakers" and k != clusters.n_speakers else f"{k} {clusters.unit}")
     method = (f"t over {spread.n_seeds} seeds ({pairing}, df {spread.df:.3g}) + cluster bootstrap variance over "
-              f"{k} {clusters.unit} ({draws} draws, metric {metric}); {_pct(confidence)} t interval")
+              f"{units} ({draws} draws, metric {metric}); {_pct(confidence)} t interval")
     return Comparison(est, low, high, p, method, na.shape[1], na.shape[0], nb.shape[0], float(ma.mean()),
                       float(mb.mean()), confidence, bool(higher_is_better), clusters.label, "", spread)
 

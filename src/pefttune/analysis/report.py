@@ -572,7 +572,10 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
 
     if result.get("configs"):
         conf = settings.get("confidence", 0.95)
-        lines += [f"## Configurations (mean over seeds, {conf:.0%} t-interval)", "",
+        decision = result.get("decision", {})
+        speakers = (f"{decision['test_speakers']} test speakers" if decision.get("test_speakers") is not None
+                    else f"{decision.get('clusters', '?')} test utterances, no speakers known")
+        lines += [f"## Configurations (mean over seeds, {conf:.0%} t-interval; test split: {speakers})", "",
                   "Reference rows: `frozen` (the head only, no PEFT) and `log-mel` (the same head on log-mel "
                   "features, no SSL encoder) show what PEFT and the encoder add.", ""]
         rows = []

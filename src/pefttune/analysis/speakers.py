@@ -19,7 +19,7 @@ from pefttune.analysis.seeds_speakers import Clusters
 
 __all__ = ["manifest_of", "speaker_clusters"]
 
-_SIZES = ("per_class", "test_per_class", "sentences")
+_SIZES = ("per_class", "test_per_class", "sentences", "test_speakers")
 
 
 def manifest_of(config: dict | None) -> tuple[Path | None, str]:

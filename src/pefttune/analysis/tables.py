@@ -109,6 +109,9 @@ from pefttune.runtime.storage import atomic_output
 from pefttune.schema import TrialKind, metric_key
 from pefttune.training import unpack_sequences
 
+#: The placement of a configuration whose seeds each derived their own (DARTS as a method).
+VARIES_BY_SEED = "its own per seed"
+
 __all__ = [
     "ALPHA_COLUMNS",
     "ENSEMBLE_COLUMNS",
@@ -453,7 +456,10 @@ def configs_table(experiment: ResultsStore | str, confidence: float = 0.95) -> p
         first = group.iloc[0]
         rows.append({
             "config_id": cid, "kind": first["kind"], "method": first["method"],
-            "placement_short": first["placement_short"], "trainable_params": first["trainable_params"],
+            # DARTS as a method derives its own placement per seed (the report's per-seed table lists them)
+            "placement_short": first["placement_short"] if group["placement_short"].nunique() <= 1 else
+            VARIES_BY_SEED,
+            "trainable_params": first["trainable_params"] if group["trainable_params"].nunique() <= 1 else None,
             "n_seeds": len(group), "seeds": ",".join(str(int(s)) for s in group["seed"].dropna()),
             "metric": experiment.metric,
             "dev_mean": dev.mean, "dev_std": dev.std, "dev_ci_low": dev.ci_low, "dev_ci_high": dev.ci_high,
