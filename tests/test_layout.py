@@ -120,3 +120,8 @@ def test_layers_import_only_downwards(layer, forbidden):
         and not (layer == "pefttune.analysis.store" and d == layer)
     )
     assert not bad, bad
+
+
+def test_the_schema_sits_low():
+    """pefttune.schema imports the standard library and pefttune.metrics only: every layer may import it."""
+    assert import_graph()["pefttune.schema"] <= {"pefttune.metrics"}
