@@ -9,8 +9,9 @@ import pytest
 from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import configs_table, trials_table
 from pefttune.config import parse_config
+from pefttune.schema import TrialKind
 from pefttune.search.replicates import plan_replicates
-from test_search_fixtures import search_config, write_tone_manifest
+from test_search_fixtures import search_config, search_row, write_tone_manifest
 
 
 def _config(manifest, storage, **search):
@@ -25,12 +26,10 @@ def _config(manifest, storage, **search):
 def test_plan_covers_every_configuration_and_seed(tmp_path):
     config = _config(tmp_path / "m.parquet", tmp_path)
     search = pd.DataFrame([
-        {"trial_id": "a", "status": "TERMINATED", "kind": "discrete", "over_budget": False, "stopped_early": False,
-         "best_dev_accuracy": 0.9, "trainable_params": 10,
-         "placement": '{"num_layers": 4, "layers": ["lora", "none", "none", "none"]}'},
-        {"trial_id": "b", "status": "TERMINATED", "kind": "discrete", "over_budget": False, "stopped_early": False,
-         "best_dev_accuracy": 0.5, "trainable_params": 10,
-         "placement": '{"num_layers": 4, "layers": ["bitfit", "none", "none", "none"]}'},
+        search_row("a", TrialKind.DISCRETE, 0.9, 10,
+                   placement='{"num_layers": 4, "layers": ["lora", "none", "none", "none"]}'),
+        search_row("b", TrialKind.DISCRETE, 0.5, 10,
+                   placement='{"num_layers": 4, "layers": ["bitfit", "none", "none", "none"]}'),
     ])
     plan = plan_replicates(config, search)
     by_config = {}

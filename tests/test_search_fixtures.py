@@ -9,6 +9,7 @@ import pandas as pd
 
 from pefttune.data.audio import write_flac
 from pefttune.data.manifest import write_manifest
+from pefttune.schema import TrialKind, metric_key
 
 SPLITS = {"train": 8, "dev": 3, "test": 3}
 
@@ -50,3 +51,12 @@ def search_config(manifest: Path, storage: Path, **sections) -> dict:
         merge = key != "methods" and isinstance(value, dict) and isinstance(config.get(key), dict)
         config[key] = {**config[key], **value} if merge else value
     return config
+
+
+def search_row(trial_id: str, kind: TrialKind, score: float, params: int, metric: str = "accuracy",
+               status: str = "TERMINATED", over_budget: bool = False, stopped_early: bool = False, **extra) -> dict:
+    """One row of a search's results frame (:func:`pefttune.runtime.study_dir.results_frame`): the
+    columns the summaries and the replicates read, named by the schema."""
+    return {"trial_id": trial_id, "status": status, "kind": kind.value, "over_budget": over_budget,
+            "stopped_early": stopped_early, metric_key("dev", metric, best=True): score, "trainable_params": params,
+            **extra}

@@ -13,6 +13,7 @@ from pefttune.config import parse_config
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
+from pefttune.schema import TrialKind
 from pefttune.search.summary import pareto_front, summary_table, top_k
 from pefttune import backbones
 from pefttune.trainables import checkpoint as ckpt
@@ -22,7 +23,7 @@ from pefttune import metrics
 from pefttune.runtime import study_dir as results
 from pefttune.trainables import setup as trial_setup
 from pefttune.training import fit, setup_optimizer, setup_scheduler
-from test_search_fixtures import search_config, write_tone_manifest
+from test_search_fixtures import search_config, search_row, write_tone_manifest
 
 
 @pytest.fixture(scope="module")
@@ -168,19 +169,19 @@ def test_placement_columns_and_worst_scores():
 
 
 def _frame():
+    uniform, discrete, hybrid = TrialKind.UNIFORM, TrialKind.DISCRETE, TrialKind.HYBRID
     rows = [
         # kind, score, params, status, over budget, stopped early
-        ("uniform", 0.70, 900, "TERMINATED", False, False),
-        ("discrete", 0.80, 500, "TERMINATED", False, False),
-        ("discrete", 0.80, 400, "TERMINATED", False, False),
-        ("discrete", 0.60, 100, "TERMINATED", False, False),
-        ("discrete", 0.95, 300, "TERMINATED", False, True),
-        ("hybrid", 0.00, 9000, "TERMINATED", True, False),
-        ("discrete", np.nan, 200, "ERROR", False, False),
+        (uniform, 0.70, 900, "TERMINATED", False, False),
+        (discrete, 0.80, 500, "TERMINATED", False, False),
+        (discrete, 0.80, 400, "TERMINATED", False, False),
+        (discrete, 0.60, 100, "TERMINATED", False, False),
+        (discrete, 0.95, 300, "TERMINATED", False, True),
+        (hybrid, 0.00, 9000, "TERMINATED", True, False),
+        (discrete, np.nan, 200, "ERROR", False, False),
     ]
-    frame = pd.DataFrame(rows, columns=["kind", "best_dev_accuracy", "trainable_params", "status", "over_budget",
-                                        "stopped_early"])
-    frame["trial_id"] = [f"t{i}" for i in range(len(frame))]
+    frame = pd.DataFrame([search_row(f"t{i}", kind, score, params, status=status, over_budget=over, stopped_early=early)
+                          for i, (kind, score, params, status, over, early) in enumerate(rows)])
     frame["method"] = ["lora", "", "", "", "", "", ""]
     frame["placement_short"] = [f"P{i}" for i in range(len(frame))]
     frame["epoch"] = 3
