@@ -398,7 +398,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def analyze(experiment_path: str | Path | ResultsStore, out_dir: str | Path | None = None) -> dict:
+def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None) -> dict:
     """Ensembles + exports + statistics + plots + ``report.md`` in one go.
 
     Writes to ``out_dir`` (default ``<experiment>/analysis``; ``./pefttune-analysis/<name>``
@@ -411,7 +411,7 @@ def analyze(experiment_path: str | Path | ResultsStore, out_dir: str | Path | No
     ``verdict``, a ``text`` and the numbers behind it), ``comparison`` (rows for
     :func:`format_comparison`) and ``files``.
     """
-    experiment = open_results(experiment_path)
+    experiment = open_results(study)
     out = Path(out_dir) if out_dir is not None else experiment.default_out_dir()
     tables_dir, plots_dir = out / "tables", out / "plots"
     runs, ensemble_error = _run_default_ensembles(experiment)
