@@ -207,7 +207,7 @@ def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
     result = analyze(replicated.uri, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "| 1 |" in report and "Rule: reproduced:" in report
-    assert "## Configurations (mean over seeds, 95% t-interval)" in report
+    assert "## Configurations (mean over seeds, 95% t-interval; test split: " in report
     assert "uniform:lora" in report and "frozen" in report and "± " in report
     assert "best uniform minus frozen (what PEFT adds)" in report
     assert "DARTS convergence" in report and "-> converged" in report
