@@ -191,3 +191,26 @@ def encoder_states(encoder: SpeechEncoder, seed: int = 0, grad: bool = False):
     x, mask = audio_batch(seed)
     with torch.set_grad_enabled(grad):
         return encoder(x, mask)
+
+
+def kill_driver_group(driver, temp_root: str) -> None:
+    """SIGKILL a driver subprocess's process group (started with ``start_new_session=True``), as a
+    crash would, then the Ray daemons it started (:func:`kill_ray_leftovers`)."""
+    import os
+    import signal
+
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    kill_ray_leftovers(temp_root)
+
+
+def kill_ray_leftovers(temp_root: str) -> None:
+    """The processes whose command line names ``temp_root`` (a driver's private Ray temp folder)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_root in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass

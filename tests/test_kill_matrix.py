@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from pefttune.cli import main as cli_main
+from helpers import kill_driver_group
 from test_search_fixtures import search_config, write_tone_manifest
 
 pytestmark = pytest.mark.slow
@@ -78,19 +78,6 @@ MOMENTS = {
 }
 
 
-def _kill_group(driver: subprocess.Popen, temp_root: str) -> None:
-    import psutil
-
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    for proc in psutil.process_iter(["pid", "cmdline"]):  # Ray's daemons of the killed driver
-        try:
-            if any(temp_root in part for part in proc.info["cmdline"] or []):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
 def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Path) -> dict:
     """Start ``pefttune run`` and SIGKILL it once ``stage`` is under way; what was seen then."""
     sub, under_way = MOMENTS[stage]
@@ -107,7 +94,7 @@ def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Pa
                     seen = {"finished_before_kill": sub != "analysis" and _trials_done(folder)}
                     if stage == "analysis":
                         seen["finished_before_kill"] = (folder / "summary.json").is_file()
-                    _kill_group(driver, temp_root)
+                    kill_driver_group(driver, temp_root)
                     return seen
                 if driver.poll() is not None:
                     errors = study / "errors.log"
@@ -117,7 +104,7 @@ def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Pa
             pytest.fail(f"stage {stage} never started; see {log}")
         finally:
             if driver.poll() is None:
-                _kill_group(driver, temp_root)
+                kill_driver_group(driver, temp_root)
     return {}
 
 

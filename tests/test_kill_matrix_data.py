@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import kill_driver_group, kill_ray_leftovers
 from test_search_fixtures import search_config, write_tone_manifest
 
 pytestmark = pytest.mark.slow
@@ -47,19 +47,6 @@ def _write(path: Path, config: dict) -> Path:
     return path
 
 
-def _kill_group(driver: subprocess.Popen, temp_root: str) -> None:
-    import psutil
-
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    for proc in psutil.process_iter(["pid", "cmdline"]):  # Ray's daemons of the killed driver
-        try:
-            if any(temp_root in part for part in proc.info["cmdline"] or []):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
 def _env(cache: Path | None) -> tuple[dict, str]:
     temp_root = tempfile.mkdtemp(prefix="pk-")
     env = {**os.environ, "TMPDIR": temp_root}
@@ -81,7 +68,7 @@ def _run_until(config_path: Path, moment, log: Path, cache: Path | None = None, 
             while time.time() < deadline:
                 seen = moment()
                 if seen:
-                    _kill_group(driver, temp_root)
+                    kill_driver_group(driver, temp_root)
                     return seen
                 if driver.poll() is not None:
                     pytest.fail(f"the run ended (rc {driver.returncode}) before the moment to kill it; see {log}")
@@ -89,7 +76,7 @@ def _run_until(config_path: Path, moment, log: Path, cache: Path | None = None, 
             pytest.fail(f"the moment to kill never came; see {log}")
         finally:
             if driver.poll() is None:
-                _kill_group(driver, temp_root)
+                kill_driver_group(driver, temp_root)
 
 
 def _resume(config_path: Path, cache: Path | None = None) -> subprocess.CompletedProcess:
@@ -98,14 +85,7 @@ def _resume(config_path: Path, cache: Path | None = None) -> subprocess.Complete
         return subprocess.run([sys.executable, "-m", "pefttune", "run", str(config_path), "--resume"],
                               capture_output=True, text=True, env=env, timeout=400)
     finally:
-        import psutil
-
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(temp_root in part for part in proc.info["cmdline"] or []):
-                    proc.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        kill_ray_leftovers(temp_root)
 
 
 def _finished(study: Path) -> pd.DataFrame:
