@@ -69,3 +69,17 @@ def test_placement_agreement_counts_layers_in_common():
     assert agreement["layers_in_common"] == [0] and agreement["searches"] == 3
     assert agreement["pairwise_same_layers_mean"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
     assert placement_agreement(rows[:1]) is None
+
+
+def test_the_retrain_plan_does_not_depend_on_the_order_ray_returns_the_searches_in(tmp_path):
+    from pefttune.runtime.plan import check_plan, write_plan
+
+    config = parse_config({**BASE, "train": {"seeds": [0, 1]}, "darts": {"retrain": "every-seed", "seeds": [0, 1]}})
+    a = _placement("lora", "none")
+    searches = [("t0", 0, a), ("t1", 1, a)]  # both derive the same placement: one configuration, two sources
+    first = retrain_plan(config, _search(*searches))
+    write_plan(str(tmp_path), first)
+    again = retrain_plan(config, _search(*reversed(searches)))  # a restored experiment's order
+    assert again.trials == first.trials
+    assert first.trials[0]["derived_from"] == ["t0 seed=0 variant=base", "t1 seed=1 variant=base"]
+    check_plan(str(tmp_path), type(first)(list(reversed(first.trials)), first.inputs))  # order alone: resumes

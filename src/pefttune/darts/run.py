@@ -276,17 +276,12 @@ def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose
 
 
 def collect_derived(results) -> list[DerivedPlacement]:
-    """Distinct derived placements of the finished DARTS trials, in trial order."""
+    """Distinct derived placements of the finished DARTS trials, each with the trials that derived
+    it in (variant, seed) order, the placements in the order of their first trial: the same
+    whatever order Ray returns the results in (a restored experiment returns them in another)."""
     by_key: dict[str, DerivedPlacement] = {}
-    for result in results:
-        metrics = result.metrics or {}
-        text = metrics.get("derived_placement")
-        if result.error or not text or "derived_dev_loss" not in metrics:  # not finished
-            continue
-        placement = Placement.from_json(text)
-        key = canonical(placement)
-        label = f"{metrics.get('trial_id', '?')} seed={metrics.get('seed')} variant={metrics.get('variant')}"
-        by_key.setdefault(key, DerivedPlacement(placement)).trials.append(label)
+    for outcome in search_outcomes(results):
+        by_key.setdefault(canonical(outcome.placement), DerivedPlacement(outcome.placement)).trials.append(outcome.label)
     return list(by_key.values())
 
 
