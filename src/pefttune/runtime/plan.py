@@ -1,7 +1,7 @@
 """A grid experiment's trials, stored as data in its folder (``plan.json``).
 
 The replicates and the DARTS retrains are grid experiments: a fixed list of trial configs,
-one Ray trial each. Ray keeps a ``tune.sample_from`` value as a function placeholder in every
+one Ray trial each. Ray keeps a ``tune.sample_from`` value as a reference to its function in every
 trial config and resolves it from the ``param_space`` it is given; ``Tuner.restore`` without
 that ``param_space`` leaves ``('__fn_ph', ...)`` tuples where the values should be. So such an
 experiment writes its trial configs to ``plan.json`` before Ray starts it, and a resume rebuilds
