@@ -106,6 +106,9 @@ def _deps_under(graph, prefix):
         ("pefttune.analysis", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.study",
                                "pefttune.cli")),
         ("pefttune.analysis.store", ("pefttune.analysis",)),  # the store only reads
+        # the learning-rate protocol: both arms and the analysis use it; it runs the trainable it is given
+        ("pefttune.tuning", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
+                             "pefttune.study", "pefttune.cli")),
         ("pefttune.study", ("pefttune.suite", "pefttune.cli")),  # a suite runs studies, not the reverse
         ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",

@@ -25,10 +25,10 @@ def test_kinds_are_the_stored_strings():
 
 def test_kinds_round_trip_through_a_trial_config():
     for kind in TrialKind:
-        config = Replicate("cid", kind.value, "", '{"num_layers": 0, "layers": []}', 0).trial_config(0.01)
+        config = Replicate("cid", kind.value, "", '{"num_layers": 0, "layers": []}', 0, lr=0.01).trial_config()
         assert json.dumps(config) == json.dumps({**config, "kind": str(kind)})
         assert TrialKind(json.loads(json.dumps(config))["kind"]) is kind
-    log_mel = Replicate("log-mel", TrialKind.LOG_MEL.value, "", "{}", 0).trial_config(0.01)
+    log_mel = Replicate("log-mel", TrialKind.LOG_MEL.value, "", "{}", 0, lr=0.01).trial_config()
     assert log_mel["backbone"] == "log-mel"
     assert json.dumps({"kind": TrialKind.DARTS_DERIVED}) == '{"kind": "darts-derived"}'
 

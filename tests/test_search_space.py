@@ -94,13 +94,15 @@ def test_fixed_points_come_first_tagged_and_in_the_study(tmp_path, info):
     assert trials[0].params[layer_param(0)] == "lora"
 
 
-def test_lr_range_is_searched_and_grid_rejects_it(tmp_path, info):
-    config = make_config(train={"lr_range": [1e-4, 1e-2]}, search={"uniform_baselines": False, "hybrid": False})
+def test_lr_is_drawn_from_the_grid_and_the_grid_sampler_enumerates_it(tmp_path, info):
+    config = make_config(train={"lr_grid": [1e-3, 1e-2]}, search={"uniform_baselines": False, "hybrid": False})
     search = make_search(tmp_path, config, info)
     lrs = [search.suggest(f"t{i}")["lr"] for i in range(6)]
-    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 6
-    with pytest.raises(ValueError, match="search.algorithm: grid"):
-        validate_space(make_config(train={"lr_range": [1e-4, 1e-2]}, search={"algorithm": "grid"}), info)
+    assert set(lrs) <= {1e-3, 1e-2}
+    grid = make_config(methods={"bitfit": {}}, train={"lr_grid": [1e-3, 1e-2]},
+                       search={"algorithm": "grid", "uniform_baselines": False, "hybrid": False})
+    space = validate_space(grid, info)
+    assert space.grid()["lr"] == [1e-3, 1e-2] and space.grid_size() == 2 * 2**info.num_layers
 
 
 def test_grid_enumerates_distinct_points(tmp_path, info):

@@ -73,9 +73,23 @@ class HeadSection(_Section):
 
 class TrainSection(_Section):
     epochs: int = Field(4, ge=1, description="Epochs per trial (ASHA's max_t).")
-    lr: float = Field(1e-3, gt=0, description="Learning rate of PEFT weights (AdamW).")
-    lr_range: tuple[float, float] | None = Field(
-        None, description="If set, the search samples lr log-uniformly in [low, high] instead of using lr."
+    lr: float = Field(1e-3, gt=0, description="Learning rate of PEFT weights (AdamW): every trial's without "
+                      "lr_grid; with it, the DARTS search's weights'.")
+    lr_grid: list[float] | None = Field(
+        None, description="The learning-rate protocol's grid (pefttune.tuning): every fixed configuration (uniform "
+        "baselines, hybrid, the frozen and log-mel references, each DARTS-derived placement) trains every rate for "
+        "lr_rung of its epochs with the first seed, keeps the rate with the best dev score and trains every seed at "
+        "it; the discrete search draws each trial's rate from the grid. None: every trial at lr."
+    )
+    lr_rung: float = Field(
+        0.2, gt=0, lt=1, description="The protocol's rung: the share of a trial's epochs (rounded up) that every rate "
+        "of lr_grid trains, on the trial's full schedule, before the best dev score picks the rate (successive halving "
+        "with one rung; the chosen rate then trains from the start)."
+    )
+    lr_range: None = Field(None, exclude=True, description="Removed: replaced by lr_grid (a key given here is refused).")
+    reference_epochs: int | None = Field(
+        None, ge=1, description="Epochs of the references (frozen, log-mel: the head alone, few parameters, cheap), "
+        "so they train to convergence. Default: epochs."
     )
     head_lr: float | None = Field(None, gt=0, description="Learning rate of the head (default: lr).")
     method_lr: dict[str, float] = Field(
@@ -142,12 +156,23 @@ class TrainSection(_Section):
             raise ValueError(f"every learning rate must be > 0 ({'; '.join(bad)})")
         return {name: float(lr) for name, lr in value.items()}
 
-    @field_validator("lr_range")
+    @field_validator("lr_range", mode="before")
     @classmethod
-    def _range(cls, value):
-        if value is not None and not (0 < value[0] < value[1]):
-            raise ValueError("must be [low, high] with 0 < low < high")
-        return value
+    def _renamed(cls, value):
+        raise ValueError("replaced by train.lr_grid, a list of rates (e.g. [0.003, 0.01, 0.03]): every fixed "
+                         "configuration's rate is chosen from it on dev, and the search draws its own from it")
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _grid(cls, value):
+        if value is None:
+            return value
+        bad = [rate for rate in value if not (isinstance(rate, (int, float)) and rate > 0)]
+        if not value or bad:
+            raise ValueError(f"must be a non-empty list of rates > 0 (got {value!r})")
+        if len(set(value)) != len(value):
+            raise ValueError(f"rates must be distinct, got {value}")
+        return sorted(float(rate) for rate in value)
 
 
 class SearchSection(_Section):

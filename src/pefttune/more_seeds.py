@@ -142,8 +142,9 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     from pefttune.runtime.cluster import fit_environment, grid_tune_config
     from pefttune.runtime.console import quiet_ray_loggers
     from pefttune.runtime.study_dir import holds_run
-    from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
-    from pefttune.search.replicates import plan_replicates, tune_run_config
+    from pefttune.runtime.plan import GridPlan, check_plan, grid_run_config, grid_tuner, restore_grid
+    from pefttune.search.replicates import plan_replicates
+    from pefttune.tuning import stored_choices
     from pefttune.trainables.discrete import make_trainable
     from pefttune.trainables.setup import make_setup
 
@@ -152,8 +153,8 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     # the fixed points (uniform baselines) as the replicates plan them, with this round's seed only
     with_seed = config.model_copy(update={"train": config.train.model_copy(
         update={"seeds": [config.train.seed, rnd.seed]})})
-    trials = [r.trial_config(config.train.lr) for r in plan_replicates(with_seed, pd.DataFrame())
-              if r.config_id in rnd.config_ids and r.seed == rnd.seed]
+    trials = [r.trial_config() for r in plan_replicates(with_seed, pd.DataFrame(), stored_choices(config))
+              if r.config_id in rnd.config_ids and r.seed == rnd.seed]  # at the rates chosen in tune-lr
     plan = GridPlan(trials, {"seed": rnd.seed, "config_ids": rnd.config_ids})
     setup = make_setup(config, path)
     if trials:
@@ -163,7 +164,7 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
         else:
             tuner = grid_tuner(make_trainable(setup), path, plan,
                                grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                               tune_run_config(config, TRAININGS_DIR, root, [], verbose))
+                               grid_run_config(config, TRAININGS_DIR, root, [], verbose))
         with fit_environment(), quiet_ray_loggers(verbose):
             tuner.fit()
     if rnd.darts:

@@ -19,7 +19,8 @@ from enum import Enum
 from typing import Callable, Iterable, TypeVar
 
 __all__ = [
-    "BEST_DIR", "CHECKPOINT_NAME", "FILES_KEY", "MODEL_DIR", "PREDICTIONS_DIR", "STATE_FILE", "TRAINER_FILE",
+    "BEST_DIR", "CHECKPOINT_NAME", "FILES_KEY", "MODEL_DIR", "PREDICTIONS_DIR", "STATE_FILE", "STOP_EPOCH",
+    "TRAINER_FILE",
     "TrialKind", "metric_key", "predictions_file", "rank_trials",
 ]
 
@@ -39,6 +40,11 @@ class TrialKind(str, Enum):
         return self.value
 
     __format__ = str.__format__
+
+
+#: A trial config key: the trial ends after this epoch, on the schedule of all its epochs (a rung of the
+#: learning-rate protocol, :mod:`pefttune.tuning`); such a trial is stopped early by design, never a result.
+STOP_EPOCH = "stop_epoch"
 
 
 def metric_key(split: str, metric: str, best: bool = False) -> str:

@@ -6,12 +6,15 @@ stage                   what it does
 ``data``                the corpus is made on first use (synthesized offline for the embedded
                         default) and every audio file checked
 ``prefill``             a local run fills the frozen cache once, before the trials
+``tune-lr``             the learning-rate protocol: each fixed configuration's rate chosen on dev
+                        from ``train.lr_grid`` with the first seed (:mod:`pefttune.tuning`)
 ``discrete``            uniform baselines, the hybrid and the Optuna/ASHA per-layer search
                         (:func:`pefttune.search.run.run_search`)
 ``replicates``          the configurations a finding compares, once per other seed, and the
                         references (:func:`pefttune.search.replicates.run_replicates`)
 ``darts-search``        the DARTS relaxation (:func:`pefttune.darts.run.run_darts_search`)
-``darts-retrain``       each derived placement trained like the baselines, once per seed
+``darts-retrain``       each derived placement trained like the baselines, once per seed, at the
+                        rate the protocol chose for it
 ``more-seeds``          while a finding is open, one more seed of what it compares, up to
                         ``analysis.max_seeds`` (:mod:`pefttune.more_seeds`; off by default)
 ``analysis``            ensembles, tables, statistics, plots and the report on the paper's three
@@ -68,6 +71,7 @@ class StudyRun:
     data: object | None = None  # DataRef, from the data stage
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)  # stage -> one row per trial
     darts_search: object | None = None  # the DARTS search's ResultGrid
+    lr_choices: object | None = None  # the tune-lr stage's LrChoices
     summary: dict = field(default_factory=dict)
 
     @property
@@ -99,13 +103,20 @@ def stage_prefill(study: StudyRun) -> None:
     prefill_local(study.config, study.data, study.address)  # a local run: its trials share this machine's cache
 
 
+def stage_tune_lr(study: StudyRun) -> None:
+    from pefttune.search.tune_lr import run_tune_lr
+
+    study.lr_choices = run_tune_lr(study.config, study.resume, verbose=study.verbose)
+
+
 def stage_discrete(study: StudyRun) -> None:
     from pefttune.runtime.study_dir import CONFIG_COPY, results_frame
     from pefttune.runtime.storage import storage_exists
     from pefttune.search.run import run_search
 
     resume = study.resume and storage_exists(f"{study.path}/{CONFIG_COPY}")  # it had started
-    results = run_search(study.config, address=None, resume=resume, verbose=study.verbose, replicates=False)
+    results = run_search(study.config, address=None, resume=resume, verbose=study.verbose, replicates=False,
+                         lr_choices=study.lr_choices)
     study.frames["discrete"] = results_frame(results, study.config.train.epochs)
 
 
@@ -172,6 +183,8 @@ def _holds(study: StudyRun, sub: str) -> bool:
 STAGES: tuple[Stage, ...] = (
     Stage("data", "data: corpus and audio check", stage_data),
     Stage("prefill", "prefill: the frozen cache", stage_prefill),
+    Stage("tune-lr", "learning rates: each fixed configuration's chosen on dev (train.lr_grid)", stage_tune_lr,
+          ray=True, when=lambda config: bool(config.train.lr_grid)),
     Stage("discrete", "discrete arm: uniform baselines, hybrid, per-layer search", stage_discrete, ray=True),
     Stage("replicates", "replicates: every compared configuration once per seed", stage_replicates, ray=True),
     Stage("darts-search", "DARTS arm: relaxation search", stage_darts_search, ray=True),

@@ -365,12 +365,14 @@ def fit(
     optimizer=None,
     scheduler=None,
     start_epoch: int = 1,
+    end_epoch: int | None = None,
     hooks: Hooks | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     device=None,
     cache=None,
 ) -> list[EpochResult]:
-    """Train epochs ``start_epoch..config.epochs``; evaluate on dev after each.
+    """Train epochs ``start_epoch..end_epoch`` (default ``config.epochs``) of the schedule of
+    ``config.epochs`` epochs; evaluate on dev after each.
 
     ``on_epoch`` receives each :class:`EpochResult` (the Ray trainable reports and
     checkpoints there). ``cache`` (a :class:`~pefttune.frozen_cache.FrozenStateCache`) serves the
@@ -384,7 +386,7 @@ def fit(
         steps = config.epochs * _steps_per_epoch(train_loader, config)
         scheduler = setup_scheduler(optimizer, steps, config.warmup_ratio)
     results = []
-    for epoch in range(start_epoch, config.epochs + 1):
+    for epoch in range(start_epoch, min(end_epoch or config.epochs, config.epochs) + 1):
         train_loss, seen, seconds = train_epoch(
             model, train_loader, optimizer, scheduler, config, epoch, hooks, device, cache
         )

@@ -55,6 +55,7 @@ from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
+from pefttune.tuning import protocol_lines
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.metrics import align_corpus
 from pefttune.schema import TrialKind
@@ -583,9 +584,11 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
             ci = r["note"] if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
             rows.append({**r, "test": f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])}", "ci": ci,
                          "dev": _fmt(r["dev_mean"])})
-        lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test", "ci"],
-                           ["configuration", "kind", "placement", "params", "seeds", f"dev {m} (mean)",
+        lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "lr", "seeds", "dev", "test",
+                                  "ci"],
+                           ["configuration", "kind", "placement", "params", "lr", "seeds", f"dev {m} (mean)",
                             f"test {m} (mean ± std)", "test CI"]), ""]
+        lines += protocol_lines(experiment.config, trials, m)
     lines += _seed_rounds_lines(experiment)
     refs = result.get("decision", {}).get("references", {})
     ref_lines = []

@@ -19,7 +19,8 @@ Outcome of a trial (column ``outcome``):
 
 ``completed``      Ray status TERMINATED and the trial reported its final row
                    (``test_<metric>``), or ran all epochs of its Ray experiment;
-``stopped_early``  TERMINATED with fewer epochs than expected (ASHA);
+``stopped_early``  TERMINATED with fewer epochs than expected (ASHA), or a rung of the
+                   learning-rate protocol (``stop_epoch`` in its config: :mod:`pefttune.tuning`);
 ``over_budget``    the trial reported ``over_budget=True`` (rejected, never trained);
 ``error``          Ray status ERROR;
 ``incomplete``     it would be ``completed``, but its newest checkpoint was not written to
@@ -68,8 +69,8 @@ import yaml
 from pefttune.metrics import METRICS
 from pefttune.runtime.study_dir import config_id
 from pefttune.runtime.storage import atomic_output
-from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_FILE, TrialKind, metric_key,
-                             predictions_file)
+from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_FILE, STOP_EPOCH, TrialKind,
+                             metric_key, predictions_file)
 from pefttune.training import load_predictions
 
 __all__ = [
@@ -611,6 +612,8 @@ class ResultsStore:
             return "stopped_early"
         if metric_key("test", self.metric) in trial.last_result:
             return "completed"
+        if trial.config.get(STOP_EPOCH) is not None:
+            return "stopped_early"  # a rung of the learning-rate protocol: stopped by design
         siblings = [t for t in self.trials if t.experiment == trial.experiment]
         if any(metric_key("test", self.metric) in t.last_result for t in siblings):
             return "stopped_early"  # others of its Ray experiment reached the final row

@@ -48,7 +48,9 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     config/<key> (mixed)      the trial config, flattened with ``/``; lists/dicts as JSON
 
 ``configs`` -- one row per configuration over its seeds (``train.seeds``)
-    config_id, kind, method, placement_short (str); trainable_params, n_seeds (Int64); seeds (str,
+    config_id, kind, method, placement_short (str); trainable_params (Int64); lr (float64: the learning rate
+    its seeds trained at, chosen by the learning-rate protocol, :mod:`pefttune.tuning`; null if they
+    differ); n_seeds (Int64); seeds (str,
     comma-separated); metric (str); dev_mean, dev_std, dev_ci_low, dev_ci_high, test_mean, test_std,
     test_ci_low, test_ci_high (float64: mean, std and Student-t interval over seeds, dev = best dev);
     confidence (float64); note (why an interval is missing, e.g. one seed); trial_ids (str).
@@ -431,7 +433,7 @@ def predictions_table(
 
 
 CONFIG_COLUMNS = [
-    "config_id", "kind", "method", "placement_short", "trainable_params", "n_seeds", "seeds", "metric",
+    "config_id", "kind", "method", "placement_short", "trainable_params", "lr", "n_seeds", "seeds", "metric",
     "dev_mean", "dev_std", "dev_ci_low", "dev_ci_high", "test_mean", "test_std", "test_ci_low", "test_ci_high",
     "confidence", "note", "trial_ids",
 ]
@@ -460,6 +462,7 @@ def configs_table(experiment: ResultsStore | str, confidence: float = 0.95) -> p
             "placement_short": first["placement_short"] if group["placement_short"].nunique() <= 1 else
             VARIES_BY_SEED,
             "trainable_params": first["trainable_params"] if group["trainable_params"].nunique() <= 1 else None,
+            "lr": group["lr"].iloc[0] if "lr" in group and group["lr"].nunique(dropna=False) == 1 else None,
             "n_seeds": len(group), "seeds": ",".join(str(int(s)) for s in group["seed"].dropna()),
             "metric": experiment.metric,
             "dev_mean": dev.mean, "dev_std": dev.std, "dev_ci_low": dev.ci_low, "dev_ci_high": dev.ci_high,
@@ -468,7 +471,7 @@ def configs_table(experiment: ResultsStore | str, confidence: float = 0.95) -> p
             "trial_ids": ",".join(group["trial_id"]),
         })
     frame = pd.DataFrame(rows, columns=CONFIG_COLUMNS)
-    for col in ("dev_mean", "dev_std", "dev_ci_low", "dev_ci_high", "test_mean", "test_std", "test_ci_low",
+    for col in ("lr", "dev_mean", "dev_std", "dev_ci_low", "dev_ci_high", "test_mean", "test_std", "test_ci_low",
                 "test_ci_high", "confidence"):
         frame[col] = frame[col].astype("float64")
     for col in ("trainable_params", "n_seeds"):

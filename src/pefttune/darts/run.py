@@ -9,8 +9,10 @@
   its derived placement (``derived_placement``, a JSON string);
 - ``<storage>/<name>/darts-retrain/``: derived placements trained from scratch by the
   *discrete* trainable (:func:`pefttune.trainables.discrete.train_fn`) exactly as the uniform
-  baselines are (``train.epochs``, ``train.lr``, the same budget check and final dev/test
-  evaluation with predictions), tagged ``kind="darts-derived"``, with ``derived_from`` (the
+  baselines are (``train.epochs``, the same budget check and final dev/test evaluation with
+  predictions, at the rate the learning-rate protocol chose for the configuration on its first
+  seed, in ``<storage>/<name>/tune-lr-darts/``: :mod:`pefttune.tuning`; ``train.lr`` without
+  ``train.lr_grid``), tagged ``kind="darts-derived"``, with ``derived_from`` (the
   DARTS trials that derived it: ``"<trial_id> seed=<s> variant=<v>"``) in its trial config.
   With ``darts.retrain: per-seed`` (the default) the placement derived with seed k is trained
   with seed k, and all of them form one configuration, ``darts-derived``: DARTS as a method,
@@ -63,6 +65,7 @@ from pefttune.runtime.study_dir import (
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
+from pefttune.tuning import DARTS_TUNE_DIR, LrChoices, LrProtocol, stored_choices, tune_rates
 
 SEARCH_DIR = "darts"
 RETRAIN_DIR = "darts-retrain"
@@ -210,7 +213,8 @@ def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
 
 
 #: The config fields a retrain plan is derived from (with the derived placements).
-RETRAIN_INPUTS = ("train.seeds", "train.lr", "darts.retrain", "darts.seeds", "darts.variants")
+RETRAIN_INPUTS = ("train.seeds", "train.lr", "train.lr_grid", "train.lr_rung", "train.epochs", "darts.retrain",
+                  "darts.seeds", "darts.variants")
 
 
 @dataclass(frozen=True)
@@ -243,25 +247,58 @@ def derived_config_id(config: StudyConfig, variant: str) -> str:
     return kind if len(config.darts.variants) <= 1 else f"{kind}:{variant}"
 
 
-def _retrain_trial(config: StudyConfig, cid: str, placement: Placement, sources: list[str], seed: int) -> dict:
+def _retrain_trial(config: StudyConfig, cid: str, placement: Placement, sources: list[str], seed: int,
+                   choices: LrChoices) -> dict:
     return {"config_id": cid, "kind": TrialKind.DARTS_DERIVED.value, "method": "",
             "placement": json.dumps(placement.to_dict(), separators=(",", ":")), "derived_from": list(sources),
-            "seed": seed, "lr": config.train.lr}
+            "seed": seed, "lr": choices.lr(cid, config.train.lr), "epochs": config.train.epochs}
 
 
-def retrain_plan(config: StudyConfig, search) -> GridPlan:
-    """The retrains of the derived placements, as the uniform baselines are trained.
+def retrain_plan(config: StudyConfig, search, choices: LrChoices | None = None) -> GridPlan:
+    """The retrains of the derived placements, as the uniform baselines are trained, at the rates
+    the learning-rate protocol chose for their configurations (``choices``; none: ``train.lr``).
 
     ``per-seed``: the placement derived with seed k trained with seed k (DARTS as a method);
     ``every-seed``: each distinct derived placement trained with every seed of ``train.seeds``."""
+    choices = choices or LrChoices()
     if config.darts.retrain == "per-seed":
-        trials = [_retrain_trial(config, derived_config_id(config, o.variant), o.placement, [o.label], o.seed)
+        trials = [_retrain_trial(config, derived_config_id(config, o.variant), o.placement, [o.label], o.seed, choices)
                   for o in search_outcomes(search)]
     else:
         trials = [_retrain_trial(config, config_id(TrialKind.DARTS_DERIVED, None, d.placement), d.placement, d.trials,
-                                 seed)
+                                 seed, choices)
                   for d in collect_derived(search) for seed in config.train.replicate_seeds]
     return GridPlan(trials, plan_inputs(config, RETRAIN_INPUTS))
+
+
+def derived_candidates(config: StudyConfig, search) -> list[dict]:
+    """The first-seed trial of each DARTS-derived configuration, which the learning-rate protocol
+    tunes: ``per-seed``, per variant, the placement derived with the lowest seed, trained with it;
+    ``every-seed``, each distinct derived placement with ``train.seed``."""
+    plan = retrain_plan(config, search)
+    first: dict[str, dict] = {}
+    for trial in sorted(plan.trials, key=lambda t: t["seed"]):
+        first.setdefault(trial["config_id"], trial)
+    return list(first.values())
+
+
+def tune_derived(config: StudyConfig, search, resume: bool = False, *, verbose: int = 1,
+                 root: str | None = None) -> LrChoices:
+    """The rates of the DARTS-derived configurations (:mod:`pefttune.tuning`, Ray connected): the
+    study's ``tune-lr-darts`` choices; a further-seeds round (``root``) tunes in its own folder only a
+    configuration the study's choices lack. No choices without ``train.lr_grid``."""
+    from pefttune.trainables.discrete import make_trainable
+
+    if LrProtocol.of(config) is None:
+        return LrChoices()
+    candidates = derived_candidates(config, search)
+    stored = stored_choices(config, DARTS_TUNE_DIR, required=False) if root is not None else None
+    if stored is not None and all(c["config_id"] in stored.choices for c in candidates):
+        return stored
+    path = f"{root or study_dir(config)}/{DARTS_TUNE_DIR}"
+    setup = make_setup(config, path)
+    return tune_rates(config, path, candidates, make_trainable(setup), resume=resume, verbose=verbose,
+                      title="DARTS tune-lr")
 
 
 def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
@@ -372,8 +409,9 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
 
     path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
+    choices = tune_derived(config, search, resume, verbose=verbose, root=root)
     setup = make_setup(config, retrain_path)
-    plan = retrain_plan(config, search)
+    plan = retrain_plan(config, search, choices)
     if resume and holds_run(retrain_path):
         check_plan(retrain_path, plan)
         tuner = restore_grid(retrain_path, make_trainable(setup))

@@ -106,6 +106,20 @@ def grid_tuner(trainable, path: str, plan: GridPlan, tune_config, run_config):
     return tune.Tuner(trainable, param_space=grid_space(plan.trials), tune_config=tune_config, run_config=run_config)
 
 
+def grid_run_config(config, name: str, storage: str, callbacks: list, verbose: int):
+    """Ray's run config of the grid experiment ``<storage>/<name>`` of ``config``'s trainings."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
+        callbacks=callbacks,
+        verbose=1 if verbose >= 2 else 0,
+    )
+
+
 def restore_grid(path: str, trainable):
     """Restore the grid experiment at ``path`` to finish its unfinished trials, its values resolved
     from the stored plan."""

@@ -12,6 +12,9 @@ finished, :func:`run_replicates` trains, as one Ray experiment ``<storage>/<name
 - the ``search.replicate_top`` best searched placements by dev (completed trials, distinct
   placements) with each other seed.
 
+Each trial trains at its configuration's rate (:mod:`pefttune.tuning`: the fixed
+configurations' chosen in the tune-lr stage, a searched placement's drawn by its search; without
+``train.lr_grid`` every one at ``train.lr``); the references train ``train.reference_epochs``.
 Each trial config carries ``seed`` and ``config_id`` (the configuration it replicates, the
 same for every seed: :func:`pefttune.runtime.study_dir.config_id`), so the analysis groups
 a configuration's seeds. DARTS-derived placements get their seeds in the DARTS arm's retrain
@@ -20,7 +23,7 @@ experiment.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -29,7 +32,7 @@ from pefttune.config import StudyConfig
 from pefttune.placement import Placement
 from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
-from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
+from pefttune.runtime.plan import GridPlan, check_plan, grid_run_config, grid_tuner, plan_inputs, restore_grid
 from pefttune.runtime.study_dir import (
     config_id,
     study_dir,
@@ -41,6 +44,7 @@ from pefttune.schema import TrialKind, metric_key
 from pefttune.search.space import fixed_points, validate_space
 from pefttune.search.summary import top_k
 from pefttune.trainables.setup import Faults, make_setup
+from pefttune.tuning import REFERENCE_KINDS, LrChoices, stored_choices, trial_epochs
 
 REPLICATES_DIR = "replicates"
 
@@ -55,38 +59,59 @@ class Replicate:
     placement: str  # JSON
     seed: int
     budget_exempt: bool = False  # as in the search: fixed points per search.budget_exempt_fixed
+    lr: float | None = None  # None: train.lr
+    epochs: int | None = None  # None: train.epochs (the references: train.reference_epochs)
+    head_lr: float | None = None  # None: train.head_lr (the references: their chosen rate)
 
-    def trial_config(self, lr: float) -> dict:
+    def trial_config(self) -> dict:
         return {"config_id": self.config_id, "kind": self.kind, "method": self.method, "placement": self.placement,
-                "seed": self.seed, "lr": lr, "budget_exempt": self.budget_exempt,
-                "backbone": LOG_MEL if self.kind == TrialKind.LOG_MEL else None}
+                "seed": self.seed, "lr": self.lr, "head_lr": self.head_lr, "epochs": self.epochs,
+                "budget_exempt": self.budget_exempt, "backbone": LOG_MEL if self.kind == TrialKind.LOG_MEL else None}
 
 
 def frozen_placement(num_layers: int) -> Placement:
     return Placement.from_dict({"num_layers": num_layers, "layers": ["none"] * num_layers})
 
 
-def plan_replicates(config: StudyConfig, search: pd.DataFrame) -> list[Replicate]:
-    """The replicates of ``config`` given the search's results (one row per trial)."""
-    seeds = config.train.replicate_seeds
-    others = seeds[1:]
+def fixed_configurations(config: StudyConfig) -> list[Replicate]:
+    """Every fixed configuration a finding or a reference row uses, as its first seed's trial
+    (``train.seed``, at ``train.lr``): the search's fixed points (uniform baselines, hybrid) and the
+    references ``frozen`` (``search.frozen_reference``) and ``log-mel`` (``analysis.logmel_reference``)."""
     space = validate_space(config, backbone_info(config.backbone))
-    out: list[Replicate] = []
+    seed, lr = config.train.seed, config.train.lr
 
-    def add(cid: str, kind: str, method: str, placement: Placement, with_seeds, exempt: bool = False) -> None:
+    def make(cid: str, kind: str, method: str, placement: Placement, exempt: bool) -> Replicate:
         text = json.dumps(placement.to_dict(), separators=(",", ":"))
-        out.extend(Replicate(cid, kind, method, text, s, exempt) for s in with_seeds)
+        return Replicate(cid, kind, method, text, seed, exempt, lr, trial_epochs(config, kind))
 
+    out = []
     for point in fixed_points(config):
         placement = space.fixed_placement(point)
-        add(point.extra.get("config_id") or config_id(point.kind, point.method, placement), point.kind,
-            point.method or "", placement, others, config.search.budget_exempt_fixed)
+        out.append(make(point.extra.get("config_id") or config_id(point.kind, point.method, placement), point.kind,
+                        point.method or "", placement, config.search.budget_exempt_fixed))
     if config.search.frozen_reference:
         kind = TrialKind.FROZEN.value  # the references' configuration id is their kind
-        add(kind, kind, "", frozen_placement(space.info.num_layers), seeds, True)
+        out.append(make(kind, kind, "", frozen_placement(space.info.num_layers), True))
     if config.analysis.logmel_reference:
         kind = TrialKind.LOG_MEL.value
-        add(kind, kind, "", Placement.from_dict({"num_layers": 0, "layers": []}), seeds, True)
+        out.append(make(kind, kind, "", Placement.from_dict({"num_layers": 0, "layers": []}), True))
+    return out
+
+
+def plan_replicates(config: StudyConfig, search: pd.DataFrame, choices: LrChoices | None = None) -> list[Replicate]:
+    """The replicates of ``config`` given the search's results (one row per trial) and the rates
+    the learning-rate protocol chose (``choices``; none: ``train.lr``). The search's fixed points
+    train their first seed in the search; the references every seed here; a searched placement
+    keeps the rate its searched trial drew."""
+    seeds = config.train.replicate_seeds
+    others = seeds[1:]
+    choices = choices or LrChoices()
+    out: list[Replicate] = []
+    for fixed in fixed_configurations(config):
+        rate = choices.lr(fixed.config_id, config.train.lr)
+        reference = fixed.kind in REFERENCE_KINDS  # the head alone: the chosen rate is the head's
+        head = rate if reference and fixed.config_id in choices.choices else None
+        out.extend(replace(fixed, seed=s, lr=rate, head_lr=head) for s in (seeds if reference else others))
     if config.search.replicate_top and others and len(search) and "kind" in search:
         metric = metric_key("dev", config.metric, best=True)
         best = top_k(search, metric, space_mode(config), k=len(search), kinds=[TrialKind.DISCRETE])
@@ -96,7 +121,10 @@ def plan_replicates(config: StudyConfig, search: pd.DataFrame) -> list[Replicate
             cid = config_id(TrialKind.DISCRETE, None, placement)
             if cid not in chosen:
                 chosen.append(cid)
-                add(cid, TrialKind.DISCRETE.value, "", placement, others)
+                rate = float(row["lr"]) if "lr" in row and pd.notna(row["lr"]) else config.train.lr
+                text = json.dumps(placement.to_dict(), separators=(",", ":"))
+                out.extend(Replicate(cid, TrialKind.DISCRETE.value, "", text, s, False, rate, config.train.epochs)
+                           for s in others)
             if len(chosen) == config.search.replicate_top:
                 break
     return out
@@ -108,15 +136,15 @@ def space_mode(config: StudyConfig) -> str:
     return metric_mode(config.metric)
 
 
-#: The config fields a replicates plan is derived from (with the search's results).
-PLAN_INPUTS = ("methods", "budget", "train.seeds", "train.lr", "search.hybrid", "search.uniform_baselines",
-               "search.replicate_top", "search.frozen_reference", "search.budget_exempt_fixed",
-               "analysis.logmel_reference")
+#: The config fields a replicates plan is derived from (with the search's results and the chosen rates).
+PLAN_INPUTS = ("methods", "budget", "train.seeds", "train.lr", "train.lr_grid", "train.lr_rung", "train.epochs",
+               "train.reference_epochs", "search.hybrid", "search.uniform_baselines", "search.replicate_top",
+               "search.frozen_reference", "search.budget_exempt_fixed", "analysis.logmel_reference")
 
 
-def replicates_plan(config: StudyConfig, search: pd.DataFrame) -> GridPlan:
+def replicates_plan(config: StudyConfig, search: pd.DataFrame, choices: LrChoices | None = None) -> GridPlan:
     """The replicates of ``config`` as data: one trial config per replicate."""
-    trials = [r.trial_config(config.train.lr) for r in plan_replicates(config, search)]
+    trials = [r.trial_config() for r in plan_replicates(config, search, choices)]
     return GridPlan(trials, plan_inputs(config, PLAN_INPUTS))
 
 
@@ -135,7 +163,7 @@ def run_replicates(
 
     path = replicates_path(config)
     setup = make_setup(config, path, faults)
-    plan = replicates_plan(config, search)
+    plan = replicates_plan(config, search, stored_choices(config))
     if resume and holds_run(path):
         check_plan(path, plan)
         tuner = restore_grid(path, make_trainable(setup))
@@ -146,7 +174,7 @@ def run_replicates(
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
                           study_dir=study_dir(config))
-        run_config = tune_run_config(config, REPLICATES_DIR, study_dir(config),
+        run_config = grid_run_config(config, REPLICATES_DIR, study_dir(config),
                                      [console.callback()] if verbose == 1 else [], verbose)
         tuner = grid_tuner(make_trainable(setup), path, plan,
                            grid_tune_config(config.search.max_concurrent, config.search.reuse_actors), run_config)
@@ -157,20 +185,6 @@ def run_replicates(
         ok = int((frame["status"] == "TERMINATED").sum()) if len(frame) else 0
         print(f"replicates: {ok} of {len(frame)} trials finished", flush=True)
     return results
-
-
-def tune_run_config(config: StudyConfig, name: str, storage: str, callbacks: list, verbose: int):
-    """Ray's run config of a grid experiment ``<storage>/<name>`` of trainings."""
-    from ray import tune
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=storage,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        callbacks=callbacks,
-        verbose=1 if verbose >= 2 else 0,
-    )
 
 
 def replicates_path(config: StudyConfig) -> str:

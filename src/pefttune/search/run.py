@@ -18,7 +18,8 @@
 Design choices
 --------------
 - **Fixed points**: uniform baselines (one per candidate method, first listed value of
-  each hyper-parameter, lr = ``train.lr``) and the hybrid are trials of the *same*
+  each hyper-parameter, at the rate the learning-rate protocol chose for them,
+  :mod:`pefttune.search.tune_lr`; ``train.lr`` without ``train.lr_grid``) and the hybrid are trials of the *same*
   experiment and the same Optuna study: they are enqueued Optuna trials, run first, tagged
   ``kind="uniform"``/``"hybrid"``. ``num_samples`` counts only the searched trials.
 - **Budget**: rejection when the trial starts: the trainable reports once with
@@ -56,7 +57,7 @@ from pefttune.runtime.study_dir import (
 from pefttune.runtime.storage import storage_exists
 from pefttune.schema import TrialKind, metric_key
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
-from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
+from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space, with_rates
 from pefttune.search.summary import summary_table
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
@@ -279,13 +280,17 @@ def run_search(
     faults: Faults | None = None,
     replicates: bool = True,
     prefill: bool = False,
+    lr_choices=None,
 ):
     """Run (or resume) the discrete placement search of ``config``; returns the ResultGrid.
 
     ``extra_points`` adds fixed points (e.g. ``FixedPoint("darts-derived", placement=...)``)
     to a new search. ``resume=True`` finishes the unfinished trials of ``<storage>/<name>``
     and never re-runs finished ones (``resume_errored=True`` also retries errored trials).
-    ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`). Once the search
+    ``faults`` is the test seam (:class:`~pefttune.trainables.setup.Faults`). With
+    ``train.lr_grid``, the fixed points train at the rates ``lr_choices`` holds
+    (:class:`~pefttune.tuning.LrChoices`), chosen first by :func:`~pefttune.search.tune_lr.run_tune_lr`
+    when not given (``pefttune run`` runs that as its own stage). Once the search
     finished, ``replicates`` trains the configurations again with the other seeds of
     ``train.seeds`` and the frozen reference (:mod:`pefttune.search.replicates`).  With
     ``prefill`` (``pefttune search``), a local search first fills the frozen cache
@@ -310,6 +315,11 @@ def run_search(
     try:
         # before the Tuner (and before the config copy, so a refused search can be rerun)
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
+        if lr_choices is None:
+            from pefttune.search.tune_lr import run_tune_lr
+
+            lr_choices = run_tune_lr(config, resume, verbose=verbose, faults=faults)
+        plan.points = with_rates(plan.points, lr_choices)
         if not restore:
             write_config_copy(config, plan.path)
         if restore:

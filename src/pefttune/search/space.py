@@ -6,7 +6,8 @@ members, merged, into the layer: :mod:`pefttune.methods.hybrid`). Each method's 
 hyper-parameters (e.g. ``lora.rank`` in ``[4, 8]``) are shared by all layers that use the
 method and are suggested only when some layer uses it (conditional parameters, which is
 why the space is a function and TPE runs with ``multivariate=True, group=True``).
-``lr`` is suggested log-uniformly when ``train.lr_range`` is set.
+``lr`` is drawn from ``train.lr_grid`` (a categorical parameter) when it is set: the learning-rate
+protocol's grid (:mod:`pefttune.tuning`), from which the fixed points' rates are chosen too.
 
 The function returns the trial config the trainable reads: ``placement`` (a JSON string,
 :meth:`Placement.to_dict` form), ``kind``, ``method``, ``lr``, ``peft_params`` and
@@ -35,6 +36,7 @@ from pefttune.schema import TrialKind
 
 NONE = "none"
 FIXED_ATTR = "pefttune_fixed"
+LR_PARAM = "lr"  # the searched trials' rate, drawn from train.lr_grid
 
 
 def layer_param(index: int) -> str:
@@ -67,7 +69,8 @@ class FixedPoint:
 
     ``kind`` is ``uniform`` (``method`` in every layer), ``hybrid`` (``search.hybrid``'s
     members merged in every layer, see :meth:`PlacementSpace.hybrid`) or any other label with an explicit ``placement`` (e.g.
-    ``darts-derived``). ``lr`` defaults to ``train.lr``; ``extra`` adds keys to the trial
+    ``darts-derived``). ``lr`` defaults to ``train.lr`` (the learning-rate protocol sets the
+    chosen rate: :func:`with_rates`); ``extra`` adds keys to the trial
     config (e.g. ``derived_from``, or ``seed`` and ``config_id`` of a replicate).
     """
 
@@ -95,6 +98,19 @@ class FixedPoint:
     @classmethod
     def from_attr(cls, data: dict) -> "FixedPoint":
         return cls(**data)
+
+
+def with_rates(points: list[FixedPoint], choices) -> list[FixedPoint]:
+    """``points`` at the rates the learning-rate protocol chose (``choices``:
+    :class:`~pefttune.tuning.LrChoices`, by the points' ``config_id``); a point without a choice
+    keeps its own (``train.lr`` when None)."""
+    from dataclasses import replace
+
+    out = []
+    for point in points:
+        choice = choices.choices.get(point.extra.get("config_id"))
+        out.append(point if choice is None else replace(point, lr=choice.lr))
+    return out
 
 
 def uniform_methods(config: StudyConfig) -> list[str]:
@@ -129,7 +145,7 @@ class PlacementSpace:
     info: BackboneInfo
     choices: dict[str, dict[str, list]]
     lr: float
-    lr_range: tuple[float, float] | None = None
+    lr_grid: tuple[float, ...] | None = None
     budget: int | None = None
     budget_exempt_fixed: bool = False
     conditional: bool = True
@@ -145,7 +161,7 @@ class PlacementSpace:
             info=info,
             choices=choices,
             lr=config.train.lr,
-            lr_range=tuple(config.train.lr_range) if config.train.lr_range else None,
+            lr_grid=tuple(config.train.lr_grid) if config.train.lr_grid else None,
             budget=config.budget,
             budget_exempt_fixed=config.search.budget_exempt_fixed,
             conditional=conditional,
@@ -172,10 +188,10 @@ class PlacementSpace:
 
     def grid(self) -> dict[str, list]:
         """Every parameter with its values (Optuna's GridSampler search space)."""
-        if self.lr_range is not None:
-            raise ValueError("search.algorithm: grid needs a finite space; unset train.lr_range (lr is then train.lr)")
         grid = {layer_param(i): self.layer_options() for i in range(self.num_layers)}
         grid.update(self.searched_hparams())
+        if self.lr_grid is not None:
+            grid[LR_PARAM] = list(self.lr_grid)
         return grid
 
     def grid_size(self) -> int:
@@ -277,8 +293,8 @@ class PlacementSpace:
                     values[hp] = decode_choice(method, hp, value)
                 hparams[method] = values
             placement = self.placement(layers, hparams)
-            if point is None and self.lr_range is not None:
-                lr = trial.suggest_float("lr", self.lr_range[0], self.lr_range[1], log=True)
+            if point is None and self.lr_grid is not None:
+                lr = float(trial.suggest_categorical(LR_PARAM, list(self.lr_grid)))
         else:
             if point.kind == TrialKind.HYBRID and point.placement is None:
                 for name, options in self.searched_hparams().items():  # fixed by the enqueued params
@@ -313,7 +329,7 @@ def validate_space(config: StudyConfig, info: BackboneInfo) -> PlacementSpace:
     algorithm = config.search.algorithm
     space = PlacementSpace.from_config(config, info, conditional=algorithm != "grid")
     if algorithm == "grid":
-        space.grid()  # raises for a continuous lr range
+        space.grid()  # the grid sampler's space: every parameter finite
     for point in fixed_points(config):
         space.fixed_placement(point).validate_for(info)
     return space

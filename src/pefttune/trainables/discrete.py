@@ -8,7 +8,11 @@
   reference: ``{"backbone": "log-mel", "placement": {"num_layers": 0, "layers": []}}``);
 - ``kind``: ``uniform`` / ``discrete`` / ``hybrid`` / ``darts-derived``; ``method``
   (uniform baselines); ``lr`` (default ``train.lr``); ``budget_exempt`` (train even over
-  ``config.budget``);
+  ``config.budget``); ``head_lr`` (default ``train.head_lr``: the references' chosen rate,
+  whose head is all they train); ``epochs`` (default ``train.epochs``; the references':
+  ``train.reference_epochs``); ``stop_epoch`` (a rung of the learning-rate protocol,
+  :mod:`pefttune.tuning`: end after this epoch's report, on the schedule of ``epochs``, with
+  no final evaluation: the trial is stopped early by design);
 - tests inject failures, NaNs and delays through ``setup.faults``
   (:class:`~pefttune.trainables.setup.Faults`), never through the trial config.
 
@@ -43,7 +47,7 @@ from pefttune.model import build_model
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
 from pefttune.runtime.study_dir import config_id, parse_placement, placement_columns
-from pefttune.schema import TrialKind, metric_key
+from pefttune.schema import STOP_EPOCH, TrialKind, metric_key
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
@@ -84,7 +88,10 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
     placement.validate_for(info)
     lr = float(_trial_value(config, "lr", experiment.train.lr))
     seed = int(_trial_value(config, "seed", experiment.train.seed))
-    train = train_config(experiment, lr=lr, seed=seed)
+    train = train_config(experiment, lr=lr, seed=seed, epochs=_trial_value(config, "epochs", None),
+                         head_lr=_trial_value(config, "head_lr", None))
+    rung = config.get(STOP_EPOCH) is not None  # a rung of the learning-rate protocol: never scores test
+    stop = int(config[STOP_EPOCH]) if rung else train.epochs
     metric, mode = train.metric, train.mode
     head = setup.head
     peft = placement.trainable_parameters(info)
@@ -163,7 +170,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
             "start_epoch": start_epoch,
         }
         predictions = None
-        if result.epoch == train.epochs:
+        if result.epoch == train.epochs and not rung:
             current = ckpt.trainable_state(model)
             predictions = ckpt.final_evaluation(
                 model, best_weights, {"dev": data.dev, "test": data.test}, train, device, cache=cache
@@ -190,7 +197,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
 
     hooks = Hooks(before_step=setup.before_step(config, model))
 
-    if start_epoch > train.epochs:
+    if start_epoch > stop:
         return
     try:
         fit(
@@ -201,6 +208,7 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
             optimizer=optimizer,
             scheduler=scheduler,
             start_epoch=start_epoch,
+            end_epoch=stop,
             hooks=hooks,
             on_epoch=on_epoch,
             device=device,
