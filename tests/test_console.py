@@ -233,6 +233,10 @@ def test_the_stages_to_come_are_estimated_from_the_config():
            "analysis": {"logmel_reference": False}, "train": {"seed": 0}}
     assert upcoming_stages(None, off) == {}  # one seed and no references: no replicates, no DARTS arm
     assert upcoming_stages(None, None) == {}
+    tuned = {**config, "train": {"seeds": [0, 1], "lr_grid": [0.003, 0.01, 0.03]}}
+    # the learning-rate protocol: (2 uniform + hybrid + frozen + log-mel) x 3 rates; each of 3 variants x 3 rates
+    assert upcoming_stages(None, tuned) == {"tune-lr": 15, "replicates": 8, "DARTS search": 6,
+                                            "DARTS tune-lr": 9, "DARTS retrain": 6}
 
 
 # -- robust console, and grouped failures of a resumed run --------------------------------------------

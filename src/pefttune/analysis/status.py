@@ -35,6 +35,9 @@ Rules, stated so the numbers can be checked:
   plus each stage not started yet (no Ray experiment folder of it): ``mean x its trials /
   concurrency``, its trials estimated from the saved config copy (``experiment.yaml``):
 
+  * tune-lr (``tune-lr/``, with ``train.lr_grid``): ``(fixed points + the references) x len(train.lr_grid)``;
+    DARTS tune-lr (``tune-lr-darts/``): ``derived configurations x len(train.lr_grid)`` (one per
+    variant with ``darts.retrain: per-seed``);
   * replicates (``replicates/``): ``fixed points x (len(train.seeds) - 1)`` + ``len(train.seeds)``
     for the frozen reference (``search.frozen_reference``) and again for the log-mel reference
     (``analysis.logmel_reference``) + ``min(search.replicate_top, search.num_samples) x
@@ -58,6 +61,7 @@ import yaml
 from pefttune.analysis.store import ResultsStore, open_results
 from pefttune.runtime.heartbeat import HeartbeatRecord, driver_alive, read_heartbeat
 from pefttune.schema import TrialKind
+from pefttune.tuning import DARTS_TUNE_DIR, TUNE_DIR
 
 DONE = ("completed", "stopped_early", "over_budget")
 PENDING = ("pending", "paused")
@@ -186,6 +190,13 @@ def upcoming_stages(experiment: ResultsStore | None, config: dict | None) -> dic
         return {}
     present = set(experiment.ray_experiments) if experiment else set()
     out: dict[str, int] = {}
+    grid = _section(config, "train").get("lr_grid")
+    rates = len(grid) if isinstance(grid, list) else 0
+    if rates and TUNE_DIR not in present:
+        search, analysis = _section(config, "search"), _section(config, "analysis")
+        fixed = (_fixed_points(config) + bool(search.get("frozen_reference", True))
+                 + bool(analysis.get("logmel_reference", True)))
+        out["tune-lr"] = fixed * rates
     if REPLICATES_DIR not in present:
         replicates = expected_replicates(config)
         if replicates:
@@ -193,6 +204,12 @@ def upcoming_stages(experiment: ResultsStore | None, config: dict | None) -> dic
     darts = expected_darts_search(config)
     if darts and DARTS_DIR not in present:
         out["DARTS search"] = darts
+    if darts and rates and DARTS_TUNE_DIR not in present:
+        variants = _section(config, "darts").get("variants")
+        per_seed = _section(config, "darts").get("retrain", "per-seed") == "per-seed"
+        configurations = max(1, len(variants) if isinstance(variants, list) else 0) if per_seed else \
+            _derived_placements(experiment, config)
+        out["DARTS tune-lr"] = configurations * rates
     if darts and RETRAIN_DIR not in present:
         if _section(config, "darts").get("retrain", "per-seed") == "per-seed":
             out["DARTS retrain"] = darts
