@@ -86,7 +86,8 @@ class TrainSection(_Section):
         "of lr_grid trains, on the trial's full schedule, before the best dev score picks the rate (successive halving "
         "with one rung; the chosen rate then trains from the start)."
     )
-    lr_range: None = Field(None, exclude=True, description="Removed: replaced by lr_grid (a key given here is refused).")
+    lr_range: None = Field(None, exclude=True, description="Removed: replaced by lr_grid (a value given here is "
+                           "refused).")
     reference_epochs: int | None = Field(
         None, ge=1, description="Epochs of the references (frozen, log-mel: the head alone, few parameters, cheap), "
         "so they train to convergence. Default: epochs."
@@ -159,6 +160,8 @@ class TrainSection(_Section):
     @field_validator("lr_range", mode="before")
     @classmethod
     def _renamed(cls, value):
+        if value is None:  # what config copies of earlier versions hold: nothing to refuse
+            return None
         raise ValueError("replaced by train.lr_grid, a list of rates (e.g. [0.003, 0.01, 0.03]): every fixed "
                          "configuration's rate is chosen from it on dev, and the search draws its own from it")
 
