@@ -81,3 +81,31 @@ def test_verdict_stability_configs_use_disjoint_seeds_and_the_table_flags_flips(
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "finding" not in line}
     assert rows["1"].rstrip().endswith("| yes |") and rows["2"].rstrip().endswith("| NO |")
     assert "all findings stable: no" in text
+
+
+def test_reference_probes_fit_a_converged_probe_and_pool_the_heads_features(tmp_path):
+    """The probe chooses C on dev and separates separable classes; the pooled features are what the head
+    sees (one state for log-mel, h_0..h_L for an encoder), in manifest order."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    import reference_probes
+    from pefttune.backbones import LOG_MEL
+    from pefttune.config import parse_config
+    from test_search_fixtures import search_config, write_tone_manifest
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 5)) * 4
+    def split(n):
+        y = np.arange(n) % 3
+        return centres[y] + rng.normal(size=(n, 5)), y
+    result = reference_probes.probe(*split(60), *split(30), *split(30))
+    assert result["dev"] >= 0.9 and result["test"] >= 0.9 and result["C"] in reference_probes.C_GRID
+
+    manifest = write_tone_manifest(tmp_path / "tones", classes=2, per_split={"train": 3, "dev": 2, "test": 2})
+    config = parse_config(search_config(manifest, tmp_path / "results"))
+    mel = reference_probes.pooled_features(config, LOG_MEL)
+    assert mel["train"]["mean"].shape == (6, 1, 40) and mel["train"]["std"].shape == (6, 40)
+    assert list(mel["dev"]["labels"]) == [0, 0, 1, 1]  # manifest order
+    ssl = reference_probes.pooled_features(config, "tiny-hubert", splits=("dev",))
+    assert ssl["dev"]["mean"].shape[:2] == (4, 5)  # h_0 .. h_4 of the 4-layer tiny backbone
