@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pefttune.config import parse_config
-from pefttune.schema import STOP_EPOCH, TrialKind
+from pefttune.schema import CONTINUES, STOP_EPOCH, TrialKind
 from pefttune.tuning import (LrChoice, LrChoices, LrProtocol, choices_from_frame, choose_rate, protocol_lines,
                              rung_trials, trial_epochs)
 from test_search_fixtures import search_config, search_row, write_tone_manifest
@@ -88,7 +88,7 @@ def test_the_chosen_rates_reach_every_trial_config(tmp_path):
         tmp_path / "m.parquet", tmp_path, methods={"lora": {"rank": 2}, "bitfit": {}},
         train={"epochs": 2, "seeds": [0, 1], "lr_grid": GRID, "reference_epochs": 6},
         search={"replicate_top": 1, "frozen_reference": True, "hybrid": False}, analysis={"logmel_reference": True}))
-    choices = LrChoices({cid: LrChoice(cid, rate, [], 1) for cid, rate in
+    choices = LrChoices({cid: LrChoice(cid, rate, [], 1, checkpoint=f"/rungs/{cid}", seed=0) for cid, rate in
                          (("uniform:lora", 0.003), ("uniform:bitfit", 0.03), ("frozen", 0.01), ("log-mel", 0.03),
                           ("darts-derived", 0.03))})
     searched = '{"num_layers": 4, "layers": ["lora", "none", "none", "none"]}'
@@ -102,9 +102,15 @@ def test_the_chosen_rates_reach_every_trial_config(tmp_path):
         assert trials["log-mel", seed]["head_lr"] == 0.03
     discrete = next(t for (cid, _), t in trials.items() if cid.startswith("discrete:"))
     assert discrete["lr"] == 0.01  # a searched placement keeps the rate its search drew
+    # the first seed continues the chosen rate's rung; every other trial starts from scratch
+    assert {key: t[CONTINUES] for key, t in trials.items() if t[CONTINUES]} == {
+        ("frozen", 0): "/rungs/frozen", ("log-mel", 0): "/rungs/log-mel"}
 
     points = with_rates(fixed_points(config), choices)  # the first seed, in the search
     assert {p.extra["config_id"]: p.lr for p in points} == {"uniform:lora": 0.003, "uniform:bitfit": 0.03}
+    assert {p.extra["config_id"]: p.extra[CONTINUES] for p in points} == {
+        "uniform:lora": "/rungs/uniform:lora", "uniform:bitfit": "/rungs/uniform:bitfit"}
+    assert choices.continues("uniform:lora", 1) is None  # another seed (a further-seeds round): from scratch
     space = validate_space(config, backbone_info(config.backbone))
     assert "lr" in space.grid() and space.grid()["lr"] == GRID  # the search draws its rate from the same grid
 
@@ -113,7 +119,7 @@ def test_the_chosen_rates_reach_every_trial_config(tmp_path):
         metrics = {"derived_placement": searched, "derived_dev_loss": 1.0, "seed": 0, "variant": "base",
                    "trial_id": "d0"}
     plan = retrain_plan(config, [Result()], choices)
-    assert [t["lr"] for t in plan.trials] == [0.03]
+    assert [(t["lr"], t[CONTINUES]) for t in plan.trials] == [(0.03, "/rungs/darts-derived")]
 
 
 def test_the_searched_trials_draw_their_rate_from_the_grid(tmp_path):
@@ -169,12 +175,39 @@ def test_a_tuning_chooses_on_the_rung_and_every_seed_trains_at_the_choice(tuned_
     for cid, choice in choices.choices.items():
         assert set(done[done["config_id"] == cid]["lr"]) == {choice.lr}
     assert set(done[done["config_id"] == "frozen"]["epochs"]) == {4}
+    first = done[(done["config_id"] == "uniform:lora") & (done["seed"] == 0)].iloc[0]
+    assert first[f"config/{CONTINUES}"] == choices.choices["uniform:lora"].checkpoint  # it continued its rung
+    assert first["start_epoch"] == 2 and done[done["seed"] == 1]["start_epoch"].eq(1).all()
     configs = configs_table(open_results(path)).set_index("config_id")
     assert configs.loc["uniform:lora", "lr"] == choices.lr("uniform:lora", -1)
     assert configs.loc["frozen", "lr"] == choices.lr("frozen", -1)
     lines = "\n".join(protocol_lines(json.loads(json.dumps(config.model_dump(mode="json"))), trials, "accuracy"))
     assert "[0.001, 0.05]" in lines and "first 1 of its 2 epochs" in lines and "2 of 4" in lines
     assert f"| uniform:lora | 1 |" in lines and f"| {choices.lr('uniform:lora', -1):g} |" in lines
+
+
+def test_continuing_the_rung_gives_the_numbers_of_training_from_the_start(tuned_search):
+    from pefttune.analysis.store import open_results
+    from pefttune.analysis.tables import trials_table
+    from pefttune.runtime.cluster import grid_tune_config
+    from pefttune.runtime.plan import GridPlan, grid_run_config, grid_tuner
+    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.setup import make_setup
+
+    config, path = tuned_search
+    store = open_results(path)
+    trials = trials_table(store)
+    continued = trials[(trials["experiment"] == ".") & (trials["config_id"] == "uniform:lora")].iloc[0]
+    record = next(t for t in store.trials if t.trial_id == continued["trial_id"])
+    trial = {k: record.config[k] for k in ("config_id", "kind", "method", "placement", "lr", "seed", "budget_exempt")}
+    scratch = str(path / "from-scratch")
+    tuner = grid_tuner(make_trainable(make_setup(config, scratch)), scratch, GridPlan([{**trial, CONTINUES: None}]),
+                       grid_tune_config(1, False), grid_run_config(config, "from-scratch", str(path), [], 0))
+    result = tuner.fit()[0].metrics
+    assert result["start_epoch"] == 1 and continued["start_epoch"] == 2
+    assert result["best_dev_accuracy"] == pytest.approx(continued["best_dev_score"], abs=1e-6)
+    assert result["test_accuracy"] == pytest.approx(continued["test_score"], abs=1e-6)
+    assert result["test_loss"] == pytest.approx(continued["test_loss"], abs=1e-5)
 
 
 def test_a_tuning_resumes_and_refuses_another_grid(tuned_search):

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Callable, Iterable, TypeVar
 
 __all__ = [
-    "BEST_DIR", "CHECKPOINT_NAME", "FILES_KEY", "MODEL_DIR", "PREDICTIONS_DIR", "STATE_FILE", "STOP_EPOCH",
+    "BEST_DIR", "CHECKPOINT_NAME", "CONTINUES", "FILES_KEY", "MODEL_DIR", "PREDICTIONS_DIR", "STATE_FILE", "STOP_EPOCH",
     "TRAINER_FILE",
     "TrialKind", "metric_key", "predictions_file", "rank_trials",
 ]
@@ -45,6 +45,9 @@ class TrialKind(str, Enum):
 #: A trial config key: the trial ends after this epoch, on the schedule of all its epochs (a rung of the
 #: learning-rate protocol, :mod:`pefttune.tuning`); such a trial is stopped early by design, never a result.
 STOP_EPOCH = "stop_epoch"
+#: A trial config key: the checkpoint (folder or URI) a trial without one of its own starts from: the rung of the
+#: learning-rate protocol that it continues, at the chosen rate with the same seed.
+CONTINUES = "continues"
 
 
 def metric_key(split: str, metric: str, best: bool = False) -> str:

@@ -10,8 +10,11 @@ The rule, with ``train.lr_grid`` set (without it every trial trains at ``train.l
 2. The rate with the best dev score at the rung (``best_dev_<metric>``) is chosen, ties to the
    smaller rate; a rate whose trial failed, diverged or was over budget is left out (all of
    them: ``train.lr``, and the choice says why).
-3. The configuration then trains with every seed of ``train.seeds`` at the chosen rate, from
-   the first epoch, exactly as it would at ``train.lr``.
+3. The configuration then trains with every seed of ``train.seeds`` at the chosen rate, as it
+   would at ``train.lr``; its first seed continues the chosen rate's rung trial (``continues``
+   in its trial config: the same config and seed, so the same numbers as training from the
+   start, without the rung's epochs twice; its history starts after the rung, whose epochs are
+   in the tuning's experiment), the other seeds train from the start.
 4. The discrete search draws each searched trial's rate from the same grid (Optuna's
    categorical ``lr``): also chosen on dev with the first seed; its replicates keep that rate.
 
@@ -85,8 +88,9 @@ class LrProtocol:
         return (f"each fixed configuration's learning rate is chosen on dev from the grid [{grid}] with its first "
                 f"seed: every rate trains the first {self.rung_epochs(epochs)} of its {epochs} epochs "
                 f"(the references: {self.rung_epochs(refs)} of {refs}) and the best dev score (ties: the smaller "
-                "rate) is kept (successive halving, one rung); every seed then trains at that rate from the start. "
-                "The discrete search draws each trial's rate from the same grid; its replicates keep it")
+                "rate) is kept (successive halving, one rung); every seed then trains at that rate, the first one "
+                "continuing its rung. The discrete search draws each trial's rate from the same grid; its replicates "
+                "keep it")
 
 
 def trial_epochs(config: StudyConfig, kind: str) -> int:
@@ -115,6 +119,8 @@ class LrChoice:
     scores: list[tuple[float, float | None]]  # (rate, dev score at the rung; None: failed or over budget)
     rung_epochs: int
     note: str = ""  # why the rate is train.lr (no rate of the grid trained)
+    checkpoint: str = ""  # the chosen rate's rung checkpoint, which its seed's trial continues ("": none)
+    seed: int | None = None  # the seed the rung trained with
 
 
 @dataclass
@@ -127,6 +133,14 @@ class LrChoices:
         """The chosen rate of ``config_id``, else ``default`` (no tuning: ``train.lr``)."""
         choice = self.choices.get(config_id)
         return default if choice is None else choice.lr
+
+    def continues(self, config_id: str, seed: int) -> str | None:
+        """The rung checkpoint the trial of ``config_id`` with ``seed`` starts from (its trial config's
+        ``continues``): the chosen rate's rung, for the seed it trained with; None for every other trial."""
+        choice = self.choices.get(config_id)
+        if choice is None or not choice.checkpoint or choice.seed is None or int(seed) != int(choice.seed):
+            return None
+        return choice.checkpoint
 
     def to_json(self) -> str:
         return json.dumps({"choices": [asdict(c) for c in self.choices.values()]}, indent=1)
@@ -177,20 +191,35 @@ def rung_trials(protocol: LrProtocol, candidates: list[dict]) -> list[dict]:
 def choices_from_frame(frame: pd.DataFrame, protocol: LrProtocol, metric: str, mode: str,
                        default: float) -> LrChoices:
     """The choice of every configuration in a rung's results (one row per trial: ``config_id``,
-    ``lr``, ``best_dev_<metric>``, ``status``, ``over_budget``, ``stop_epoch``)."""
+    ``lr``, ``best_dev_<metric>``, ``status``, ``over_budget``, ``stop_epoch``; with ``epochs``
+    and ``checkpoint``, the chosen rate's rung checkpoint when the rung stopped before the end)."""
     best = metric_key("dev", metric, best=True)
     out = {}
     for cid, group in frame.groupby("config_id", sort=True):
-        scores = {}
+        scores, rows = {}, {}
         for _, row in group.iterrows():
             ok = row.get("status") == "TERMINATED" and not bool(row.get("over_budget"))
             value = row.get(best)
             scores[float(row["lr"])] = float(value) if ok and value is not None and not math.isnan(value) else None
+            rows[float(row["lr"])] = row
         chosen = choose_rate(scores, mode)
         note = "" if chosen is not None else f"no rate of the grid trained (failed or over budget): train.lr {default:g}"
+        winner = rows.get(chosen) if chosen is not None else None
+        checkpoint = ""
+        if winner is not None and int(winner[STOP_EPOCH]) < int(winner.get("epochs") or 0):
+            checkpoint = str(winner.get("checkpoint") or "")
+        seed = None if winner is None or winner.get("seed") is None else int(winner["seed"])
         out[str(cid)] = LrChoice(str(cid), float(default if chosen is None else chosen),
-                                 sorted(scores.items()), int(group[STOP_EPOCH].max()), note)
+                                 sorted(scores.items()), int(group[STOP_EPOCH].max()), note, checkpoint, seed)
     return LrChoices(out)
+
+
+def _checkpoint_uri(checkpoint) -> str:
+    """A Ray checkpoint's location as ``tune.Checkpoint`` takes it back: a local path or a URI."""
+    if checkpoint is None:
+        return ""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def tune_rates(config: StudyConfig, path: str, candidates: list[dict], trainable, *, resume: bool = False,
@@ -226,8 +255,9 @@ def tune_rates(config: StudyConfig, path: str, candidates: list[dict], trainable
     with fit_environment(), quiet_ray_loggers(verbose):
         results = tuner.fit()
     frame = results_frame(results)
-    for key in ("config_id", "lr", STOP_EPOCH):  # from the trial configs (also of trials that never reported)
+    for key in ("config_id", "lr", "seed", STOP_EPOCH, "epochs"):  # from the trial configs (and of trials never reporting)
         frame[key] = [(r.config or {}).get(key) for r in results]
+    frame["checkpoint"] = [_checkpoint_uri(r.checkpoint) for r in results]
     choices = choices_from_frame(frame, protocol, config.metric, mode, config.train.lr)
     write_storage_text(f"{path}/{CHOICES_FILE}", choices.to_json())
     if verbose:

@@ -63,7 +63,7 @@ from pefttune.runtime.study_dir import (
     write_config_copy,
 )
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
-from pefttune.schema import TrialKind, metric_key
+from pefttune.schema import CONTINUES, TrialKind, metric_key
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
 from pefttune.tuning import DARTS_TUNE_DIR, LrChoices, LrProtocol, stored_choices, tune_rates
 
@@ -251,7 +251,8 @@ def _retrain_trial(config: StudyConfig, cid: str, placement: Placement, sources:
                    choices: LrChoices) -> dict:
     return {"config_id": cid, "kind": TrialKind.DARTS_DERIVED.value, "method": "",
             "placement": json.dumps(placement.to_dict(), separators=(",", ":")), "derived_from": list(sources),
-            "seed": seed, "lr": choices.lr(cid, config.train.lr), "epochs": config.train.epochs}
+            "seed": seed, "lr": choices.lr(cid, config.train.lr), "epochs": config.train.epochs,
+            CONTINUES: choices.continues(cid, seed)}
 
 
 def retrain_plan(config: StudyConfig, search, choices: LrChoices | None = None) -> GridPlan:

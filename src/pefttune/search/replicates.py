@@ -40,7 +40,7 @@ from pefttune.runtime.study_dir import (
     load_results,
     results_frame,
 )
-from pefttune.schema import TrialKind, metric_key
+from pefttune.schema import CONTINUES, TrialKind, metric_key
 from pefttune.search.space import fixed_points, validate_space
 from pefttune.search.summary import top_k
 from pefttune.trainables.setup import Faults, make_setup
@@ -62,11 +62,13 @@ class Replicate:
     lr: float | None = None  # None: train.lr
     epochs: int | None = None  # None: train.epochs (the references: train.reference_epochs)
     head_lr: float | None = None  # None: train.head_lr (the references: their chosen rate)
+    continues: str | None = None  # the rung checkpoint it starts from (the chosen rate's first seed)
 
     def trial_config(self) -> dict:
         return {"config_id": self.config_id, "kind": self.kind, "method": self.method, "placement": self.placement,
                 "seed": self.seed, "lr": self.lr, "head_lr": self.head_lr, "epochs": self.epochs,
-                "budget_exempt": self.budget_exempt, "backbone": LOG_MEL if self.kind == TrialKind.LOG_MEL else None}
+                "budget_exempt": self.budget_exempt, "backbone": LOG_MEL if self.kind == TrialKind.LOG_MEL else None,
+                CONTINUES: self.continues}
 
 
 def frozen_placement(num_layers: int) -> Placement:
@@ -111,7 +113,8 @@ def plan_replicates(config: StudyConfig, search: pd.DataFrame, choices: LrChoice
         rate = choices.lr(fixed.config_id, config.train.lr)
         reference = fixed.kind in REFERENCE_KINDS  # the head alone: the chosen rate is the head's
         head = rate if reference and fixed.config_id in choices.choices else None
-        out.extend(replace(fixed, seed=s, lr=rate, head_lr=head) for s in (seeds if reference else others))
+        out.extend(replace(fixed, seed=s, lr=rate, head_lr=head, continues=choices.continues(fixed.config_id, s))
+                   for s in (seeds if reference else others))
     if config.search.replicate_top and others and len(search) and "kind" in search:
         metric = metric_key("dev", config.metric, best=True)
         best = top_k(search, metric, space_mode(config), k=len(search), kinds=[TrialKind.DISCRETE])

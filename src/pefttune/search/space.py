@@ -102,14 +102,19 @@ class FixedPoint:
 
 def with_rates(points: list[FixedPoint], choices) -> list[FixedPoint]:
     """``points`` at the rates the learning-rate protocol chose (``choices``:
-    :class:`~pefttune.tuning.LrChoices`, by the points' ``config_id``); a point without a choice
-    keeps its own (``train.lr`` when None)."""
+    :class:`~pefttune.tuning.LrChoices`, by the points' ``config_id``), each continuing its rung
+    (``continues``); a point without a choice keeps its own (``train.lr`` when None)."""
     from dataclasses import replace
+
+    from pefttune.schema import CONTINUES
 
     out = []
     for point in points:
-        choice = choices.choices.get(point.extra.get("config_id"))
-        out.append(point if choice is None else replace(point, lr=choice.lr))
+        cid, seed = point.extra.get("config_id"), point.extra.get("seed")
+        choice = choices.choices.get(cid)
+        if choice is not None:  # the first seed continues the chosen rate's rung
+            point = replace(point, lr=choice.lr, extra={**point.extra, CONTINUES: choices.continues(cid, seed)})
+        out.append(point)
     return out
 
 

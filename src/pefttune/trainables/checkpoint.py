@@ -286,9 +286,14 @@ def complete_checkpoints(trial_dir: str | Path, below: int | None = None) -> lis
     return [path for _, path in sorted(found, reverse=True) if checkpoint_problem(path) is None]
 
 
-def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=None, on_restore=None):
+def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=None, on_restore=None,
+            start_from: str | None = None):
     """Restore the trial's Ray checkpoint (``tune.get_checkpoint()``) with :func:`read_checkpoint`;
     returns ``(state, best_weights)``, or None when there is nothing to resume from.
+
+    ``start_from`` (a checkpoint folder or URI): where a trial without a checkpoint of its own
+    starts, e.g. the rung of the learning-rate protocol that it continues (:mod:`pefttune.tuning`):
+    the same trial config and seed, so it goes on exactly as if it had trained those epochs itself.
 
     An incomplete checkpoint (:class:`IncompleteCheckpointError`) is never read: the trial goes
     back to the newest complete checkpoint before it in the same trial folder (local storage),
@@ -297,6 +302,8 @@ def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=N
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
+    if checkpoint is None and start_from:
+        checkpoint = tune.Checkpoint(start_from)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:

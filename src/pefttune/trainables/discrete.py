@@ -12,7 +12,9 @@
   whose head is all they train); ``epochs`` (default ``train.epochs``; the references':
   ``train.reference_epochs``); ``stop_epoch`` (a rung of the learning-rate protocol,
   :mod:`pefttune.tuning`: end after this epoch's report, on the schedule of ``epochs``, with
-  no final evaluation: the trial is stopped early by design);
+  no final evaluation: the trial is stopped early by design); ``continues`` (a rung's
+  checkpoint: where the trial starts when it has none of its own, the chosen rate's first seed
+  going on from its rung);
 - tests inject failures, NaNs and delays through ``setup.faults``
   (:class:`~pefttune.trainables.setup.Faults`), never through the trial config.
 
@@ -47,7 +49,7 @@ from pefttune.model import build_model
 from pefttune.runtime import storage
 from pefttune.runtime.cluster import set_threads, trial_device
 from pefttune.runtime.study_dir import config_id, parse_placement, placement_columns
-from pefttune.schema import STOP_EPOCH, TrialKind, metric_key
+from pefttune.schema import CONTINUES, STOP_EPOCH, TrialKind, metric_key
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import CheckpointState
 from pefttune.trainables.setup import TrialSetup, frozen_cache, head_parameters, train_config
@@ -144,7 +146,8 @@ def train_fn(config: dict, setup: TrialSetup) -> None:
 
     state = CheckpointState()
     best_weights = None
-    restored = ckpt.restore(model, optimizer=optimizer, scheduler=scheduler)  # never an incomplete checkpoint
+    # never an incomplete checkpoint; a first run of a chosen rate continues its rung (CONTINUES)
+    restored = ckpt.restore(model, optimizer=optimizer, scheduler=scheduler, start_from=config.get(CONTINUES))
     if restored is not None:
         state, best_weights = restored
         if state.finished:  # restored after the final report: report it again, train nothing
