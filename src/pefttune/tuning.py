@@ -85,9 +85,10 @@ class LrProtocol:
         """The rule as one sentence (the report prints it)."""
         grid = ", ".join(f"{r:g}" for r in self.grid)
         refs = reference_epochs or epochs
+        own = f" (the references: {self.rung_epochs(refs)} of {refs})" if refs != epochs else ""
         return (f"each fixed configuration's learning rate is chosen on dev from the grid [{grid}] with its first "
-                f"seed: every rate trains the first {self.rung_epochs(epochs)} of its {epochs} epochs "
-                f"(the references: {self.rung_epochs(refs)} of {refs}) and the best dev score (ties: the smaller "
+                f"seed: every rate trains the first {self.rung_epochs(epochs)} of its {epochs} epochs{own} "
+                "and the best dev score (ties: the smaller "
                 "rate) is kept (successive halving, one rung); every seed then trains at that rate, the first one "
                 "continuing its rung. The discrete search draws each trial's rate from the same grid; its replicates "
                 "keep it")
