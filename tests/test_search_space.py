@@ -249,3 +249,13 @@ def test_asha_never_stops_uniform_baselines_or_the_hybrid(tmp_path):
                  for name in ["good1", "good2", "bad", "base", "mix"]}
     assert decisions["bad"] == TrialScheduler.STOP  # a bad searched trial is pruned
     assert decisions["base"] == TrialScheduler.CONTINUE and decisions["mix"] == TrialScheduler.CONTINUE
+    # the fixed points enter no rung: a searched trial is ranked against the searched ones only (they continue
+    # their learning-rate rung, so their first report comes from a later epoch, at a rate chosen for them)
+    late = SimpleNamespace(trial_id="late", config={"kind": "discrete"})
+    scheduler.on_trial_add(None, late)
+    for name in ("base", "mix"):
+        scheduler.on_trial_result(None, trials[name], {"epoch": 3, metric: 0.99})
+        scheduler.on_trial_complete(None, trials[name], {"epoch": 4, metric: 0.99})
+    milestone, recorded = scheduler._trial_info["late"]._rungs[-1]
+    assert milestone == 1 and set(recorded) == {"good1", "good2", "bad"}
+    assert scheduler.on_trial_result(None, late, {"epoch": 1, metric: 0.85}) == TrialScheduler.CONTINUE

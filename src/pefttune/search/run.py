@@ -28,7 +28,8 @@ Design choices
   region is infeasible. ``search.budget_exempt_fixed`` lets fixed points train anyway.
 - **Objective**: ``best_dev_<metric>`` (best dev score so far, full epochs only) for ASHA
   and Optuna; plus ``trainable_params`` (min) with ``search.multi_objective``.
-- **Early stopping**: ASHA-stopped trials are told PRUNED to Optuna (not COMPLETE).
+- **Early stopping**: ASHA ranks the searched trials among themselves (the fixed points run to
+  the end and enter no rung); ASHA-stopped trials are told PRUNED to Optuna (not COMPLETE).
 - **Divergence**: a NaN loss ends the trial as ERROR with the DivergedError message; retries
   re-raise at once (the trainable leaves a marker), so the experiment continues.
 - **Top-k**: Ray has none; :func:`results_frame` + :func:`top_k` sort the trials.
@@ -187,14 +188,21 @@ def build_scheduler(plan: SearchPlan):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
     class BaselineKeepingASHA(AsyncHyperBandScheduler):
-        """ASHA over the searched trials; uniform baselines and the hybrid always run to the end
-        (their final dev/test predictions feed the comparisons and the ensembles)."""
+        """ASHA over the searched trials, ranked among themselves; uniform baselines and the hybrid
+        always run to the end (their final dev/test predictions feed the comparisons and the
+        ensembles) and enter no rung: continuing their learning-rate rung (:mod:`pefttune.tuning`),
+        they report from a later epoch than a rung's, at a rate chosen for them."""
 
         def on_trial_result(self, tune_controller, trial, result):
-            decision = super().on_trial_result(tune_controller, trial, result)
             if trial.config.get("kind") in FIXED_KINDS:
                 return TrialScheduler.CONTINUE
-            return decision
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            if trial.config.get("kind") in FIXED_KINDS:
+                self._trial_info.pop(trial.trial_id, None)
+                return
+            super().on_trial_complete(tune_controller, trial, result)
 
     search = plan.config.search
     if search.scheduler == "none":
