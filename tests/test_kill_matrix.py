@@ -6,7 +6,9 @@ trial of that stage has reported, the stage has not finished), never by sleeping
 further-seeds round of ``analysis.max_seeds`` included); after each
 kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
 uninterrupted one of the same config and seeds: the same configurations and seeds, one
-completed trial each, the same scores and verdicts.
+completed trial each, the same scores and verdicts. The learning-rate protocol's tunings
+(``tune-lr``, and the DARTS-derived configuration's at the start of ``darts-retrain``) are
+killed too, and resume to the uninterrupted rungs and choices.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pytest
 import yaml
 
 from pefttune.cli import main as cli_main
+from pefttune.schema import STOP_EPOCH
 from helpers import kill_driver_group
 from test_search_fixtures import search_config, write_tone_manifest
 
@@ -35,7 +38,8 @@ def _config(manifest: Path, storage: Path, name: str) -> dict:
     config = search_config(
         manifest, storage, name=name,
         methods={"lora": {"rank": 2}, "bitfit": {}},
-        train={"epochs": 3, "max_steps_per_epoch": 3, "seeds": SEEDS},
+        # the learning-rate protocol: each fixed configuration (and the DARTS-derived one) tuned at a rung of 2 epochs
+        train={"epochs": 3, "max_steps_per_epoch": 3, "seeds": SEEDS, "lr_grid": [0.003, 0.03], "lr_rung": 0.5},
         search={"num_samples": 1, "scheduler": "none", "max_failures": 1, "hybrid": False, "replicate_top": 1,
                 "frozen_reference": True},
         darts={"warmup_epochs": 0, "converged_entropy": 1.0},  # one search per seed; "converged": finding 1 can be open
@@ -50,15 +54,19 @@ def _reported(folder: Path) -> bool:
 
 
 def _trials_done(folder: Path) -> bool:
-    """Every trial of the experiment in ``folder`` wrote its final checkpoint (the stage is over)."""
+    """Every trial of the experiment in ``folder`` wrote its final checkpoint (the stage is over); a rung
+    of the learning-rate protocol ends with its ``stop_epoch``."""
     from pefttune.trainables.checkpoint import read_state
 
     trials = [t for t in folder.glob("train_fn_*") if t.is_dir()] + [t for t in folder.glob("darts_fn_*") if t.is_dir()]
     finished = 0
     for trial in trials:
+        params = trial / "params.json"
+        stop = json.loads(params.read_text()).get(STOP_EPOCH) if params.is_file() else None
         for ckpt in sorted(trial.glob("checkpoint_*"), reverse=True):
             try:
-                finished += read_state(ckpt).finished
+                state = read_state(ckpt)
+                finished += state.finished or (stop is not None and state.epoch >= stop)
                 break
             except (FileNotFoundError, ValueError):
                 continue
@@ -69,9 +77,11 @@ def _trials_done(folder: Path) -> bool:
 
 #: stage -> (folder of its results under the study, "under way" test on that folder)
 MOMENTS = {
+    "tune-lr": ("tune-lr", _reported),
     "discrete": ("", _reported),
     "replicates": ("replicates", _reported),
     "darts-search": ("darts", _reported),
+    "tune-lr-darts": ("tune-lr-darts", _reported),  # the derived configuration's rates, in darts-retrain
     "darts-retrain": ("darts-retrain", _reported),
     "more-seeds": ("seeds-2/trainings", _reported),
     "analysis": ("analysis", lambda f: (f / "tables" / "trials.parquet").is_file()),
@@ -108,9 +118,13 @@ def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Pa
     return {}
 
 
+TUNINGS = ["tune-lr", "tune-lr-darts"]  # the learning-rate protocol's rungs (stopped by design)
+
+
 def _table(study: Path) -> pd.DataFrame:
+    """The trained configurations' trials: no DARTS search, no rung of a rate."""
     trials = pd.read_parquet(study / "analysis" / "tables" / "trials.parquet")
-    return trials[trials["kind"] != "darts"]
+    return trials[(trials["kind"] != "darts") & ~trials["experiment"].isin(TUNINGS)]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +166,21 @@ def test_resumed_study_loses_and_duplicates_no_trial(killed_and_reference):
     key = lambda t: sorted(zip(t["config_id"], t["seed"]))  # noqa: E731
     assert key(done) == key(reference[reference["outcome"] == "completed"])
     assert {"uniform", "discrete", "frozen", "darts-derived"} <= set(done["kind"])
+
+
+def test_resumed_rungs_choose_the_uninterrupted_rates(killed_and_reference):
+    tables = {k: pd.read_parquet(killed_and_reference[k] / "analysis" / "tables" / "trials.parquet")
+              for k in ("killed", "reference")}
+    rungs = {k: t[t["experiment"].isin(TUNINGS)].set_index(["config_id", "lr"]).sort_index()
+             for k, t in tables.items()}
+    assert len(rungs["killed"]) == len(rungs["reference"]) == 2 * 4  # 2 rates x (2 uniform, frozen, darts-derived)
+    assert (rungs["killed"]["outcome"] == "stopped_early").all()
+    pd.testing.assert_series_equal(rungs["killed"]["best_dev_score"], rungs["reference"]["best_dev_score"],
+                                   check_exact=False, atol=1e-6)
+    for folder in TUNINGS:
+        choices = [json.loads((killed_and_reference[k] / folder / "lr_choices.json").read_text())
+                   for k in ("killed", "reference")]
+        assert choices[0] == choices[1]
 
 
 def test_resumed_study_gives_the_uninterrupted_scores_and_verdicts(killed_and_reference):
