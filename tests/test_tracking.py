@@ -82,7 +82,8 @@ def test_the_core_imports_the_trackers_only_when_tracking_is_on():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == t or n.startswith(t + ".") for n in names for t in trackers):
                 eager.append(f"{path.relative_to(package)}: {names}")
-    assert eager == ["runtime/mlflow_trials.py: ['ray.air.integrations.mlflow']"], eager
+    assert sorted(eager) == ["runtime/mlflow_trials.py: ['ray.air.integrations.mlflow']",
+                             "runtime/wandb_trials.py: ['ray.air.integrations.wandb']"], eager
 
 
 # -- the trial callback on Ray's restore ---------------------------------------------------------------
@@ -152,6 +153,29 @@ def test_a_restored_experiment_logs_into_the_same_trial_runs(ray_session, tmp_pa
         assert sorted(m.step for m in history) == ([1, 2] if seed == 0 else [1, 1, 2])
         assert "alpha/L00/houlsby_lora" in run.data.metrics  # a name MLflow accepts
         assert run.data.params["seed"] == str(seed)
+
+
+def test_wandb_offline_writes_one_run_per_trial_resumed_by_its_trial_id(ray_session, tmp_path):
+    pytest.importorskip("wandb")
+    from ray import tune
+
+    from pefttune.runtime.study_dir import study_dir
+    from pefttune.runtime.tune_run import run_config
+
+    config = parse_config({"name": "wb", "storage": str(tmp_path), "tracking": {"wandb": True},
+                           "search": {"max_failures": 0}})
+    path = f"{study_dir(config)}/grid"
+    trainable = tune.with_resources(_make_trainable(str(tmp_path / "failed-once")), {"cpu": 1})
+    first = tune.Tuner(trainable, param_space={"seed": tune.grid_search([0, 1])},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=2),
+                       run_config=run_config(config, path, verbose=0)).fit()
+    restored = tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+    assert not any(r.error for r in restored)
+    trial_ids = sorted(r.metrics["trial_id"] for r in first)
+    runs = sorted((tmp_path / "wb" / "wandb" / "wandb").glob("offline-run-*"))
+    # one W&B run id per trial (the Ray trial id): the retried trial writes its second part under the same id
+    assert sorted({r.name.rsplit("-", 1)[-1] for r in runs}) == trial_ids and len(runs) == 3
+    assert all(any(r.glob("run-*.wandb")) for r in runs)
 
 
 def test_an_unreachable_server_is_warned_about_once_and_nothing_fails(tmp_path, capsys, monkeypatch):

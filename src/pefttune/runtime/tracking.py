@@ -262,19 +262,7 @@ def end_study(config: StudyConfig, study_path: str, status: str = "FINISHED") ->
         warn_once(target.label, err)
 
 
-# -- Weights & Biases ------------------------------------------------------------------------------
-
-
-def wandb_callback(config: StudyConfig, study_path: str, experiment: str):
-    """Ray's ``WandbLoggerCallback``: one W&B run per trial (its id: the Ray trial id, resumed by
-    ``--resume``), grouped by the study, ``job_type`` the Ray experiment; offline by default."""
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
-    section = config.tracking.wandb
-    folder = section.dir or f"{study_path}/wandb"
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return WandbLoggerCallback(project=section.project or config.name, group=config.name, mode=section.mode,
-                               dir=folder, job_type=experiment, resume="allow")
+# -- the study's files ---------------------------------------------------------------------------
 
 
 def study_files(summary: dict) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from pefttune.config import StudyConfig
 from pefttune.runtime.study_dir import study_dir
-from pefttune.runtime.tracking import mlflow_target, relative_experiment, wandb_callback
+from pefttune.runtime.tracking import mlflow_target, relative_experiment
 
 
 def run_config(config: StudyConfig, path: str, *, verbose: int = 1, callbacks: Sequence = (), reporter=None,
@@ -54,6 +54,10 @@ def tune_callbacks(config: StudyConfig, study_path: str, experiment_path: str) -
         from pefttune.runtime.mlflow_trials import MlflowTrials  # imports MLflow: only when it is on
 
         out.append(MlflowTrials(target, experiment))
-    if config.tracking.wandb is not None:
-        out.append(wandb_callback(config, study_path, experiment))
+    wandb = config.tracking.wandb
+    if wandb is not None:
+        from pefttune.runtime.wandb_trials import WandbTrials  # imports wandb: only when it is on
+
+        out.append(WandbTrials(wandb.project or config.name, config.name, wandb.mode,
+                               wandb.dir or f"{study_path}/wandb", experiment))
     return out
