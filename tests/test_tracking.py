@@ -69,8 +69,8 @@ def test_mlflow_missing_is_a_clear_error_before_compute(tmp_path, monkeypatch, c
 
 
 def test_the_core_imports_the_trackers_only_when_tracking_is_on():
-    """Only pefttune.runtime.mlflow_trials imports MLflow at its top; everything else imports it
-    (or that module, or wandb) inside the functions that run when tracking is on."""
+    """Only the callback modules (mlflow_trials, wandb_trials) import a tracker at their top; the
+    rest imports them inside the functions that run when tracking is on."""
     import ast
 
     package = Path(__file__).resolve().parents[1] / "src" / "pefttune"
