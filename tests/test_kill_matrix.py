@@ -6,7 +6,7 @@ trial of that stage has reported, the stage has not finished), never by sleeping
 further-seeds round of ``analysis.max_seeds`` included); after each
 kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
 uninterrupted one of the same config and seeds: the same configurations and seeds, one
-completed trial each, the same scores and verdicts.
+completed trial each, the same scores and verdicts; and, in its MLflow store, one run per trial.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 SEEDS = [0, 1]
 
 
-def _config(manifest: Path, storage: Path, name: str) -> dict:
+def _config(manifest: Path, storage: Path, name: str, tracking: dict | None = None) -> dict:
     config = search_config(
         manifest, storage, name=name,
         methods={"lora": {"rank": 2}, "bitfit": {}},
@@ -40,6 +40,7 @@ def _config(manifest: Path, storage: Path, name: str) -> dict:
                 "frozen_reference": True},
         darts={"warmup_epochs": 0, "converged_entropy": 1.0},  # one search per seed; "converged": finding 1 can be open
         analysis={"logmel_reference": False, "max_seeds": 3},  # a round of seed 2 where a finding is open
+        tracking=tracking,
     )
     return config
 
@@ -122,7 +123,8 @@ def killed_and_reference(ray_session, tmp_path_factory):
     assert cli_main(["run", str(reference_cfg)]) == 0
 
     killed_cfg = root / "killed.yaml"
-    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed")))
+    # the killed study logs to MLflow (sqlite in its folder): every resume finds its runs again
+    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed", {"mlflow": True})))
     study = root / "results" / "killed"
     log = root / "killed.log"
     seen = {}
@@ -164,3 +166,15 @@ def test_resumed_study_gives_the_uninterrupted_scores_and_verdicts(killed_and_re
     verdicts = [json.loads((killed_and_reference[k] / "analysis" / "summary.json").read_text())["findings"]
                 for k in ("killed", "reference")]
     assert {k: v["verdict"] for k, v in verdicts[0].items()} == {k: v["verdict"] for k, v in verdicts[1].items()}
+
+
+def test_resumed_study_keeps_one_tracking_run_per_trial(killed_and_reference):
+    import mlflow
+
+    study = killed_and_reference["killed"]
+    mlflow.set_tracking_uri(f"sqlite:///{study}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["killed"])
+    trials = pd.read_parquet(study / "analysis" / "tables" / "trials.parquet")  # every Ray trial, DARTS included
+    assert not runs["tags.pefttune_run"].duplicated().any()
+    assert len(runs) == len(trials) + 1  # and the study's run
+    assert set(runs["status"]) == {"FINISHED"}

@@ -325,6 +325,56 @@ class ResourcesSection(_Section):
     )
 
 
+class MlflowSection(_Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:////path/mlflow.db, databricks, ...). "
+        "Default: a sqlite store in the study folder, sqlite:///<storage>/<name>/mlflow.db (current MLflow "
+        "refuses a new ./mlruns file store)."
+    )
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment name (default: `name`).")
+
+
+class WandbSection(_Section):
+    project: str | None = Field(None, min_length=1, description="W&B project (default: `name`).")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: runs written under `dir` only (sync later with `wandb sync`); online: "
+        "sent to the W&B server."
+    )
+    dir: str | None = Field(None, description="Folder of the W&B run files (default: <storage>/<name>/wandb).")
+
+
+def _enable(value: Any) -> Any:
+    """``true`` -> the section with its defaults, ``false`` -> off; a string -> ``{uri: ...}`` (MLflow)."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class TrackingSection(_Section):
+    mlflow: MlflowSection | None = Field(
+        None, description="Log to MLflow: one run per trial (its config, its metrics per epoch, tags kind, "
+        "config_id and seed) under one run of the study, which holds the report, the tables and the plots. "
+        "true, a URI, or {uri, experiment}. Needs the `tracking` extra (pip install 'pefttune[tracking]')."
+    )
+    wandb: WandbSection | None = Field(
+        None, description="Log to Weights & Biases (one run per trial): true or {project, mode, dir}; offline by "
+        "default. Needs `pip install wandb`."
+    )
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow(cls, value: Any) -> Any:
+        value = _enable(value)
+        return {"uri": value} if isinstance(value, str) else value
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _wandb(cls, value: Any) -> Any:
+        return _enable(value)
+
+
 class StudyConfig(_Section):
     name: str = Field("pefttune", min_length=1, description="Experiment name (folder under storage).")
     backbone: str = Field("tiny-hubert-ssl", description="Built-in name, local model dir, or Hugging Face id.")
@@ -352,6 +402,10 @@ class StudyConfig(_Section):
         description="The local storage path is a shared filesystem (e.g. NFS) mounted at the same path on every "
         "node; required for a local storage path on a multi-node cluster.",
     )
+    tracking: TrackingSection | None = Field(
+        None, description="Send the study to an experiment tracker (MLflow, W&B); off by default. A tracker that "
+        "cannot be reached is warned about once and the study goes on without it."
+    )
     ensemble_size: int = Field(5, ge=2, description="Members of the top-k ensembles.")
     tasks: list[str] | dict[str, dict[str, Any] | None] | None = Field(
         None,
@@ -370,6 +424,17 @@ class StudyConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: a task is listed twice in {names}")
         task_configs(self)  # every task's config validated; errors name tasks.<task>
+        return self
+
+    @model_validator(mode="after")
+    def _tracking_store(self):
+        mlflow = self.tracking.mlflow if self.tracking else None
+        if mlflow is not None and mlflow.uri is None and "://" in self.storage:
+            raise ValueError(f"tracking.mlflow.uri: required when storage is a URI ({self.storage}); the default "
+                             "sqlite store lives in a local study folder")
+        wandb = self.tracking.wandb if self.tracking else None
+        if wandb is not None and wandb.dir is None and "://" in self.storage:
+            raise ValueError(f"tracking.wandb.dir: required when storage is a URI ({self.storage})")
         return self
 
     @model_validator(mode="after")

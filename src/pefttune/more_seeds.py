@@ -143,7 +143,8 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     from pefttune.runtime.console import quiet_ray_loggers
     from pefttune.runtime.study_dir import holds_run
     from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
-    from pefttune.search.replicates import plan_replicates, tune_run_config
+    from pefttune.runtime.tune_run import run_config
+    from pefttune.search.replicates import plan_replicates
     from pefttune.trainables.discrete import make_trainable
     from pefttune.trainables.setup import make_setup
 
@@ -163,7 +164,7 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
         else:
             tuner = grid_tuner(make_trainable(setup), path, plan,
                                grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                               tune_run_config(config, TRAININGS_DIR, root, [], verbose))
+                               run_config(config, path, verbose=verbose))
         with fit_environment(), quiet_ray_loggers(verbose):
             tuner.fit()
     if rnd.darts:

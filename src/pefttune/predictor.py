@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +32,7 @@ from pefttune.data.dataset import normalize_waveform
 from pefttune.data.vocab import LabelVocab, TokenVocab
 from pefttune.metrics import ctc_greedy_decode
 from pefttune.model import MODEL_FILE, PLACEMENT_FILE, WEIGHTS_FILE, PeftSpeechModel, load_model_dir
+from pefttune.runtime.provenance import collect as collect_provenance, markdown as provenance_markdown
 
 BACKBONE_FILE = "backbone.json"
 VOCAB_FILE = "vocab.json"
@@ -280,15 +280,6 @@ def load_model(directory: str | Path, backbone: str | None = None) -> Predictor 
 # -- export ------------------------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _copy_model_files(exp, source: str, target: Path) -> None:
     """Copy a checkpoint's best-dev model files (local or remote storage) into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
@@ -448,11 +439,12 @@ def _model_card(exp, members, strategy, encoder) -> str:
     lines.append(f"- task: {exp.task}, metric: {exp.metric} ({exp.mode})")
     if strategy:
         lines.append(f"- ensemble of {len(members)} members, strategy `{strategy}`")
-    lines.append(f"- experiment: `{exp.uri}`; pefttune commit: `{_git_commit() or 'unknown'}`")
+    lines.append(f"- experiment: `{exp.uri}`")
     lines += ["", "| trial | kind | trainable params | dev | test | placement |", "|---|---|---|---|---|---|"]
     for record in members:
         lines.append(f"| {record.trial_id} | {record.kind} | {record.trainable_params} | "
-                     f"{exp.score(record, 'dev')} | {exp.score(record, 'test')} | {record.placement_short} |")
+                     f"{_score(exp.score(record, 'dev'))} | {_score(exp.score(record, 'test'))} | "
+                     f"{record.placement_short} |")
     for record in members:
         if record.placement:
             placement = Placement.from_dict(record.placement)
@@ -460,4 +452,10 @@ def _model_card(exp, members, strategy, encoder) -> str:
             lines += [f"| {i} | {m} |" for i, m in enumerate(placement.layer_methods())]
     lines += ["", "Load it: `pefttune.predictor.load_model(DIR).predict([...])` or "
               "`pefttune predict DIR audio.wav`.", ""]
+    lines += [""] + provenance_markdown(collect_provenance(exp.config))  # of this export, and the study's config
     return "\n".join(lines)
+
+
+def _score(value: float | None) -> str:
+    """A score as the model card prints it: three decimals (0.7583333333333333 -> 0.758)."""
+    return "-" if value is None else f"{value:.3f}"

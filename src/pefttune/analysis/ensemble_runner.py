@@ -37,6 +37,7 @@ from pefttune.analysis.selection import select_members
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.tables import ensembles_table, write_table
 from pefttune.metrics import METRICS, edit_distance, error_rate
+from pefttune.runtime.provenance import collect
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.training import unpack_sequences
 
@@ -496,5 +497,6 @@ def save_ensembles(experiment: ResultsStore, runs: Sequence[EnsembleRun], out_di
     out_dir = Path(out_dir)
     path = atomic_write_text(out_dir / "ensembles.json", json.dumps(ensembles_json(experiment, runs), indent=2) + "\n")
     files = {"ensembles.json": path}
-    files.update(write_table(ensembles_table([r for run in runs for r in run.results]), out_dir, "ensembles"))
+    files.update(write_table(ensembles_table([r for run in runs for r in run.results]), out_dir, "ensembles",
+                             provenance=collect(experiment.config)))
     return files

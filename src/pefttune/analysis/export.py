@@ -22,6 +22,7 @@ from pefttune.analysis.tables import (
     trials_table,
     write_table,
 )
+from pefttune.runtime.provenance import collect
 
 __all__ = ["FORMATS", "TABLES", "export_experiment"]
 
@@ -45,6 +46,7 @@ def export_experiment(
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; known: {list(TABLES)}")
     files: dict[str, Path] = {}
+    provenance = collect(experiment.config)  # in each parquet file's schema metadata
     builders = {
         "trials": lambda: trials_table(experiment),
         "configs": lambda: configs_table(experiment),
@@ -59,5 +61,5 @@ def export_experiment(
             frame = ensembles_table(ensembles)
         else:
             frame = builders[name]()
-        files.update(write_table(frame, out_dir, name, formats))
+        files.update(write_table(frame, out_dir, name, formats, provenance))
     return files

@@ -55,6 +55,7 @@ from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
+from pefttune.runtime.provenance import collect as collect_provenance, markdown as provenance_markdown
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.metrics import align_corpus
 from pefttune.schema import TrialKind
@@ -425,7 +426,7 @@ def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None)
         pairs, kappa, by_method, pairwise_error = pd.DataFrame(), pd.DataFrame(), best_per_method(experiment), str(err)
     exported.update(write_table(pairs if not pairs.empty else pd.DataFrame(columns=[
         "a", "b", "agreement", "kappa", "mcnemar_b", "mcnemar_c", "mcnemar_p", "both_wrong", "error_overlap"]),
-        tables_dir, "pairwise"))
+        tables_dir, "pairwise", provenance=collect_provenance(experiment.config)))
     files["tables"] = {k: str(v) for k, v in exported.items()}
 
     trials = trials_table(experiment)
@@ -481,6 +482,7 @@ def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None)
         "skipped_audio": skipped,
         "comparison": _comparison(experiment, runs),
         "out_dir": str(out),
+        "provenance": collect_provenance(experiment.config).to_dict(),
     }
     report_path, summary_path = out / "report.md", out / "summary.json"
     files["report"], files["summary"] = str(report_path), str(summary_path)
@@ -667,6 +669,7 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
                 lines += [f"![{name}]({rel})", ""]
     if not plots.get("alpha"):
         lines += ["No DARTS search trials: no alpha plot.", ""]
+    lines += provenance_markdown(result["provenance"]) if result.get("provenance") else []
     lines += ["## Files", "", "Tables (parquet + CSV) are in `tables/`: trials, history, alpha, predictions, "
               "ensembles, pairwise; `ensembles.json` and `summary.json` hold the numbers above.", ""]
     return "\n".join(lines)

@@ -105,6 +105,7 @@ import pandas as pd
 
 from pefttune.analysis.store import RAY_KEYS, ResultsStore, TrialRecord, open_results
 from pefttune.metrics import edit_distance
+from pefttune.runtime.provenance import Provenance
 from pefttune.runtime.storage import atomic_output
 from pefttune.schema import TrialKind, metric_key
 from pefttune.training import unpack_sequences
@@ -486,8 +487,10 @@ def ensembles_table(results: Iterable[Any] = ()) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- writing
-def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
-    """Write ``frame`` as ``<out_dir>/<name>.<format>`` for each format, atomically."""
+def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS,
+                provenance: Provenance | None = None) -> dict[str, Path]:
+    """Write ``frame`` as ``<out_dir>/<name>.<format>`` for each format, atomically; ``provenance``
+    goes into the parquet schema metadata (key ``pefttune.provenance``, JSON)."""
     out_dir = Path(out_dir)
     files = {}
     for fmt in formats:
@@ -496,8 +499,18 @@ def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Se
         path = out_dir / f"{name}.{fmt}"
         with atomic_output(path) as tmp:
             if fmt == "parquet":
-                frame.to_parquet(tmp, index=False, engine="pyarrow")
+                _write_parquet(frame, tmp, provenance)
             else:
                 frame.to_csv(tmp, index=False)
         files[f"{name}.{fmt}"] = path
     return files
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path, provenance: Provenance | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if provenance is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **provenance.parquet_metadata()})
+    pq.write_table(table, path)

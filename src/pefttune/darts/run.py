@@ -61,6 +61,8 @@ from pefttune.runtime.study_dir import (
     write_config_copy,
 )
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
+from pefttune.runtime.tracking import check_tracking
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
 
@@ -109,6 +111,7 @@ def validate(config: StudyConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
     from pefttune.trainables.darts import darts_candidates, variant_settings
 
+    check_tracking(config)
     backbone_info(config.backbone)
     darts_candidates(config)  # the candidates must fit in one supernet layer
     for variant in config.darts.variants or [{}]:
@@ -140,21 +143,11 @@ def prepare_directories(config: StudyConfig, path: str, resume: bool) -> None:
     write_config_copy(config, search)
 
 
-def _run_config(config: StudyConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=path,
-        # result.json always: the per-epoch alpha history is part of the results (Ray adds
-        # no second JSON logger when its default loggers are on)
-        callbacks=[JsonLoggerCallback()] + ([console.callback()] if console is not None and verbose == 1 else []),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        progress_reporter=reporter if verbose >= 2 else None,
-        verbose=1 if verbose >= 2 else 0,
-    )
+def _run_config(config: StudyConfig, path: str, reporter, verbose: int, console: Console):
+    # result.json always: the per-epoch alpha history is part of the results (Ray adds no second
+    # JSON logger when its default loggers are on); one checkpoint per trial
+    return run_config(config, path, verbose=verbose, callbacks=[console.callback()] if verbose == 1 else [],
+                      reporter=reporter, keep=1, json_results=True)
 
 
 def _reporter(config: StudyConfig, parameters: dict, extra: dict):
@@ -203,7 +196,7 @@ def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose,
+        run_config=_run_config(config, f"{path}/{SEARCH_DIR}", reporter, verbose,
                                Console("DARTS search", config.metric, _mode(config), total=_search_trials(config),
                                        study_dir=path)),
     )
@@ -272,7 +265,7 @@ def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
     return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                      _run_config(config, path, RETRAIN_DIR, reporter, verbose, console))
+                      _run_config(config, f"{path}/{RETRAIN_DIR}", reporter, verbose, console))
 
 
 def collect_derived(results) -> list[DerivedPlacement]:

@@ -37,6 +37,7 @@ from pefttune.runtime.study_dir import (
     load_results,
     results_frame,
 )
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
 from pefttune.search.space import fixed_points, validate_space
 from pefttune.search.summary import top_k
@@ -146,10 +147,10 @@ def run_replicates(
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
                           study_dir=study_dir(config))
-        run_config = tune_run_config(config, REPLICATES_DIR, study_dir(config),
-                                     [console.callback()] if verbose == 1 else [], verbose)
         tuner = grid_tuner(make_trainable(setup), path, plan,
-                           grid_tune_config(config.search.max_concurrent, config.search.reuse_actors), run_config)
+                           grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
+                           run_config(config, path, verbose=verbose,
+                                      callbacks=[console.callback()] if verbose == 1 else []))
     with fit_environment(), quiet_ray_loggers(verbose):
         results = tuner.fit()
     if verbose:
@@ -157,20 +158,6 @@ def run_replicates(
         ok = int((frame["status"] == "TERMINATED").sum()) if len(frame) else 0
         print(f"replicates: {ok} of {len(frame)} trials finished", flush=True)
     return results
-
-
-def tune_run_config(config: StudyConfig, name: str, storage: str, callbacks: list, verbose: int):
-    """Ray's run config of a grid experiment ``<storage>/<name>`` of trainings."""
-    from ray import tune
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=storage,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        callbacks=callbacks,
-        verbose=1 if verbose >= 2 else 0,
-    )
 
 
 def replicates_path(config: StudyConfig) -> str:

@@ -54,6 +54,8 @@ from pefttune.runtime.study_dir import (
     write_config_copy,
 )
 from pefttune.runtime.storage import storage_exists
+from pefttune.runtime.tracking import check_tracking
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space
@@ -91,10 +93,6 @@ class SearchPlan:
         return "://" not in self.path
 
     @property
-    def storage_path(self) -> str:
-        return self.path.rsplit("/", 1)[0] if not self.is_local else str(Path(self.path).parent)
-
-    @property
     def optuna_url(self) -> str:
         if self.config.search.optuna_storage:
             return self.config.search.optuna_storage
@@ -117,6 +115,7 @@ class SearchPlan:
 
 def build_search_plan(config: StudyConfig, extra_points: list[FixedPoint] | None = None) -> SearchPlan:
     """Validate everything that can be checked without Ray (errors name the field)."""
+    check_tracking(config)
     info = backbone_info(config.backbone)
     space = validate_space(config, info)
     metric = config.metric
@@ -228,24 +227,6 @@ def progress_reporter(plan: SearchPlan):
     )
 
 
-def run_config(plan: SearchPlan, verbose: int = 1, callbacks: list | None = None):
-    """Ray's run config. ``verbose``: 0 silent, 1 pefttune's console (``callbacks``), 2 (``-v``)
-    Ray's own status table as well."""
-    from ray import tune
-
-    return tune.RunConfig(
-        name=plan.config.name,
-        storage_path=plan.storage_path,
-        # the latest checkpoint holds the best-dev weights too; keeping two means the one the
-        # last experiment snapshot refers to still exists when a resume needs it
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=plan.config.search.max_failures),
-        progress_reporter=progress_reporter(plan) if verbose >= 2 else None,
-        verbose=1 if verbose >= 2 else 0,
-        callbacks=list(callbacks or []),
-    )
-
-
 def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
@@ -263,7 +244,8 @@ def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | Non
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=run_config(plan, verbose, callbacks),
+        run_config=run_config(plan.config, plan.path, verbose=verbose, callbacks=callbacks or (),
+                              reporter=progress_reporter(plan) if verbose >= 2 else None),
     )
 
 
