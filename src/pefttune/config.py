@@ -1,7 +1,8 @@
 """The experiment config: one YAML file, validated before Ray starts.
 
 Every section is a pydantic model whose fields carry help text; unknown keys are
-errors (typos fail early) and messages name the field, e.g.
+errors (typos fail early, with the closest valid key: ``train.epohcs: unknown key; did you
+mean 'epochs'?``) and messages name the field, e.g.
 ``search.num_samples: Input should be greater than or equal to 1``.
 
 Shipped examples live in ``pefttune/configs/`` (``embedded.yaml`` is the default study of
@@ -490,7 +491,9 @@ def task_configs(config: StudyConfig, tasks=None) -> dict[str, StudyConfig]:
             out[task] = StudyConfig.model_validate(data)
         except ValidationError as err:  # every bad field, named inside the task: tasks.pr.train.epochs
             problems = "; ".join(
-                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + f": {e['msg'].removeprefix('Value error, ')}"
+                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + ": "
+                + (unknown_key_message(e["loc"]) if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, "))
                 for e in err.errors()
             )
             raise ValueError(problems) from None
@@ -507,8 +510,36 @@ def _format_error(err: ValidationError, source: str) -> str:
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = unknown_key_message(item["loc"])
         lines.append(f"  {where}: {message}")
     return f"{source}: invalid experiment config\n" + "\n".join(lines)
+
+
+def unknown_key_message(loc: tuple) -> str:
+    """What to say about a key no section has, e.g. ``train.epohcs``: the closest valid key of its
+    section, or the section's keys.
+
+    Example::
+
+        >>> unknown_key_message(("train", "epohcs"))
+        "unknown key; did you mean 'epochs'?"
+    """
+    import difflib
+
+    model: type[BaseModel] | None = StudyConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return "unknown key"
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    section = ".".join(str(p) for p in loc[:-1]) or "the config's top level"
+    return f"unknown key; the keys of {section} are {', '.join(keys)}"
 
 
 def parse_config(data: dict | None, source: str = "config") -> StudyConfig:

@@ -68,11 +68,12 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     Errors name ``data.path``/``data.source``."""
     from pefttune.data.check import check_audio
     from pefttune.data.dataset import SpeechDataset
-    from pefttune.data.manifest import read_manifest
+    from pefttune.data.manifest import ManifestError, missing_columns_message, read_manifest
     from pefttune.data.sources import manifest_for
 
     data = config.data
     where = f"data.path: {data.path}" if data.path else f"data.source: {data.source}"
+    same = data.source == "manifest" and data.path is not None
     try:
         sizes = {k: v for k, v in (("test_per_class", data.test_per_class), ("sentences", data.sentences),
                                    ("test_speakers", data.test_speakers)) if v is not None}
@@ -81,10 +82,17 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: {err}") from None
     task_kind = config.task_kind
+    if not (same and Path(data.path).expanduser().resolve() == Path(manifest).resolve()):
+        where = f"{where} (manifest {manifest})"
     try:
-        checked = check_audio(read_manifest(manifest), on_error=data.on_error, progress=progress)
+        frame = read_manifest(manifest)
+        missing = [c for c in ("split", "label" if task_kind == "classification" else "transcript")
+                   if c not in frame.columns]
+        if missing:  # before the audio check reads every header
+            raise ManifestError(missing_columns_message(missing, frame.columns, task_kind))
+        checked = check_audio(frame, on_error=data.on_error, progress=progress)
     except ValueError as err:  # AudioCheckError: every bad file, before any compute
-        raise ValueError(f"{where} (manifest {manifest}): {err}") from None
+        raise ValueError(f"{where}: {str(err).removeprefix(f'{manifest}: ')}") from None
     if checked.bad:
         print(f"[pefttune] {checked.summary()} (data.on_error: skip)", flush=True)
     rows = checked.kept
@@ -93,7 +101,7 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
         for split in ("dev", "test"):
             SpeechDataset(rows, split, task_kind, vocab=train.vocab, on_error=data.on_error)
     except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{where} (manifest {manifest}): {err}") from None
+        raise type(err)(f"{where}: {err}") from None
     skipped = tuple((int(b.row), b.split, b.path, b.reason) for b in checked.bad)
     return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped)
 

@@ -41,6 +41,7 @@ __all__ = [
     "normalize_split",
     "validate_manifest",
     "fill_durations",
+    "missing_columns_message",
 ]
 
 SPLITS = ("train", "dev", "test")
@@ -78,6 +79,54 @@ def normalize_split(name: str) -> str:
     raise ManifestError(f"unknown split name {name!r}; use one of {', '.join(SPLITS)}")
 
 
+#: Column -> what else people call it; a manifest with one of these gets "rename the column".
+_COLUMN_SYNONYMS = {
+    "path": ("file", "filename", "file_name", "filepath", "file_path", "audio", "audio_path", "audio_file", "wav",
+             "wav_path", "audio_filepath"),
+    "split": ("set", "subset", "partition", "fold", "dataset", "part"),
+    "label": ("class", "classes", "category", "word", "keyword", "command", "target", "labels", "intent",
+              "emotion", "class_name", "label_name"),
+    "transcript": ("text", "sentence", "transcription", "phonemes", "phones", "normalized_text", "words"),
+}
+_COLUMN_MEANING = {
+    "path": "the audio file, relative to the manifest's folder or absolute",
+    "split": "train, dev or test",
+    "label": "the class name of each clip",
+    "transcript": "space-separated phonemes (data.task: pr) or text (data.task: asr)",
+}
+
+
+def missing_columns_message(missing: list[str], columns, task_kind: str | None = None) -> str:
+    """What a manifest lacking ``missing`` columns is told: the columns it has, and for each
+    missing one the fix (rename the column that looks like it, or add it).
+
+    Example::
+
+        >>> missing_columns_message(["label"], ["path", "split", "class"], "classification")
+        "manifest lacks column(s) ['label'] needed for classification (it has ['path', 'split', 'class']); fix: rename the column 'class' to 'label'"
+    """
+    import difflib
+
+    columns = [str(c) for c in columns]
+    spare = [c for c in columns if c not in _COLUMN_MEANING]
+    fixes = []
+    for name in missing:
+        lowered = {c.lower(): c for c in spare}
+        candidates = [lowered[c] for c in (name, *_COLUMN_SYNONYMS.get(name, ())) if c in lowered]
+        candidates += difflib.get_close_matches(name, spare, n=1, cutoff=0.75)
+        if candidates:
+            fixes.append(f"rename the column {candidates[0]!r} to {name!r}")
+            spare.remove(candidates[0])
+        else:
+            fixes.append(f"add a {name!r} column ({_COLUMN_MEANING.get(name, name)})")
+    if task_kind == "classification" and "label" in missing and "transcript" in columns:
+        fixes.append("or, for the 'transcript' column, set data.task to pr (phonemes) or asr (characters)")
+    if task_kind == "ctc" and "transcript" in missing and "label" in columns:
+        fixes.append("or, for the 'label' column, set data.task to a classification task (ks, sid, ic, er, custom)")
+    needed = f" needed for {task_kind}" if task_kind else ""
+    return f"manifest lacks column(s) {missing}{needed} (it has {columns}); fix: " + "; ".join(fixes)
+
+
 def _rows(df: pd.DataFrame, mask: Iterable[bool]) -> str:
     index = list(df.index[np.asarray(mask, dtype=bool)])
     shown = ", ".join(str(i) for i in index[:_MAX_LISTED])
@@ -112,7 +161,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     else:
         raise ValueError(f"unsupported manifest format {suffix!r} ({path}); use .parquet, .csv or .tsv")
     if "path" not in df.columns:
-        raise ManifestError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
+        raise ManifestError(f"{path}: {missing_columns_message(['path'], df.columns)}")
     root = path.parent.resolve()
     df = df.reset_index(drop=True)
     df["path"] = [str(p) if Path(str(p)).is_absolute() else str(root / str(p)) for p in df["path"]]
@@ -198,10 +247,7 @@ def validate_manifest(
     target = "label" if task_kind == "classification" else "transcript"
     missing_columns = [c for c in ("path", "split", target) if c not in df.columns]
     if missing_columns:
-        raise ManifestError(
-            f"manifest lacks column(s) {missing_columns} needed for {task_kind} "
-            f"(columns: {list(df.columns)})"
-        )
+        raise ManifestError(missing_columns_message(missing_columns, df.columns, task_kind))
     split_values = df["split"].astype(str)
     bad = ~split_values.isin(SPLITS)
     if bad.any():
@@ -245,7 +291,8 @@ def validate_manifest(
             if mask.any():
                 raise ManifestError(
                     f"{split} has labels that never occur in train: "
-                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)})"
+                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)}); a model cannot learn a class "
+                    f"it never trains on. Fix: add train rows of these labels, or drop their {split} rows"
                 )
     else:
         from pefttune.data.vocab import TokenVocab
