@@ -31,7 +31,7 @@ class DataConfig(_Section):
         "ks", description="Task: keyword spotting, speaker id, phoneme recognition, intent, ASR, emotion, custom."
     )
     path: str | None = Field(None, description="Manifest file or dataset root (not used for synth).")
-    seed: int = Field(0, description="Seed of the synthesized corpus.")
+    seed: int = Field(0, description="Seed of the synthesized corpus, and of the draw of data.max_utterances.")
     per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
     test_per_class: int | None = Field(
         None, ge=1, description="Synthesized KS test clips per class (default: 400 for the default corpus, sized for "
@@ -50,6 +50,11 @@ class DataConfig(_Section):
         "less compute spent on padding. Default: on for CTC tasks (sentences vary in length), off for classification."
     )
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
+    max_utterances: int | None = Field(
+        None, ge=1, description="Use at most this many utterances of each split, drawn with data.seed; the train draw "
+        "keeps at least one utterance of every label of a classification task (so it may hold a few more). For a "
+        "smoke run on a large dataset: every trial evaluates the whole dev and test splits. None: all."
+    )
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
 
     @model_validator(mode="after")

@@ -31,12 +31,15 @@ class DataRef:
     task_kind: str  # classification | ctc
     vocab: dict  # LabelVocab/TokenVocab.to_dict(), fixed from the train split
     skipped: tuple = ()  # (row, split, path, reason) of rows dropped by the audio check (on_error: skip)
+    subset: tuple[int, ...] | None = None  # the row ids data.max_utterances drew (None: every row)
 
     def rows(self):
-        """The manifest without the rows the audio check dropped."""
+        """The manifest's rows in use: those data.max_utterances drew, without those the audio check dropped."""
         from pefttune.data.manifest import read_manifest
 
         frame = read_manifest(self.manifest)
+        if self.subset is not None:
+            frame = frame.loc[list(self.subset)]
         if self.skipped:
             frame = frame.drop(index=[row for row, *_ in self.skipped], errors="ignore")
         return frame
@@ -65,10 +68,11 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     index the dataset folder once, :func:`pefttune.data.sources.manifest_for`), check every
     audio file (one error naming every bad file; under ``data.on_error: skip`` they are
     dropped and listed in the DataRef), check every split and fix the vocabulary from train.
+    With ``data.max_utterances`` only the drawn rows are checked and used (``DataRef.subset``).
     Errors name ``data.path``/``data.source``."""
     from pefttune.data.check import check_audio
     from pefttune.data.dataset import SpeechDataset
-    from pefttune.data.manifest import ManifestError, missing_columns_message, read_manifest
+    from pefttune.data.manifest import ManifestError, limit_rows, missing_columns_message, read_manifest
     from pefttune.data.sources import manifest_for
 
     data = config.data
@@ -90,6 +94,9 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
                    if c not in frame.columns]
         if missing:  # before the audio check reads every header
             raise ManifestError(missing_columns_message(missing, frame.columns, task_kind))
+        if data.max_utterances is not None:
+            frame = limit_rows(frame, data.max_utterances, data.seed,
+                               "label" if task_kind == "classification" else None)
         checked = check_audio(frame, on_error=data.on_error, progress=progress)
     except ValueError as err:  # AudioCheckError: every bad file, before any compute
         raise ValueError(f"{where}: {str(err).removeprefix(f'{manifest}: ')}") from None
@@ -103,7 +110,8 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{where}: {err}") from None
     skipped = tuple((int(b.row), b.split, b.path, b.reason) for b in checked.bad)
-    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped)
+    subset = tuple(int(i) for i in frame.index) if data.max_utterances is not None else None
+    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped, subset)
 
 
 def _trial_dataset_class():

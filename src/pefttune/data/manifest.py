@@ -42,6 +42,7 @@ __all__ = [
     "validate_manifest",
     "fill_durations",
     "missing_columns_message",
+    "limit_rows",
 ]
 
 SPLITS = ("train", "dev", "test")
@@ -320,3 +321,31 @@ def validate_manifest(
                 f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
                 f"({_rows(df, mask)})"
             )
+
+
+def limit_rows(df: pd.DataFrame, per_split: int, seed: int = 0, label: str | None = None) -> pd.DataFrame:
+    """At most ``per_split`` rows of each split, drawn with ``seed``; row ids (the index) are kept.
+
+    With ``label`` (a classification column), the train draw first takes one row of every label
+    (so train may hold a few more than ``per_split`` when there are more labels): every label
+    dev/test may use is still trained on.
+
+    Example::
+
+        >>> small = limit_rows(read_manifest("data/manifest.csv"), 50, seed=0, label="label")
+    """
+    rng = np.random.default_rng(seed)
+    kept = []
+    for split in SPLITS:
+        rows = df[df["split"] == split]
+        order = rows.index.to_numpy()[rng.permutation(len(rows))]
+        chosen = order[:per_split]
+        if label is not None and split == "train":
+            labels = rows.loc[order, label].astype(str).to_numpy()
+            _, first = np.unique(labels, return_index=True)  # one row of every label, then the rest in order
+            rest = np.setdiff1d(np.arange(len(order)), first, assume_unique=True)
+            chosen = np.concatenate([order[np.sort(first)], order[rest]])[:max(per_split, len(first))]
+        kept.extend(chosen.tolist())
+    out = df.loc[sorted(kept)]
+    out.attrs = dict(df.attrs)
+    return out
