@@ -302,6 +302,23 @@ def test_optunas_study_line_only_with_v(capfd, verbose):
     assert ("A new study created" in err) == (verbose == 2), err
 
 
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_rays_slow_search_space_note_only_with_v(verbose):
+    import warnings
+
+    from pefttune.runtime.console import quiet_ray_loggers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_ray_loggers(verbose):
+            warnings.warn("Define-by-run function passed in the `space` argument took 1.48 seconds to run. "
+                          "Ensure that actual computation, training takes place inside Tune's train functions "
+                          "and not inside the search space.", UserWarning)
+            warnings.warn("another warning", UserWarning)  # every other warning still shows
+    messages = [str(w.message) for w in caught]
+    assert "another warning" in messages and len(messages) == (1 if verbose == 1 else 2)
+
+
 @pytest.mark.parametrize("log_to_driver", [False, True])
 def test_rays_token_notice_only_with_v(caplog, monkeypatch, tmp_path, log_to_driver):
     """connect_ray around Ray's own notice (Ray's function, called where ray.init calls it); Ray's

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -42,6 +43,9 @@ WIDTH = 120  # the summary and the trial lines fit in this many columns
 _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
 #: Loggers whose info lines ("A new study created in RDB with name: ...") stay off the console.
 _INFO_LOGGERS = ("optuna",)
+#: Warnings that say nothing a user can act on: Ray's note that pefttune's search space (a
+#: define-by-run function) took over a second on a busy machine.
+_QUIET_WARNINGS = ("Define-by-run function passed in the `space` argument took",)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -294,8 +298,9 @@ def _error_text(trial) -> str | None:
 
 @contextlib.contextmanager
 def quiet_ray_loggers(verbose: int):
-    """Below ``-v``, keep Ray's driver-side log records (trial tracebacks, status) and Optuna's
-    info lines (a study created or loaded) off the console; Optuna's warnings still show."""
+    """Below ``-v``, keep Ray's driver-side log records (trial tracebacks, status), Optuna's info
+    lines (a study created or loaded) and Ray's note on a slow search space off the console;
+    Optuna's warnings still show."""
     if verbose >= 2:
         yield
         return
@@ -305,7 +310,10 @@ def quiet_ray_loggers(verbose: int):
     for logger, level in loggers:
         logger.setLevel(level)
     try:
-        yield
+        with warnings.catch_warnings():
+            for message in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
     finally:
         for (logger, _), level in zip(loggers, levels):
             logger.setLevel(level)
