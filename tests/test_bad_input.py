@@ -121,3 +121,22 @@ def test_misspelt_config_key_suggests_the_closest(tmp_path, capsys, manifest, no
     assert "train.epohcs: unknown key; did you mean 'epochs'?" in err
     assert "bakcbone: unknown key; did you mean 'backbone'?" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_hub_id_when_the_hub_cannot_be_reached(tmp_path, capsys, manifest, no_ray, monkeypatch):
+    """No HF_HUB_OFFLINE, but no network: transformers' own error after its retries (simulated here,
+    the retries take half a minute) becomes the same advice."""
+    import huggingface_hub.constants
+
+    from pefttune import backbones
+
+    def unreachable(name, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbones.AutoConfig, "from_pretrained", unreachable)
+    code, err = _run(tmp_path, capsys, search_config(manifest, tmp_path / "results", backbone="someone/hubert"))
+    assert code == 2, err
+    _one_line_error(err)
+    assert "cannot be fetched offline (no network" in err and "set backbone: DIR (a local directory)" in err

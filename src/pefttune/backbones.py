@@ -202,7 +202,8 @@ def hub_error(name: str, err: Exception) -> ValueError:
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return ValueError(f"{head}, and it cannot be fetched offline (HF_HUB_OFFLINE is set). Fix: {save}")
     if any(word in text.lower() for word in ("connect", "network", "resolve", "offline", "timed out")):
-        return ValueError(f"{head}, and it cannot be fetched offline (no network: {text[:200]}). Fix: {save}")
+        return ValueError(f"{head}, and it cannot be fetched offline (no network: huggingface.co could not be "
+                          f"reached). Fix: {save}")
     return ValueError(f"{head} ({err.__class__.__name__}: {text[:300]}). Fix: check the id, or set backbone to a "
                       "local directory written by save_pretrained")
 
