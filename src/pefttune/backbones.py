@@ -1,12 +1,13 @@
 """Frozen speech SSL encoders (wav2vec 2.0, HuBERT, WavLM), run component by component.
 
-One concept, one module (about 520 lines): every encoder the model can sit on, the log-mel
+One concept, one module (about 580 lines): every encoder the model can sit on, the log-mel
 reference pseudo-encoder included, shares the :class:`SpeechEncoder` interface defined here.
 
 `load_backbone(name_or_path)` accepts
 - a built-in tiny backbone name (`tiny-wav2vec2`, `tiny-hubert`, `tiny-wavlm`: random init
   from a fixed seed, for unit tests) or a shipped self-supervised one (see `SHIPPED`),
-- a local directory written by `save_pretrained`,
+- a local directory written by `save_pretrained` (config.json and safetensors weights: a
+  pickled pytorch_model.bin is refused, never loaded),
 - a Hugging Face model id (needs the model in the local HF cache or network access), or
 - ``log-mel`` (:data:`LOG_MEL`): the reference pseudo-backbone, no SSL encoder at all
   (:class:`LogMelEncoder`: 40-band log-mel frames at 20 ms, zero layers).
