@@ -284,3 +284,76 @@ def test_failure_lines_of_a_resumed_run_are_those_of_the_first(failing_search):
     assert sorted(restored["status"]) == sorted(results_frame(failing_search["results"])["status"])
     again = failure_summary(restored)
     assert again.lines == first.lines and again.exit_code == first.exit_code == 1
+
+
+# -- library noise: off by default, back with -v ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_optunas_study_line_only_with_v(capfd, verbose):
+    import optuna
+
+    from pefttune.runtime.console import quiet_ray_loggers
+
+    capfd.readouterr()
+    with quiet_ray_loggers(verbose):
+        optuna.create_study(study_name=f"quiet-{verbose}")
+    err = capfd.readouterr().err
+    assert ("A new study created" in err) == (verbose == 2), err
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_rays_slow_search_space_note_only_with_v(verbose):
+    import warnings
+
+    from pefttune.runtime.console import quiet_ray_loggers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_ray_loggers(verbose):
+            warnings.warn("Define-by-run function passed in the `space` argument took 1.48 seconds to run. "
+                          "Ensure that actual computation, training takes place inside Tune's train functions "
+                          "and not inside the search space.", UserWarning)
+            warnings.warn("another warning", UserWarning)  # every other warning still shows
+    messages = [str(w.message) for w in caught]
+    assert "another warning" in messages and len(messages) == (1 if verbose == 1 else 2)
+
+
+@pytest.mark.parametrize("log_to_driver", [False, True])
+def test_rays_token_notice_only_with_v(caplog, monkeypatch, tmp_path, log_to_driver):
+    """connect_ray around Ray's own notice (Ray's function, called where ray.init calls it); Ray's
+    console handler sits on the "ray" logger, so a record that is never made never shows."""
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    from pefttune.runtime import cluster
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs) or
+                        authentication_token_setup._warn_token_auth_enabled())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # connect_ray sets it: restored after the test
+    monkeypatch.setattr(cluster.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    caplog.clear()
+    assert cluster.connect_ray(None, log_to_driver=log_to_driver) is True
+    assert started and started[0]["log_to_driver"] is log_to_driver
+    notices = [r for r in caplog.records if "Token authentication is enabled" in r.getMessage()]
+    assert len(notices) == int(log_to_driver)
+
+
+@pytest.fixture
+def progress_bars():
+    from transformers.utils import logging as transformers_logging
+
+    yield
+    transformers_logging.enable_progress_bar()  # the CLI turned them off for this process
+
+
+def test_no_weight_loading_bars_without_v(capfd, progress_bars):
+    from pefttune.cli import main as cli_main
+
+    capfd.readouterr()
+    assert cli_main(["info", "--backbone", "tiny-hubert-ssl"]) == 0  # loads the weights with from_pretrained
+    out = capfd.readouterr()
+    assert "tiny-hubert-ssl" in out.out and "Loading weights" not in out.err + out.out

@@ -110,6 +110,9 @@ def _deps_under(graph, prefix):
         ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
                            "pefttune.runtime", "pefttune.cli")),
+        # the starter configs check data and models, and run nothing
+        ("pefttune.profiles", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables",
+                               "pefttune.analysis", "pefttune.runtime", "pefttune.study", "pefttune.suite")),
     ],
 )
 def test_layers_import_only_downwards(layer, forbidden):

@@ -35,7 +35,7 @@ def write(tmp_path, data: dict, name: str = "experiment.yaml"):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"search": {"algorithmm": "tpe"}}, "search.algorithmm: Extra inputs are not permitted"),
+        ({"search": {"algorithmm": "tpe"}}, "search.algorithmm: unknown key; did you mean 'algorithm'?"),
         ({"search": {"algorithm": "bayes"}}, "search.algorithm: Input should be 'tpe', 'random', 'grid' or 'nsga2'"),
         ({"search": {"num_samples": -1}}, "search.num_samples: Input should be greater than or equal to 0"),
         ({"train": {"lr_range": [0.1, 0.01]}}, "train.lr_range: must be [low, high]"),

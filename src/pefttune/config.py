@@ -1,7 +1,8 @@
 """The experiment config: one YAML file, validated before Ray starts.
 
 Every section is a pydantic model whose fields carry help text; unknown keys are
-errors (typos fail early) and messages name the field, e.g.
+errors (typos fail early, with the closest valid key: ``train.epohcs: unknown key; did you
+mean 'epochs'?``) and messages name the field, e.g.
 ``search.num_samples: Input should be greater than or equal to 1``.
 
 Shipped examples live in ``pefttune/configs/`` (``embedded.yaml`` is the default study of
@@ -30,7 +31,7 @@ class DataConfig(_Section):
         "ks", description="Task: keyword spotting, speaker id, phoneme recognition, intent, ASR, emotion, custom."
     )
     path: str | None = Field(None, description="Manifest file or dataset root (not used for synth).")
-    seed: int = Field(0, description="Seed of the synthesized corpus.")
+    seed: int = Field(0, description="Seed of the synthesized corpus, and of the draw of data.max_utterances.")
     per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
     test_per_class: int | None = Field(
         None, ge=1, description="Synthesized KS test clips per class (default: 400 for the default corpus, sized for "
@@ -49,6 +50,11 @@ class DataConfig(_Section):
         "less compute spent on padding. Default: on for CTC tasks (sentences vary in length), off for classification."
     )
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
+    max_utterances: int | None = Field(
+        None, ge=1, description="Use at most this many utterances of each split, drawn with data.seed; the train draw "
+        "keeps at least one utterance of every label of a classification task (so it may hold a few more). For a "
+        "smoke run on a large dataset: every trial evaluates the whole dev and test splits. None: all."
+    )
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
 
     @model_validator(mode="after")
@@ -555,7 +561,9 @@ def task_configs(config: StudyConfig, tasks=None) -> dict[str, StudyConfig]:
             out[task] = StudyConfig.model_validate(data)
         except ValidationError as err:  # every bad field, named inside the task: tasks.pr.train.epochs
             problems = "; ".join(
-                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + f": {e['msg'].removeprefix('Value error, ')}"
+                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + ": "
+                + (unknown_key_message(e["loc"]) if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, "))
                 for e in err.errors()
             )
             raise ValueError(problems) from None
@@ -572,8 +580,36 @@ def _format_error(err: ValidationError, source: str) -> str:
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = unknown_key_message(item["loc"])
         lines.append(f"  {where}: {message}")
     return f"{source}: invalid experiment config\n" + "\n".join(lines)
+
+
+def unknown_key_message(loc: tuple) -> str:
+    """What to say about a key no section has, e.g. ``train.epohcs``: the closest valid key of its
+    section, or the section's keys.
+
+    Example::
+
+        >>> unknown_key_message(("train", "epohcs"))
+        "unknown key; did you mean 'epochs'?"
+    """
+    import difflib
+
+    model: type[BaseModel] | None = StudyConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return "unknown key"
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    section = ".".join(str(p) for p in loc[:-1]) or "the config's top level"
+    return f"unknown key; the keys of {section} are {', '.join(keys)}"
 
 
 def parse_config(data: dict | None, source: str = "config") -> StudyConfig:

@@ -147,7 +147,10 @@ def _validate(args) -> int:
 
     df = read_manifest(args.manifest)
     vocab = load_vocab(args.vocab) if args.vocab is not None else None
-    validate_manifest(df, args.task_kind, vocab=vocab)
+    try:
+        validate_manifest(df, args.task_kind, vocab=vocab)
+    except (ValueError, FileNotFoundError) as err:  # the message names the manifest
+        raise type(err)(f"{args.manifest}: {err}") from None
     counts = df["split"].value_counts()
     print(f"{args.manifest}: ok ({', '.join(f'{s} {int(counts.get(s, 0))}' for s in ('train', 'dev', 'test'))} rows)")
     return 0

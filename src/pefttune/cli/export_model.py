@@ -1,6 +1,8 @@
 """`pefttune export-model EXPERIMENT (--trial ID | --best | --ensemble MEMBERS) --out DIR`."""
 from __future__ import annotations
 
+from pefttune.cli.common import add_verbose_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -14,6 +16,7 @@ def register(sub) -> None:
     which.add_argument("--ensemble", metavar="MEMBERS", help="top-5 | top-K | per-method | id1,id2,...")
     parser.add_argument("--strategy", help="Ensemble strategy: vote|weighted|soft (CTC: frame_vote|posterior_avg|rover).")
     parser.add_argument("--out", required=True, help="New directory to write (must not exist or be empty).")
+    add_verbose_argument(parser)
     parser.set_defaults(func=run)
 
 

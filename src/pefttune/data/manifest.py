@@ -41,6 +41,8 @@ __all__ = [
     "normalize_split",
     "validate_manifest",
     "fill_durations",
+    "missing_columns_message",
+    "limit_rows",
 ]
 
 SPLITS = ("train", "dev", "test")
@@ -78,6 +80,54 @@ def normalize_split(name: str) -> str:
     raise ManifestError(f"unknown split name {name!r}; use one of {', '.join(SPLITS)}")
 
 
+#: Column -> what else people call it; a manifest with one of these gets "rename the column".
+_COLUMN_SYNONYMS = {
+    "path": ("file", "filename", "file_name", "filepath", "file_path", "audio", "audio_path", "audio_file", "wav",
+             "wav_path", "audio_filepath"),
+    "split": ("set", "subset", "partition", "fold", "dataset", "part"),
+    "label": ("class", "classes", "category", "word", "keyword", "command", "target", "labels", "intent",
+              "emotion", "class_name", "label_name"),
+    "transcript": ("text", "sentence", "transcription", "phonemes", "phones", "normalized_text", "words"),
+}
+_COLUMN_MEANING = {
+    "path": "the audio file, relative to the manifest's folder or absolute",
+    "split": "train, dev or test",
+    "label": "the class name of each clip",
+    "transcript": "space-separated phonemes (data.task: pr) or text (data.task: asr)",
+}
+
+
+def missing_columns_message(missing: list[str], columns, task_kind: str | None = None) -> str:
+    """What a manifest lacking ``missing`` columns is told: the columns it has, and for each
+    missing one the fix (rename the column that looks like it, or add it).
+
+    Example::
+
+        >>> missing_columns_message(["label"], ["path", "split", "class"], "classification")
+        "manifest lacks column(s) ['label'] needed for classification (it has ['path', 'split', 'class']); fix: rename the column 'class' to 'label'"
+    """
+    import difflib
+
+    columns = [str(c) for c in columns]
+    spare = [c for c in columns if c not in _COLUMN_MEANING]
+    fixes = []
+    for name in missing:
+        lowered = {c.lower(): c for c in spare}
+        candidates = [lowered[c] for c in (name, *_COLUMN_SYNONYMS.get(name, ())) if c in lowered]
+        candidates += difflib.get_close_matches(name, spare, n=1, cutoff=0.75)
+        if candidates:
+            fixes.append(f"rename the column {candidates[0]!r} to {name!r}")
+            spare.remove(candidates[0])
+        else:
+            fixes.append(f"add a {name!r} column ({_COLUMN_MEANING.get(name, name)})")
+    if task_kind == "classification" and "label" in missing and "transcript" in columns:
+        fixes.append("or, for the 'transcript' column, set data.task to pr (phonemes) or asr (characters)")
+    if task_kind == "ctc" and "transcript" in missing and "label" in columns:
+        fixes.append("or, for the 'label' column, set data.task to a classification task (ks, sid, ic, er, custom)")
+    needed = f" needed for {task_kind}" if task_kind else ""
+    return f"manifest lacks column(s) {missing}{needed} (it has {columns}); fix: " + "; ".join(fixes)
+
+
 def _rows(df: pd.DataFrame, mask: Iterable[bool]) -> str:
     index = list(df.index[np.asarray(mask, dtype=bool)])
     shown = ", ".join(str(i) for i in index[:_MAX_LISTED])
@@ -112,7 +162,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     else:
         raise ValueError(f"unsupported manifest format {suffix!r} ({path}); use .parquet, .csv or .tsv")
     if "path" not in df.columns:
-        raise ManifestError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
+        raise ManifestError(f"{path}: {missing_columns_message(['path'], df.columns)}")
     root = path.parent.resolve()
     df = df.reset_index(drop=True)
     df["path"] = [str(p) if Path(str(p)).is_absolute() else str(root / str(p)) for p in df["path"]]
@@ -198,10 +248,7 @@ def validate_manifest(
     target = "label" if task_kind == "classification" else "transcript"
     missing_columns = [c for c in ("path", "split", target) if c not in df.columns]
     if missing_columns:
-        raise ManifestError(
-            f"manifest lacks column(s) {missing_columns} needed for {task_kind} "
-            f"(columns: {list(df.columns)})"
-        )
+        raise ManifestError(missing_columns_message(missing_columns, df.columns, task_kind))
     split_values = df["split"].astype(str)
     bad = ~split_values.isin(SPLITS)
     if bad.any():
@@ -245,7 +292,8 @@ def validate_manifest(
             if mask.any():
                 raise ManifestError(
                     f"{split} has labels that never occur in train: "
-                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)})"
+                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)}); a model cannot learn a class "
+                    f"it never trains on. Fix: add train rows of these labels, or drop their {split} rows"
                 )
     else:
         from pefttune.data.vocab import TokenVocab
@@ -273,3 +321,31 @@ def validate_manifest(
                 f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
                 f"({_rows(df, mask)})"
             )
+
+
+def limit_rows(df: pd.DataFrame, per_split: int, seed: int = 0, label: str | None = None) -> pd.DataFrame:
+    """At most ``per_split`` rows of each split, drawn with ``seed``; row ids (the index) are kept.
+
+    With ``label`` (a classification column), the train draw first takes one row of every label
+    (so train may hold a few more than ``per_split`` when there are more labels): every label
+    dev/test may use is still trained on.
+
+    Example::
+
+        >>> small = limit_rows(read_manifest("data/manifest.csv"), 50, seed=0, label="label")
+    """
+    rng = np.random.default_rng(seed)
+    kept = []
+    for split in SPLITS:
+        rows = df[df["split"] == split]
+        order = rows.index.to_numpy()[rng.permutation(len(rows))]
+        chosen = order[:per_split]
+        if label is not None and split == "train":
+            labels = rows.loc[order, label].astype(str).to_numpy()
+            _, first = np.unique(labels, return_index=True)  # one row of every label, then the rest in order
+            rest = np.setdiff1d(np.arange(len(order)), first, assume_unique=True)
+            chosen = np.concatenate([order[np.sort(first)], order[rest]])[:max(per_split, len(first))]
+        kept.extend(chosen.tolist())
+    out = df.loc[sorted(kept)]
+    out.attrs = dict(df.attrs)
+    return out

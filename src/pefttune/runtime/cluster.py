@@ -18,21 +18,42 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log_to_driver:
     Without ``address``, ``RAY_ADDRESS`` (set by ``ray job submit`` for its drivers) is
     joined if set. An already initialized Ray is used as is. ``log_to_driver=False`` keeps
     the workers' output (trial prints, checkpoint lines, weight-loading bars) off the
-    driver's console; it stays in Ray's log files."""
+    driver's console; it stays in Ray's log files. It also keeps off the notice on token
+    authentication that Ray logs at every ``ray.init`` (Ray's default applies either way)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return True
-    temp_dir = tempfile.mkdtemp(prefix="pefttune-ray-")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    with _loopback_only():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-                 configure_logging=False, log_to_driver=log_to_driver)
+    with _quiet_logger(_RAY_AUTH_LOGGER, not log_to_driver):
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver)
+            return True
+        temp_dir = tempfile.mkdtemp(prefix="pefttune-ray-")
+        os.environ["RAY_TMPDIR"] = temp_dir
+        with _loopback_only():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=log_to_driver)
     return True
+
+
+#: The logger of Ray's notice "Token authentication is enabled for this Ray cluster. ..."
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, quiet: bool):
+    """Only errors of logger ``name`` while the block runs (when ``quiet``)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def is_node_local(storage: str) -> bool:

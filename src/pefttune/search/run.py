@@ -294,19 +294,20 @@ def run_search(
         check_cluster_storage(config.storage, alive_nodes(), config.storage_shared)
         if not restore:
             write_config_copy(config, plan.path)
-        if restore:
-            from pefttune.trainables.discrete import make_trainable
+        with quiet_ray_loggers(verbose):  # Optuna's study is created or loaded here
+            if restore:
+                from pefttune.trainables.discrete import make_trainable
 
-            tuner = tune.Tuner.restore(
-                plan.path,
-                trainable=make_trainable(setup),
-                resume_unfinished=True,
-                resume_errored=resume_errored,
-            )
-        else:
-            console = Console("discrete arm", config.metric, plan.mode, total=plan.num_samples,
-                              study_dir=plan.path)
-            tuner = build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
+                tuner = tune.Tuner.restore(
+                    plan.path,
+                    trainable=make_trainable(setup),
+                    resume_unfinished=True,
+                    resume_errored=resume_errored,
+                )
+            else:
+                console = Console("discrete arm", config.metric, plan.mode, total=plan.num_samples,
+                                  study_dir=plan.path)
+                tuner = build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
         with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
         if replicates:
