@@ -3,8 +3,8 @@
 With ``tracking: {mlflow: ...}`` in the config (off by default):
 
 - every Ray experiment of the study (the discrete search, the replicates, the DARTS search and
-  retrains, further seeds' rounds) logs through :class:`MlflowTrials`, Ray's
-  ``MLflowLoggerCallback``: one MLflow run per trial with its config as parameters, its metrics
+  retrains, further seeds' rounds) logs through
+  :class:`~pefttune.runtime.mlflow_trials.MlflowTrials`, Ray's ``MLflowLoggerCallback``: one MLflow run per trial with its config as parameters, its metrics
   per epoch (step: ``epoch``) and the tags ``kind``, ``config_id``, ``seed`` (``method``,
   ``variant`` where the trial has them), nested under the study's run;
 - the study's run (:func:`start_study`, :func:`log_study`, :func:`end_study`) holds the
@@ -114,6 +114,7 @@ def check_tracking(config: StudyConfig) -> None:
 
 
 def relative_experiment(path: str, root: str) -> str:
+    """A Ray experiment's folder relative to the study folder (``.``: the folder itself, the search)."""
     path, root = path.rstrip("/"), root.rstrip("/")
     return "." if path == root else path[len(root) + 1:] if path.startswith(root + "/") else path
 
@@ -187,6 +188,7 @@ def existing_run(client, run_id: str | None):
 
 
 def tagged_run(client, experiment: str, value: str):
+    """The run of ``experiment`` whose :data:`RUN_TAG` is ``value`` (None if there is none)."""
     runs = client.search_runs([experiment], filter_string=f"tags.{RUN_TAG} = '{value}'", max_results=1)
     return runs[0] if runs else None
 
