@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pefttune.analysis import stats as pstats
 from pefttune.analysis.intervals import (
     Comparison,
     PairAgreement,
     agreement_by_seed,
     agreement_seeds_speakers,
     bonferroni_confidence,
+    cohen_kappa,
     ctc_agreement_by_seed,
+    error_overlap,
     finding1_verdict,
     finding2_verdict,
     finding3_verdict,
@@ -83,7 +84,7 @@ def _unpaired_ci(a, b, draws, rng, conf=0.95):
     return np.quantile(d, [(1 - conf) / 2, (1 + conf) / 2])
 
 
-def test_bootstrap_ci_covers_known_difference():
+def test_paired_bootstrap_covers_known_difference():
     rng = np.random.default_rng(2024)
     reps, cover95, cover50, cover_unpaired = 200, 0, 0, 0
     for r in range(reps):
@@ -451,8 +452,8 @@ def test_agreement_by_seed_matches_stats_and_bounds():
     b = [np.where(rng.random(400) < 0.6, y, rng.integers(0, 12, 400)) for _ in range(3)]
     pa = agreement_by_seed(a, b, y, names=("lora", "prefix"), draws=500)
     for k in range(3):
-        assert pa.kappa_by_seed[k] == pytest.approx(pstats.cohen_kappa(a[k], b[k]))
-        assert pa.overlap_by_seed[k] == pytest.approx(pstats.error_overlap(a[k] == y, b[k] == y))
+        assert pa.kappa_by_seed[k] == pytest.approx(cohen_kappa(a[k], b[k]))
+        assert pa.overlap_by_seed[k] == pytest.approx(error_overlap(a[k] == y, b[k] == y))
     assert pa.kappa == pytest.approx(np.mean(pa.kappa_by_seed))
     assert pa.kappa_ci_low <= pa.kappa <= pa.kappa_ci_high and pa.kappa_ci_high < 0.8
     assert pa.overlap_ci_low <= pa.overlap <= pa.overlap_ci_high

@@ -1,5 +1,8 @@
 """Intervals over seeds, speakers and test examples, paired tests, and the finding verdict rules.
 
+Also the paired statistics of two models on the same examples: agreement, Cohen's kappa, the
+error overlap, McNemar and the sign test, and the pairwise table of the report.
+
 One concept, one module: the verdict rules are stated in full in their docstrings, next to the
 intervals they read, so a reader checks a rule in one place.
 
@@ -36,23 +39,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.special import stdtrit
+from scipy.stats import binomtest
 
 from pefttune.analysis.seeds_speakers import (
     ONE_SEED, Clusters, Spread, cluster_counts, cluster_sums, seed_level, t_interval,
 )
-from pefttune.metrics import align_corpus
+from pefttune.metrics import _labels_1d, _pair_1d, align_corpus
 
 __all__ = [
     "EXAMPLES_ONLY", "INTERVALS", "Comparison", "PairAgreement", "SeedSummary", "Verdict", "agreement_by_seed",
     "agreement_seeds_speakers", "bonferroni_confidence", "ctc_agreement_by_seed", "ctc_phoneme_examples",
     "finding1_verdict", "finding2_verdict", "finding3_verdict", "holm", "nothing_learned", "paired_bootstrap",
     "paired_permutation", "seed_summary", "seeds_speakers_bootstrap", "unless_nothing_learned",
+    "agreement_matrix", "agreement_rate", "cohen_kappa", "error_overlap", "mcnemar_exact", "pairwise_table",
+    "sign_test",
 ]
 
 #: The settings of ``analysis.interval``: the default over seeds and speakers, or test examples only.
@@ -641,7 +648,7 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     Seed k of A is paired with seed k of B (the same training seed; the counts must match).
     Each statistic is computed per seed and averaged over seeds (undefined seeds skipped); each
     draw resamples the examples once for both methods and all seeds (Koehn 2004); percentile
-    interval.  Kappa as ``stats.cohen_kappa``; labels may be any comparable values (strings too).
+    interval.  Kappa as :func:`cohen_kappa`; labels may be any comparable values (strings too).
 
     ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
     CTC task the examples are reference phonemes and the groups their utterances, so that
@@ -798,3 +805,168 @@ def unless_nothing_learned(verdict: Verdict, vs_reference: Mapping[str, Comparis
             f"+{margin:.4f} (highest lower bound: {best} {vs_reference[best].ci_text()}); the finding's own "
             f"rule said: {verdict.rule}")
     return Verdict("inconclusive", rule, {**verdict.details, "nothing_learned": True, "overridden": verdict.label})
+
+
+# --------------------------------------------------------------------------- point statistics of a pair
+def _correct_pair(correct_a: Any, correct_b: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _pair_1d(correct_a, correct_b, "correct_a", "correct_b")
+    out = []
+    for name, arr in (("correct_a", a), ("correct_b", b)):
+        if arr.dtype != bool:
+            if arr.dtype.kind not in "iuf" or not np.all((arr == 0) | (arr == 1)):
+                raise ValueError(f"{name} must be boolean (or 0/1): whether each example is correct")
+            arr = arr.astype(bool)
+        out.append(arr)
+    return out[0], out[1]
+
+
+def agreement_rate(pred_a: Any, pred_b: Any) -> float:
+    """Fraction of examples on which the two models predict the same label."""
+    a, b = _pair_1d(pred_a, pred_b, "pred_a", "pred_b")
+    return float(np.mean(a == b))
+
+
+def cohen_kappa(pred_a: Any, pred_b: Any) -> float:
+    """Cohen's kappa between two label arrays: ``(p_o - p_e) / (1 - p_e)``.
+
+    ``p_o`` is the observed agreement rate; ``p_e = sum_k pa_k * pb_k`` with
+    ``pa_k`` (``pb_k``) the fraction of examples model a (b) labels ``k``, over
+    the union of labels of both.  When ``p_e == 1`` (both models always output
+    the same single label) kappa is undefined and ``nan`` is returned.
+    """
+    a, b = _pair_1d(pred_a, pred_b, "pred_a", "pred_b")
+    _, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    n = a.shape[0]
+    ia, ib = inv[:n], inv[n:]
+    k = int(inv.max()) + 1
+    pa = np.bincount(ia, minlength=k) / n
+    pb = np.bincount(ib, minlength=k) / n
+    po = float(np.mean(ia == ib))
+    pe = float(np.dot(pa, pb))
+    if np.isclose(pe, 1.0, rtol=0.0, atol=1e-12):
+        return float("nan")
+    return (po - pe) / (1.0 - pe)
+
+
+def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
+    """Exact McNemar test on paired correctness.
+
+    ``b`` = #(a correct, b wrong), ``c`` = #(a wrong, b correct).  The p-value
+    is the exact two-sided binomial test of ``b`` successes in ``b + c`` trials
+    with success probability 1/2 (``scipy.stats.binomtest``); it is 1.0 when
+    ``b + c == 0``.  Returns ``(b, c, p_value)``.
+    """
+    a, b_ = _correct_pair(correct_a, correct_b)
+    b = int(np.sum(a & ~b_))
+    c = int(np.sum(~a & b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def sign_test(errors_a: Any, errors_b: Any) -> tuple[int, int, float]:
+    """Exact two-sided sign test on paired per-example error counts.
+
+    ``b`` = #(a has fewer errors than b), ``c`` = #(a has more); ties are left out; the
+    p-value is the exact binomial test of ``b`` in ``b + c`` at 1/2 (1.0 when ``b + c == 0``).
+    On 0/1 errors (classification) this is :func:`mcnemar_exact`; on a CTC task's
+    per-utterance edit counts it is the sign test NIST's sc_stats runs, which credits an
+    utterance that went from 5 errors to 1 (exact-sentence match would call both wrong).
+    """
+    a = np.asarray(errors_a, dtype=np.float64).ravel()
+    b_ = np.asarray(errors_b, dtype=np.float64).ravel()
+    if a.shape != b_.shape:
+        raise ValueError(f"errors_a and errors_b must be paired, got {a.size} and {b_.size} examples")
+    b, c = int(np.sum(a < b_)), int(np.sum(a > b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def error_overlap(correct_a: Any, correct_b: Any) -> float:
+    """Jaccard overlap of the two models' error sets.
+
+    ``#(both wrong) / #(either wrong)``; ``nan`` when neither model makes an
+    error (the overlap of two empty sets is undefined).
+    """
+    a, b = _correct_pair(correct_a, correct_b)
+    either = int(np.sum(~a | ~b))
+    if either == 0:
+        return float("nan")
+    return int(np.sum(~a & ~b)) / either
+
+
+def _check_preds(preds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(preds, Mapping) or len(preds) == 0:
+        raise ValueError("preds must be a non-empty dict mapping model name -> prediction array")
+    out: dict[str, np.ndarray] = {}
+    n = None
+    first = None
+    for name, p in preds.items():
+        arr = _labels_1d(p, f"preds[{name!r}]")
+        if n is None:
+            n, first = arr.shape[0], name
+        elif arr.shape[0] != n:
+            raise ValueError(
+                f"preds[{name!r}] has {arr.shape[0]} examples, but preds[{first!r}] has {n}"
+            )
+        out[name] = arr
+    return out
+
+
+def agreement_matrix(preds: Mapping[str, Any], measure: str = "agreement") -> pd.DataFrame:
+    """Square DataFrame of pairwise ``measure`` between models, in dict order.
+
+    ``measure`` is ``"agreement"`` (:func:`agreement_rate`, diagonal 1.0) or
+    ``"kappa"`` (:func:`cohen_kappa`; the diagonal is 1.0 except ``nan`` for a
+    model that always predicts one label).  Index and columns are the names.
+    """
+    fns: dict[str, Callable[[Any, Any], float]] = {"agreement": agreement_rate, "kappa": cohen_kappa}
+    if measure not in fns:
+        raise ValueError(f"measure must be one of {sorted(fns)}, got {measure!r}")
+    p = _check_preds(preds)
+    names = list(p)
+    fn = fns[measure]
+    mat = np.empty((len(names), len(names)))
+    for i, a in enumerate(names):
+        for j in range(i, len(names)):
+            mat[i, j] = mat[j, i] = fn(p[a], p[names[j]])
+    return pd.DataFrame(mat, index=pd.Index(names), columns=pd.Index(names))
+
+
+def pairwise_table(preds: Mapping[str, Any], ref: Any) -> pd.DataFrame:
+    """One row per unordered pair ``(a, b)`` of models (dict order, a before b).
+
+    Columns: ``a``, ``b``, ``agreement`` (:func:`agreement_rate`), ``kappa``
+    (:func:`cohen_kappa`), ``mcnemar_b`` (a right, b wrong), ``mcnemar_c``
+    (a wrong, b right), ``mcnemar_p`` (:func:`mcnemar_exact`), ``both_wrong``
+    (number of examples both get wrong -- the fourth cell of McNemar's 2x2
+    table) and ``error_overlap`` (:func:`error_overlap`).  Correct means
+    ``pred == ref``.
+    """
+    p = _check_preds(preds)
+    r = _labels_1d(ref, "ref")
+    n = next(iter(p.values())).shape[0]
+    if r.shape[0] != n:
+        raise ValueError(f"ref has {r.shape[0]} examples, but the predictions have {n}")
+    names = list(p)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ca, cb = p[a] == r, p[b] == r
+            mb, mc, mp = mcnemar_exact(ca, cb)
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "agreement": agreement_rate(p[a], p[b]),
+                    "kappa": cohen_kappa(p[a], p[b]),
+                    "mcnemar_b": mb,
+                    "mcnemar_c": mc,
+                    "mcnemar_p": mp,
+                    "both_wrong": int(np.sum(~ca & ~cb)),
+                    "error_overlap": error_overlap(ca, cb),
+                }
+            )
+    columns = ["a", "b", "agreement", "kappa", "mcnemar_b", "mcnemar_c", "mcnemar_p", "both_wrong", "error_overlap"]
+    return pd.DataFrame(rows, columns=columns)

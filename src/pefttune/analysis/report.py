@@ -51,7 +51,7 @@ from pefttune.analysis.ensemble_runner import (
 )
 from pefttune.analysis.export import export_experiment
 from pefttune.analysis.selection import best_per_method, ranked
-from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
+from pefttune.analysis.intervals import agreement_matrix, pairwise_table, sign_test
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
@@ -264,7 +264,7 @@ def _test_eval(experiment: ResultsStore, trial: TrialRecord) -> tuple[float, np.
 
 def _compare(experiment: ResultsStore, a: TrialRecord, b: TrialRecord) -> dict:
     """Test scores of a and b and the exact paired test on their common examples: McNemar
-    (classification) or the sign test on per-utterance edit counts (CTC), :func:`stats.sign_test`."""
+    (classification) or the sign test on per-utterance edit counts (CTC), :func:`~pefttune.analysis.intervals.sign_test`."""
     ea, eb = _test_eval(experiment, a), _test_eval(experiment, b)
     if ea is None or eb is None:
         return {}
@@ -296,9 +296,9 @@ def pairwise_trials(
     """Pairwise statistics between trials on the same examples of ``split``.
 
     ``trials``: name -> trial (names label the rows), or a list (named by trial id).
-    Returns (:func:`stats.pairwise_table`: agreement, kappa, McNemar, error overlap per
-    pair; :func:`stats.agreement_matrix` of Cohen's kappa).  CTC predictions are compared
-    phoneme by phoneme: each hypothesis aligned to its reference (:func:`metrics.align_corpus`;
+    Returns (:func:`~pefttune.analysis.intervals.pairwise_table`: agreement, kappa, McNemar, error
+    overlap per pair; :func:`~pefttune.analysis.intervals.agreement_matrix` of Cohen's kappa).  CTC
+    predictions are compared phoneme by phoneme: each hypothesis aligned to its reference (:func:`metrics.align_corpus`;
     a reference phoneme is wrong when substituted or deleted), not as whole sentences, which
     nearly always hold some error.  McNemar there counts phonemes as independent: supporting only.
     """
