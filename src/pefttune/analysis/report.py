@@ -50,6 +50,7 @@ from pefttune.analysis.ensemble_runner import (
     strategies_for,
 )
 from pefttune.analysis.export import export_experiment
+from pefttune.analysis.markdown import fmt, fmt_p, md_table
 from pefttune.analysis.selection import best_per_method, ranked
 from pefttune.analysis.intervals import agreement_matrix, pairwise_table, sign_test
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
@@ -108,12 +109,12 @@ def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[s
              "", "| seed | best member | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
 
     def cell(score, v) -> str:  # the strategy's advantage over the vote, as ensemble_runner.gain orients it
-        return _fmt(score) if score is None or v is None else f"{_fmt(score)} ({gain(score, v, mode):+.4f})"
+        return fmt(score) if score is None or v is None else f"{fmt(score)} ({gain(score, v, mode):+.4f})"
 
     for r in rows:
         v = r["strategies"][vote]["test"]
-        cells = [_fmt(v)] + [cell(r["strategies"][s]["test"], v) if s in r["strategies"] else "-" for s in names[1:]]
-        lines.append(f"| {r['seed']} | {_fmt(r['best_member_test'])} | " + " | ".join(cells) + " |")
+        cells = [fmt(v)] + [cell(r["strategies"][s]["test"], v) if s in r["strategies"] else "-" for s in names[1:]]
+        lines.append(f"| {r['seed']} | {fmt(r['best_member_test'])} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -173,9 +174,9 @@ def _seed_rounds_lines(experiment: ResultsStore) -> list[str]:
 def _darts_by_seed(f: dict, metric: str) -> list[str]:
     """Finding 1's DARTS searches, one row each, and how far their derived placements agree."""
     threshold = f.get("convergence", {}).get("threshold", 0.7)
-    rows = [{**r, "h": _fmt(r["entropy_norm_mean"]) if r["entropy_norm_mean"] is not None else "-",
+    rows = [{**r, "h": fmt(r["entropy_norm_mean"]) if r["entropy_norm_mean"] is not None else "-",
              "flag": ", ".join(f"L{i}" for i in r["unconverged_layers"]) or "none",
-             "test": _fmt(r["retrain_test"]) if r["retrain_test"] is not None else "-"} for r in f["by_seed"]]
+             "test": fmt(r["retrain_test"]) if r["retrain_test"] is not None else "-"} for r in f["by_seed"]]
     lines = [f"DARTS searches (one per seed; `?` marks a layer whose own final H/ln K is above {threshold}: its "
              "argmax is close to a coin flip):", "",
              md_table(rows, ["seed", "variant", "placement", "h", "flag", "test"],
@@ -222,32 +223,6 @@ def _mcnemar_by_seed(experiment: ResultsStore, a: list[TrialRecord], b: list[Tri
             if cmp:
                 rows.append({"seed": trial.seed, **cmp})
     return rows
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{float(value):.{digits}f}"
-    return str(value)
-
-
-def _p(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else (f"{value:.3g}" if value < 0.001 else f"{value:.3f}")
-
-
-def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table (``|`` in cells escaped)."""
-    headers = list(headers or columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        cells = [_fmt(row.get(c)).replace("|", "\\|") for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- scores on stored predictions
@@ -347,7 +322,7 @@ def format_comparison(result: dict) -> str:
     rows = result.get("comparison", [])
     header = ("name", "params", "dev", "test")
     table = [header] + [
-        (r["name"], _fmt(r.get("trainable_params")), _fmt(r.get("dev")), _fmt(r.get("test"))) for r in rows
+        (r["name"], fmt(r.get("trainable_params")), fmt(r.get("dev")), fmt(r.get("test"))) for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -562,12 +537,12 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
                        "sign test on per-utterance edit counts: b = utterances with fewer edits, c = more")
         if key == "1" and f.get("mcnemar_by_seed"):
             lines += [f"Supporting, per seed (DARTS-derived vs uniform, {paired_test}): " + "; ".join(
-                f"seed {r['seed']}: {_fmt(r['a_test'])} vs {_fmt(r['b_test'])}, b={r['mcnemar_b']}, c={r['mcnemar_c']}, "
-                f"p={_p(r['mcnemar_p'])}" for r in f["mcnemar_by_seed"]), ""]
+                f"seed {r['seed']}: {fmt(r['a_test'])} vs {fmt(r['b_test'])}, b={r['mcnemar_b']}, c={r['mcnemar_c']}, "
+                f"p={fmt_p(r['mcnemar_p'])}" for r in f["mcnemar_by_seed"]), ""]
         if key == "2" and f.get("per_seed"):
             lines += [f"Supporting, per seed (majority vote vs its best member, {paired_test}): " + "; ".join(
-                f"seed {r['seed']}: {_fmt(r['vote_test'])} vs {_fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
-                f"c={r['mcnemar_c']}, p={_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
+                f"seed {r['seed']}: {fmt(r['vote_test'])} vs {fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
+                f"c={r['mcnemar_c']}, p={fmt_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
             lines += _strategies_by_seed(f, result.get("metric", "metric"), result.get("mode", "max"))
 
     if result.get("configs"):
@@ -580,9 +555,9 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
                   "features, no SSL encoder) show what PEFT and the encoder add.", ""]
         rows = []
         for r in result["configs"]:
-            ci = r["note"] if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
-            rows.append({**r, "test": f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])}", "ci": ci,
-                         "dev": _fmt(r["dev_mean"])})
+            ci = r["note"] if r.get("note") else f"[{fmt(r['test_ci_low'])}, {fmt(r['test_ci_high'])}]"
+            rows.append({**r, "test": f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}", "ci": ci,
+                         "dev": fmt(r["dev_mean"])})
         lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test", "ci"],
                            ["configuration", "kind", "placement", "params", "seeds", f"dev {m} (mean)",
                             f"test {m} (mean ± std)", "test CI"]), ""]
@@ -605,8 +580,8 @@ def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, 
     if hybrid:
         lines += ["## Hybrid (merged in each layer) vs the best uniform", "",
                   f"This experiment's result, not a claim of the paper: the hybrid ({hybrid['hybrid']}, "
-                  f"{_fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
-                  f"`{hybrid['uniform']}` ({_fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
+                  f"{fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
+                  f"`{hybrid['uniform']}` ({fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
                   f"{_with_supporting(hybrid)} ({hybrid['confidence']:.0%}; "
                   f"{hybrid.get('method', 'paired bootstrap').split(';')[0]}).", ""]
 
