@@ -180,3 +180,18 @@ def test_bootstrap_rejects_bad_input():
         paired_bootstrap([[1.0]], [[1.0]], draws=0)
     with pytest.raises(ValueError, match="non-empty"):
         paired_bootstrap([], [[1.0]])
+
+
+def test_one_kappa_and_one_overlap_for_the_table_and_the_intervals():
+    """The pairwise table's kappa and error overlap are the computation the finding-3 intervals
+    resample, to the last bit."""
+    from pefttune.analysis.intervals import agreement_by_seed
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n, k = int(rng.integers(5, 400)), int(rng.integers(2, 15))
+        y = rng.integers(0, k, n)
+        a, b = (np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n)) for _ in range(2))
+        pair = agreement_by_seed([a], [b], y, draws=2)
+        assert cohen_kappa(a, b) == pair.kappa_by_seed[0] or math.isnan(pair.kappa_by_seed[0])
+        assert error_overlap(a == y, b == y) == pair.overlap_by_seed[0] or math.isnan(pair.overlap_by_seed[0])

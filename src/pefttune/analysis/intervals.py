@@ -447,17 +447,27 @@ def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _agreement(w: np.ndarray, ca: np.ndarray, cb: np.ndarray, y: np.ndarray):
-    """(kappa, overlap) per row of multiplicities ``w`` (rows, n), for integer codes."""
+def _kappa(w: np.ndarray, ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Cohen's kappa per row of multiplicities ``w`` (rows, n) of integer codes ``ca``, ``cb``:
+    ``(p_o - p_e) / (1 - p_e)``, NaN where ``p_e == 1``."""
     both = np.intersect1d(ca, cb)  # p_e only needs the classes both models predict
-    wrong_a, wrong_b, total = ca != y, cb != y, w.sum(1)
+    total = w.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         po = (w @ (ca == cb).astype(float)) / total
         pe = np.sum((w @ _one_hot(ca, both)) * (w @ _one_hot(cb, both)), axis=1) / total**2
-        kappa = np.where(np.isclose(pe, 1.0, rtol=0, atol=1e-12), np.nan, (po - pe) / (1.0 - pe))
+        return np.where(np.isclose(pe, 1.0, rtol=0, atol=1e-12), np.nan, (po - pe) / (1.0 - pe))
+
+
+def _overlap(w: np.ndarray, wrong_a: np.ndarray, wrong_b: np.ndarray) -> np.ndarray:
+    """#both wrong / #either wrong per row of multiplicities ``w``, NaN where neither is wrong."""
+    with np.errstate(divide="ignore", invalid="ignore"):
         either = w @ (wrong_a | wrong_b).astype(float)
-        overlap = np.where(either > 0, (w @ (wrong_a & wrong_b).astype(float)) / either, np.nan)
-    return kappa, overlap
+        return np.where(either > 0, (w @ (wrong_a & wrong_b).astype(float)) / either, np.nan)
+
+
+def _agreement(w: np.ndarray, ca: np.ndarray, cb: np.ndarray, y: np.ndarray):
+    """(kappa, overlap) per row of multiplicities ``w`` (rows, n), for integer codes."""
+    return _kappa(w, ca, cb), _overlap(w, ca != y, cb != y)
 
 
 def _nanmean(rows: Any, axis: int = 0) -> np.ndarray:
@@ -638,22 +648,14 @@ def cohen_kappa(pred_a: Any, pred_b: Any) -> float:
     """Cohen's kappa between two label arrays: ``(p_o - p_e) / (1 - p_e)``.
 
     ``p_o`` is the observed agreement rate; ``p_e = sum_k pa_k * pb_k`` with
-    ``pa_k`` (``pb_k``) the fraction of examples model a (b) labels ``k``, over
-    the union of labels of both.  When ``p_e == 1`` (both models always output
-    the same single label) kappa is undefined and ``nan`` is returned.
+    ``pa_k`` (``pb_k``) the fraction of examples model a (b) labels ``k``.  When
+    ``p_e == 1`` (both models always output the same single label) kappa is
+    undefined and ``nan`` is returned.  The same computation as the kappa of
+    :func:`agreement_by_seed` (all examples weighted once).
     """
     a, b = _pair_1d(pred_a, pred_b, "pred_a", "pred_b")
-    _, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    n = a.shape[0]
-    ia, ib = inv[:n], inv[n:]
-    k = int(inv.max()) + 1
-    pa = np.bincount(ia, minlength=k) / n
-    pb = np.bincount(ib, minlength=k) / n
-    po = float(np.mean(ia == ib))
-    pe = float(np.dot(pa, pb))
-    if np.isclose(pe, 1.0, rtol=0.0, atol=1e-12):
-        return float("nan")
-    return (po - pe) / (1.0 - pe)
+    codes = np.unique(np.concatenate([a, b]), return_inverse=True)[1].reshape(2, -1)
+    return float(_kappa(np.ones((1, a.shape[0])), codes[0], codes[1])[0])
 
 
 def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
@@ -698,10 +700,7 @@ def error_overlap(correct_a: Any, correct_b: Any) -> float:
     error (the overlap of two empty sets is undefined).
     """
     a, b = _correct_pair(correct_a, correct_b)
-    either = int(np.sum(~a | ~b))
-    if either == 0:
-        return float("nan")
-    return int(np.sum(~a & ~b)) / either
+    return float(_overlap(np.ones((1, a.shape[0])), ~a, ~b)[0])
 
 
 def _check_preds(preds: Mapping[str, Any]) -> dict[str, np.ndarray]:
