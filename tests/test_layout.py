@@ -106,6 +106,10 @@ def _deps_under(graph, prefix):
         ("pefttune.analysis", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.study",
                                "pefttune.cli")),
         ("pefttune.analysis.store", ("pefttune.analysis",)),  # the store only reads
+        # the findings decide on the numeric modules and the store; the report and the suite assemble them
+        ("pefttune.analysis.findings", ("pefttune.analysis.report", "pefttune.analysis.plots",
+                                        "pefttune.analysis.export", "pefttune.analysis.status", "pefttune.suite",
+                                        "pefttune.more_seeds", "pefttune.study", "pefttune.cli")),
         ("pefttune.study", ("pefttune.suite", "pefttune.cli")),  # a suite runs studies, not the reverse
         ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
@@ -128,3 +132,22 @@ def test_layers_import_only_downwards(layer, forbidden):
 def test_the_schema_sits_low():
     """pefttune.schema imports the standard library and pefttune.metrics only: every layer may import it."""
     assert import_graph()["pefttune.schema"] <= {"pefttune.metrics"}
+
+
+NUMERIC = {"pefttune.analysis.intervals", "pefttune.analysis.seeds_speakers", "pefttune.analysis.sequential"}
+
+
+def test_the_interval_maths_imports_no_finding_and_no_store():
+    """The numeric modules (intervals, tests, the seeds x speakers and sequential maths) import only
+    each other and the metrics: no verdict rule, no results store, no report."""
+    graph = import_graph()
+    bad = {m: sorted(graph[m] - NUMERIC - {"pefttune.metrics"}) for m in NUMERIC}
+    assert not any(bad.values()), bad
+
+
+def test_each_finding_module_stands_alone():
+    """A finding module imports no other finding module: its rule, decision and rendering are its own."""
+    graph = import_graph()
+    findings = {f"pefttune.analysis.findings.{m}" for m in ("darts_vs_uniform", "ensembles", "error_diversity")}
+    bad = {m: sorted(graph[m] & findings) for m in findings}
+    assert all(m in graph for m in findings) and not any(bad.values()), bad

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pefttune.analysis import ensembles as E
-from pefttune.analysis.stats import sign_test
+from pefttune.analysis.intervals import paired_bootstrap, sign_test
 from pefttune.analysis.selection import select_members
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.tables import ensembles_table, write_table
@@ -189,7 +189,7 @@ def score(experiment: ResultsStore, preds, ref) -> float:
 
 def errors(task: str, preds, ref) -> np.ndarray:
     """Per-example errors: 0/1 (classification), the edit count of each utterance (CTC).
-    What the supporting paired tests (:func:`stats.sign_test`) compare."""
+    What the supporting paired tests (:func:`pefttune.analysis.intervals.sign_test`) compare."""
     if task == "classification":
         return (np.asarray(preds) != np.asarray(ref)).astype(np.int64)
     return np.array([edit_distance(list(h), list(r)) for h, r in zip(preds, ref)], dtype=np.int64)
@@ -209,8 +209,6 @@ def gain_interval(experiment: ResultsStore, ensemble_errors: np.ndarray, member_
     """Paired bootstrap interval (over test examples) of the ensemble's gain over one member, from
     their per-example :func:`errors`.  ``(None, None)`` when the metric is not accuracy or an error
     rate (macro F1 is not a sum over examples)."""
-    from pefttune.analysis.intervals import paired_bootstrap
-
     if experiment.metric not in ("accuracy", "per", "wer", "cer"):
         return None, None
     task = experiment.task
