@@ -140,3 +140,13 @@ def test_hub_id_when_the_hub_cannot_be_reached(tmp_path, capsys, manifest, no_ra
     assert code == 2, err
     _one_line_error(err)
     assert "cannot be fetched offline (no network" in err and "set backbone: DIR (a local directory)" in err
+
+
+def test_data_validate_names_the_file_and_the_fix(tmp_path, capsys, manifest):
+    frame = pd.read_parquet(manifest).rename(columns={"split": "subset"})
+    bad = tmp_path / "manifest.csv"
+    frame.assign(path=[str(manifest.parent / p) for p in frame["path"]]).to_csv(bad, index=False)
+    assert cli_main(["data", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pefttune data: error: {bad}: manifest lacks column(s) ['split']")
+    assert "rename the column 'subset' to 'split'" in err
