@@ -108,6 +108,12 @@ def _deps_under(graph, prefix):
         ("pefttune.analysis.store", ("pefttune.analysis",)),  # the store only reads
         ("pefttune.study", ("pefttune.suite", "pefttune.cli")),  # a suite runs studies, not the reverse
         ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
+        # model-level exports: merging and the shared-backbone ensemble sit on the model, below every arm
+        ("pefttune.merge", ("pefttune.predictor", "pefttune.analysis", "pefttune.search", "pefttune.darts",
+                            "pefttune.trainables", "pefttune.runtime", "pefttune.study", "pefttune.cli")),
+        ("pefttune.shared_backbone", ("pefttune.predictor", "pefttune.analysis", "pefttune.search",
+                                      "pefttune.darts", "pefttune.trainables", "pefttune.runtime",
+                                      "pefttune.study", "pefttune.cli")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
                            "pefttune.runtime", "pefttune.cli")),
     ],
