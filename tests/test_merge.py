@@ -196,7 +196,8 @@ def test_merged_directory_records_its_source_and_refuses_changed_weights(tmp_pat
     model = _perturbed("tiny-hubert", MIXED, HeadConfig("classification", 3))
     out = save_merged(model, tmp_path / "merged")
     source = json.loads((out / MERGED_FROM_FILE).read_text())
-    assert source["backbone"] == "tiny-hubert" and source["backbone_hash"] == load_backbone("tiny-hubert").content_hash()
+    assert source["backbone"] == "tiny-hubert"
+    assert source["backbone_hash"] == load_backbone("tiny-hubert").content_hash()
     assert Placement.from_dict(source["placement"]) == model.placement
     spec = json.loads((out / HEAD_FILE).read_text())
     assert spec["head"] == model.head_config.to_dict() and spec["num_states"] == 5

@@ -137,7 +137,8 @@ def test_exported_ensemble_predicts_what_separate_members_predict(tmp_path, task
     waves = _waves()
     predictions = predictor.predict(waves)
     # the oracle: every member as a separate model with a backbone of its own, combined the same way
-    separate = [Predictor(load_model_dir(directory / "members" / f"m{i}"), predictor.vocab) for i in range(len(members))]
+    separate = [Predictor(load_model_dir(directory / "members" / f"m{i}"), predictor.vocab)
+                for i in range(len(members))]
     outputs = [p.outputs(waves) for p in separate]
     shared_outputs = predictor.outputs(waves)
     for ours, theirs in zip(shared_outputs, outputs):

@@ -408,7 +408,8 @@ def export_model(
     task = exp.task
     strategy = strategy or ("vote" if task == "classification" else "frame_vote")
     if ensemble and strategy not in ENSEMBLE_STRATEGIES[task]:
-        raise ValueError(f"--strategy {strategy!r} is not available for {task}; choose from {ENSEMBLE_STRATEGIES[task]}")
+        raise ValueError(f"--strategy {strategy!r} is not available for {task}; "
+                         f"choose from {ENSEMBLE_STRATEGIES[task]}")
 
     checkpoints = []
     for record in members:
@@ -495,8 +496,8 @@ def _write_merged(exp, checkpoint: str, target: Path, encoder) -> None:
 
 def _merged_card(directory: Path) -> str:
     """The model card's section on loading a merged directory without pefttune."""
-    from pefttune.merge import HEAD_FILE, MERGED_FROM_FILE, head_recipe
     from pefttune.heads import HeadConfig
+    from pefttune.merge import HEAD_FILE, MERGED_FROM_FILE, head_recipe
 
     head = HeadConfig(**_read_json(directory / HEAD_FILE)["head"])
     source = _read_json(directory / MERGED_FROM_FILE)
