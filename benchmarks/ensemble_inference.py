@@ -14,9 +14,10 @@ adapter, random PEFT and head weights. Three variants, each in its own process:
 Each variant predicts the same clips (random 16 kHz noise, 0.8-1.2 s, batches of 8; the
 members' class probabilities, ``outputs``). Rounds interleave the variants, one pass over
 the clips each, in an order rotated per round, so ratios are medians over passes timed
-seconds apart ([min-max] over rounds). Memory, per process: the weights it holds (distinct
-tensor storages) and its peak resident memory above the level after imports, sampled from
-before the models load to the end. The shared ensemble's probabilities are compared with the
+seconds apart ([min-max] over rounds); the same for the process's CPU time in those passes,
+which a machine shared with other work disturbs less than wall time. Memory, per process:
+the weights it holds (distinct tensor storages) and its peak resident memory above the level
+after imports, sampled while the models load and during one untimed pass over the clips. The shared ensemble's probabilities are compared with the
 separate models' (max |difference|, and the members' argmax labels).
 
   python benchmarks/ensemble_inference.py --config ssl             # the shipped tiny encoder
@@ -151,22 +152,25 @@ def build_variant(name: str, directory: Path):
 
 
 def serve(conn, name: str, directory: Path, clips: list[np.ndarray], threads: int) -> None:
-    """One variant in its own process: load, warm, then one timed pass per ``"pass"`` request.
+    """One variant in its own process: load and one untimed pass (memory sampled), then one
+    timed pass per ``"pass"`` request (nothing sampled).
 
-    Replies ``"ready"``, then seconds per pass; on ``"stop"`` (weights MB, peak MB, the
-    last pass's outputs). Errors come back as ``("error", text)``."""
+    Replies ``"ready"``, then (wall seconds, CPU seconds of the process) per pass; on
+    ``"stop"`` (weights MB, peak MB, the last pass's outputs). Errors come back as
+    ``("error", text)``."""
     try:
         torch.set_num_threads(threads)
         import pefttune.predictor  # noqa: F401 - imports (transformers, peft, ...) before the base level
         rss = PeakRSS()
         run, modules = build_variant(name, directory)
-        outputs = run(clips[:8])  # one untimed batch (allocator, threads)
+        outputs = run(clips)  # untimed: allocator, threads, and the peak of a pass
+        peak = rss.stop()
         conn.send("ready")
         while conn.recv() == "pass":
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             outputs = run(clips)
-            conn.send(time.perf_counter() - start)
-        conn.send((weights_mb(modules), rss.stop(), outputs))
+            conn.send((time.perf_counter() - wall, time.process_time() - cpu))
+        conn.send((weights_mb(modules), peak, outputs))
     except Exception:  # noqa: BLE001 - the parent re-raises with the worker's traceback
         import traceback
 
@@ -176,6 +180,7 @@ def serve(conn, name: str, directory: Path, clips: list[np.ndarray], threads: in
 @dataclass
 class VariantResult:
     seconds: list[float] = field(default_factory=list)  # one timed pass over the clips per round
+    cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU time in the same passes
     weights_mb: float = 0.0
     peak_mb: float = 0.0
     outputs: list = field(default_factory=list)  # [member][clip] probabilities
@@ -207,7 +212,9 @@ def measure(directory: Path, clips: list[np.ndarray], rounds: int, threads: int)
             for name in VARIANTS[shift:] + VARIANTS[:shift]:
                 conn = workers[name][0]
                 conn.send("pass")
-                results[name].seconds.append(_receive(conn, name))
+                wall, cpu = _receive(conn, name)
+                results[name].seconds.append(wall)
+                results[name].cpu_seconds.append(cpu)
         for name, (conn, _) in workers.items():
             conn.send("stop")
             result = results[name]
@@ -221,9 +228,12 @@ def measure(directory: Path, clips: list[np.ndarray], rounds: int, threads: int)
             conn.close()
 
 
-def ratio(results: dict[str, VariantResult], numerator: str, denominator: str) -> tuple[float, float, float]:
-    """Time of ``numerator`` over ``denominator``: (median, min, max) over rounds."""
-    ratios = [a / b for a, b in zip(results[numerator].seconds, results[denominator].seconds)]
+def ratio(results: dict[str, VariantResult], numerator: str, denominator: str,
+          clock: str = "seconds") -> tuple[float, float, float]:
+    """Time of ``numerator`` over ``denominator`` (``clock``: ``seconds`` wall or
+    ``cpu_seconds``): (median, min, max) over rounds."""
+    pairs = zip(getattr(results[numerator], clock), getattr(results[denominator], clock))
+    ratios = [a / b for a, b in pairs]
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
@@ -239,13 +249,14 @@ def agreement(results: dict[str, VariantResult]) -> tuple[float, bool]:
 
 
 def report(results: dict[str, VariantResult], clips: int, members: int) -> str:
-    lines = ["| variant | ms per example | time vs separate | time vs one | weights MB | peak MB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | ms per example | time vs separate | time vs one | CPU time vs separate "
+             "| weights MB | peak MB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in VARIANTS:
         result = results[name]
         per_example = 1000 * statistics.median(result.seconds) / clips
         vs_separate, vs_one = (format_ratio(ratio(results, name, other)) for other in ("separate", "one"))
-        lines.append(f"| {name} | {per_example:.2f} | {vs_separate} | {vs_one} | {result.weights_mb:.1f} "
+        cpu = format_ratio(ratio(results, name, "separate", "cpu_seconds"))
+        lines.append(f"| {name} | {per_example:.2f} | {vs_separate} | {vs_one} | {cpu} | {result.weights_mb:.1f} "
                      f"| {result.peak_mb:.0f} |")
     difference, same = agreement(results)
     lines.append(f"\n{members} members; shared vs separate: max |probability difference| {difference:.2e}, "

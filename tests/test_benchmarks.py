@@ -93,7 +93,7 @@ def test_ensemble_inference_variants_agree_and_only_separate_models_hold_several
     results = ensemble_inference.measure(directory, clips, rounds=2, threads=1)
     assert set(results) == set(ensemble_inference.VARIANTS)
     for name, result in results.items():
-        assert len(result.seconds) == 2 and all(s > 0 for s in result.seconds), name
+        assert len(result.seconds) == len(result.cpu_seconds) == 2 and all(s > 0 for s in result.seconds), name
         assert result.peak_mb >= 0
     assert [len(results[n].outputs) for n in ("shared", "separate", "one")] == [3, 3, 1]
     difference, same = ensemble_inference.agreement(results)
