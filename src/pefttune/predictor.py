@@ -516,6 +516,9 @@ def _merged_card(directory: Path) -> str:
         head_recipe(head),
         "```",
         "",
+        "Class i of `output` is label i of `vocab.json`." if head.task == "classification" else
+        "Token i of `output` is token i - 1 of `vocab.json` (0 is the CTC blank).",
+        "",
     ])
 
 
