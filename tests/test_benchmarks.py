@@ -5,11 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import darts_cost  # noqa: E402
+import ensemble_inference  # noqa: E402
 import throughput  # noqa: E402
 import verdict_stability  # noqa: E402, F401
 
@@ -81,3 +83,24 @@ def test_verdict_stability_configs_use_disjoint_seeds_and_the_table_flags_flips(
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "finding" not in line}
     assert rows["1"].rstrip().endswith("| yes |") and rows["2"].rstrip().endswith("| NO |")
     assert "all findings stable: no" in text
+
+
+def test_ensemble_inference_variants_agree_and_only_separate_models_hold_several_backbones(tmp_path):
+    from pefttune.backbones import load_backbone
+
+    directory = ensemble_inference.write_ensemble(tmp_path / "ensemble", "tiny-hubert", ("lora", "bitfit", "ia3"))
+    clips = ensemble_inference.make_clips(3)
+    results = ensemble_inference.measure(directory, clips, rounds=2, threads=1)
+    assert set(results) == set(ensemble_inference.VARIANTS)
+    for name, result in results.items():
+        assert len(result.seconds) == len(result.cpu_seconds) == 2 and all(s > 0 for s in result.seconds), name
+        assert result.peak_mb >= 0
+    assert [len(results[n].outputs) for n in ("shared", "separate", "one")] == [3, 3, 1]
+    difference, same = ensemble_inference.agreement(results)
+    assert difference < 1e-6 and same  # the shared backbone predicts what separate models predict
+    assert np.allclose(results["one"].outputs[0], results["separate"].outputs[0], atol=1e-6)
+    backbone = ensemble_inference.weights_mb([load_backbone("tiny-hubert")])
+    assert results["separate"].weights_mb > 2.9 * backbone  # three backbones
+    assert results["shared"].weights_mb < 1.2 * backbone and results["one"].weights_mb < 1.2 * backbone
+    text = ensemble_inference.report(results, len(clips), 3)
+    assert "| shared |" in text and "labels identical" in text

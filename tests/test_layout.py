@@ -112,6 +112,12 @@ def _deps_under(graph, prefix):
                                         "pefttune.more_seeds", "pefttune.study", "pefttune.cli")),
         ("pefttune.study", ("pefttune.suite", "pefttune.cli")),  # a suite runs studies, not the reverse
         ("pefttune.suite", ("pefttune.cli", "pefttune.search", "pefttune.darts", "pefttune.trainables")),
+        # model-level exports: merging and the shared-backbone ensemble sit on the model, below every arm
+        ("pefttune.merge", ("pefttune.predictor", "pefttune.analysis", "pefttune.search", "pefttune.darts",
+                            "pefttune.trainables", "pefttune.runtime", "pefttune.study", "pefttune.cli")),
+        ("pefttune.shared_backbone", ("pefttune.predictor", "pefttune.analysis", "pefttune.search",
+                                      "pefttune.darts", "pefttune.trainables", "pefttune.runtime",
+                                      "pefttune.study", "pefttune.cli")),
         ("pefttune.data", ("pefttune.search", "pefttune.darts", "pefttune.trainables", "pefttune.analysis",
                            "pefttune.runtime", "pefttune.cli")),
         # the starter configs check data and models, and run nothing

@@ -246,6 +246,20 @@ def load_backbone(name_or_path: str | Path) -> "SpeechEncoder":
         raise hub_error(name, err) from err
 
 
+def transformers_reference(name: str) -> str:
+    """What ``transformers.AutoModel.from_pretrained`` loads for a backbone that
+    :func:`load_backbone` knows by ``name``: a Hugging Face id as it is, a local directory
+    as its absolute path, a shipped backbone as its directory inside this installation. A
+    built-in random tiny backbone (:data:`TINY_BACKBONES`) has no directory: its name
+    stays (only :func:`build_tiny_model` makes it)."""
+    if name in TINY_BACKBONES or name == LOG_MEL:
+        return name
+    if name in SHIPPED:
+        return str(shipped_dir(name).resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     """What placement, heads and budgets need to know about a backbone, without weights."""
@@ -353,16 +367,22 @@ class SpeechEncoder(nn.Module):
         # between the same weights built in memory, saved, or loaded elsewhere: not hashed.
         config = {k: v for k, v in self.config.to_diff_dict().items() if k not in _CONFIG_METADATA}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(self.frozen_state_dict().items()):
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen weights under the transformers model's own names (PEFT weights left out,
+        method wrappers' ``.base_layer`` removed): what ``load_state_dict`` of a fresh model
+        of the same class takes."""
         frozen = {}
         for key, tensor in self.model.state_dict().items():
             if any(tag in key for tag in ("lora_", "ia3_", ".pefttune.")):
                 continue  # PEFT weights, not the backbone's
             frozen[key.replace(".base_layer", "")] = tensor
-        for key, tensor in sorted(frozen.items()):
-            digest.update(key.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return frozen
 
     # -- forward, in two steps ------------------------------------------------------
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
