@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import darts_cost  # noqa: E402
+import encoder_cost  # noqa: E402
 import throughput  # noqa: E402
 import verdict_stability  # noqa: E402, F401
 
@@ -81,3 +82,10 @@ def test_verdict_stability_configs_use_disjoint_seeds_and_the_table_flags_flips(
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "finding" not in line}
     assert rows["1"].rstrip().endswith("| yes |") and rows["2"].rstrip().endswith("| NO |")
     assert "all findings stable: no" in text
+
+
+def test_encoder_cost_prints_each_round_and_the_median(capsys):
+    median = encoder_cost.main(["--batch", "1", "--seconds", "0.2", "--rounds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["round 0", "round 1"]
+    assert lines[-1].startswith("base-size / tiny-hubert-ssl forward per clip: median") and median > 1  # 12 x 768 vs 4 x 128
