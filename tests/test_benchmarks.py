@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import darts_cost  # noqa: E402
+import encoder_cost  # noqa: E402
 import ensemble_inference  # noqa: E402
 import throughput  # noqa: E402
 import verdict_stability  # noqa: E402, F401
@@ -104,3 +105,10 @@ def test_ensemble_inference_variants_agree_and_only_separate_models_hold_several
     assert results["shared"].weights_mb < 1.2 * backbone and results["one"].weights_mb < 1.2 * backbone
     text = ensemble_inference.report(results, len(clips), 3)
     assert "| shared |" in text and "labels identical" in text
+
+
+def test_encoder_cost_prints_each_round_and_the_median(capsys):
+    median = encoder_cost.main(["--batch", "1", "--seconds", "0.2", "--rounds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["round 0", "round 1"]
+    assert lines[-1].startswith("base-size / tiny-hubert-ssl forward per clip: median") and median > 1  # 12 x 768 vs 4 x 128
