@@ -144,7 +144,8 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     from pefttune.runtime.study_dir import holds_run
     from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
     from pefttune.search.replicates import plan_replicates, tune_run_config
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
     from pefttune.trainables.setup import make_setup
 
     root = round_path(study_path, rnd.seed)
@@ -159,9 +160,9 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     if trials:
         if resume and holds_run(path):
             check_plan(path, plan)
-            tuner = restore_grid(path, make_trainable(setup))
+            tuner = restore_grid(path, make_trainable(train_fn, setup))
         else:
-            tuner = grid_tuner(make_trainable(setup), path, plan,
+            tuner = grid_tuner(make_trainable(train_fn, setup), path, plan,
                                grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                                tune_run_config(config, TRAININGS_DIR, root, [], verbose))
         with fit_environment(), quiet_ray_loggers(verbose):

@@ -187,14 +187,15 @@ def search_experiment(config: StudyConfig) -> StudyConfig:
 def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
     from ray import tune
 
-    from pefttune.trainables.darts import make_trainable
+    from pefttune.trainables.darts import darts_fn
+    from pefttune.trainables.trial import make_trainable
 
     reporter = _reporter(
         config, {"seed": "seed", "variant": "variant"},
         {"entropy_mean": "entropy", "none_share": "none", "derived_placement_short": "derived"},
     )
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(darts_fn, setup),
         param_space=trial_space(config),
         tune_config=tune.TuneConfig(
             num_samples=1,
@@ -265,12 +266,13 @@ def retrain_plan(config: StudyConfig, search) -> GridPlan:
 
 
 def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     best = metric_key("dev", config.metric, best=True)
     reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
-    return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
+    return grid_tuner(make_trainable(train_fn, setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                       _run_config(config, path, RETRAIN_DIR, reporter, verbose, console))
 
@@ -339,7 +341,8 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
     RuntimeError when no DARTS trial finished."""
     from ray import tune
 
-    from pefttune.trainables.darts import make_trainable
+    from pefttune.trainables.darts import darts_fn
+    from pefttune.trainables.trial import make_trainable
 
     path = root or study_dir(config)
     search_path = f"{path}/{SEARCH_DIR}"
@@ -352,7 +355,7 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
             raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
                              f"machine's Ray has {have:g}")
     if resume and holds_run(search_path):
-        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(setup), resume_unfinished=True)
+        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(darts_fn, setup), resume_unfinished=True)
     else:
         tuner = search_tuner(config, path, setup, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):
@@ -368,7 +371,8 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
     connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
     ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
@@ -376,7 +380,7 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     plan = retrain_plan(config, search)
     if resume and holds_run(retrain_path):
         check_plan(retrain_path, plan)
-        tuner = restore_grid(retrain_path, make_trainable(setup))
+        tuner = restore_grid(retrain_path, make_trainable(train_fn, setup))
     else:
         tuner = retrain_tuner(config, path, setup, plan, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):

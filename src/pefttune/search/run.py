@@ -249,11 +249,12 @@ def run_config(plan: SearchPlan, verbose: int = 1, callbacks: list | None = None
 def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     search = plan.config.search
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(train_fn, setup),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(plan),
             scheduler=build_scheduler(plan),
@@ -313,11 +314,12 @@ def run_search(
         if not restore:
             write_config_copy(config, plan.path)
         if restore:
-            from pefttune.trainables.discrete import make_trainable
+            from pefttune.trainables.discrete import train_fn
+            from pefttune.trainables.trial import make_trainable
 
             tuner = tune.Tuner.restore(
                 plan.path,
-                trainable=make_trainable(setup),
+                trainable=make_trainable(train_fn, setup),
                 resume_unfinished=True,
                 resume_errored=resume_errored,
             )
