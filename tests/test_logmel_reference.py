@@ -15,7 +15,7 @@ from pefttune.data import loaders
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
-from pefttune.pretraining.targets import receptive_field
+from pefttune.log_mel import receptive_field
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables import setup as trial_setup
 from pefttune.trainables.discrete import trial_backbone

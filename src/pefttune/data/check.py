@@ -295,7 +295,7 @@ def check_audio(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     began = time.perf_counter()
     if cache_dir is None:
-        from pefttune.data.corpus_cache import cache_root
+        from pefttune.cache_dir import cache_root
 
         cache_dir = cache_root() / "audio-check"
     cache_file = Path(cache_dir) / _CACHE_FILE

@@ -5,7 +5,9 @@ nothing has to be installed on the system and nothing is downloaded.
 
 One concept, one module (about 530 lines): the ctypes binding of the eSpeak NG library and
 the deterministic worker process that drives it belong together, since the determinism
-guarantee rests on how the two interact.
+guarantee rests on how the two interact.  It is part of the core, not of :mod:`pefttune.demo`:
+the LibriSpeech layout's phoneme targets come from :func:`phonemize`; the demo's corpora
+(:mod:`pefttune.demo.synth`) synthesize with it.
 
 Public API
 ----------

@@ -129,7 +129,7 @@ def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
     manifest when it has durations, else per second of audio.
     """
     from pefttune.frozen_cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
-    from pefttune.data.corpus_cache import cache_root
+    from pefttune.cache_dir import cache_root
 
     mode = experiment.train.frozen_cache
     if mode == "off":

@@ -61,8 +61,8 @@ from transformers import HubertModel, Wav2Vec2ForPreTraining
 
 from pefttune.backbones import tiny_config
 from pefttune.data.dataset import normalize_waveform
-from pefttune.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
-from pefttune.pretraining.targets import TARGET_FEATURES, check_alignment, fit_kmeans, target_features
+from pefttune.demo.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
+from pefttune.demo.pretraining.targets import TARGET_FEATURES, check_alignment, fit_kmeans, target_features
 
 Objective = Literal["hubert", "wav2vec2"]
 OBJECTIVES: tuple[str, ...] = ("hubert", "wav2vec2")
