@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
@@ -307,10 +307,7 @@ def run_darts(
     experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
     states a study's trials would.
     """
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     validate(config)
     path = study_dir(config)
     prepare_directories(config, path, resume)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config, parse_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
@@ -297,10 +297,7 @@ def run_search(
     """
     from ray import tune
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
+    config = resolve_config(config, name)
     plan = build_search_plan(config, extra_points)
     restore = prepare_directory(plan, resume, write=False)
     setup = make_setup(config, plan.path, faults)
