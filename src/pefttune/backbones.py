@@ -217,8 +217,6 @@ class BackboneInfo:
 
 def backbone_info(name: str) -> BackboneInfo:
     """Shape of a backbone from its config only (no weights loaded)."""
-    from transformers import AutoConfig
-
     if name == LOG_MEL:
         return LogMelConfig().info()
     if name in TINY_BACKBONES:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 from pefttune.analysis import ensembles as E
 from pefttune.analysis.stats import sign_test
@@ -96,8 +97,6 @@ class MemberPredictions:
 
     def log_probs_chunk(self, rows: np.ndarray) -> np.ndarray:
         """(M, len(rows), T, V) log-posteriors of aligned examples ``rows``, T = their max frames."""
-        from safetensors import safe_open
-
         t_max = max(1, int(self.frames[rows].max())) if len(rows) else 1
         out = []
         for path, order in zip(self.log_prob_files, self.orders):

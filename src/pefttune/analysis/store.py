@@ -67,6 +67,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from pefttune.metrics import METRICS
+from pefttune.placement import Placement
 from pefttune.runtime.study_dir import config_id
 from pefttune.runtime.storage import atomic_output
 from pefttune.schema import (CHECKPOINT_NAME, PREDICTIONS_DIR, RAY_KEYS, STATE_FILE, TrialKind, TrialReport,
@@ -242,8 +243,6 @@ def _finite(value: Any) -> float | None:
 def _layer_labels(placement: dict) -> list[str]:
     """One label per layer ("none", "lora", "houlsby+lora") from a placement mapping."""
     try:
-        from pefttune.placement import Placement
-
         return Placement.from_dict(placement).layer_methods()
     except Exception:  # noqa: BLE001 - unknown method names etc.: label the raw data
         raw = placement.get("layers", [])
@@ -261,8 +260,6 @@ def _layer_labels(placement: dict) -> list[str]:
 
 def _short(placement: dict, layers: list[str]) -> str:
     try:
-        from pefttune.placement import Placement
-
         return Placement.from_dict(placement).short()
     except Exception:  # noqa: BLE001
         return " ".join(f"L{i}:{m}" for i, m in enumerate(layers))

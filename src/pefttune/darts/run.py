@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import ray
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 
 from pefttune.backbones import backbone_info
 from pefttune.config import StudyConfig, resolve_config
@@ -62,7 +65,10 @@ from pefttune.runtime.study_dir import (
 )
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.schema import TrialKind, metric_key
+from pefttune.trainables.darts import darts_candidates, darts_fn, variant_settings
+from pefttune.trainables.discrete import train_fn
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
+from pefttune.trainables.trial import make_trainable
 
 SEARCH_DIR = "darts"
 RETRAIN_DIR = "darts-retrain"
@@ -99,16 +105,12 @@ def canonical(placement: Placement) -> str:
 
 def trial_space(config: StudyConfig) -> dict:
     """Ray param_space of the DARTS trials: seeds x variants."""
-    from ray import tune
-
     variants = config.darts.variants or [{}]
     return {"seed": tune.grid_search(config.darts_seeds), "variant": tune.grid_search(list(variants))}
 
 
 def validate(config: StudyConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
-    from pefttune.trainables.darts import darts_candidates, variant_settings
-
     backbone_info(config.backbone)
     darts_candidates(config)  # the candidates must fit in one supernet layer
     for variant in config.darts.variants or [{}]:
@@ -141,9 +143,6 @@ def prepare_directories(config: StudyConfig, path: str, resume: bool) -> None:
 
 
 def _run_config(config: StudyConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-
     return tune.RunConfig(
         name=name,
         storage_path=path,
@@ -158,8 +157,6 @@ def _run_config(config: StudyConfig, path: str, name: str, reporter, verbose: in
 
 
 def _reporter(config: StudyConfig, parameters: dict, extra: dict):
-    from ray import tune
-
     metric = config.metric
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", metric_key("dev", metric): metric_key("dev", metric), **extra},
@@ -185,11 +182,6 @@ def search_experiment(config: StudyConfig) -> StudyConfig:
 
 
 def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
-    from ray import tune
-
-    from pefttune.trainables.darts import darts_fn
-    from pefttune.trainables.trial import make_trainable
-
     reporter = _reporter(
         config, {"seed": "seed", "variant": "variant"},
         {"entropy_mean": "entropy", "none_share": "none", "derived_placement_short": "derived"},
@@ -266,9 +258,6 @@ def retrain_plan(config: StudyConfig, search) -> GridPlan:
 
 
 def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
-    from pefttune.trainables.discrete import train_fn
-    from pefttune.trainables.trial import make_trainable
-
     best = metric_key("dev", config.metric, best=True)
     reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
@@ -321,8 +310,6 @@ def run_darts(
         retrain = run_darts_retrain(config, search, resume, verbose=verbose)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     run = DartsRun(path, search, derived, retrain)
     if verbose:
@@ -336,17 +323,10 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
     """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`) into
     ``<root>/darts`` (default root: the study folder); returns its ResultGrid. Raises
     RuntimeError when no DARTS trial finished."""
-    from ray import tune
-
-    from pefttune.trainables.darts import darts_fn
-    from pefttune.trainables.trial import make_trainable
-
     path = root or study_dir(config)
     search_path = f"{path}/{SEARCH_DIR}"
     setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
     if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
-        import ray
-
         have = ray.cluster_resources().get("CPU", 0)
         if config.darts.search_cpu > have:
             raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
@@ -368,9 +348,6 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
     connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
     ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
-    from pefttune.trainables.discrete import train_fn
-    from pefttune.trainables.trial import make_trainable
-
     path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     setup = make_setup(config, retrain_path)

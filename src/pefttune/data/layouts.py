@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pefttune.data import espeak
 from pefttune.data.audio import AudioReadError, audio_duration
 
 __all__ = [
@@ -283,9 +284,7 @@ def load_librispeech(
             raise FileNotFoundError(f"no train-*/dev-*/test-* subset folders in {root}")
     phonemize: Callable[[str], str] | None = None
     if target == "phonemes":
-        from pefttune.data.espeak import phonemize as _phonemize
-
-        phonemize = lambda text: " ".join(_phonemize(text.lower(), "en-us"))  # noqa: E731
+        phonemize = lambda text: " ".join(espeak.phonemize(text.lower(), "en-us"))  # noqa: E731
     rows = []
     for sub, split in subsets.items():
         sub_dir = _require_dir(root / sub, f"LibriSpeech subset {sub}")

@@ -45,6 +45,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -574,8 +575,6 @@ def _check_output_dir(out_dir: Path) -> None:
 
 
 def _package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for name in ("pefttune", "espeakng-loader"):
         try:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from ray import tune
 from safetensors.torch import load_file, save_file
 
 from pefttune.model import MODEL_FILE, PLACEMENT_FILE, WEIGHTS_FILE, PeftSpeechModel
@@ -256,8 +257,6 @@ def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=N
     back to the newest complete checkpoint before it in the same trial folder (local storage),
     else starts from scratch, and says so.  ``on_restore(path)`` runs with the checkpoint
     folder that was read (e.g. to read more files of it)."""
-    from ray import tune
-
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
@@ -287,8 +286,6 @@ def report(metrics: dict, write: Callable[[Path], None] | None = None) -> None:
     The checkpoint is written to a temporary directory that Ray copies to the
     experiment's storage during the call; the temporary copy is removed afterwards.
     """
-    from ray import tune
-
     if write is None:
         tune.report(metrics)
         return

@@ -44,6 +44,7 @@ checks a prefix of a long run bit for bit in a fraction of its time.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as metadata
 import json
 import math
 import platform
@@ -56,6 +57,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import HubertModel, Wav2Vec2ForPreTraining
 
@@ -367,10 +369,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as metadata
-
-    import transformers
-
     try:
         package = metadata.version("pefttune")
     except metadata.PackageNotFoundError:  # running from a source tree
