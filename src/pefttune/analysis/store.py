@@ -70,7 +70,7 @@ from pefttune.metrics import METRICS
 from pefttune.placement import Placement
 from pefttune.runtime.study_dir import config_id
 from pefttune.runtime.storage import atomic_output
-from pefttune.schema import (CHECKPOINT_NAME, PREDICTIONS_DIR, RAY_KEYS, STATE_FILE, TrialKind, TrialReport,
+from pefttune.schema import (CHECKPOINT_NAME, PREDICTIONS_DIR, STATE_FILE, TrialKind, TrialReport,
                              listed_files, metric_key, predictions_file)
 from pefttune.training import load_predictions
 

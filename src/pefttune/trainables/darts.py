@@ -283,7 +283,6 @@ class DartsTrial(Trial):
             budget_penalty=settings.budget_penalty,
         )
         self.columns["supernet_peft_params"] = supernet.model.count_parameters()["peft"]
-        self.device = device
         return Parts(supernet.model, recording, parts.dev, parts.weight_sampler, optimizer, scheduler, supernet.cache)
 
     def restore_extra(self, path: Path) -> None:

@@ -113,7 +113,6 @@ class PlacementTrial(Trial):
         optimizer = setup_optimizer(model, train)
         steps = train.epochs * data.steps_per_epoch(train.max_steps_per_epoch)
         scheduler = setup_scheduler(optimizer, steps, train.warmup_ratio)
-        self.device = device
         return Parts(model, data.train, data.dev, data.train_sampler, optimizer, scheduler, cache)
 
     def hooks(self, parts: Parts, state) -> Hooks:

@@ -89,6 +89,7 @@ class Trial:
         self.train: TrainConfig | None = None
         self.columns: dict = {}
         self.over_budget: bool | None = None  # reported by trials that have a budget check
+        self.device = None  # the trial's device, set before build()
 
     # -- the steps a trainable writes -----------------------------------------------------------
     def plan(self) -> None:
@@ -140,7 +141,7 @@ class Trial:
             return
         resources = self.experiment.resources
         set_threads(resources.cpu)
-        device = trial_device(resources.gpu, resources.gpu_wait_s)
+        self.device = device = trial_device(resources.gpu, resources.gpu_wait_s)
         torch.manual_seed(self.train.seed)
         parts = self.build(device)
         restored = ckpt.restore(parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
