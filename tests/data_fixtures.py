@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from pefttune.data.espeak import synthesize
-from pefttune.data.synth import make_noise
+from pefttune.demo.synth import make_noise
 
 
 def speech(text: str, variant: str | None = None, sample_rate: int = 16000) -> np.ndarray:

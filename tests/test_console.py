@@ -13,6 +13,7 @@ import pytest
 
 from pefttune.analysis.status import experiment_status, format_status
 from pefttune.runtime.console import WIDTH, Console, failure_summary, format_table
+from pefttune.schema import TrialReport
 
 LONG = " ".join(f"L{i}:sequential(b=32)+lora(r=8)" for i in range(12))
 
@@ -21,9 +22,10 @@ def test_trial_lines_fit_and_carry_the_scores(tmp_path):
     out = io.StringIO()
     console = Console("discrete arm", "accuracy", "max", total=3, study_dir=str(tmp_path), stream=out)
     console.trial_started("a1")
-    console.trial_finished("a1", {"kind": "uniform"}, {"placement_short": LONG, "best_dev_accuracy": 0.51234,
-                                                       "test_accuracy": 0.4, "time_total_s": 90})
-    console.trial_finished("b2", {"kind": "discrete"}, {"placement_short": "L0:lora", "over_budget": True})
+    done = TrialReport("accuracy", {"placement_short": LONG}, 3, best_dev=0.51234, final={"test_accuracy": 0.4})
+    console.trial_finished("a1", {"kind": "uniform"}, {**done.row(), "time_total_s": 90})
+    rejected = TrialReport("accuracy", {"placement_short": "L0:lora"}, 0, best_dev=0.0, over_budget=True)
+    console.trial_finished("b2", {"kind": "discrete"}, rejected.row())
     console.trial_failed("c3", {"kind": "hybrid", "placement": "{}"},
                          "Traceback (most recent call last):\n  File x\nAudioReadError: cannot decode /data/bad.wav")
     lines = out.getvalue().splitlines()
@@ -42,8 +44,8 @@ def test_progress_line_counts_and_eta():
     console = Console("DARTS search", "per", "min", total=4, stream=out, interval=3600)
     for trial in ("a", "b", "c"):
         console.trial_started(trial)
-    console.result({"best_dev_per": 0.7})
-    console.trial_finished("a", {"kind": "darts"}, {"best_dev_per": 0.6, "time_total_s": 10})
+    console.result(TrialReport("per", {}, 1, best_dev=0.7).row())
+    console.trial_finished("a", {"kind": "darts"}, {**TrialReport("per", {}, 2, best_dev=0.6).row(), "time_total_s": 10})
     console.progress()  # the first call prints; the next one within the interval does not
     console.progress()
     lines = out.getvalue().splitlines()

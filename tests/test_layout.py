@@ -135,6 +135,42 @@ def test_layers_import_only_downwards(layer, forbidden):
     assert not bad, bad
 
 
+#: The core's one door to the demo's tooling (the data source ``synth``, imported on use), and the
+#: CLI, which offers the demo's own commands (``pefttune data synth``, ``pefttune backbone pretrain``).
+DEMO_DOORS = {"pefttune.data.sources"}
+DEMO = "pefttune.demo"
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_core_imports_the_demo_only_through_its_door():
+    graph = import_graph()
+    bad = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                 if _in(d, DEMO) and not _in(m, DEMO) and not _in(m, "pefttune.cli") and m not in DEMO_DOORS)
+    assert not bad, bad
+    assert any(_in(d, DEMO) for door in DEMO_DOORS for d in graph[door])  # the door is used, so it is named right
+
+
+def test_the_door_to_the_demo_opens_on_use_only():
+    """The door's imports of the demo sit inside functions: importing the core loads no demo module."""
+    for door in DEMO_DOORS:
+        tree = ast.parse((PACKAGE.parent / (door.replace(".", "/") + ".py")).read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
+        assert not [n for n in names if _in(n, DEMO)], (door, names)
+
+
+def test_the_demo_sits_beside_the_core_not_above_the_cli():
+    graph = import_graph()
+    bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if _in(m, DEMO) for d in deps
+                 if any(_in(d, up) for up in ("pefttune.cli", "pefttune.study", "pefttune.suite", "pefttune.search",
+                                                "pefttune.darts", "pefttune.analysis", "pefttune.trainables")))
+    assert not bad, bad
+
+
 def test_the_schema_sits_low():
     """pefttune.schema imports the standard library and pefttune.metrics only: every layer may import it."""
     assert import_graph()["pefttune.schema"] <= {"pefttune.metrics"}

@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from pefttune import attention
+from pefttune.log_mel import LogMel
 
 Family = Literal["wav2vec2", "hubert", "wavlm", "log-mel"]
 #: The transformers SSL families (``log-mel`` is the pseudo-backbone's family, not one of these).
@@ -285,8 +286,6 @@ class BackboneInfo:
 
 def backbone_info(name: str) -> BackboneInfo:
     """Shape of a backbone from its config only (no weights loaded)."""
-    from transformers import AutoConfig
-
     if name == LOG_MEL:
         return LogMelConfig().info()
     if name in TINY_BACKBONES:
@@ -486,7 +485,7 @@ class LogMelConfig:
     """Settings of the ``log-mel`` pseudo-backbone (all of them enter its content hash).
 
     Window 380 / hop 320 samples (23.75 ms / 20 ms at 16 kHz) are the tiny backbones'
-    CNN receptive field and total stride (:func:`pefttune.pretraining.targets.receptive_field`
+    CNN receptive field and total stride (:func:`pefttune.log_mel.receptive_field`
     of :func:`tiny_config`): log-mel frame ``t`` covers exactly the samples that a tiny
     backbone's frame ``t`` sees, so the head pools over the same frames as on the default
     ``tiny-hubert-ssl``. Normalisation ``utterance``: one mean and one standard deviation
@@ -521,7 +520,7 @@ class LogMelEncoder(SpeechEncoder):
     """The ``log-mel`` reference: a :class:`SpeechEncoder` without an SSL encoder.
 
     :meth:`embed` computes normalised log-mel frames (:class:`LogMelConfig`) with
-    :class:`pefttune.pretraining.targets.LogMel`; there are zero transformer layers, so the
+    :class:`pefttune.log_mel.LogMel`; there are zero transformer layers, so the
     head's weighted layer sum sees one hidden state (the features), the only placement is
     the empty one (``{"num_layers": 0, "layers": []}``) and the head holds every trainable
     parameter. It has no weights of its own (``model`` is an empty module), so
@@ -531,8 +530,6 @@ class LogMelEncoder(SpeechEncoder):
 
     def __init__(self, settings: LogMelConfig | None = None):
         nn.Module.__init__(self)  # no transformers model to wrap (SpeechEncoder.__init__ needs one)
-        from pefttune.pretraining.targets import LogMel  # lazy: pefttune.pretraining imports this module
-
         self.settings = settings or LogMelConfig()
         self.name = LOG_MEL
         self.family: Family = "log-mel"

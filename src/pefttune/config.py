@@ -633,6 +633,17 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return parse_config(data, str(path))
 
 
+def resolve_config(config: StudyConfig | str | Path | None, name: str | None = None) -> StudyConfig:
+    """The config a run uses: ``config`` itself, or loaded from a path (None: the embedded
+    study, see :func:`load_config`); ``name`` (``--name``) replaces its name, validated again.
+    Every entry point (``run_study``, ``run_suite``, ``run_search``, ``run_darts``) starts here."""
+    if not isinstance(config, StudyConfig):
+        config = load_config(config)
+    if name is not None:
+        config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
+    return config
+
+
 REPLACED_ON_EXTEND = ("methods", "tasks")
 
 

@@ -133,7 +133,8 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
     from pefttune.runtime.tune_run import run_config
     from pefttune.search.replicates import plan_replicates
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
     from pefttune.trainables.setup import make_setup
 
     root = round_path(study_path, rnd.seed)
@@ -148,9 +149,9 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     if trials:
         if resume and holds_run(path):
             check_plan(path, plan)
-            tuner = restore_grid(path, make_trainable(setup))
+            tuner = restore_grid(path, make_trainable(train_fn, setup))
         else:
-            tuner = grid_tuner(make_trainable(setup), path, plan,
+            tuner = grid_tuner(make_trainable(train_fn, setup), path, plan,
                                grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                                run_config(config, path, verbose=verbose))
         with fit_environment(), quiet_ray_loggers(verbose):

@@ -39,7 +39,7 @@ from typing import Callable
 
 import pandas as pd
 
-from pefttune.config import StudyConfig, load_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.schema import TrialKind
 
 
@@ -250,10 +250,7 @@ def run_study(
     from pefttune.runtime.tracking import end_study, start_study
     from pefttune.search.run import build_search_plan
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     if config.tasks:
         raise ValueError(f"tasks: {config.name} is a suite of {list(config.tasks)}; run it with "
                          "pefttune.suite.run_suite (what `pefttune run` does for such a config)")

@@ -103,11 +103,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis.store import RAY_KEYS, ResultsStore, TrialRecord, open_results
+from pefttune.analysis.store import ResultsStore, TrialRecord, open_results
 from pefttune.metrics import edit_distance
 from pefttune.runtime.provenance import Provenance
 from pefttune.runtime.storage import atomic_output
-from pefttune.schema import TrialKind, metric_key
+from pefttune.schema import RAY_KEYS, TrialKind, metric_key
 from pefttune.training import unpack_sequences
 
 #: The placement of a configuration whose seeds each derived their own (DARTS as a method).

@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import ray
+from ray import tune
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
@@ -64,7 +66,10 @@ from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs,
 from pefttune.runtime.tracking import check_tracking
 from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
+from pefttune.trainables.darts import darts_candidates, darts_fn, variant_settings
+from pefttune.trainables.discrete import train_fn
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
+from pefttune.trainables.trial import make_trainable
 
 SEARCH_DIR = "darts"
 RETRAIN_DIR = "darts-retrain"
@@ -101,16 +106,12 @@ def canonical(placement: Placement) -> str:
 
 def trial_space(config: StudyConfig) -> dict:
     """Ray param_space of the DARTS trials: seeds x variants."""
-    from ray import tune
-
     variants = config.darts.variants or [{}]
     return {"seed": tune.grid_search(config.darts_seeds), "variant": tune.grid_search(list(variants))}
 
 
 def validate(config: StudyConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
-    from pefttune.trainables.darts import darts_candidates, variant_settings
-
     check_tracking(config)
     backbone_info(config.backbone)
     darts_candidates(config)  # the candidates must fit in one supernet layer
@@ -151,8 +152,6 @@ def _run_config(config: StudyConfig, path: str, reporter, verbose: int, console:
 
 
 def _reporter(config: StudyConfig, parameters: dict, extra: dict):
-    from ray import tune
-
     metric = config.metric
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", metric_key("dev", metric): metric_key("dev", metric), **extra},
@@ -178,16 +177,12 @@ def search_experiment(config: StudyConfig) -> StudyConfig:
 
 
 def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
-    from ray import tune
-
-    from pefttune.trainables.darts import make_trainable
-
     reporter = _reporter(
         config, {"seed": "seed", "variant": "variant"},
         {"entropy_mean": "entropy", "none_share": "none", "derived_placement_short": "derived"},
     )
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(darts_fn, setup),
         param_space=trial_space(config),
         tune_config=tune.TuneConfig(
             num_samples=1,
@@ -258,12 +253,10 @@ def retrain_plan(config: StudyConfig, search) -> GridPlan:
 
 
 def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
-    from pefttune.trainables.discrete import make_trainable
-
     best = metric_key("dev", config.metric, best=True)
     reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
-    return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
+    return grid_tuner(make_trainable(train_fn, setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                       _run_config(config, f"{path}/{RETRAIN_DIR}", reporter, verbose, console))
 
@@ -298,10 +291,7 @@ def run_darts(
     experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
     states a study's trials would.
     """
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     validate(config)
     path = study_dir(config)
     prepare_directories(config, path, resume)
@@ -315,8 +305,6 @@ def run_darts(
         retrain = run_darts_retrain(config, search, resume, verbose=verbose)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     run = DartsRun(path, search, derived, retrain)
     if verbose:
@@ -330,22 +318,16 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
     """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`) into
     ``<root>/darts`` (default root: the study folder); returns its ResultGrid. Raises
     RuntimeError when no DARTS trial finished."""
-    from ray import tune
-
-    from pefttune.trainables.darts import make_trainable
-
     path = root or study_dir(config)
     search_path = f"{path}/{SEARCH_DIR}"
     setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
     if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
-        import ray
-
         have = ray.cluster_resources().get("CPU", 0)
         if config.darts.search_cpu > have:
             raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
                              f"machine's Ray has {have:g}")
     if resume and holds_run(search_path):
-        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(setup), resume_unfinished=True)
+        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(darts_fn, setup), resume_unfinished=True)
     else:
         tuner = search_tuner(config, path, setup, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):
@@ -361,15 +343,13 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
     connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
     ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
-    from pefttune.trainables.discrete import make_trainable
-
     path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     setup = make_setup(config, retrain_path)
     plan = retrain_plan(config, search)
     if resume and holds_run(retrain_path):
         check_plan(retrain_path, plan)
-        tuner = restore_grid(retrain_path, make_trainable(setup))
+        tuner = restore_grid(retrain_path, make_trainable(train_fn, setup))
     else:
         tuner = retrain_tuner(config, path, setup, plan, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):

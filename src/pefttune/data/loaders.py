@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from pefttune.data.check import check_audio
+from pefttune.data.dataset import SpeechDataset, collate_batch, length_buckets
+from pefttune.data.manifest import ManifestError, limit_rows, missing_columns_message, read_manifest
+from pefttune.data.sources import manifest_for
+from pefttune.data.vocab import LabelVocab, TokenVocab
 from pefttune.heads import HeadConfig
 
 if TYPE_CHECKING:  # pydantic is not needed to train
@@ -35,8 +40,6 @@ class DataRef:
 
     def rows(self):
         """The manifest's rows in use: those data.max_utterances drew, without those the audio check dropped."""
-        from pefttune.data.manifest import read_manifest
-
         frame = read_manifest(self.manifest)
         if self.subset is not None:
             frame = frame.loc[list(self.subset)]
@@ -45,8 +48,6 @@ class DataRef:
         return frame
 
     def vocabulary(self):
-        from pefttune.data.vocab import LabelVocab, TokenVocab
-
         if self.vocab["kind"] == "labels":
             return LabelVocab(tuple(self.vocab["labels"]))
         return TokenVocab(tuple(self.vocab["tokens"]), self.vocab.get("unit", "phoneme"))
@@ -70,11 +71,6 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     dropped and listed in the DataRef), check every split and fix the vocabulary from train.
     With ``data.max_utterances`` only the drawn rows are checked and used (``DataRef.subset``).
     Errors name ``data.path``/``data.source``."""
-    from pefttune.data.check import check_audio
-    from pefttune.data.dataset import SpeechDataset
-    from pefttune.data.manifest import ManifestError, limit_rows, missing_columns_message, read_manifest
-    from pefttune.data.sources import manifest_for
-
     data = config.data
     where = f"data.path: {data.path}" if data.path else f"data.source: {data.source}"
     same = data.source == "manifest" and data.path is not None
@@ -114,17 +110,12 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped, subset)
 
 
-def _trial_dataset_class():
-    from pefttune.data.dataset import SpeechDataset
+class TrialDataset(SpeechDataset):
+    """A split of the manifest; ``frame`` is its manifest rows (labels for stratified splits)."""
 
-    class TrialDataset(SpeechDataset):
-        """A split of the manifest; ``frame`` is its manifest rows (labels for stratified splits)."""
-
-        @property
-        def frame(self):
-            return self.rows
-
-    return TrialDataset
+    @property
+    def frame(self):
+        return self.rows
 
 
 @dataclass
@@ -145,9 +136,7 @@ def load_data(config: StudyConfig, ref: DataRef, seed: int = 0, num_workers: int
     """Data loaders of the train/dev/test splits (trial side), batches as
     :func:`pefttune.data.dataset.collate_batch` makes them. Train is shuffled by an
     :class:`EpochSampler` and cropped to ``data.max_seconds``; dev/test keep manifest order."""
-    from pefttune.data.dataset import collate_batch
-
-    dataset = _trial_dataset_class()
+    dataset = TrialDataset
     vocab = ref.vocabulary()
     data = config.data
 
@@ -207,8 +196,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self._bucketed(order, generator))
 
     def _bucketed(self, order: np.ndarray, generator: torch.Generator) -> list[int]:
-        from pefttune.data.dataset import length_buckets
-
         size = self.batch_size
         batches = length_buckets(order, self.lengths, size, self.pool_batches)
         short = [b for b in batches if len(b) < size]  # at most one: only the last pool can be short

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pefttune.data.audio import AudioReadError, audio_duration
+from pefttune.data.vocab import TokenVocab
 
 __all__ = [
     "SPLITS",
@@ -250,6 +251,29 @@ def validate_manifest(
     if missing_columns:
         raise ManifestError(missing_columns_message(missing_columns, df.columns, task_kind))
     split_values = df["split"].astype(str)
+    _check_splits(df, split_values, splits)
+    values = df[target]
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise ManifestError(f"empty {target} in {_rows(df, empty)}")
+    _check_windows(df)
+    if check_files:
+        exists = np.array([Path(p).is_file() for p in df["path"]])
+        if not exists.all():
+            first = df["path"][~exists].iloc[0]
+            raise FileNotFoundError(
+                f"{int((~exists).sum())} audio file(s) listed in the manifest do not exist, "
+                f"{_rows(df, ~exists)}; first: {first}"
+            )
+    train = split_values == "train"
+    if task_kind == "classification" and train.any():
+        _check_labels_in_train(df, split_values, values)
+    else:
+        _check_tokens(df, values, train, vocab, unit)
+
+
+def _check_splits(df: pd.DataFrame, split_values: pd.Series, splits: Iterable[str]) -> None:
+    """Known split names only, and rows in each of ``splits``."""
     bad = ~split_values.isin(SPLITS)
     if bad.any():
         raise ManifestError(
@@ -259,10 +283,10 @@ def validate_manifest(
     for split in splits:
         if not (split_values == split).any():
             raise ManifestError(f"split {split!r} is empty: the manifest has no {split} rows")
-    values = df[target]
-    empty = values.isna() | (values.astype(str).str.strip() == "")
-    if empty.any():
-        raise ManifestError(f"empty {target} in {_rows(df, empty)}")
+
+
+def _check_windows(df: pd.DataFrame) -> None:
+    """Positive durations; a ``start`` only with a ``duration``, never negative."""
     if "duration" in df.columns:
         nonpositive = pd.to_numeric(df["duration"], errors="coerce") <= 0
         if nonpositive.any():
@@ -276,51 +300,46 @@ def validate_manifest(
             raise ManifestError(f"rows with a 'start' need a 'duration' too: {_rows(df, no_window)}")
         if (starts < 0).any():
             raise ManifestError(f"negative start in {_rows(df, starts < 0)}")
-    if check_files:
-        exists = np.array([Path(p).is_file() for p in df["path"]])
-        if not exists.all():
-            first = df["path"][~exists].iloc[0]
-            raise FileNotFoundError(
-                f"{int((~exists).sum())} audio file(s) listed in the manifest do not exist, "
-                f"{_rows(df, ~exists)}; first: {first}"
-            )
-    train = split_values == "train"
-    if task_kind == "classification" and train.any():
-        known = set(values[train].astype(str))
-        for split in ("dev", "test"):
-            mask = (split_values == split) & ~values.astype(str).isin(known)
-            if mask.any():
-                raise ManifestError(
-                    f"{split} has labels that never occur in train: "
-                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)}); a model cannot learn a class "
-                    f"it never trains on. Fix: add train rows of these labels, or drop their {split} rows"
-                )
-    else:
-        from pefttune.data.vocab import TokenVocab
 
-        if vocab is None and not train.any():
-            return
-        if vocab is None:
-            vocab = TokenVocab.from_transcripts(values[train].astype(str), unit=unit)
-            checked = ~train
-            where = "train"
-        else:
-            checked = np.ones(len(df), dtype=bool)
-            where = "the vocabulary"
-        unknown_rows = []
-        unknown_tokens: set[str] = set()
-        for pos in np.flatnonzero(np.asarray(checked)):
-            extra = vocab.unknown_tokens(str(values.iloc[pos]))
-            if extra:
-                unknown_rows.append(pos)
-                unknown_tokens.update(extra)
-        if unknown_rows:
-            mask = np.zeros(len(df), dtype=bool)
-            mask[unknown_rows] = True
+
+def _check_labels_in_train(df: pd.DataFrame, split_values: pd.Series, values: pd.Series) -> None:
+    """Classification: every dev/test label occurs in train."""
+    known = set(values[split_values == "train"].astype(str))
+    for split in ("dev", "test"):
+        mask = (split_values == split) & ~values.astype(str).isin(known)
+        if mask.any():
             raise ManifestError(
-                f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
-                f"({_rows(df, mask)})"
+                f"{split} has labels that never occur in train: "
+                f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)}); a model cannot learn a class "
+                f"it never trains on. Fix: add train rows of these labels, or drop their {split} rows"
             )
+
+
+def _check_tokens(df: pd.DataFrame, values: pd.Series, train: pd.Series, vocab, unit: str) -> None:
+    """CTC: every transcript token is in ``vocab``, or without one every dev/test token in train."""
+    if vocab is None and not train.any():
+        return
+    if vocab is None:
+        vocab = TokenVocab.from_transcripts(values[train].astype(str), unit=unit)
+        checked = ~train
+        where = "train"
+    else:
+        checked = np.ones(len(df), dtype=bool)
+        where = "the vocabulary"
+    unknown_rows = []
+    unknown_tokens: set[str] = set()
+    for pos in np.flatnonzero(np.asarray(checked)):
+        extra = vocab.unknown_tokens(str(values.iloc[pos]))
+        if extra:
+            unknown_rows.append(pos)
+            unknown_tokens.update(extra)
+    if unknown_rows:
+        mask = np.zeros(len(df), dtype=bool)
+        mask[unknown_rows] = True
+        raise ManifestError(
+            f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
+            f"({_rows(df, mask)})"
+        )
 
 
 def limit_rows(df: pd.DataFrame, per_split: int, seed: int = 0, label: str | None = None) -> pd.DataFrame:

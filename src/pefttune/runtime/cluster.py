@@ -20,7 +20,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log_to_driver:
     the workers' output (trial prints, checkpoint lines, weight-loading bars) off the
     driver's console; it stays in Ray's log files. It also keeps off the notice on token
     authentication that Ray logs at every ``ray.init`` (Ray's default applies either way)."""
-    import ray
+    import ray  # Ray on use: the analysis reads results without it
 
     if ray.is_initialized():
         return False
@@ -82,7 +82,7 @@ def check_cluster_storage(storage: str, nodes: int, storage_shared: bool = False
 
 def alive_nodes() -> int:
     """Alive nodes of the connected Ray cluster."""
-    import ray
+    import ray  # Ray on use: the analysis reads results without it
 
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
@@ -96,7 +96,7 @@ def _loopback_only():
     by the GCS, raylet and workers it starts, and by this process at import, hence the
     constant is set too). Both are restored once Ray runs; its node address stays 127.0.0.1.
     """
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # Ray on use: the analysis reads results without it
 
     key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     previous_env, previous_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
@@ -172,7 +172,7 @@ def set_threads(cpus: float) -> None:
 
 def grid_tune_config(max_concurrent: int, reuse_actors: bool):
     """``TuneConfig`` of a grid experiment (one trial per grid point), trials named by :func:`trial_name`."""
-    from ray import tune
+    from ray import tune  # Ray on use: the analysis reads results without it
 
     return tune.TuneConfig(
         num_samples=1,

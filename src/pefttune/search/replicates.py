@@ -132,14 +132,15 @@ def run_replicates(
     """Train the replicates of ``config`` (Ray must be connected); returns the ResultGrid, or
     None when there is nothing to replicate. ``resume`` finishes an interrupted replicates run
     from its stored plan (``replicates/plan.json``), refusing one this config would plan otherwise."""
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     path = replicates_path(config)
     setup = make_setup(config, path, faults)
     plan = replicates_plan(config, search)
     if resume and holds_run(path):
         check_plan(path, plan)
-        tuner = restore_grid(path, make_trainable(setup))
+        tuner = restore_grid(path, make_trainable(train_fn, setup))
     else:
         if not plan.trials:
             return None
@@ -147,7 +148,7 @@ def run_replicates(
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
                           study_dir=study_dir(config))
-        tuner = grid_tuner(make_trainable(setup), path, plan,
+        tuner = grid_tuner(make_trainable(train_fn, setup), path, plan,
                            grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
                            run_config(config, path, verbose=verbose,
                                       callbacks=[console.callback()] if verbose == 1 else []))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config, parse_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
@@ -230,11 +230,12 @@ def progress_reporter(plan: SearchPlan):
 def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     search = plan.config.search
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(train_fn, setup),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(plan),
             scheduler=build_scheduler(plan),
@@ -278,10 +279,7 @@ def run_search(
     """
     from ray import tune
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
+    config = resolve_config(config, name)
     plan = build_search_plan(config, extra_points)
     restore = prepare_directory(plan, resume, write=False)
     setup = make_setup(config, plan.path, faults)
@@ -296,11 +294,12 @@ def run_search(
             write_config_copy(config, plan.path)
         with quiet_ray_loggers(verbose):  # Optuna's study is created or loaded here
             if restore:
-                from pefttune.trainables.discrete import make_trainable
+                from pefttune.trainables.discrete import train_fn
+                from pefttune.trainables.trial import make_trainable
 
                 tuner = tune.Tuner.restore(
                     plan.path,
-                    trainable=make_trainable(setup),
+                    trainable=make_trainable(train_fn, setup),
                     resume_unfinished=True,
                     resume_errored=resume_errored,
                 )
