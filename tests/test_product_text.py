@@ -30,9 +30,9 @@ PATTERNS = {
 
 #: (file, the exact text of a line) -> why a match there is not a workflow word.
 ALLOWED = {
-    ("src/pefttune/data/synth.py", '"horse", "fish", "flower", "lamp", "chair", "book", "clock", "bottle", "ticket",'):
+    ("src/pefttune/demo/synth.py", '"horse", "fish", "flower", "lamp", "chair", "book", "clock", "bottle", "ticket",'):
         "a spoken word of the synthesized vocabulary",
-    ("src/pefttune/pretraining/corpus.py", "glove scarf hat ring necklace watch clock calendar ticket passport wallet "
+    ("src/pefttune/demo/pretraining/corpus.py", "glove scarf hat ring necklace watch clock calendar ticket passport wallet "
      "purse"): "a word of the pretraining corpus",
     ("src/pefttune/assets/tiny-hubert-ssl/provenance.json", '"think truck ruby ticket"'):
         "a sentence of the pretraining corpus",
