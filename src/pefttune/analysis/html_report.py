@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from pefttune.analysis.findings import MODULES, Decision, Finding, Interval
+from pefttune.analysis.intervals import percent
 from pefttune.analysis.markdown import compact_placement, fmt, placement_runs
 from pefttune.runtime.provenance import PACKAGES, Provenance
 
@@ -132,13 +133,14 @@ def placement_cell(short: str | None) -> str:
 def interval_text(iv: Interval | None) -> str:
     if iv is None:
         return "-"
-    return f"{iv.estimate:+.4f} {iv.text()} ({iv.level:.0%} {iv.covers})"
+    return f"{iv.name}: {iv.estimate:+.4f} {iv.text()} ({percent(iv.level)} {iv.covers})"
 
 
 def _verdicts(decision: Decision) -> str:
     rows = [{"key": str(k), "claim": f.claim, "verdict": str(f.verdict), "interval": interval_text(f.interval),
              "rule": f.rule} for k, f in decision.findings.items()]
-    cols = [Col("key", "#"), Col("claim", "finding"),
+    cols = [Col("key", "#"),
+            Col("claim", "finding", cell=lambda r: f'<a href="#finding-{r["key"]}">{e(r["claim"])}</a>'),
             Col("verdict", "verdict", cell=lambda r: f'<span class="verdict">{e(r["verdict"])}</span>'),
             Col("interval", "headline interval"),
             Col("rule", "rule", cell=lambda r: f'<span class="rule">{e(r["rule"])}</span>')]
@@ -162,7 +164,7 @@ def _finding(finding: Finding) -> list[str]:
                  "caveat": iv.caveat or "-"} for iv in finding.intervals]
         out.append(table(rows, [Col("name", "interval"), Col("estimate", "estimate", True),
                                 Col("low", "low", True), Col("high", "high", True),
-                                Col("level", "level", True, lambda r: f"{r['level']:.2%}"), Col("covers", "covers"),
+                                Col("level", "level", True, lambda r: percent(r["level"])), Col("covers", "covers"),
                                 Col("supporting", "supporting (examples only)"), Col("caveat", "caveat")]))
     need = finding.seeds_needed
     if need is not None and need.intervals and str(finding.verdict) == "inconclusive":
