@@ -64,7 +64,7 @@ def test_analyze_returns_the_key_numbers(analysis):
 
 def test_analyze_writes_report_tables_and_plots(analysis):
     result, out = analysis
-    report = (out / "report.md").read_text()
+    report = " ".join((out / "report.md").read_text().split())  # prose lines are wrapped
     for n in ("1", "2", "3"):
         assert f"### Finding {n}:" in report
     assert ("the finding's own rule said: inconclusive: one seed: training randomness not bounded: the 95% "
@@ -98,7 +98,7 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
     assert f2["per_seed"][0]["best_member_test"] == pytest.approx(1 / 6) and f2["verdict"] == "inconclusive"
     assert f2["vote_gain"]["diff"] == pytest.approx(1 / 6) and f2["vote_gain"]["ci_low"] <= 0  # edits over lengths
     assert f3["verdict"] == "inconclusive" and all(r["error_overlap"] == 0.0 for r in f3["pairs"])
-    report = (tmp_path / "report.md").read_text()
+    report = " ".join((tmp_path / "report.md").read_text().split())
     # the supporting per-seed test on CTC: a sign test on edit counts (1 of 4 utterances better), not McNemar
     assert f2["per_seed"][0]["mcnemar_b"] == 1 and f2["per_seed"][0]["mcnemar_c"] == 0
     assert "majority vote vs its best member, sign test on per-utterance edit counts" in report
@@ -130,7 +130,7 @@ def test_report_with_nothing_to_compare(ray_session, tmp_path):
     assert result["ensembles"] == [] and result["comparison"] == []
     assert pd.read_parquet(tmp_path / "tables" / "ensembles.parquet").empty
     assert len(pd.read_parquet(tmp_path / "tables" / "alpha.parquet")) == 36
-    report = (tmp_path / "report.md").read_text()
+    report = " ".join((tmp_path / "report.md").read_text().split())
     assert report.count("-- not run") == 3 and "![alpha]" in report
 
 

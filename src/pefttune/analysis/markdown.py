@@ -8,15 +8,28 @@ Example::
     | a | b |
     |---|---|
     | 1 | 0.5000 |
+    >>> compact_placement("L0:lora(r=8) L1:lora(r=8) L2:lora(r=8) L3:none")
+    'L0-2: lora(r=8); L3: none'
+    >>> print(wrap(" ".join(["- a long line"] * 3), width=20))
+    - a long line - a
+      long line - a long
+      line
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["fmt", "fmt_p", "md_table"]
+__all__ = ["WIDTH", "compact_placement", "fmt", "fmt_p", "md_table", "placement_runs", "wrap"]
+
+#: The longest prose line :func:`wrap` writes (tables keep one row a line).
+WIDTH = 100
+_LAYER = re.compile(r"L(\d+):(\S+)")
+# a word that would start a list, quote, heading or table when it begins a line
+_BLOCK_START = re.compile(r"^([-+*>#|=]+|\d+[.)])$")
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -46,3 +59,56 @@ def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str
         cells = [fmt(row.get(c)).replace("|", "\\|") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def placement_runs(short: str | None) -> list[tuple[int, int, str]] | None:
+    """``L0:a L1:a L2:b`` -> ``[(0, 1, "a"), (2, 2, "b")]``: runs of layers holding the same
+    methods; None when ``short`` is not a per-layer placement."""
+    words = (short or "").split()
+    matches = [_LAYER.fullmatch(w) for w in words]
+    if not words or not all(matches):
+        return None
+    runs: list[tuple[int, int, str]] = []
+    for m in matches:
+        layer, methods = int(m.group(1)), m.group(2)
+        if runs and runs[-1][2] == methods and runs[-1][1] == layer - 1:
+            runs[-1] = (runs[-1][0], layer, methods)
+        else:
+            runs.append((layer, layer, methods))
+    return runs
+
+
+def compact_placement(short: str | None) -> str:
+    """A placement's short form with runs of layers that hold the same methods written once
+    (``L0-3: lora(r=8)``); anything else unchanged (``-`` when empty)."""
+    runs = placement_runs(short)
+    if runs is None:
+        return short or "-"
+    return "; ".join(f"L{a}: {m}" if a == b else f"L{a}-{b}: {m}" for a, b, m in runs)
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """Markdown with its prose lines (paragraphs and list items) wrapped at ``width``; headings,
+    table rows, images and code blocks stay one a line.  A line break never puts a word that
+    would start a list, quote or table at the head of a line, so the rendering is unchanged."""
+    out, fenced = [], False
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        if fenced or len(line) <= width or line.lstrip().startswith(("|", "#", "![", "```")):
+            out.append(line)
+            continue
+        indent = "  " if line.startswith("- ") else ""
+        out.extend(_wrap_line(line, width, indent))
+    return "\n".join(out)
+
+
+def _wrap_line(line: str, width: int, indent: str) -> list[str]:
+    lines, current = [], ""
+    for word in line.split(" "):
+        if current and len(current) + 1 + len(word) > width and word and not _BLOCK_START.match(word):
+            lines.append(current)
+            current = indent + word
+        else:
+            current = f"{current} {word}" if current else word
+    return lines + [current]

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis import findings
+from pefttune.analysis import findings, html_report
 from pefttune.analysis.ensemble_runner import (
     EnsembleRun,
     default_ensembles,
@@ -43,7 +43,7 @@ from pefttune.analysis.export import export_experiment
 from pefttune.analysis.findings import Decision, FindingKey, ReportContext, decide
 from pefttune.analysis.findings import references as reference_section
 from pefttune.analysis.intervals import agreement_matrix, pairwise_table
-from pefttune.analysis.markdown import fmt, md_table
+from pefttune.analysis.markdown import compact_placement, fmt, md_table, wrap
 from pefttune.analysis.selection import best_per_method, ranked
 from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
@@ -366,11 +366,13 @@ def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None)
                                            (FindingKey.ERROR_DIVERSITY, pairwise.error)) if error}
     decision = decide(experiment, alpha=alpha_table(experiment), notes=notes, **settings)
     result = _result(experiment, decision, settings, runs, ensemble_rows, pairwise.by_method, out)
-    report_path, summary_path = out / "report.md", out / "summary.json"
-    files["report"], files["summary"] = str(report_path), str(summary_path)
+    report_path, summary_path, html_path = out / "report.md", out / "summary.json", out / "report.html"
+    files["report"], files["summary"], files["report_html"] = str(report_path), str(summary_path), str(html_path)
     result["files"] = files
     atomic_write_text(report_path, render_report(experiment, result, decision, trials, pairwise.pairs,
                                                  pairwise.kappa, out))
+    atomic_write_text(html_path, html_report.render(result, decision, trials, pairwise.pairs,
+                                                    _intervals_line(decision, settings, experiment.metric)))
     atomic_write_text(summary_path, json.dumps(_json_safe(result), indent=2) + "\n")
     return result
 
@@ -412,8 +414,9 @@ def render_report(experiment: ResultsStore, result: dict, decision: Decision, tr
     lines += _plots_lines(result, out)
     lines += provenance_markdown(result["provenance"]) if result.get("provenance") else []
     lines += ["## Files", "", "Tables (parquet + CSV) are in `tables/`: trials, history, alpha, predictions, "
-              "ensembles, pairwise; `ensembles.json` and `summary.json` hold the numbers above.", ""]
-    return "\n".join(lines)
+              "ensembles, pairwise; `ensembles.json` and `summary.json` hold the numbers above; `report.html` is "
+              "this report as one page.", ""]
+    return wrap("\n".join(lines))
 
 
 def _head_lines(experiment: ResultsStore, result: dict) -> list[str]:
@@ -449,7 +452,8 @@ def _configs_lines(result: dict, decision: Decision, settings: dict, metric: str
     rows = []
     for r in result["configs"]:
         ci = r["note"] if r.get("note") else f"[{fmt(r['test_ci_low'])}, {fmt(r['test_ci_high'])}]"
-        rows.append({**r, "test": f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}", "ci": ci, "dev": fmt(r["dev_mean"])})
+        rows.append({**r, "test": f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}", "ci": ci, "dev": fmt(r["dev_mean"]),
+                     "placement_short": compact_placement(r.get("placement_short"))})
     return lines + [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "seeds", "dev", "test",
                                     "ci"],
                              ["configuration", "kind", "placement", "params", "seeds", f"dev {metric} (mean)",
@@ -467,6 +471,7 @@ def _best_trials_lines(experiment: ResultsStore, trials: pd.DataFrame) -> list[s
     top = trials[trials["best_dev_score"].notna() & (trials["kind"] != TrialKind.DARTS)
                  & (trials["outcome"] == "completed")]
     top = top.sort_values(["best_dev_score", "trial_id"], ascending=[experiment.mode == "min", True]).head(10)
+    top = top.assign(placement_short=top["placement_short"].map(compact_placement))
     headers = ["trial", "kind", "method", "placement", "params", f"dev {m}", f"test {m}", "outcome"]
     return lines + [md_table(top.astype(object).where(top.notna(), None).to_dict("records"), cols, headers), ""]
 

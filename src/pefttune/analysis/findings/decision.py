@@ -112,10 +112,12 @@ def decide(experiment: ResultsStore, margin: float = 0.01, confidence: float = 0
 
 
 def render(decision: Decision, context: ReportContext) -> list[str]:
-    """The report's findings: one table of verdicts and rules, then each finding's section."""
-    lines = ["## Findings of Lin et al. 2024 on this experiment", "", "| # | claim | verdict | rule |",
-             "|---|---|---|---|"]
-    lines += [f"| {key} | {f.claim} | **{f.verdict}** | {f.rule} |" for key, f in decision.findings.items()]
+    """The report's findings: a table of verdicts, the rules (a list: they are long), then each
+    finding's section."""
+    lines = ["## Findings of Lin et al. 2024 on this experiment", "", "| # | claim | verdict |", "|---|---|---|"]
+    lines += [f"| {key} | {f.claim} | **{f.verdict}** |" for key, f in decision.findings.items()]
+    lines += ["", "The rules (each finding's section repeats its own):", ""]
+    lines += [f"- {key}: {f.rule}" for key, f in decision.findings.items()]
     lines.append("")
     if not decision.learned:
         lines += ["**Nothing learned**: no configuration beats the trivial reference (most frequent label; CTC: "
