@@ -103,6 +103,11 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
     assert f2["per_seed"][0]["mcnemar_b"] == 1 and f2["per_seed"][0]["mcnemar_c"] == 0
     assert "majority vote vs its best member, sign test on per-utterance edit counts" in report
     assert "Finding 1: DARTS vs uniform placement -- not run" in report
+    assert "Discrete against DARTS search: not run (no completed searched trial" in report
+    costs = pd.read_parquet(tmp_path / "tables" / "costs.parquet")  # three uniform arms, then the ensembles
+    assert set(costs.loc[costs["kind"] != "ensemble", "arm"]) == {"uniform:lora", "uniform:bitfit",
+                                                                  "uniform:sequential"}
+    assert costs.loc[costs["arm"] == "ensemble per-method:rover", "combine_ms_per_example"].iloc[0] > 0
     assert "No DARTS search trials: no alpha plot." in report
     assert result["files"]["plots"]["alpha"] == []
     assert pd.read_parquet(tmp_path / "tables" / "alpha.parquet").empty

@@ -68,10 +68,11 @@ def combine_ms_per_example(experiment: ResultsStore, members: Sequence[TrialReco
     """Milliseconds per test example the ``strategy`` takes to combine the members' stored test
     predictions (median of :data:`REPEATS` timings; loading the files is not timed).  The
     weighted vote is timed with equal weights and Caruana with its ``selected`` members: the time
-    does not depend on the values.  None when a member has no stored test predictions."""
+    does not depend on the values.  None when a member has no stored test predictions, or the
+    members were evaluated on different examples."""
     try:
         data = load_members(experiment, list(members), "test")
-    except MissingPredictionsError:
+    except (MissingPredictionsError, ValueError):  # ValueError: members evaluated on different examples
         return None
     ids = [t.trial_id for t in members]
     weights = np.ones(len(ids)) if strategy == "weighted" else None
@@ -158,9 +159,17 @@ def _searched(experiment: ResultsStore) -> list[TrialRecord]:
             if cost_arm(t.kind, t.method, t.seed, first) == DISCRETE_SEARCH]
 
 
-def head_to_head(experiment: ResultsStore, decision: Decision) -> list[HeadToHead]:
+def head_to_head(experiment: ResultsStore, decision: Decision) -> list[HeadToHead] | str:
     """The replicated and the equal-budget rows (module docstring); empty without a completed
-    searched trial or a DARTS-derived configuration."""
+    searched trial or a DARTS-derived configuration; why not, when the trials cannot be compared
+    (e.g. evaluated on different test examples)."""
+    try:
+        return _head_to_head(experiment, decision)
+    except (MissingPredictionsError, ValueError) as err:
+        return str(err)
+
+
+def _head_to_head(experiment: ResultsStore, decision: Decision) -> list[HeadToHead]:
     configs = decision.configs
     darts = best_config(experiment, dict(configs), TrialKind.DARTS_DERIVED)
     searched = _searched(experiment)
@@ -225,7 +234,9 @@ def _cost_rows(costs: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _h2h_lines(rows: Sequence[HeadToHead], metric: str) -> list[str]:
+def _h2h_lines(rows: Sequence[HeadToHead] | str, metric: str) -> list[str]:
+    if isinstance(rows, str):
+        return [f"Discrete against DARTS search: not run ({rows}).", ""]
     if not rows:
         return ["Discrete against DARTS search: not run (no completed searched trial, or no DARTS-derived "
                 "configuration).", ""]

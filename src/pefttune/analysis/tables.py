@@ -597,7 +597,8 @@ def costs_table(experiment: ResultsStore | str, ensembles: Iterable[Any] = (),
     trials = trials_table(experiment)
     config = experiment.config
     first = search_seed(config)
-    arms = [cost_arm(k, m, s if not pd.isna(s) else None, first)
+    arms = [cost_arm(str(k) if not pd.isna(k) else "unknown", m if not pd.isna(m) else None,
+                     s if not pd.isna(s) else None, first)
             for k, m, s in zip(trials["kind"], trials["method"], trials["seed"])]
     trials = trials.assign(_arm=arms)
     rows = []
