@@ -234,7 +234,7 @@ def _cost_rows(costs: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def _h2h_lines(rows: Sequence[HeadToHead] | str, metric: str) -> list[str]:
+def _h2h_lines(rows: Sequence[HeadToHead] | str, metric: str, confidence: float) -> list[str]:
     if isinstance(rows, str):
         return [f"Discrete against DARTS search: not run ({rows}).", ""]
     if not rows:
@@ -242,8 +242,9 @@ def _h2h_lines(rows: Sequence[HeadToHead] | str, metric: str) -> list[str]:
                 "configuration).", ""]
     lines = ["### Discrete against DARTS search (a reported comparison, not a finding: no rule, no verdict)", "",
              f"Test {metric}, discrete minus DARTS (positive: the discrete search's placement is better), on the "
-             "findings' interval; search cost in trial-seconds: every searched trial of the discrete search, every "
-             "DARTS search (supernet) trial; the retrains and replicates are in the table above.", ""]
+             f"findings' {confidence:.0%} interval; search cost in trial-seconds: every searched trial of the "
+             "discrete search, every DARTS search (supernet) trial; the retrains and replicates are in the table "
+             "above.", ""]
     table = []
     for r in rows:
         c = r.comparison
@@ -278,4 +279,4 @@ def render(experiment: ResultsStore, decision: Decision, costs: pd.DataFrame | s
                                            "slot", "infer"],
                        ["arm", "trials", "completed", "epochs", "trial-seconds", "of which searching", "params",
                         "slot", "inference per test example"]), ""]
-    return lines + _h2h_lines(head_to_head(experiment, decision), experiment.metric)
+    return lines + _h2h_lines(head_to_head(experiment, decision), experiment.metric, decision.confidence)
