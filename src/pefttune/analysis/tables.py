@@ -2,7 +2,7 @@
 
 :func:`pefttune.analysis.export.export_experiment` writes them all (``pefttune export EXPERIMENT --out DIR``).
 
-One concept, one module (about 480 lines, a fifth of them the column reference below): every
+One concept, one module (about 660 lines, a fifth of them the column reference below): every
 table's builder sits next to the documentation of its columns, so the two cannot drift apart.
 
 Every table is written as ``<name>.parquet`` and ``<name>.csv``, each atomically (a
