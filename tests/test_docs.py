@@ -54,7 +54,8 @@ def test_configuration_page_lists_every_field_with_its_default():
 
 
 @pytest.mark.parametrize("columns", [tables.TRIAL_COLUMNS, tables.TRIAL_TAIL, tables.HISTORY_COLUMNS,
-                                     tables.ALPHA_COLUMNS, tables.PREDICTION_COLUMNS, tables.ENSEMBLE_COLUMNS])
+                                     tables.ALPHA_COLUMNS, tables.PREDICTION_COLUMNS, tables.ENSEMBLE_COLUMNS,
+                                     tables.COST_COLUMNS])
 def test_tables_page_names_every_column(columns):
     page = (DOCS / "tables.md").read_text()
     missing = [c for c in columns if c not in page]

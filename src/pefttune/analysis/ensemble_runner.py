@@ -48,6 +48,7 @@ __all__ = [
     "EnsembleResult",
     "EnsembleRun",
     "MemberPredictions",
+    "combine",
     "load_members",
     "majority_strategy",
     "run_ensembles",
@@ -318,6 +319,12 @@ def _apply(strategy: str, experiment: ResultsStore, data: MemberPredictions, wei
             out.extend(fn(data.log_probs_chunk(rows), data.frames[rows], blank=0))
         return out
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def combine(strategy: str, experiment: ResultsStore, data: MemberPredictions, weights=None, selection=None):
+    """The predictions of ``strategy`` over the members' loaded predictions ``data`` (``weights``:
+    the weighted vote's; ``selection``: Caruana's member indices, with repeats)."""
+    return _apply(strategy, experiment, data, weights, selection)
 
 
 def _check_strategies(task: str, strategies: Iterable[str] | None) -> list[str]:

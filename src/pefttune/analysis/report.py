@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis import findings, html_report
+from pefttune.analysis import costs as cost_section, findings, html_report
 from pefttune.analysis.ensemble_runner import (
     EnsembleRun,
     default_ensembles,
@@ -406,6 +406,8 @@ def render_report(experiment: ResultsStore, result: dict, decision: Decision, tr
     lines += [_intervals_line(decision, settings, metric), ""]
     lines += findings.render(decision, ReportContext(metric, experiment.mode, experiment.task))
     lines += _configs_lines(result, decision, settings, metric)
+    tables = (result.get("files") or {}).get("tables", {})
+    lines += cost_section.render(experiment, decision, tables.get("costs.parquet"))
     lines += _seed_rounds_lines(experiment)
     lines += reference_section.render(decision.references, decision.hybrid, metric)
     lines += _best_trials_lines(experiment, trials)
@@ -414,7 +416,7 @@ def render_report(experiment: ResultsStore, result: dict, decision: Decision, tr
     lines += _plots_lines(result, out)
     lines += provenance_markdown(result["provenance"]) if result.get("provenance") else []
     lines += ["## Files", "", "Tables (parquet + CSV) are in `tables/`: trials, history, alpha, predictions, "
-              "ensembles, pairwise; `ensembles.json` and `summary.json` hold the numbers above; `report.html` is "
+              "ensembles, costs, pairwise; `ensembles.json` and `summary.json` hold the numbers above; `report.html` is "
               "this report as one page.", ""]
     return wrap("\n".join(lines))
 
