@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pefttune.analysis.findings import across_tasks, ensembles
 from pefttune.analysis.store import analysis_dir, local_output_dir
-from pefttune.config import StudyConfig, load_config, suite_path, task_configs
+from pefttune.config import StudyConfig, resolve_config, suite_path, task_configs
 from pefttune.schema import TrialKind
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
@@ -50,10 +50,7 @@ def run_suite(config: StudyConfig | str | Path | None = None, address: str | Non
     from pefttune.runtime.study_dir import refuse_existing, study_dir
     from pefttune.runtime.heartbeat import Heartbeat
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     configs = task_configs(config, tasks or config.tasks or list(DEFAULT_TASKS))
     root = suite_path(config)
     if not resume:  # refuse before any compute: every task folder named
