@@ -178,3 +178,9 @@ def test_resumed_study_keeps_one_tracking_run_per_trial(killed_and_reference):
     assert not runs["tags.pefttune_run"].duplicated().any()
     assert len(runs) == len(trials) + 1  # and the study's run
     assert set(runs["status"]) == {"FINISHED"}
+    # every run's id is kept, those made after a restore included (Ray writes back the top-level
+    # .json files of an experiment folder that it copied when it restored)
+    ids = json.loads((study / "tracking" / "mlflow-runs.json").read_text())["mlflow"]["runs"]
+    trial_runs = runs[~runs["tags.pefttune_run"].str.startswith("study:")]
+    assert ids == {"study": runs.loc[runs["tags.pefttune_run"].str.startswith("study:"), "run_id"].iloc[0],
+                   **dict(zip(trial_runs["tags.pefttune_run"], trial_runs["run_id"]))}

@@ -248,6 +248,8 @@ def test_a_study_is_one_run_per_trial_under_the_study_run(tracked):
     assert not runs["tags.pefttune_run"].duplicated().any()
     trial_runs = runs[~runs.index.isin(study.index)]
     assert (trial_runs["tags.mlflow.parentRunId"] == study["run_id"].iloc[0]).all()
+    ids = json.loads((tracked["study"] / "tracking" / "mlflow-runs.json").read_text())["mlflow"]["runs"]
+    assert ids == {"study": study["run_id"].iloc[0], **dict(zip(trial_runs["tags.pefttune_run"], trial_runs["run_id"]))}
     assert (trial_runs["status"] == "FINISHED").all()
     logged = sorted(zip(trial_runs["tags.kind"], trial_runs["tags.config_id"], trial_runs["tags.seed"].astype(int)))
     assert logged == sorted(zip(trials["kind"], trials["config_id"], trials["seed"].astype(int)))
@@ -275,21 +277,26 @@ def test_the_study_run_holds_the_report_tables_plots_and_provenance(tracked):
     assert study["tags.provenance.config_hash"] == summary["provenance"]["config_hash"]
 
 
-def test_a_search_goes_on_when_the_tracking_server_is_down(tracked, tmp_path, capsys, monkeypatch):
-    """The trials' callbacks meet the unreachable server (the study's own run: the unit test above)."""
-    from pefttune.analysis.store import open_results
+def test_trials_go_on_when_the_tracking_server_is_down(ray_session, tmp_path, capsys, monkeypatch):
+    """A Ray experiment with the study's run config and an unreachable server: every trial
+    finishes, one warning (the study's own run: the unit test above)."""
+    from ray import tune
+
     from pefttune.runtime import tracking
+    from pefttune.runtime.study_dir import study_dir
+    from pefttune.runtime.tune_run import run_config
 
     tracking._OFF.pop(f"MLflow at {DOWN}", None)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    config = _study_config(tracked["manifest"], tmp_path / "results", "down", {"mlflow": DOWN})
-    config["train"]["epochs"], config["search"]["num_samples"] = 1, 0  # the two uniform trials
-    path = tmp_path / "down.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert cli_main(["search", str(path), "--quiet"]) == 0
+    (tmp_path / "failed-once").touch()  # no trial fails
+    config = parse_config({"name": "down", "storage": str(tmp_path), "tracking": {"mlflow": DOWN}})
+    results = tune.Tuner(tune.with_resources(_make_trainable(str(tmp_path / "failed-once")), {"cpu": 1}),
+                         param_space={"seed": tune.grid_search([0, 1])},
+                         tune_config=tune.TuneConfig(max_concurrent_trials=2),
+                         run_config=run_config(config, f"{study_dir(config)}/grid", verbose=0)).fit()
+    assert not any(r.error for r in results) and [r.metrics["epoch"] for r in results] == [2, 2]
     err = capsys.readouterr().err
     assert err.count(f"tracking: MLflow at {DOWN} failed") == 1, err
-    assert sorted(t.outcome for t in open_results(tmp_path / "results" / "down").trials) == ["completed"] * 2
 
 
 # -- provenance ---------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ Imported only when ``tracking.mlflow`` is on (it imports MLflow); built by
 trial's run holds). Compared with Ray's callback:
 
 - a trial's run is found again after ``Tuner.restore`` (``--resume``) through
-  ``<study>/tracking.json`` or its ``pefttune_run`` tag, and marked RUNNING again, instead of a
-  new run per restore;
+  ``<study>/tracking/mlflow-runs.json`` or its ``pefttune_run`` tag, and marked RUNNING again,
+  instead of a new run per restore;
 - it is nested under the study's run and tagged ``kind``, ``config_id``, ``seed`` (from the trial
   config, else from the first result that reports them);
 - metrics go in one ``log_batch`` per result with step ``epoch``; names MLflow refuses

@@ -11,8 +11,8 @@ With ``tracking: {mlflow: ...}`` in the config (off by default):
   provenance as tags, ``experiment.yaml``, and after the analysis ``report.md`` (and
   ``report.html``), the tables and the plots as artifacts.
 
-Identity: the run ids are kept in ``<study>/tracking.json`` (written as soon as a run is
-made), so ``--resume`` logs into the same runs, never new ones; a trial's run also carries the
+Identity: the run ids are kept in ``<study>/tracking/mlflow-runs.json`` (written as soon as a
+run is made), so ``--resume`` logs into the same runs, never new ones; a trial's run also carries the
 tag ``pefttune_run`` (``<Ray experiment>/<trial id>``), found again even if the file missed it.
 
 A tracker that cannot be reached does not fail the study: the first error is printed once
@@ -44,7 +44,10 @@ from typing import Any, Iterable
 from pefttune.config import StudyConfig
 from pefttune.runtime.storage import atomic_write_text, read_storage_text, write_storage_text
 
-RUNS_FILE = "tracking.json"
+#: The run ids, in a folder of the study: Ray's ``Tuner.restore`` copies the ``.json`` files at the
+#: top of an experiment folder (the study folder is the search's) and writes them back while it runs,
+#: which would undo every id written meanwhile.
+RUNS_FILE = "tracking/mlflow-runs.json"
 ARTIFACTS_DIR = "mlflow-artifacts"
 MLFLOW_INSTALL = "pip install 'pefttune[tracking]' (or: pip install mlflow-skinny)"
 #: The tag that names what a run is: ``study:<study folder>`` or ``<Ray experiment>/<trial id>``.
@@ -147,8 +150,8 @@ def experiment_id(client, target: MlflowTarget) -> str:
 
 
 class RunIds:
-    """``<study>/tracking.json``: the MLflow run ids of the study (``study``) and of its trials
-    (``<Ray experiment>/<trial id>``), for one tracking URI."""
+    """``<study>/tracking/mlflow-runs.json``: the MLflow run ids of the study (``study``) and of its
+    trials (``<Ray experiment>/<trial id>``), for one tracking URI."""
 
     def __init__(self, target: MlflowTarget):
         self.target = target
