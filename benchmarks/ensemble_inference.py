@@ -264,6 +264,37 @@ def report(results: dict[str, VariantResult], clips: int, members: int) -> str:
     return "\n".join(lines)
 
 
+def front_end_share(backbone: str, repeats: int = 3) -> tuple[float, float]:
+    """(CPU seconds of the front end, of the layers) per batch of 8 x 1 s, 1 thread, in this
+    process: the front end runs once in a shared ensemble, the layers once per member, so a
+    K-member uniform ensemble costs at least (front + K layers) / (K (front + layers)) of
+    K separate models."""
+    from pefttune.backbones import load_backbone
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encoder = load_backbone(backbone)
+        values = torch.randn(8, 16000, generator=torch.Generator().manual_seed(0))
+        front = layers = 0.0
+        with torch.no_grad():
+            encoder(values)  # warm
+            for _ in range(repeats):
+                start = time.process_time()
+                hidden, mask = encoder.embed(values)
+                middle = time.process_time()
+                encoder.run_layers(hidden, mask)
+                front, layers = front + middle - start, layers + time.process_time() - middle
+        return front / repeats, layers / repeats
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bound(front: float, layers: float, members: int) -> float:
+    """The least time ratio shared / separate of a uniform ensemble (the encoder's compute only)."""
+    return (front + members * layers) / (members * (front + layers))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=CONFIGS, default="ssl")
@@ -278,9 +309,14 @@ def main(argv=None) -> None:
         directory = write_ensemble(scratch / "ensemble", backbone_reference(args.config, scratch), methods)
         clips = make_clips(args.clips)
         results = measure(directory, clips, args.rounds, args.threads)
+        front, layers = front_end_share(json.loads((directory / "backbone.json").read_text())["reference"])
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
     print(f"# {args.config}: {len(methods)}-member uniform ensemble ({', '.join(methods)}), {args.clips} clips "
-          f"of 0.8-1.2 s, batch 8, {args.rounds} rounds, {args.threads} threads; ratios of time, median [min-max]")
+          f"of 0.8-1.2 s, batch 8, {args.rounds} rounds, {threads}; ratios of time, median [min-max]")
     print(report(results, args.clips, len(methods)))
+    print(f"front end {1000 * front:.0f} ms, layers {1000 * layers:.0f} ms of CPU time per batch of 8 x 1 s "
+          f"(1 thread): {front / (front + layers):.0%} of the encoder; a uniform {len(methods)}-member ensemble "
+          f"needs at least {bound(front, layers, len(methods)):.2f}x the time of separate models")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,10 @@ def test_ensemble_inference_variants_agree_and_only_separate_models_hold_several
     assert results["shared"].weights_mb < 1.2 * backbone and results["one"].weights_mb < 1.2 * backbone
     text = ensemble_inference.report(results, len(clips), 3)
     assert "| shared |" in text and "labels identical" in text
+    front, layers = ensemble_inference.front_end_share("tiny-hubert", repeats=1)
+    assert front > 0 and layers > 0
+    assert ensemble_inference.bound(front, layers, 4) == pytest.approx((front + 4 * layers) / (4 * (front + layers)))
+    assert ensemble_inference.bound(1.0, 0.0, 4) == 0.25 and ensemble_inference.bound(0.0, 1.0, 4) == 1.0
 
 
 def test_encoder_cost_prints_each_round_and_the_median(capsys):
