@@ -34,6 +34,8 @@ that differ (a subclass) and a Ray function that runs it::
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -72,7 +74,7 @@ class Parts:
     cache: Any = None  # the frozen-prefix cache (FrozenStateCache) or None
 
 
-class Trial:
+class Trial(ABC):
     """One trial of a trainable: its config, the shared setup and the steps :meth:`run` takes
     (see the module docstring).  A subclass sets the steps that differ; :meth:`plan` and
     :meth:`build` it must write."""
@@ -92,17 +94,17 @@ class Trial:
         self.device = None  # the trial's device, set before build()
 
     # -- the steps a trainable writes -----------------------------------------------------------
+    @abstractmethod
     def plan(self) -> None:
         """Set ``seed``, ``train`` and ``columns`` from the trial config; no compute."""
-        raise NotImplementedError
 
     def reject(self) -> TrialReport | None:
         """A report instead of training (e.g. over the budget), else None."""
         return None
 
+    @abstractmethod
     def build(self, device) -> Parts:
         """Data, model, cache, optimizer and scheduler on ``device`` (after ``torch.manual_seed``)."""
-        raise NotImplementedError
 
     def restore_extra(self, path: Path) -> None:
         """Read the trainable's own files of the checkpoint being restored."""
