@@ -312,12 +312,15 @@ def test_optunas_study_line_only_with_v(verbose):
     records = _Records()
     logger = logging.getLogger("optuna")
     logger.addHandler(records)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default; an earlier test may have changed it
     try:
         with quiet_ray_loggers(verbose):
             optuna.create_study(study_name=f"quiet-{verbose}")
             optuna.logging.get_logger("optuna.study").warning("a warning still shows")
     finally:
         logger.removeHandler(records)
+        optuna.logging.set_verbosity(before)
     created = [line for line in records.lines if "A new study created" in line]
     assert len(created) == (verbose == 2) and "a warning still shows" in records.lines
 
