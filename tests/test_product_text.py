@@ -44,7 +44,8 @@ def _files():
         path = ROOT / name
         candidates = [path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []
         for file in candidates:
-            if not file.is_file() or file.suffix in BINARY or "__pycache__" in file.parts:
+            if (not file.is_file() or file.suffix in BINARY or "__pycache__" in file.parts
+                    or any(part.endswith(".egg-info") for part in file.parts)):  # pip's build output
                 continue
             if file.resolve() == Path(__file__).resolve():  # this file names the patterns
                 continue
