@@ -203,7 +203,11 @@ def test_costs_table_gives_every_arm_and_the_head_to_head(analysis):
     assert "## Cost of each arm" in report and "| darts search + retrain | 2 | 2 |" in report
     assert "### Discrete against DARTS search (a reported comparison, not a finding: no rule, no verdict)" in report
     # the best searched placement (discrete, test 0.6) against the DARTS-derived one (0.7): one seed each
-    assert re.search(r"\| replicated: best searched placement, all its seeds \| `discrete:[0-9a-f]+` seeds \[0\] \| "
-                     r"`darts-derived[^`]*` seeds \[0\] \| 0\.6000 vs 0\.7000 \| -0\.1000 \[-0\.\d{4}, \+0\.\d{4}\] "
-                     r"\(utterances only \(one seed\)\)", report)
-    assert "| equal budget: best searched trial within the seed-0 DARTS search's trial-seconds" in report
+    assert re.search(r"\| replicated \| `discrete:[0-9a-f]+` \| `darts-derived[^`]*` \| 0\.6000 vs 0\.7000 \| "
+                     r"-0\.1000 \[-0\.\d{4}, \+0\.\d{4}\] \|", report)
+    flat = " ".join(report.split())
+    assert re.search(r"- replicated: best searched placement, all its seeds; discrete `discrete:[0-9a-f]+` seeds \[0\] "
+                     r"\(\d+ searched trial\(s\)\), DARTS `darts-derived[^`]*` seeds \[0\]; interval over utterances "
+                     r"only \(one seed\)", flat)
+    assert "| equal budget |" in report
+    assert "- equal budget: best searched trial within the seed-0 DARTS search's trial-seconds" in flat

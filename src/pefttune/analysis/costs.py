@@ -245,19 +245,24 @@ def _h2h_lines(rows: Sequence[HeadToHead] | str, metric: str, confidence: float)
              f"findings' {confidence:.0%} interval; search cost in trial-seconds: every searched trial of the "
              "discrete search, every DARTS search (supernet) trial; the retrains and replicates are in the table "
              "above.", ""]
-    table = []
+    table, notes = [], []
     for r in rows:
         c = r.comparison
-        ci = "-" if c is None else f"{c.diff:+.4f} {c.ci_text()} ({c.interval}){supporting_text(c)}"
-        table.append({"label": r.label, "discrete": f"`{r.discrete}` seeds {list(r.discrete_seeds)}",
-                      "darts": f"`{r.darts}` seeds {list(r.darts_seeds)}", "ci": ci,
+        name = r.label.split(":")[0]
+        table.append({"label": name, "discrete": f"`{r.discrete.split()[0]}`", "darts": f"`{r.darts.split()[0]}`",
+                      "ci": "-" if c is None else f"{c.diff:+.4f} {c.ci_text()}",
                       "means": "-" if c is None else f"{c.mean_a:.4f} vs {c.mean_b:.4f}",
-                      "cost": f"{r.discrete_seconds:.0f} s ({r.discrete_trials} searched trial(s)) vs "
-                              f"{r.darts_seconds:.0f} s",
-                      "note": r.note or "-"})
-    lines += [md_table(table, ["label", "discrete", "darts", "means", "ci", "cost", "note"],
+                      "cost": f"{r.discrete_seconds:.0f} s vs {r.darts_seconds:.0f} s"})
+        detail = [r.label, f"discrete `{r.discrete}` seeds {list(r.discrete_seeds)} "
+                           f"({r.discrete_trials} searched trial(s)), DARTS `{r.darts}` seeds {list(r.darts_seeds)}"]
+        if c is not None:
+            detail.append(f"interval over {c.interval}{supporting_text(c)}")
+        if r.note:
+            detail.append(r.note)
+        notes.append(f"- {'; '.join(detail)}.")
+    lines += [md_table(table, ["label", "discrete", "darts", "means", "ci", "cost"],
                        ["comparison", "discrete", "DARTS-derived", f"test {metric}", "discrete - DARTS, interval",
-                        "search cost (discrete vs DARTS)", "note"]), ""]
+                        "search cost (discrete vs DARTS)"]), "", *notes, ""]
     return lines
 
 
