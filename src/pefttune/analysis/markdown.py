@@ -64,7 +64,7 @@ def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str
 def placement_runs(short: str | None) -> list[tuple[int, int, str]] | None:
     """``L0:a L1:a L2:b`` -> ``[(0, 1, "a"), (2, 2, "b")]``: runs of layers holding the same
     methods; None when ``short`` is not a per-layer placement."""
-    words = (short or "").split()
+    words = short.split() if isinstance(short, str) else []  # a missing value (None, NA, NaN): none
     matches = [_LAYER.fullmatch(w) for w in words]
     if not words or not all(matches):
         return None
@@ -83,7 +83,7 @@ def compact_placement(short: str | None) -> str:
     (``L0-3: lora(r=8)``); anything else unchanged (``-`` when empty)."""
     runs = placement_runs(short)
     if runs is None:
-        return short or "-"
+        return short if isinstance(short, str) and short else "-"
     return "; ".join(f"L{a}: {m}" if a == b else f"L{a}-{b}: {m}" for a, b, m in runs)
 
 
