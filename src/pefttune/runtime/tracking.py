@@ -4,9 +4,10 @@ With ``tracking: {mlflow: ...}`` in the config (off by default):
 
 - every Ray experiment of the study (the discrete search, the replicates, the DARTS search and
   retrains, further seeds' rounds) logs through
-  :class:`~pefttune.runtime.mlflow_trials.MlflowTrials`, Ray's ``MLflowLoggerCallback``: one MLflow run per trial with its config as parameters, its metrics
-  per epoch (step: ``epoch``) and the tags ``kind``, ``config_id``, ``seed`` (``method``,
-  ``variant`` where the trial has them), nested under the study's run;
+  :class:`~pefttune.runtime.mlflow_trials.MlflowTrials`, Ray's ``MLflowLoggerCallback``: one
+  MLflow run per trial with its config as parameters, its metrics per epoch (step: ``epoch``)
+  and the tags ``kind``, ``config_id``, ``seed`` (``method``, ``variant`` where the trial has
+  them), nested under the study's run;
 - the study's run (:func:`start_study`, :func:`log_study`, :func:`end_study`) holds the
   provenance as tags, ``experiment.yaml``, and after the analysis ``report.md`` (and
   ``report.html``), the tables and the plots as artifacts.
