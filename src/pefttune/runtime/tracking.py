@@ -167,8 +167,10 @@ class RunIds:
     def get(self, key: str) -> str | None:
         return self._read().get(key)
 
-    def put(self, key: str, run_id: str) -> None:
-        runs = {**self._read(), key: run_id}
+    def put(self, key: str, run_id: str, replaces: str | None = None) -> None:
+        """Keep ``key``'s run id (``replaces``: a key that no longer names it)."""
+        runs = {k: v for k, v in self._read().items() if k != replaces}
+        runs[key] = run_id
         text = json.dumps({"mlflow": {"uri": self.target.uri, "runs": runs}}, indent=1, sort_keys=True) + "\n"
         if "://" in self.path:
             write_storage_text(self.path, text)
