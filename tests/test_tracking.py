@@ -155,6 +155,55 @@ def test_a_restored_experiment_logs_into_the_same_trial_runs(ray_session, tmp_pa
         assert run.data.params["seed"] == str(seed)
 
 
+class _Trial:
+    """What the callback reads of a Ray trial."""
+
+    def __init__(self, trial_id: str, point: int):
+        self.trial_id, self.config = trial_id, {"point": point, "seed": 0, "kind": "uniform"}
+
+    def __str__(self) -> str:
+        return f"train_fn_{self.trial_id}"
+
+
+def test_a_trial_made_again_under_a_new_ray_id_keeps_its_run(tmp_path):
+    """Ray restores a grid from a snapshot older than its trials by making them again, with new
+    ids: each keeps the run of its trial config; a run whose trial is gone ends KILLED."""
+    import pickle
+
+    from pefttune.runtime.mlflow_trials import MlflowTrials
+    from pefttune.runtime.tracking import RunIds, mlflow_target
+
+    config = parse_config({"name": "again", "storage": str(tmp_path), "tracking": {"mlflow": True}})
+    target = mlflow_target(config, str(tmp_path / "again"))
+    first = MlflowTrials(target, "replicates")
+    first.setup()
+    old = [_Trial(f"aaaaa_0000{i}", i) for i in range(3)]
+    for trial in old:
+        first.on_trial_start(0, old, trial)
+        first.log_trial_result(1, trial, {"epoch": 1, "dev_accuracy": 0.5})
+    # killed; the restored experiment holds points 0 and 1 under new ids (point 2 is gone)
+    second = pickle.loads(pickle.dumps(first))
+    second.setup()
+    new = [_Trial(f"bbbbb_0000{i}", i) for i in range(2)]
+    for trial in new:
+        second.on_trial_start(0, new, trial)
+        second.log_trial_result(1, trial, {"epoch": 1, "dev_accuracy": 0.75})
+        second.log_trial_end(trial)
+    second.on_experiment_end(new)
+
+    client = _client(target.uri)
+    runs = {r.data.tags["pefttune_run"]: r for r in client.search_runs([second.experiment_id])}
+    assert sorted(runs) == ["replicates/aaaaa_00002", "replicates/bbbbb_00000", "replicates/bbbbb_00001"]
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "replicates/aaaaa_00002": "KILLED", "replicates/bbbbb_00000": "FINISHED", "replicates/bbbbb_00001": "FINISHED"}
+    for key in ("replicates/bbbbb_00000", "replicates/bbbbb_00001"):
+        history = client.get_metric_history(runs[key].info.run_id, "dev_accuracy")
+        assert sorted(m.value for m in history) == [0.5, 0.75]  # both attempts, one run
+    ids = RunIds(target)
+    assert ids.get("replicates/bbbbb_00000") == runs["replicates/bbbbb_00000"].info.run_id
+    assert ids.get("replicates/aaaaa_00000") is None  # the id moved with the run
+
+
 def test_wandb_offline_writes_one_run_per_trial_resumed_by_its_trial_id(ray_session, tmp_path):
     pytest.importorskip("wandb")
     from ray import tune

@@ -6,7 +6,10 @@ trial's run holds). Compared with Ray's callback:
 
 - a trial's run is found again after ``Tuner.restore`` (``--resume``) through
   ``<study>/tracking/mlflow-runs.json`` or its ``pefttune_run`` tag, and marked RUNNING again,
-  instead of a new run per restore;
+  instead of a new run per restore; when Ray gives a trial a new id (a grid restored from a
+  snapshot older than its trials makes them again), the run of the same trial config whose Ray
+  trial is gone (tag ``pefttune_config``) follows it; at the end of the experiment, runs of trials
+  that are no longer in it are marked KILLED;
 - it is nested under the study's run and tagged ``kind``, ``config_id``, ``seed`` (from the trial
   config, else from the first result that reports them);
 - metrics go in one ``log_batch`` per result with step ``epoch``; names MLflow refuses
@@ -22,6 +25,8 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 import re
 import time
@@ -46,6 +51,8 @@ TRIAL_TAGS = ("kind", "config_id", "seed", "method", "variant")
 MAX_PARAM = 6000
 #: Ray's bookkeeping keys: not metrics.
 SKIPPED_KEYS = ("config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", "done")
+#: The tag that names a trial's configuration in its Ray experiment (the same under a new Ray id).
+CONFIG_TAG = "pefttune_config"
 BATCH = 100  # parameters per log_batch (MLflow's limit)
 METRIC_BATCH = 900  # metrics per log_batch (MLflow's limit: 1000)
 
@@ -65,6 +72,12 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_key(experiment: str, config: dict) -> str:
+    """``<Ray experiment>/<SHA-256 of the trial config, 16 hex digits>``."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return f"{experiment}/{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def trial_tags(values: dict) -> dict[str, str]:
     """The :data:`TRIAL_TAGS` of a trial config or result that are plain values."""
     return {k: str(values[k]) for k in TRIAL_TAGS
@@ -80,6 +93,7 @@ class MlflowTrials(MLflowLoggerCallback):
         self.experiment = experiment
         self._trial_runs: dict = {}
         self._tagged: dict = {}
+        self._live: set[str] = set()  # the Ray trial ids of the experiment
 
     def __reduce__(self):  # Ray pickles the run config (tuner.pkl): rebuilt from its target, no live client
         return (MlflowTrials, (self.target, self.experiment))
@@ -98,6 +112,10 @@ class MlflowTrials(MLflowLoggerCallback):
         self._trial_runs, self._tagged, self.tags = {}, {}, {}
         self._guard(self._setup)
 
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._live = {t.trial_id for t in trials}
+        self.log_trial_start(trial)
+
     def log_trial_start(self, trial) -> None:
         self._guard(self._start, trial)
 
@@ -106,6 +124,9 @@ class MlflowTrials(MLflowLoggerCallback):
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         self._guard(self._end, trial, failed)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._guard(self._close_gone, trials)
 
     # -- what they do ------------------------------------------------------------------------------
 
@@ -120,13 +141,19 @@ class MlflowTrials(MLflowLoggerCallback):
             self.client.update_run(self._trial_runs[trial], status="RUNNING")
             return
         key = f"{self.experiment}/{trial.trial_id}"
-        run = existing_run(self.client, self.ids.get(key)) or tagged_run(self.client, self.experiment_id, key)
+        run = (existing_run(self.client, self.ids.get(key)) or tagged_run(self.client, self.experiment_id, key)
+               or self._gone_run_of(trial))
         if run is not None:  # a resumed trial
             self._trial_runs[trial] = run.info.run_id
-            self.ids.put(key, run.info.run_id)
+            old = run.data.tags.get(RUN_TAG)
+            self.ids.put(key, run.info.run_id, replaces=old if old != key else None)
             self.client.update_run(run.info.run_id, status="RUNNING")
+            if old != key:  # the same trial under a new Ray id: the run follows it
+                self.client.set_tag(run.info.run_id, RUN_TAG, key)
+                self.client.set_tag(run.info.run_id, "trial_name", str(trial))
             return
-        tags = {RUN_TAG: key, "trial_name": str(trial), "ray_experiment": self.experiment, **trial_tags(trial.config)}
+        tags = {RUN_TAG: key, CONFIG_TAG: config_key(self.experiment, trial.config), "trial_name": str(trial),
+                "ray_experiment": self.experiment, "study_path": self.target.study_path, **trial_tags(trial.config)}
         parent = self.ids.get("study")
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -135,6 +162,28 @@ class MlflowTrials(MLflowLoggerCallback):
         self._trial_runs[trial] = run.info.run_id
         self._tagged[trial] = set(tags)
         self._params(run.info.run_id, trial.config)
+
+    def _gone_run_of(self, trial):
+        """The run of ``trial``'s config in this Ray experiment whose Ray trial is gone (not one of the
+        experiment's trials, nor followed by another trial here), or None."""
+        claimed = set(self._trial_runs.values())
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.{CONFIG_TAG} = '{config_key(self.experiment, trial.config)}'"))
+        for run in found:
+            trial_id = run.data.tags.get(RUN_TAG, "").rsplit("/", 1)[-1]
+            if (run.data.tags.get("study_path") == self.target.study_path and run.info.run_id not in claimed
+                    and trial_id not in self._live | {trial.trial_id}):
+                return run
+        return None
+
+    def _close_gone(self, trials: list) -> None:
+        """Mark KILLED the runs of this Ray experiment left RUNNING by trials it no longer holds."""
+        live = {f"{self.experiment}/{t.trial_id}" for t in trials}
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.ray_experiment = '{self.experiment}' and attributes.status = 'RUNNING'"))
+        for run in found:
+            if run.data.tags.get("study_path") == self.target.study_path and run.data.tags.get(RUN_TAG) not in live:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def _params(self, run_id: str, config: dict) -> None:
         from mlflow.entities import Param

@@ -2,8 +2,10 @@
 
 :func:`collect` gathers a :class:`Provenance` for this process and a study's config. It goes
 into the report (:func:`markdown`), ``summary.json`` (``provenance``), the schema metadata of
-every parquet table (key ``pefttune.provenance``, JSON: :meth:`Provenance.parquet_metadata`)
-and the model card of an exported model.
+the analysis's parquet tables (key ``pefttune.provenance``, JSON:
+:meth:`Provenance.parquet_metadata`) and the model card of an exported model. It describes the
+process that wrote them: for ``pefttune run``, the driver of the study (trials on other nodes of
+a cluster may differ in hardware; ``node_id`` in the trials table says where each ran).
 
 The config hash is the SHA-256 of the resolved config as JSON with sorted keys (the content of
 the study's ``experiment.yaml``), ``tracking`` left out (where results are sent does not change

@@ -4,9 +4,10 @@ With ``tracking: {mlflow: ...}`` in the config (off by default):
 
 - every Ray experiment of the study (the discrete search, the replicates, the DARTS search and
   retrains, further seeds' rounds) logs through
-  :class:`~pefttune.runtime.mlflow_trials.MlflowTrials`, Ray's ``MLflowLoggerCallback``: one MLflow run per trial with its config as parameters, its metrics
-  per epoch (step: ``epoch``) and the tags ``kind``, ``config_id``, ``seed`` (``method``,
-  ``variant`` where the trial has them), nested under the study's run;
+  :class:`~pefttune.runtime.mlflow_trials.MlflowTrials`, Ray's ``MLflowLoggerCallback``: one
+  MLflow run per trial with its config as parameters, its metrics per epoch (step: ``epoch``)
+  and the tags ``kind``, ``config_id``, ``seed`` (``method``, ``variant`` where the trial has
+  them), nested under the study's run;
 - the study's run (:func:`start_study`, :func:`log_study`, :func:`end_study`) holds the
   provenance as tags, ``experiment.yaml``, and after the analysis ``report.md`` (and
   ``report.html``), the tables and the plots as artifacts.
@@ -166,8 +167,10 @@ class RunIds:
     def get(self, key: str) -> str | None:
         return self._read().get(key)
 
-    def put(self, key: str, run_id: str) -> None:
-        runs = {**self._read(), key: run_id}
+    def put(self, key: str, run_id: str, replaces: str | None = None) -> None:
+        """Keep ``key``'s run id (``replaces``: a key that no longer names it)."""
+        runs = {k: v for k, v in self._read().items() if k != replaces}
+        runs[key] = run_id
         text = json.dumps({"mlflow": {"uri": self.target.uri, "runs": runs}}, indent=1, sort_keys=True) + "\n"
         if "://" in self.path:
             write_storage_text(self.path, text)
