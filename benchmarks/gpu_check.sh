@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 5 minutes) for sessions that have a GPU machine; CI never runs it.
+# One prepared GPU check (< 5 minutes) for a machine with a GPU; CI never runs it.
 # From the repository root:   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. step throughput on a base-size random HuBERT (12 x 768): pefttune step vs HF reference loops,
 #    fp32 and bf16 autocast;

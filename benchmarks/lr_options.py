@@ -63,20 +63,21 @@ def run_grid(config, name: str, trials: list[dict]) -> None:
     from pefttune.runtime.console import Console, quiet_ray_loggers
     from pefttune.runtime.plan import GridPlan, grid_tuner, restore_grid
     from pefttune.runtime.study_dir import holds_run, study_dir
-    from pefttune.search.replicates import tune_run_config
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.runtime.tune_run import run_config
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
     from pefttune.trainables.setup import make_setup
 
     root = study_dir(config)
     path = f"{root}/{name}"
     setup = make_setup(config, path)
     if holds_run(path):
-        tuner = restore_grid(path, make_trainable(setup))
+        tuner = restore_grid(path, make_trainable(train_fn, setup))
     else:
         console = Console(name, config.metric, "max", total=len(trials), study_dir=root)
-        tuner = grid_tuner(make_trainable(setup), path, GridPlan(trials),
+        tuner = grid_tuner(make_trainable(train_fn, setup), path, GridPlan(trials),
                            grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                           tune_run_config(config, name, root, [console.callback()], 1))
+                           run_config(config, path, callbacks=[console.callback()]))
     with fit_environment(), quiet_ray_loggers(1):
         tuner.fit()
 

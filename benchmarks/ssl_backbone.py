@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from pefttune.backbones import SpeechEncoder, build_tiny_model, load_backbone
-from pefttune.data.corpus_cache import ensure_corpus
+from pefttune.demo.corpus_cache import ensure_corpus
 from pefttune.data.dataset import SpeechDataset, collate_batch
 from pefttune.heads import HeadConfig
 from pefttune.model import PeftSpeechModel, build_model
 from pefttune.placement import Placement
-from pefttune.pretraining.targets import LogMel
+from pefttune.log_mel import LogMel
 
 
 @dataclass

@@ -82,8 +82,7 @@ def other_intervals(config, summary: dict) -> dict:
     settings["interval"] = "examples" if settings["interval"] == "seeds-speakers" else "seeds-speakers"
     decided = decide(experiment, alpha=alpha_table(experiment), **settings)
     return {"train_seeds": summary.get("train_seeds"), "interval": settings["interval"],
-            "findings": {k: {"verdict": f["verdict"], "rule": f.get("rule", "")}
-                         for k, f in decided["findings"].items()}}
+            "findings": {str(k): {"verdict": str(f.verdict), "rule": f.rule} for k, f in decided.findings.items()}}
 
 
 def table(summaries: dict[int, dict]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from pefttune.data.espeak import synthesize
-from pefttune.data.synth import make_noise
+from pefttune.demo.synth import make_noise
 
 
 def speech(text: str, variant: str | None = None, sample_rate: int = 16000) -> np.ndarray:
@@ -144,3 +144,30 @@ def make_iemocap(root: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{dialog}.txt").write_text("\n".join(lines))
     return root
+
+
+#: The words of :func:`make_own_data` and the eSpeak NG variants that speak them (one per speaker).
+OWN_WORDS = ("up", "down", "left", "right")
+OWN_SPEAKERS = {"train": ("m1", "f2", "m3", "f4"), "dev": ("m5", "f1"), "test": ("m2", "f3")}
+
+
+def make_own_data(root: Path, repeats: int = 2) -> Path:
+    """A user's own keyword data, unlike the synthesized corpus: four words spoken by eight eSpeak
+    voices (speakers disjoint across splits), each take with its own tempo and a little noise,
+    written as 22.05 kHz stereo 16-bit WAV (pefttune downmixes and resamples), and a CSV manifest
+    with relative paths and a ``speaker`` column: ``root/data/manifest.csv``."""
+    rng = np.random.default_rng(7)
+    rows = ["path,split,label,speaker"]
+    for split, variants in OWN_SPEAKERS.items():
+        for variant in variants:
+            for word in OWN_WORDS:
+                for take in range(repeats):
+                    wav = synthesize(word, variant=variant, rate=int(rng.integers(150, 260)), sample_rate=22050)
+                    wav = np.pad(wav, (int(rng.integers(500, 3000)), int(rng.integers(500, 3000))))
+                    wav = wav + 0.003 * rng.standard_normal(wav.size).astype(np.float32)
+                    stereo = np.stack([wav, 0.8 * wav], axis=1)
+                    rel = f"clips/{split}/{word}-{variant}-{take}.wav"
+                    write_wav(root / "data" / rel, stereo, 22050)
+                    rows.append(f"{rel},{split},{word},spk-{variant}")
+    (root / "data" / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "data" / "manifest.csv"

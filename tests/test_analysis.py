@@ -1,7 +1,7 @@
 """Results store and ensembles over REAL Ray Tune experiment dirs with crafted predictions.
 
 :func:`classification_experiment` runs small Tuner experiments whose function trainable
-reports the columns of :mod:`pefttune.trainables.discrete` and writes checkpoints in its
+reports its rows as :class:`pefttune.schema.TrialReport` and writes checkpoints in the schema's
 layout (``model/placement.json``, ``state.json``, ``predictions/{dev,test}.safetensors``
 in the format of :func:`pefttune.training.save_predictions`) with known predictions:
 
@@ -80,7 +80,8 @@ def _make_trainable():
 
         from safetensors.numpy import save_file
 
-        from pefttune.schema import MODEL_DIR, PREDICTIONS_DIR, STATE_FILE, metric_key, predictions_file
+        from pefttune.schema import (MODEL_DIR, PREDICTIONS_DIR, STATE_FILE, CheckpointState, TrialReport, metric_key,
+                                     predictions_file, state_json)
 
         class Evaluation:  # pefttune.training.Evaluation's fields, without importing torch in workers
             def __init__(self, metric, score, loss, arrays):
@@ -100,13 +101,12 @@ def _make_trainable():
             **{f"layer_{i:02d}": m for i, m in enumerate(layers)},
             "kind": spec["kind"], "method": spec["method"] or "", "lr": 0.001,
             "peft_params": spec["params"] - 10, "head_params": 10, "trainable_params": spec["params"],
-            "over_budget": False,
             **({"seed": spec["seed"]} if "seed" in spec else {}),
             **({"config_id": spec["config_id"]} if "config_id" in spec else {}),
         }
         if spec.get("over_budget"):
-            tune.report({**columns, "over_budget": True, "epoch": 0, metric_key("dev", metric): 0.0,
-                         metric_key("dev", metric, best=True): 0.0})
+            tune.report(TrialReport(metric, columns, epoch=0, scores={metric_key("dev", metric): 0.0}, best_dev=0.0,
+                                    over_budget=True).row())
             return
 
         def classification(labels, index, wrong, conf, reverse):
@@ -160,16 +160,16 @@ def _make_trainable():
             step = 0.05 if metric == "accuracy" else -0.05
             score = dev.score - (epochs - epoch) * step
             best = score if best is None else (max(best, score) if metric == "accuracy" else min(best, score))
-            metrics = {**columns, "epoch": epoch, "train_loss": 1.0 / epoch, metric_key("dev", metric): score,
-                       "dev_loss": 0.5, metric_key("dev", metric, best=True): best, "best_epoch": epoch}
-            if spec.get("alpha"):
+            scores = {"train_loss": 1.0 / epoch, metric_key("dev", metric): score, "dev_loss": 0.5}
+            report = TrialReport(metric, columns, epoch, scores, best_dev=best, best_epoch=epoch, over_budget=False)
+            if spec.get("alpha"):  # a DARTS search's own columns
                 for layer in range(len(layers)):
                     scale = spec.get("alpha_scale", 0.3)
                     logits = _np.array([0.0, epoch * (layer + 1) * scale, -epoch * 0.2])
                     probs = _np.exp(logits) / _np.exp(logits).sum()
                     for name, p in zip(("none", "lora", "bitfit"), probs):
-                        metrics[f"alpha/L{layer:02d}/{name}"] = float(p)
-                metrics["derived_placement"] = _json.dumps({"num_layers": 4, "layers": [["lora"]] * 4})
+                        report.extra[f"alpha/L{layer:02d}/{name}"] = float(p)
+                report.extra["derived_placement"] = _json.dumps({"num_layers": 4, "layers": [["lora"]] * 4})
             with _tempfile.TemporaryDirectory() as tmp:
                 _os.makedirs(_os.path.join(tmp, MODEL_DIR))
                 with open(_os.path.join(tmp, MODEL_DIR, "placement.json"), "w") as f:
@@ -178,13 +178,12 @@ def _make_trainable():
                 _os.makedirs(_os.path.join(tmp, PREDICTIONS_DIR))
                 if final:
                     save_predictions(_os.path.join(tmp, PREDICTIONS_DIR, predictions_file("test")), test)
-                    metrics[metric_key("test", metric)] = test.score
-                    metrics["test_loss"] = 0.5
+                    report.final = {metric_key("test", metric): test.score, "test_loss": 0.5}
                 if final or spec.get("stop_after"):
                     save_predictions(_os.path.join(tmp, PREDICTIONS_DIR, predictions_file("dev")), dev)
                 with open(_os.path.join(tmp, STATE_FILE), "w") as f:
-                    _json.dump({"epoch": epoch, "finished": final}, f)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+                    f.write(state_json(CheckpointState(epoch=epoch, finished=final)))
+                tune.report(report.row(), checkpoint=tune.Checkpoint.from_directory(tmp))
         if spec.get("fail"):
             raise RuntimeError("injected failure after the final report")
 

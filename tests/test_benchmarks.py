@@ -5,11 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import darts_cost  # noqa: E402
+import encoder_cost  # noqa: E402
+import ensemble_inference  # noqa: E402
 import throughput  # noqa: E402
 import verdict_stability  # noqa: E402, F401
 
@@ -109,3 +112,35 @@ def test_reference_probes_fit_a_converged_probe_and_pool_the_heads_features(tmp_
     assert list(mel["dev"]["labels"]) == [0, 0, 1, 1]  # manifest order
     ssl = reference_probes.pooled_features(config, "tiny-hubert", splits=("dev",))
     assert ssl["dev"]["mean"].shape[:2] == (4, 5)  # h_0 .. h_4 of the 4-layer tiny backbone
+
+
+def test_ensemble_inference_variants_agree_and_only_separate_models_hold_several_backbones(tmp_path):
+    from pefttune.backbones import load_backbone
+
+    directory = ensemble_inference.write_ensemble(tmp_path / "ensemble", "tiny-hubert", ("lora", "bitfit", "ia3"))
+    clips = ensemble_inference.make_clips(3)
+    results = ensemble_inference.measure(directory, clips, rounds=2, threads=1)
+    assert set(results) == set(ensemble_inference.VARIANTS)
+    for name, result in results.items():
+        assert len(result.seconds) == len(result.cpu_seconds) == 2 and all(s > 0 for s in result.seconds), name
+        assert result.peak_mb >= 0
+    assert [len(results[n].outputs) for n in ("shared", "separate", "one")] == [3, 3, 1]
+    difference, same = ensemble_inference.agreement(results)
+    assert difference < 1e-6 and same  # the shared backbone predicts what separate models predict
+    assert np.allclose(results["one"].outputs[0], results["separate"].outputs[0], atol=1e-6)
+    backbone = ensemble_inference.weights_mb([load_backbone("tiny-hubert")])
+    assert results["separate"].weights_mb > 2.9 * backbone  # three backbones
+    assert results["shared"].weights_mb < 1.2 * backbone and results["one"].weights_mb < 1.2 * backbone
+    text = ensemble_inference.report(results, len(clips), 3)
+    assert "| shared |" in text and "labels identical" in text
+    front, layers = ensemble_inference.front_end_share("tiny-hubert", repeats=1)
+    assert front > 0 and layers > 0
+    assert ensemble_inference.bound(front, layers, 4) == pytest.approx((front + 4 * layers) / (4 * (front + layers)))
+    assert ensemble_inference.bound(1.0, 0.0, 4) == 0.25 and ensemble_inference.bound(0.0, 1.0, 4) == 1.0
+
+
+def test_encoder_cost_prints_each_round_and_the_median(capsys):
+    median = encoder_cost.main(["--batch", "1", "--seconds", "0.2", "--rounds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["round 0", "round 1"]
+    assert lines[-1].startswith("base-size / tiny-hubert-ssl forward per clip: median") and median > 1  # 12 x 768 vs 4 x 128

@@ -26,7 +26,7 @@ import torch
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model
 from pefttune.placement import Placement
-from pefttune.schema import PREDICTIONS_DIR, STATE_FILE, predictions_file
+from pefttune.schema import PREDICTIONS_DIR, STATE_FILE, CheckpointState, predictions_file
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables.checkpoint import IncompleteCheckpointError
 from pefttune.training import Evaluation, TrainConfig, setup_optimizer, setup_scheduler
@@ -51,7 +51,7 @@ def _predictions() -> dict[str, Evaluation]:
 
 def _write(directory: Path, epoch: int, predictions=None) -> Path:
     model, optimizer, scheduler = _model()
-    state = ckpt.CheckpointState(epoch=epoch, best_score=0.5, best_epoch=epoch, finished=predictions is not None)
+    state = CheckpointState(epoch=epoch, best_score=0.5, best_epoch=epoch, finished=predictions is not None)
     return ckpt.write_checkpoint(directory, model, state, optimizer=optimizer, scheduler=scheduler,
                                  best_weights=ckpt.trainable_state(model), predictions=predictions)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from pefttune.analysis.status import experiment_status, format_status
 from pefttune.runtime.console import WIDTH, Console, failure_summary, format_table
+from pefttune.schema import TrialReport
 
 LONG = " ".join(f"L{i}:sequential(b=32)+lora(r=8)" for i in range(12))
 
@@ -20,9 +22,10 @@ def test_trial_lines_fit_and_carry_the_scores(tmp_path):
     out = io.StringIO()
     console = Console("discrete arm", "accuracy", "max", total=3, study_dir=str(tmp_path), stream=out)
     console.trial_started("a1")
-    console.trial_finished("a1", {"kind": "uniform"}, {"placement_short": LONG, "best_dev_accuracy": 0.51234,
-                                                       "test_accuracy": 0.4, "time_total_s": 90})
-    console.trial_finished("b2", {"kind": "discrete"}, {"placement_short": "L0:lora", "over_budget": True})
+    done = TrialReport("accuracy", {"placement_short": LONG}, 3, best_dev=0.51234, final={"test_accuracy": 0.4})
+    console.trial_finished("a1", {"kind": "uniform"}, {**done.row(), "time_total_s": 90})
+    rejected = TrialReport("accuracy", {"placement_short": "L0:lora"}, 0, best_dev=0.0, over_budget=True)
+    console.trial_finished("b2", {"kind": "discrete"}, rejected.row())
     console.trial_failed("c3", {"kind": "hybrid", "placement": "{}"},
                          "Traceback (most recent call last):\n  File x\nAudioReadError: cannot decode /data/bad.wav")
     lines = out.getvalue().splitlines()
@@ -41,8 +44,8 @@ def test_progress_line_counts_and_eta():
     console = Console("DARTS search", "per", "min", total=4, stream=out, interval=3600)
     for trial in ("a", "b", "c"):
         console.trial_started(trial)
-    console.result({"best_dev_per": 0.7})
-    console.trial_finished("a", {"kind": "darts"}, {"best_dev_per": 0.6, "time_total_s": 10})
+    console.result(TrialReport("per", {}, 1, best_dev=0.7).row())
+    console.trial_finished("a", {"kind": "darts"}, {**TrialReport("per", {}, 2, best_dev=0.6).row(), "time_total_s": 10})
     console.progress()  # the first call prints; the next one within the interval does not
     console.progress()
     lines = out.getvalue().splitlines()
@@ -288,3 +291,97 @@ def test_failure_lines_of_a_resumed_run_are_those_of_the_first(failing_search):
     assert sorted(restored["status"]) == sorted(results_frame(failing_search["results"])["status"])
     again = failure_summary(restored)
     assert again.lines == first.lines and again.exit_code == first.exit_code == 1
+
+
+# -- library noise: off by default, back with -v ---------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_optunas_study_line_only_with_v(verbose):
+    """Optuna's console handler sits on its "optuna" logger (which does not propagate): a record
+    that logger does not make never shows."""
+    import optuna
+
+    from pefttune.runtime.console import quiet_ray_loggers
+
+    records = _Records()
+    logger = logging.getLogger("optuna")
+    logger.addHandler(records)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default; an earlier test may have changed it
+    try:
+        with quiet_ray_loggers(verbose):
+            optuna.create_study(study_name=f"quiet-{verbose}")
+            optuna.logging.get_logger("optuna.study").warning("a warning still shows")
+    finally:
+        logger.removeHandler(records)
+        optuna.logging.set_verbosity(before)
+    created = [line for line in records.lines if "A new study created" in line]
+    assert len(created) == (verbose == 2) and "a warning still shows" in records.lines
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_rays_slow_search_space_note_only_with_v(verbose):
+    import warnings
+
+    from pefttune.runtime.console import quiet_ray_loggers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_ray_loggers(verbose):
+            warnings.warn("Define-by-run function passed in the `space` argument took 1.48 seconds to run. "
+                          "Ensure that actual computation, training takes place inside Tune's train functions "
+                          "and not inside the search space.", UserWarning)
+            warnings.warn("another warning", UserWarning)  # every other warning still shows
+    messages = [str(w.message) for w in caught]
+    assert "another warning" in messages and len(messages) == (1 if verbose == 1 else 2)
+
+
+@pytest.mark.parametrize("log_to_driver", [False, True])
+def test_rays_token_notice_only_with_v(caplog, monkeypatch, tmp_path, log_to_driver):
+    """connect_ray around Ray's own notice (Ray's function, called where ray.init calls it); Ray's
+    console handler sits on the "ray" logger, so a record that is never made never shows."""
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    from pefttune.runtime import cluster
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs) or
+                        authentication_token_setup._warn_token_auth_enabled())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # connect_ray sets it: restored after the test
+    monkeypatch.setattr(cluster.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    caplog.clear()
+    assert cluster.connect_ray(None, log_to_driver=log_to_driver) is True
+    assert started and started[0]["log_to_driver"] is log_to_driver
+    notices = [r for r in caplog.records if "Token authentication is enabled" in r.getMessage()]
+    assert len(notices) == int(log_to_driver)
+
+
+@pytest.fixture
+def progress_bars():
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()  # as in a fresh process
+    yield
+    transformers_logging.enable_progress_bar()  # the CLI turned them off for this process
+
+
+def test_no_weight_loading_bars_without_v(capfd, progress_bars):
+    from pefttune.cli import main as cli_main
+
+    capfd.readouterr()
+    assert cli_main(["info", "--backbone", "tiny-hubert-ssl"]) == 0  # loads the weights with from_pretrained
+    out = capfd.readouterr()
+    assert "tiny-hubert-ssl" in out.out and "Loading weights" not in out.err + out.out

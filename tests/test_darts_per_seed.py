@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from pefttune.analysis.findings import darts_convergence, placement_agreement
+from pefttune.analysis.findings.darts_vs_uniform import darts_convergence, placement_agreement
 from pefttune.config import parse_config
 from pefttune.darts.run import retrain_plan
 from pefttune.placement import Placement
@@ -57,17 +57,17 @@ def test_a_layer_that_did_not_converge_is_flagged_even_when_the_mean_converged()
             rows.append({"trial_id": "t0", "epoch": 3, "layer": layer, "method": method, "prob": p})
             rows.append({"trial_id": "t0", "epoch": 2, "layer": layer, "method": method, "prob": 0.25})
     conv = darts_convergence(pd.DataFrame(rows), threshold=0.7)
-    trial = conv["trials"]["t0"]
-    assert conv["converged"] and trial["entropy_norm_mean"] < 0.7
-    assert trial["unconverged_layers"] == [1] and trial["entropy_norm"][1] == pytest.approx(0.923, abs=1e-3)
+    trial = conv.trials["t0"]
+    assert conv.converged and trial.entropy_norm_mean < 0.7
+    assert trial.unconverged_layers == (1,) and trial.entropy_norm[1] == pytest.approx(0.923, abs=1e-3)
+    assert conv.summary()["trials"]["t0"]["unconverged_layers"] == [1]
 
 
 def test_placement_agreement_counts_layers_in_common():
-    rows = [{"layers": ["lora", "none", "bitfit"]}, {"layers": ["lora", "bitfit", "bitfit"]},
-            {"layers": ["lora", "none", "none"]}]
+    rows = [["lora", "none", "bitfit"], ["lora", "bitfit", "bitfit"], ["lora", "none", "none"]]
     agreement = placement_agreement(rows)
-    assert agreement["layers_in_common"] == [0] and agreement["searches"] == 3
-    assert agreement["pairwise_same_layers_mean"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+    assert agreement.layers_in_common == (0,) and agreement.searches == 3
+    assert agreement.pairwise_same_layers_mean == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
     assert placement_agreement(rows[:1]) is None
 
 

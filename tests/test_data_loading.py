@@ -271,3 +271,35 @@ def test_dataloader_end_to_end(small):
         seen.extend(batch["index"].tolist())
     assert sorted(seen) == sorted(int(i) for i in ds.rows.index)
     assert np.allclose(normalize_waveform(np.ones(10, dtype=np.float32)), 0.0)
+
+
+def test_limit_rows_draws_per_split_and_keeps_every_train_label(small):
+    from pefttune.data.manifest import limit_rows
+
+    frame = read_manifest(small)  # 12 train (3 labels), 6 dev, 6 test
+    limited = limit_rows(frame, 2, seed=0, label="label")
+    counts = limited["split"].value_counts().to_dict()
+    assert counts == {"train": 3, "dev": 2, "test": 2}  # train: one of each of the 3 labels (more than 2)
+    assert set(limited[limited["split"] == "train"]["label"]) == {"a", "b", "c"}
+    assert set(limited.index) <= set(frame.index) and limited.attrs == frame.attrs  # row ids kept
+    assert limit_rows(frame, 2, seed=0, label="label").index.equals(limited.index)  # the seed fixes the draw
+    assert not limit_rows(frame, 2, seed=1, label="label").index.equals(limited.index)
+    assert limit_rows(frame, 100, seed=0).index.equals(frame.index)  # more than there is: every row
+    assert limit_rows(frame, 5, seed=0)["split"].value_counts().to_dict() == {"train": 5, "dev": 5, "test": 5}
+
+
+def test_max_utterances_limits_what_the_trials_see(small, tmp_path, monkeypatch):
+    from pefttune.config import parse_config
+    from pefttune.data.loaders import load_data, prepare_data
+
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    config = parse_config({"backbone": "tiny-hubert", "data": {"source": "manifest", "task": "custom",
+                                                               "path": str(small), "max_utterances": 4}})
+    ref = prepare_data(config)
+    assert ref.subset is not None and ref.rows()["split"].value_counts().to_dict() == {"train": 4, "dev": 4, "test": 4}
+    data = load_data(config, ref)
+    assert (len(data.train.dataset), len(data.dev.dataset), len(data.test.dataset)) == (4, 4, 4)
+    assert ref.vocabulary().labels == ("a", "b", "c")
+    everything = prepare_data(parse_config({**config.model_dump(mode="json"),
+                                            "data": {**config.data.model_dump(), "max_utterances": None}}))
+    assert everything.subset is None and len(everything.rows()) == 24

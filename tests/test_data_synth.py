@@ -9,8 +9,9 @@ import pytest
 import soundfile as sf
 
 from data_fixtures import tree_digest
-from pefttune.data import synth
-from pefttune.data.corpus_cache import corpus_dir, ensure_corpus
+from pefttune.data import layouts
+from pefttune.demo import synth
+from pefttune.demo.corpus_cache import corpus_dir, ensure_corpus
 from pefttune.data.manifest import read_manifest, validate_manifest
 from pefttune.data.vocab import load_vocab
 
@@ -41,10 +42,10 @@ def pr_dir(tmp_path_factory):
 
 
 def test_word_lists_are_superbs():
-    assert synth.KS_COMMANDS == ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-    assert len(synth.KS_UNKNOWN_WORDS) == 20 and "marvin" in synth.KS_UNKNOWN_WORDS
-    assert len(synth.KS_LABELS) == 12
-    ks_words = set(synth.KS_COMMANDS) | set(synth.KS_UNKNOWN_WORDS)
+    assert layouts.KS_COMMANDS == ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+    assert len(layouts.KS_UNKNOWN_WORDS) == 20 and "marvin" in layouts.KS_UNKNOWN_WORDS
+    assert len(layouts.KS_LABELS) == 12
+    ks_words = set(layouts.KS_COMMANDS) | set(layouts.KS_UNKNOWN_WORDS)
     for words in synth.SENTENCE_WORDS.values():
         assert not ks_words & set(words)
     sentences = synth.make_sentences(np.random.default_rng(0), 200, exclude=["the", "found"])
@@ -68,7 +69,7 @@ def test_ks_manifest_balance_and_disjoint_speakers(ks_dir):
     df = read_manifest(ks_dir / "manifest.parquet")
     validate_manifest(df, "classification")
     counts = df.groupby(["split", "label"]).size().unstack()
-    assert set(counts.columns) == set(synth.KS_LABELS)
+    assert set(counts.columns) == set(layouts.KS_LABELS)
     assert (counts.loc["train"] == 4).all() and (counts.loc["dev"] == 2).all() and (counts.loc["test"] == 2).all()
     speakers = {s: set(df[(df["split"] == s) & df["speaker"].notna()]["speaker"]) for s in ("train", "dev", "test")}
     assert speakers["train"] and speakers["dev"] and speakers["test"]
@@ -76,7 +77,7 @@ def test_ks_manifest_balance_and_disjoint_speakers(ks_dir):
     assert not speakers["train"] & speakers["test"]
     assert not speakers["dev"] & speakers["test"]
     # Unknown clips say auxiliary words; silence clips are noise only.
-    assert set(df[df["label"] == "_unknown_"]["text"]) <= set(synth.KS_UNKNOWN_WORDS)
+    assert set(df[df["label"] == "_unknown_"]["text"]) <= set(layouts.KS_UNKNOWN_WORDS)
     assert df[df["label"] == "_silence_"]["speaker"].isna().all()
     assert (df["duration"] == 1.0).all()
     # Word onsets vary inside the 1 s window.
@@ -228,7 +229,7 @@ def test_default_ks_plan_has_enough_test_speakers_and_the_same_clip_counts():
     assert sizes["test_speakers"] == 50 and sizes["speakers"] == 120
     df = synth.corpus_plan("ks", seed=0)
     counts = df.groupby(["split", "label"]).size().unstack()
-    assert set(counts.columns) == set(synth.KS_LABELS)
+    assert set(counts.columns) == set(layouts.KS_LABELS)
     assert (counts.loc["train"] == 200).all() and (counts.loc["dev"] == 50).all() and (counts.loc["test"] == 400).all()
     speakers = _speakers_by_split(df)
     assert {s: len(v) for s, v in speakers.items()} == {"train": 52, "dev": 18, "test": 50}
@@ -237,10 +238,10 @@ def test_default_ks_plan_has_enough_test_speakers_and_the_same_clip_counts():
     assert not speakers["train"] & speakers["test"]
     assert not speakers["dev"] & speakers["test"]
     # Every test speaker says 8 clips of each spoken class; silence has no speaker.
-    spoken = df[(df["split"] == "test") & (df["label"] != synth.KS_SILENCE_LABEL)]
+    spoken = df[(df["split"] == "test") & (df["label"] != layouts.KS_SILENCE_LABEL)]
     assert (spoken.groupby(["speaker", "label"]).size() == 8).all()
-    assert df[df["label"] == synth.KS_SILENCE_LABEL]["speaker"].isna().all()
-    assert df[df["label"] != synth.KS_SILENCE_LABEL]["speaker"].notna().all()
+    assert df[df["label"] == layouts.KS_SILENCE_LABEL]["speaker"].isna().all()
+    assert df[df["label"] != layouts.KS_SILENCE_LABEL]["speaker"].notna().all()
     # Distinct (voice, variant) pairs: every speaker sounds different.
     profiles = df.dropna(subset=["speaker"]).groupby("speaker")[["voice", "variant"]].first()
     assert len(profiles.drop_duplicates()) == 120

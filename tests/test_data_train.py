@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pefttune.data.dataset import SpeechDataset, make_dataloader
-from pefttune.data.synth import build_corpus
+from pefttune.demo.synth import build_corpus
 
 N_MELS = 40
 

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pefttune.analysis.findings import configurations, darts_convergence, decide
+from pefttune.analysis.findings import FindingKey, Verdict, configurations, decide
+from pefttune.analysis.findings import darts_vs_uniform, ensembles
+from pefttune.analysis.findings.darts_vs_uniform import Convergence, darts_convergence
 from pefttune.analysis.report import analyze
 from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table
@@ -102,26 +104,38 @@ def test_configurations_group_seeds_and_the_configs_table_aggregates(replicated)
 
 def test_decisive_verdicts_on_clear_replicated_results(replicated):
     decided = decide(replicated, margin=0.01, confidence=0.95, draws=500, alpha=alpha_table(replicated))
-    f1, f2, f3 = (decided["findings"][k] for k in ("1", "2", "3"))
-    assert decided["learned"] is True
+    f1, f2, f3 = (decided.findings[k] for k in FindingKey)
+    assert decided.learned is True
     # DARTS-derived predicts exactly like uniform LoRA: difference 0, interval [0, 0] below +delta
-    assert f1["verdict"] == "reproduced", f1["rule"]
-    assert f1["comparison"]["diff"] == 0.0 and f1["comparison"]["ci_high"] < 0.01 and f1["convergence"]["converged"]
-    assert f1["derived_is_uniform"] is False and "itself" not in f1["text"]  # another placement, equal predictions
+    assert f1.verdict is Verdict.REPRODUCED, f1.rule
+    assert f1.interval.name == "DARTS - best uniform" and f1.interval.estimate == 0.0 and f1.interval.high < 0.01
+    assert f1.evidence.comparison.diff == 0.0 and f1.evidence.convergence.converged
+    assert f1.compares == ("darts-derived:abc", "uniform:lora") and not f1.open
+    # another placement, equal predictions
+    assert f1.evidence.derived_is_uniform is False and "itself" not in darts_vs_uniform.text(f1)
+    assert [r.seed for r in f1.evidence.paired_tests] == [0, 1, 2]  # supporting McNemar per seed
+    assert all(r.mcnemar_b == r.mcnemar_c == 0 for r in f1.evidence.paired_tests)
     # disjoint errors: the vote is right everywhere, each member wrong on a fifth
-    assert f2["verdict"] == "reproduced", f2["rule"]
-    assert f2["vote_gain"]["diff"] == pytest.approx(0.2) and f2["vote_gain"]["ci_low"] > 0
-    assert len(f2["per_seed"]) == 3 and all(r["mcnemar_p"] < 0.05 for r in f2["per_seed"])
-    assert f3["verdict"] == "reproduced", f3["rule"]
-    assert all(r["error_overlap"] == 0.0 and r["kappa_ci_high"] < 0.8 for r in f3["pairs"])
+    assert f2.verdict is Verdict.REPRODUCED, f2.rule
+    assert f2.interval.name == "vote gain" and f2.interval.estimate == pytest.approx(0.2) and f2.interval.low > 0
+    assert len(f2.evidence.per_seed) == 3 and all(r.mcnemar_p < 0.05 for r in f2.evidence.per_seed)
+    assert f3.verdict is Verdict.REPRODUCED, f3.rule
+    assert all(p.overlap == 0.0 and p.kappa_ci_high < 0.8 for p in f3.evidence.pairs)
+    assert [iv.name for iv in f3.intervals[:2]] == ["uniform:bitfit/uniform:lora kappa",
+                                                    "uniform:bitfit/uniform:lora overlap"]
     for f in (f1, f2, f3):
-        assert "CI" in f["rule"] or "kappa" in f["rule"]  # the rule is stated with its numbers
-    refs = decided["references"]
-    assert refs["uniform_vs_frozen"]["diff"] == pytest.approx(0.3) and refs["uniform_vs_frozen"]["ci_low"] > 0
+        assert "CI" in f.rule or "kappa" in f.rule  # the rule is stated with its numbers
+        assert f.seeds_needed is None  # decided: no seeds to add
+    refs = decided.references
+    assert refs.uniform_vs_frozen.diff == pytest.approx(0.3) and refs.uniform_vs_frozen.ci_low > 0
+    # summary.json holds the same numbers as plain dicts, keyed "1", "2", "3"
+    summary = decided.summary()
+    assert summary["findings"]["2"]["vote_gain"]["diff"] == pytest.approx(0.2)
+    assert summary["findings"]["3"]["pairs"] == summary["pairs"] and len(summary["pairs"]) == 3
 
 
 def test_default_intervals_are_over_seeds_and_speakers_with_examples_supporting(replicated):
-    decided = decide(replicated, draws=400)
+    decided = decide(replicated, draws=400).summary()
     manifest = pd.read_csv(Path(replicated.uri) / "manifest.csv")
     speakers = manifest.loc[manifest["split"] == "test", "speaker"].dropna().nunique()
     assert decided["interval"] == "seeds-speakers" and decided["resampling_unit"] == "seeds x speakers"
@@ -148,7 +162,7 @@ def test_default_intervals_are_over_seeds_and_speakers_with_examples_supporting(
     assert all(c["spread"]["pairing"] == "paired" for c in f2["vote_vs_others"].values())
     assert all(r["interval"] == "seeds x speakers" and "supporting_kappa_ci" in r for r in decided["findings"]["3"]["pairs"])
     # analysis.interval: examples decides on the paired bootstrap over test examples
-    examples = decide(replicated, draws=400, interval="examples")
+    examples = decide(replicated, draws=400, interval="examples").summary()
     assert examples["resampling_unit"] == "examples" and examples["test_speakers"] is None
     other = examples["references"]["hybrid_vs_uniform"]
     assert other["interval"] == "examples only: these trained models" and other["supporting"] is None
@@ -157,71 +171,76 @@ def test_default_intervals_are_over_seeds_and_speakers_with_examples_supporting(
         decide(replicated, draws=400, interval="seeds")
 
 
-def test_one_seed_makes_every_verdict_inconclusive_with_the_reason(replicated):
+def test_one_seed_makes_every_verdict_inconclusive_with_the_reason(replicated, monkeypatch):
     """The same trials, seeds 1 and 2 left out: the intervals cover speakers only."""
-    from pefttune.analysis import findings as F
-
-    original = F.configurations
+    from pefttune.analysis.findings import decision
 
     def first_seed_only(experiment):
-        configs = original(experiment)
+        configs = configurations(experiment)
         for c in configs.values():
             c.trials = c.trials[:1]
         return configs
 
-    F.configurations = first_seed_only
-    try:
-        decided = decide(replicated, draws=300, alpha=alpha_table(replicated))
-    finally:
-        F.configurations = original
-    assert decided["learned"] is True
-    for key in ("1", "2", "3"):
-        f = decided["findings"][key]
-        assert f["verdict"] == "inconclusive", f["rule"]
-        assert f["rule"].startswith("inconclusive: one seed: training randomness not bounded"), f["rule"]
-    assert decided["findings"]["1"]["comparison"]["interval"] == "speakers only (one seed)"
-    need = decided["findings"]["1"]["seeds_needed"]
-    assert need["n"] is None and "one seed" in need["intervals"][0]["reason"]
+    monkeypatch.setattr(decision, "configurations", first_seed_only)
+    decided = decide(replicated, draws=300, alpha=alpha_table(replicated))
+    assert decided.learned is True
+    for f in decided.findings.values():
+        assert f.verdict is Verdict.INCONCLUSIVE and f.open, f.rule
+        assert f.rule.startswith("inconclusive: one seed: training randomness not bounded"), f.rule
+        assert f.interval.caveat == "one seed: training randomness not bounded"
+    f1 = decided.findings[FindingKey.DARTS_VS_UNIFORM]
+    assert f1.interval.covers == "speakers only (one seed)"
+    assert f1.seeds_needed.n is None and "one seed" in f1.seeds_needed.intervals[0].reason
+    # the more-seeds stage trains a seed of what the open findings compare
+    from pefttune.more_seeds import open_findings, round_configs
+
+    assert open_findings(decided) == ["1", "2", "3"]
+    assert round_configs(decided, ["1"]) == (["uniform:lora"], True)  # DARTS-derived: from a new search
+    uniform = ["uniform:bitfit", "uniform:lora", "uniform:sequential"]
+    assert round_configs(decided, ["2", "3"]) == (uniform, False)
 
 
 def test_unconverged_darts_makes_finding_1_inconclusive(replicated):
     alpha = pd.DataFrame({"trial_id": "t", "epoch": 5, "layer": [0, 0, 0], "method": ["none", "lora", "bitfit"],
                           "prob": [0.34, 0.33, 0.33]})
-    assert not darts_convergence(alpha)["converged"]
-    decided = decide(replicated, draws=300, alpha=alpha)
-    assert decided["findings"]["1"]["verdict"] == "inconclusive"
-    assert "converge" in decided["findings"]["1"]["rule"]
+    assert not darts_convergence(alpha).converged
+    f1 = decide(replicated, draws=300, alpha=alpha).findings[FindingKey.DARTS_VS_UNIFORM]
+    assert f1.verdict is Verdict.INCONCLUSIVE and "converge" in f1.rule
+    assert not f1.open and "did not converge" in f1.beyond_seeds  # more seeds would not decide it
 
 
 def test_nothing_learned_makes_every_finding_inconclusive(ray_session):
     experiment = open_results(replicated_experiment(learned=False))
     decided = decide(experiment, draws=300)
-    assert decided["learned"] is False
-    for key in ("2", "3"):
-        finding = decided["findings"][key]
-        assert finding["verdict"] == "inconclusive: nothing learned", finding
-        assert "own_verdict" in finding and "nothing learned" in finding["rule"]
+    assert decided.learned is False
+    for key in (FindingKey.ENSEMBLES, FindingKey.ERROR_DIVERSITY):
+        finding = decided.findings[key]
+        assert finding.verdict is Verdict.NOTHING_LEARNED, finding
+        assert finding.held_back is not None and "nothing learned" in finding.rule
+        stored = decided.summary()["findings"][str(key)]
+        assert stored["own_verdict"] == finding.held_back.verdict and stored["verdict"] == "inconclusive: nothing learned"
 
 
 def test_report_prints_rules_intervals_and_references(replicated, tmp_path):
     result = analyze(replicated.uri, tmp_path)
     report = (tmp_path / "report.md").read_text()
-    assert "| 1 |" in report and "Rule: reproduced:" in report
-    assert "## Configurations (mean over seeds, 95% t-interval; test split: " in report
-    assert "uniform:lora" in report and "frozen" in report and "± " in report
-    assert "best uniform minus frozen (what PEFT adds)" in report
-    assert "DARTS convergence" in report and "-> converged" in report
+    flat = " ".join(report.split())  # report.md wraps its prose lines
+    assert "| 1 |" in flat and "Rule: reproduced:" in flat
+    assert "## Configurations (mean over seeds, 95% t-interval; test split: " in flat
+    assert "uniform:lora" in flat and "frozen" in flat and "± " in flat
+    assert "best uniform minus frozen (what PEFT adds)" in flat
+    assert "DARTS convergence" in flat and "-> converged" in flat
     configs = pd.read_csv(tmp_path / "tables" / "configs.csv")
     assert len(configs) == 6 and set(configs["n_seeds"]) == {3}
     # the hybrid row: same accuracy as the best uniform (0.8), different errors: difference 0 with an interval
-    assert "## Hybrid (merged in each layer) vs the best uniform" in report and "not a claim of the paper" in report
+    assert "## Hybrid (merged in each layer) vs the best uniform" in flat and "not a claim of the paper" in flat
     hybrid = result["decision"]["hybrid"]
     assert hybrid["diff"] == pytest.approx(0.0) and hybrid["ci_low"] < 0 < hybrid["ci_high"]
     assert hybrid["hybrid_params"] == 2500 and hybrid["uniform_params"] in (1000, 1001, 1002)
     assert result["findings"]["2"]["verdict"] == "reproduced"
     # finding 2's per-seed table: every seed, each strategy's score and its difference from the vote
     f2 = result["findings"]["2"]
-    assert "Per seed, test accuracy of each strategy, with its advantage over the vote in brackets" in report
+    assert "Per seed, test accuracy of each strategy, with its advantage over the vote in brackets" in flat
     lines = report.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("| seed | best member | vote |"))
     names = [c.strip() for c in lines[at].split("|")[4:-1]]
@@ -240,7 +259,7 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
     says that the comparison is of one configuration with itself."""
     from types import SimpleNamespace
 
-    from pefttune.analysis.findings import Config, finding_darts
+    from pefttune.analysis.findings import Config
     from pefttune.analysis.intervals import Comparison
 
     experiment = SimpleNamespace(mode="max", metric="accuracy", trials=[])
@@ -249,39 +268,37 @@ def test_finding1_says_when_darts_derived_the_uniform_placement_itself():
                "darts-derived:x": Config("darts-derived:x", "darts-derived", None, same, 100, dev_mean=0.7)}
     scorer = SimpleNamespace(
         compare_configs=lambda a, b, conf, draws: Comparison(0.0, 0.0, 0.0, 1.0, "bootstrap", 600, 3, 3))
-    out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
-    assert out["verdict"] == "reproduced" and out["derived_is_uniform"] is True
-    assert "compares one configuration with itself" in out["text"]
+    out = darts_vs_uniform.decide(experiment, configs, scorer, Convergence(True), 0.01, 0.95, 100)
+    assert out.verdict is Verdict.REPRODUCED and out.evidence.derived_is_uniform is True
+    assert "compares one configuration with itself" in darts_vs_uniform.text(out)
     configs["darts-derived:x"].placement_short = "L0:lora(r=8) L1:none L2:lora(r=8) L3:lora(r=8)"
-    out = finding_darts(experiment, configs, scorer, {"converged": True}, 0.01, 0.95, 100)
-    assert out["derived_is_uniform"] is False and "itself" not in out["text"]
+    out = darts_vs_uniform.decide(experiment, configs, scorer, Convergence(True), 0.01, 0.95, 100)
+    assert out.evidence.derived_is_uniform is False and "itself" not in darts_vs_uniform.text(out)
 
 
 def test_finding2_members_go_best_by_dev_first_whatever_the_trial_order(replicated):
     """ROVER takes its first member as the skeleton, so the member order changes its output; the
     order must come from dev (the most trusted first), not from the trials' (random) ids."""
-    from pefttune.analysis.findings import _uniform_by_seed
-
     configs = configurations(replicated)
     backwards = dict(reversed(list(configs.items())))
     assert list(backwards) != list(configs)
-    by_seed = _uniform_by_seed(replicated, configs)
-    assert by_seed == _uniform_by_seed(replicated, backwards) and len(by_seed) == 3
+    by_seed = ensembles.uniform_by_seed(replicated, configs)
+    assert by_seed == ensembles.uniform_by_seed(replicated, backwards) and len(by_seed) == 3
     for members in by_seed.values():
         keys = [(-replicated.score(t, "dev"), t.config_id) for t in members]
         assert keys == sorted(keys) and len({t.config_id for t in members}) == len(members)
 
 
 def test_finding2_per_seed_table_orients_differences_as_the_rule_does():
-    from pefttune.analysis.report import _strategies_by_seed
+    from pefttune.analysis.findings.ensembles import SeedEnsembles, StrategyScore, strategies_by_seed
 
-    finding = {"majority_strategy": "rover", "per_seed": [
-        {"seed": 0, "best_member_test": 0.32, "strategies": {"rover": {"test": 0.30}, "frame_vote": {"test": 0.42}}}]}
-    per = "\n".join(_strategies_by_seed(finding, "per", "min"))  # an error rate: lower is better
+    per_seed = [SeedEnsembles(0, ("a", "b"), "a", 0.30, 0.32, 1, 2, 0.5,
+                              {"rover": StrategyScore(None, 0.30), "frame_vote": StrategyScore(None, 0.42)})]
+    per = "\n".join(strategies_by_seed(per_seed, "rover", "per", "min"))  # an error rate: lower is better
     assert "| 0 | 0.3200 | 0.3000 | 0.4200 (-0.1200) |" in per
-    acc = "\n".join(_strategies_by_seed({**finding, "majority_strategy": "rover"}, "accuracy", "max"))
+    acc = "\n".join(strategies_by_seed(per_seed, "rover", "accuracy", "max"))
     assert "0.4200 (+0.1200)" in acc
-    assert _strategies_by_seed({"majority_strategy": "vote", "per_seed": finding["per_seed"]}, "per", "min") == []
+    assert strategies_by_seed(per_seed, "vote", "per", "min") == []
 
 
 def test_an_undecided_finding_says_how_many_seeds_would_decide_it():
@@ -290,9 +307,9 @@ def test_an_undecided_finding_says_how_many_seeds_would_decide_it():
     from the mean to +delta."""
     from types import SimpleNamespace
 
-    from pefttune.analysis.findings import Config, finding_darts
+    from pefttune.analysis.findings import Config
+    from pefttune.analysis.findings._base import render_section
     from pefttune.analysis.intervals import Comparison
-    from pefttune.analysis.report import _seeds_needed_line
     from pefttune.analysis.seeds_speakers import Spread, seeds_to_decide
 
     d = np.array([0.005, -0.064, 0.030])
@@ -303,17 +320,17 @@ def test_an_undecided_finding_says_how_many_seeds_would_decide_it():
     experiment = SimpleNamespace(mode="max", metric="accuracy", trials=[])
     configs = {"uniform:lora": Config("uniform:lora", "uniform", "lora", "L0:lora", 100, dev_mean=0.7),
                "darts-derived:x": Config("darts-derived:x", "darts-derived", None, "L0:none", 90, dev_mean=0.7)}
-    out = finding_darts(experiment, configs, SimpleNamespace(compare_configs=lambda *args: cmp),
-                        {"converged": True}, 0.01, 0.95, 100)
-    assert out["verdict"] == "inconclusive"
-    need = out["seeds_needed"]
+    out = darts_vs_uniform.decide(experiment, configs, SimpleNamespace(compare_configs=lambda *args: cmp),
+                                  Convergence(True), 0.01, 0.95, 100)
+    assert out.verdict is Verdict.INCONCLUSIVE and out.open
+    need = out.seeds_needed
     gap = 0.01 - d.mean()  # the mean lies below +delta: the interval must come below it
-    assert need["intervals"][0]["gap"] == pytest.approx(gap)
-    n = need["n"]
+    assert need.intervals[0].gap == pytest.approx(gap) and need.intervals[0].interval == "DARTS - best uniform"
+    n = need.n
     assert n == seeds_to_decide(d.mean(), spread, 0.95, 0.0, 0.01).n
     assert stats.t.ppf(0.975, n - 1) * (d.var(ddof=1) / n) ** 0.5 < gap
     assert stats.t.ppf(0.975, n - 2) * (d.var(ddof=1) / (n - 1)) ** 0.5 >= gap
-    line = "\n".join(_seeds_needed_line(out))
+    line = "\n".join(render_section(out, "DARTS vs uniform placement", darts_vs_uniform.text(out)))
     assert f"**{n} seeds per configuration**" in line and "true difference is the observed mean" in line
 
 
@@ -330,8 +347,8 @@ def test_verdict_stability_redecides_a_run_with_the_other_intervals(replicated, 
     monkeypatch.setattr(runtime_study_dir, "study_dir", lambda config: replicated.uri)
     out = verdict_stability.other_intervals(None, {"train_seeds": [0, 1, 2]})
     assert out["interval"] == "examples" and out["train_seeds"] == [0, 1, 2]  # the saved config: seeds x speakers
-    expected = decide(replicated, interval="examples", alpha=alpha_table(replicated))["findings"]
-    assert {k: f["verdict"] for k, f in out["findings"].items()} == {k: f["verdict"] for k, f in expected.items()}
+    expected = decide(replicated, interval="examples", alpha=alpha_table(replicated)).findings
+    assert {k: f["verdict"] for k, f in out["findings"].items()} == {str(k): f.verdict for k, f in expected.items()}
     rows = [line for line in verdict_stability.table({"0": out}).splitlines() if line.startswith("| ") and "seed" not in line]
     assert [r.split("|")[2].strip() for r in rows] == [out["findings"][k]["verdict"] for k in ("1", "2", "3")]
 

@@ -6,9 +6,9 @@ trial of that stage has reported, the stage has not finished), never by sleeping
 further-seeds round of ``analysis.max_seeds`` included); after each
 kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
 uninterrupted one of the same config and seeds: the same configurations and seeds, one
-completed trial each, the same scores and verdicts. The learning-rate protocol's tunings
-(``tune-lr``, and the DARTS-derived configuration's at the start of ``darts-retrain``) are
-killed too, and resume to the uninterrupted rungs and choices.
+completed trial each, the same scores and verdicts; and, in its MLflow store, one run per trial. The
+learning-rate protocol's tunings (``tune-lr``, and the DARTS-derived configuration's at the start of
+``darts-retrain``) are killed too, and resume to the uninterrupted rungs and choices.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 SEEDS = [0, 1]
 
 
-def _config(manifest: Path, storage: Path, name: str) -> dict:
+def _config(manifest: Path, storage: Path, name: str, tracking: dict | None = None) -> dict:
     config = search_config(
         manifest, storage, name=name,
         methods={"lora": {"rank": 2}, "bitfit": {}},
@@ -44,6 +44,7 @@ def _config(manifest: Path, storage: Path, name: str) -> dict:
                 "frozen_reference": True},
         darts={"warmup_epochs": 0, "converged_entropy": 1.0},  # one search per seed; "converged": finding 1 can be open
         analysis={"logmel_reference": False, "max_seeds": 3},  # a round of seed 2 where a finding is open
+        tracking=tracking,
     )
     return config
 
@@ -136,7 +137,8 @@ def killed_and_reference(ray_session, tmp_path_factory):
     assert cli_main(["run", str(reference_cfg)]) == 0
 
     killed_cfg = root / "killed.yaml"
-    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed")))
+    # the killed study logs to MLflow (sqlite in its folder): every resume finds its runs again
+    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed", {"mlflow": True})))
     study = root / "results" / "killed"
     log = root / "killed.log"
     seen = {}
@@ -193,3 +195,25 @@ def test_resumed_study_gives_the_uninterrupted_scores_and_verdicts(killed_and_re
     verdicts = [json.loads((killed_and_reference[k] / "analysis" / "summary.json").read_text())["findings"]
                 for k in ("killed", "reference")]
     assert {k: v["verdict"] for k, v in verdicts[0].items()} == {k: v["verdict"] for k, v in verdicts[1].items()}
+
+
+def test_resumed_study_keeps_one_tracking_run_per_trial(killed_and_reference):
+    import mlflow
+
+    study = killed_and_reference["killed"]
+    mlflow.set_tracking_uri(f"sqlite:///{study}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["killed"])
+    trials = pd.read_parquet(study / "analysis" / "tables" / "trials.parquet")  # every Ray trial, DARTS included
+    assert not runs["tags.pefttune_run"].duplicated().any()
+    # a trial Ray dropped when it restored (made again by the searcher with another config) keeps
+    # its run, KILLED; every other run is one of the study's trials, or the study's own
+    kept = runs[runs["status"] != "KILLED"]
+    keys = set(trials["experiment"] + "/" + trials["trial_id"])
+    assert not keys & set(runs.loc[runs["status"] == "KILLED", "tags.pefttune_run"])
+    assert len(kept) == len(trials) + 1 and set(kept["status"]) == {"FINISHED"}
+    # every run's id is kept, those made after a restore included (Ray writes back the top-level
+    # .json files of an experiment folder that it copied when it restored)
+    ids = json.loads((study / "tracking" / "mlflow-runs.json").read_text())["mlflow"]["runs"]
+    trial_runs = runs[~runs["tags.pefttune_run"].str.startswith("study:")]
+    assert ids == {"study": runs.loc[runs["tags.pefttune_run"].str.startswith("study:"), "run_id"].iloc[0],
+                   **dict(zip(trial_runs["tags.pefttune_run"], trial_runs["run_id"]))}

@@ -107,7 +107,7 @@ def _ok(result: subprocess.CompletedProcess) -> None:
 
 
 def test_kill_while_the_corpus_is_written(tmp_path):
-    from pefttune.data.corpus_cache import ensure_corpus
+    from pefttune.demo.corpus_cache import ensure_corpus
 
     cache = tmp_path / "cache"
     corpora = cache / "corpora"

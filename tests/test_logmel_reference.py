@@ -13,9 +13,10 @@ from pefttune.backbones import LOG_MEL, LogMelConfig, LogMelEncoder, backbone_in
 from pefttune.config import parse_config
 from pefttune.data import loaders
 from pefttune.heads import HeadConfig
+from pefttune.log_mel import receptive_field
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
-from pefttune.pretraining.targets import receptive_field
+from pefttune.schema import CheckpointState
 from pefttune.trainables import checkpoint as ckpt
 from pefttune.trainables import setup as trial_setup
 from pefttune.trainables.discrete import trial_backbone
@@ -161,7 +162,7 @@ def test_a_reference_trial_trains_the_head_only_and_beats_chance(tones, tmp_path
     # the same checkpoint / prediction format as every other trial
     predictions = ckpt.final_evaluation(model, ckpt.trainable_state(model), {"dev": data.dev, "test": data.test},
                                         train, cache=cache)
-    state = ckpt.CheckpointState(epoch=train.epochs, best_score=after.score, best_epoch=train.epochs, finished=True)
+    state = CheckpointState(epoch=train.epochs, best_score=after.score, best_epoch=train.epochs, finished=True)
     ckpt.write_checkpoint(tmp_path, model, state, best_weights=ckpt.trainable_state(model), predictions=predictions)
     stored = ckpt.checkpoint_predictions(tmp_path, "test")
     assert set(stored) == {"index", "probs", "label", "pred"} and len(stored["pred"]) == 8

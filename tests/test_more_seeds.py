@@ -7,11 +7,15 @@ tests/test_sequential.py.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from pefttune.analysis.findings import sequential_look
+from pefttune.analysis.findings import Config, Decision, Finding, FindingKey, Verdict, sequential_look
+from pefttune.analysis.findings._base import hold_back
+from pefttune.analysis.findings.references import References
+from pefttune.analysis.intervals import Comparison
 from pefttune.analysis.sequential import SequentialDesign
 from pefttune.config import parse_config
 from pefttune.more_seeds import Round, RoundsLog, next_seed, open_findings, round_configs, stop_reason
@@ -21,18 +25,32 @@ BASE = {"name": "m", "backbone": "tiny-hubert", "methods": {"lora": {"rank": 2},
 
 
 def _cmp(low, high):
-    return {"ci_low": low, "ci_high": high}
+    return Comparison((low + high) / 2, low, high, 0.5, "t", 100, 3, 1)
+
+
+def _finding(key: str, verdict: str, compares=(), beyond_seeds="") -> Finding:
+    return Finding(FindingKey(key), f"claim {key}", Verdict(verdict), f"{verdict}: rule", compares=compares,
+                   beyond_seeds=beyond_seeds)
+
+
+UNIFORM = ("uniform:bitfit", "uniform:lora")
 
 
 def _decided(v1="inconclusive", v2="reproduced", v3="inconclusive", converged=True, learned=True, trivial=(0.3, 0.5)):
-    return {
-        "margin": 0.01, "learned": learned,
-        "findings": {"1": {"verdict": v1, "uniform_config": "uniform:lora", "convergence": {"converged": converged}},
-                     "2": {"verdict": v2}, "3": {"verdict": v3}},
-        "references": {"vs_trivial": {"uniform:lora": _cmp(*trivial)}},
-        "configs": {"uniform:lora": {"kind": "uniform"}, "uniform:bitfit": {"kind": "uniform"},
-                    "hybrid": {"kind": "hybrid"}, "darts-derived": {"kind": "darts-derived"}},
-    }
+    findings = {FindingKey("1"): _finding("1", v1, ("darts-derived", "uniform:lora"),
+                                          "" if converged else "the DARTS relaxation did not converge"),
+                FindingKey("2"): _finding("2", v2, UNIFORM), FindingKey("3"): _finding("3", v3, UNIFORM)}
+    configs = {cid: Config(cid, kind, None, "", None) for cid, kind in (
+        ("uniform:lora", "uniform"), ("uniform:bitfit", "uniform"), ("hybrid", "hybrid"),
+        ("darts-derived", "darts-derived"))}
+    return Decision(findings, learned, 0.01, 0.95, 500, "seeds-speakers", configs,
+                    References({"uniform:lora": _cmp(*trivial)}))
+
+
+def _held_back(decision: Decision, own: dict, trivial: tuple) -> Decision:
+    """Every finding held back by the nothing-learned gate, with its own verdict ``own[key]``."""
+    findings = {k: hold_back(replace(f, verdict=Verdict(own[str(k)])), 0.01) for k, f in decision.findings.items()}
+    return replace(decision, findings=findings, learned=False, references=References({"uniform:lora": _cmp(*trivial)}))
 
 
 def test_open_findings_are_the_inconclusive_ones_that_seeds_can_decide():
@@ -42,14 +60,12 @@ def test_open_findings_are_the_inconclusive_ones_that_seeds_can_decide():
 
 
 def test_nothing_learned_is_open_only_while_its_own_gate_straddles_the_margin():
-    held = _decided(v1="inconclusive: nothing learned", v2="inconclusive: nothing learned",
-                    v3="inconclusive: nothing learned", learned=False)
-    for key, own in zip("123", ("reproduced", "inconclusive", "not reproduced")):
-        held["findings"][key]["own_verdict"] = own
-    held["references"]["vs_trivial"]["uniform:lora"] = _cmp(-0.02, 0.04)  # straddles +0.01
+    own = {"1": "reproduced", "2": "inconclusive", "3": "not reproduced"}
+    held = _held_back(_decided(), own, (-0.02, 0.04))  # straddles +0.01
+    assert {str(f.verdict) for f in held.findings.values()} == {"inconclusive: nothing learned"}
     assert open_findings(held) == ["1", "2", "3"]
-    held["references"]["vs_trivial"]["uniform:lora"] = _cmp(-0.02, 0.005)  # decidedly nothing learned
-    assert open_findings(held) == []
+    assert open_findings(_held_back(_decided(), own, (-0.02, 0.005))) == []  # decidedly nothing learned
+    assert open_findings(_held_back(_decided(converged=False), own, (-0.02, 0.04))) == ["2", "3"]
 
 
 def test_a_round_trains_exactly_what_the_open_findings_compare():
@@ -92,8 +108,8 @@ def test_each_look_is_decided_at_the_level_the_design_spends_there():
     configs = {"a": SimpleNamespace(kind="uniform", seeds=[0, 1, 2, 3]),
                "b": SimpleNamespace(kind="uniform", seeds=[0, 1, 2, 3, 4]),
                "d": SimpleNamespace(kind="darts-derived", seeds=[0])}
-    confidence, record = sequential_look(design, configs)
-    assert record["look"] == 4 and confidence == pytest.approx(design.confidence_at(4))
-    assert confidence > 0.95  # a look spends only part of the 0.05
-    first, _ = sequential_look(design, {"a": SimpleNamespace(kind="uniform", seeds=[0, 1])})
-    assert first == pytest.approx(design.confidence_at(3))  # fewer seeds than planned: the first look's level
+    look = sequential_look(design, configs)
+    assert look.look == 4 and look.confidence == pytest.approx(design.confidence_at(4))
+    assert look.confidence > 0.95  # a look spends only part of the 0.05
+    first = sequential_look(design, {"a": SimpleNamespace(kind="uniform", seeds=[0, 1])})
+    assert first.confidence == pytest.approx(design.confidence_at(3)) and first.n_max == 6  # fewer seeds than planned: the first look's level

@@ -189,3 +189,49 @@ def test_lora_only_export_loads_with_peft(experiment, tmp_path):
     with torch.no_grad():
         plain = base(x).last_hidden_state
     assert not torch.allclose(plain, expected, atol=1e-6)
+    config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-hubert"  # built in memory: its pefttune name
+    assert config["auto_mapping"] == {"base_model_class": "HubertModel",
+                                      "parent_library": "transformers.models.hubert.modeling_hubert"}
+
+
+def test_merged_export_is_a_transformers_model_that_predicts_like_the_trial(experiment, tmp_path, capsys):
+    from transformers import AutoModel
+
+    from pefttune.analysis.store import open_results
+    from pefttune.model import load_model_dir
+    from pefttune.predictor import load_model
+
+    path, manifest = experiment
+    exp = open_results(path)
+    trials = {t.method: t for t in exp.trials if t.method}
+    refused = tmp_path / "refused"
+    assert cli_main(["export-model", str(path), "--trial", trials["sequential"].trial_id, "--merged",
+                     "--out", str(refused)]) == 2
+    message = capsys.readouterr().err
+    assert "layer 0: sequential; layer 1: sequential; layer 2: sequential; layer 3: sequential" in message
+    assert trials["sequential"].trial_id in message
+    assert cli_main(["export-model", str(path), "--ensemble", "per-method", "--merged", "--out", str(refused)]) == 2
+    assert not refused.exists() and not list(tmp_path.glob("refused*"))  # nothing written
+    paths, _ = _test_split(manifest)
+    x = torch.randn(2, 8000)
+    for method in ("lora", "bitfit"):
+        merged, plain = tmp_path / method, tmp_path / f"{method}-plain"
+        assert cli_main(["export-model", str(path), "--trial", trials[method].trial_id, "--merged",
+                         "--out", str(merged)]) == 0
+        assert cli_main(["export-model", str(path), "--trial", trials[method].trial_id, "--out", str(plain)]) == 0
+        assert sorted(p.name for p in merged.iterdir()) == [
+            "README.md", "config.json", "head.json", "head.safetensors", "merged_from.json", "model.safetensors",
+            "preprocessing.json", "vocab.json"]
+        card = (merged / "README.md").read_text()
+        assert "## Merged model" in card and "AutoModel.from_pretrained(directory)" in card
+        hf = AutoModel.from_pretrained(str(merged)).eval()
+        assert type(hf).__name__ == "HubertModel"
+        with torch.no_grad():
+            expected = load_model_dir(plain).eval().encoder(x)[0]
+            states = hf(x, output_hidden_states=True).hidden_states
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(states, expected))
+        ours = [p.probabilities for p in load_model(merged).predict(paths)]
+        reference = [p.probabilities for p in load_model(plain).predict(paths)]
+        for a, b in zip(ours, reference):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)

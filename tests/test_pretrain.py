@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (pefttune.pretraining) and the shipped tiny-hubert-ssl backbone."""
+"""Self-supervised pretraining (pefttune.demo.pretraining) and the shipped tiny-hubert-ssl backbone."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +11,10 @@ import torch
 
 from pefttune.backbones import build_tiny_model, load_backbone, shipped_dir
 from pefttune.cli import main as cli_main
-from pefttune.data.synth import KS_COMMANDS, KS_UNKNOWN_WORDS
-from pefttune.pretraining import (
+from pefttune.data.layouts import KS_COMMANDS, KS_UNKNOWN_WORDS
+from pefttune.demo.pretraining import (
     SHIPPED_SHA256,
     CorpusRecipe,
-    LogMel,
     PretrainConfig,
     build_corpus,
     check_alignment,
@@ -24,8 +23,9 @@ from pefttune.pretraining import (
     pretrain,
     span_mask,
 )
-from pefttune.pretraining.corpus import check_excluded
-from pefttune.pretraining.train import load_schedule
+from pefttune.demo.pretraining.corpus import check_excluded
+from pefttune.demo.pretraining.train import load_schedule
+from pefttune.log_mel import LogMel
 
 KS_WORDS = set(KS_COMMANDS) | set(KS_UNKNOWN_WORDS)
 TINY_RECIPE = dict(utterances=40, seconds=1.0, seed=3)
@@ -110,13 +110,13 @@ def test_corpus_excludes_keyword_words_and_is_reproducible():
 def test_augmented_corpus_still_excludes_keyword_words_and_is_reproducible():
     """Speed perturbation, reverberation, other noises and every voice variant change the audio,
     never the words: no keyword-spotting word (or homophone) is ever drawn."""
-    from pefttune.pretraining.corpus import all_variants
+    from pefttune.demo.pretraining.corpus import all_variants
 
     recipe = CorpusRecipe(utterances=300, seconds=1.0, seed=11, variants=all_variants(), speed=(0.85, 1.15),
                           reverb_prob=0.5, noise_kinds=("white", "pink", "brown", "hum"), snr_db=(0.0, 30.0))
     excluded = set(recipe.excluded_words)
     assert KS_WORDS | {"to", "too", "for", "know", "write", "won", "ate"} <= excluded
-    texts = [r.text for r in __import__("pefttune.pretraining.corpus", fromlist=["_draw_requests"])._draw_requests(
+    texts = [r.text for r in __import__("pefttune.demo.pretraining.corpus", fromlist=["_draw_requests"])._draw_requests(
         recipe, np.random.default_rng(recipe.seed))]
     assert len(texts) == 300
     for text in texts:
@@ -135,7 +135,7 @@ def test_augmented_corpus_still_excludes_keyword_words_and_is_reproducible():
 
 
 def test_mfcc39_targets_are_frame_aligned():
-    from pefttune.pretraining.targets import MFCC39, deltas, target_features
+    from pefttune.demo.pretraining.targets import MFCC39, deltas, target_features
 
     model = build_tiny_model("hubert", hidden_size=32, num_layers=1)
     mfcc = target_features("mfcc39", model.config)

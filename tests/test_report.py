@@ -64,7 +64,7 @@ def test_analyze_returns_the_key_numbers(analysis):
 
 def test_analyze_writes_report_tables_and_plots(analysis):
     result, out = analysis
-    report = (out / "report.md").read_text()
+    report = " ".join((out / "report.md").read_text().split())  # prose lines are wrapped
     for n in ("1", "2", "3"):
         assert f"### Finding {n}:" in report
     assert ("the finding's own rule said: inconclusive: one seed: training randomness not bounded: the 95% "
@@ -98,11 +98,16 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
     assert f2["per_seed"][0]["best_member_test"] == pytest.approx(1 / 6) and f2["verdict"] == "inconclusive"
     assert f2["vote_gain"]["diff"] == pytest.approx(1 / 6) and f2["vote_gain"]["ci_low"] <= 0  # edits over lengths
     assert f3["verdict"] == "inconclusive" and all(r["error_overlap"] == 0.0 for r in f3["pairs"])
-    report = (tmp_path / "report.md").read_text()
+    report = " ".join((tmp_path / "report.md").read_text().split())
     # the supporting per-seed test on CTC: a sign test on edit counts (1 of 4 utterances better), not McNemar
     assert f2["per_seed"][0]["mcnemar_b"] == 1 and f2["per_seed"][0]["mcnemar_c"] == 0
     assert "majority vote vs its best member, sign test on per-utterance edit counts" in report
     assert "Finding 1: DARTS vs uniform placement -- not run" in report
+    assert "Discrete against DARTS search: not run (no completed searched trial" in report
+    costs = pd.read_parquet(tmp_path / "tables" / "costs.parquet")  # three uniform arms, then the ensembles
+    assert set(costs.loc[costs["kind"] != "ensemble", "arm"]) == {"uniform:lora", "uniform:bitfit",
+                                                                  "uniform:sequential"}
+    assert costs.loc[costs["arm"] == "ensemble per-method:rover", "combine_ms_per_example"].iloc[0] > 0
     assert "No DARTS search trials: no alpha plot." in report
     assert result["files"]["plots"]["alpha"] == []
     assert pd.read_parquet(tmp_path / "tables" / "alpha.parquet").empty
@@ -130,7 +135,7 @@ def test_report_with_nothing_to_compare(ray_session, tmp_path):
     assert result["ensembles"] == [] and result["comparison"] == []
     assert pd.read_parquet(tmp_path / "tables" / "ensembles.parquet").empty
     assert len(pd.read_parquet(tmp_path / "tables" / "alpha.parquet")) == 36
-    report = (tmp_path / "report.md").read_text()
+    report = " ".join((tmp_path / "report.md").read_text().split())
     assert report.count("-- not run") == 3 and "![alpha]" in report
 
 
@@ -162,3 +167,47 @@ def test_pairwise_trials_ctc_compares_aligned_phonemes(ray_session):
     assert lora_seq["mcnemar_b"] + lora_seq["mcnemar_c"] == 2 and lora_seq["agreement"] == pytest.approx(4 / 6)
     lora_bitfit = rows[("lora", "bitfit")]
     assert lora_bitfit["mcnemar_b"] + lora_bitfit["mcnemar_c"] == 1  # as sentences bitfit's would be wrong too
+
+
+def test_costs_table_gives_every_arm_and_the_head_to_head(analysis):
+    """The costs table: one row per arm whose sums are the trials table's, the ensembles' members'
+    training and a measured combination time; the report's discrete-against-DARTS rows."""
+    result, out = analysis
+    costs = pd.read_parquet(out / "tables" / "costs.parquet")
+    trials = pd.read_parquet(out / "tables" / "trials.parquet")
+    assert len(pd.read_csv(out / "tables" / "costs.csv")) == len(costs)
+    arms = costs[costs["kind"] != "ensemble"].set_index("arm")
+    assert set(arms.index) == {"uniform:lora", "uniform:bitfit", "uniform:sequential", "hybrid", "discrete search",
+                               "darts search + retrain"}
+    # every trial in exactly one arm: the sums are the trials table's
+    assert arms["trials"].sum() == len(trials) == 10
+    assert arms["epochs"].sum() == trials["epochs"].fillna(0).sum()
+    assert arms["trial_seconds"].sum() == pytest.approx(trials["time_total_s"].fillna(0).sum())
+    search = arms.loc["discrete search"]  # discrete, errored, early-stopped, over budget: all seed 0
+    assert (search["trials"], search["completed"], search["search_trials"]) == (4, 1, 4)
+    assert search["search_seconds"] == pytest.approx(search["trial_seconds"])
+    assert (search["params_min"], search["params_max"], search["params"]) == (700, 99999, "700-99,999")
+    darts = arms.loc["darts search + retrain"]
+    supernet = trials.loc[trials["kind"] == "darts", "time_total_s"].sum()
+    assert (darts["trials"], darts["search_trials"]) == (2, 1) and darts["search_seconds"] == pytest.approx(supernet)
+    assert arms.loc["uniform:lora", "params"] == "1,000" and set(costs["slot"]) == {"1 CPU"}
+    assert set(costs["device"]) == {"cpu"}
+    vote = costs.set_index("arm").loc["ensemble per-method:vote"]
+    members = trials[trials["kind"] == "uniform"]
+    assert vote["trials"] == 3 and vote["params_min"] == 3300
+    assert vote["trial_seconds"] == pytest.approx(members["time_total_s"].sum())
+    assert vote["combine_ms_per_example"] > 0 and pd.isna(vote["members_ms_per_example_bound"])  # none reported
+    assert "ensembles per seed 0:vote" in set(costs["arm"])  # finding 2's ensemble
+    assert arms["combine_ms_per_example"].isna().all()
+    report = (out / "report.md").read_text()
+    assert "## Cost of each arm" in report and "| darts search + retrain | 2 | 2 |" in report
+    assert "### Discrete against DARTS search (a reported comparison, not a finding: no rule, no verdict)" in report
+    # the best searched placement (discrete, test 0.6) against the DARTS-derived one (0.7): one seed each
+    assert re.search(r"\| replicated \| `discrete:[0-9a-f]+` \| `darts-derived[^`]*` \| 0\.6000 vs 0\.7000 \| "
+                     r"-0\.1000 \[-0\.\d{4}, \+0\.\d{4}\] \|", report)
+    flat = " ".join(report.split())
+    assert re.search(r"- replicated: best searched placement, all its seeds; discrete `discrete:[0-9a-f]+` seeds \[0\] "
+                     r"\(\d+ searched trial\(s\)\), DARTS `darts-derived[^`]*` seeds \[0\]; interval over utterances "
+                     r"only \(one seed\)", flat)
+    assert "| equal budget |" in report
+    assert "- equal budget: best searched trial within the seed-0 DARTS search's trial-seconds" in flat

@@ -1,5 +1,5 @@
-"""The trial schema: kinds stored as plain strings, metric keys, the checkpoint names and the one
-ranking of trials (ties by trial id)."""
+"""The trial schema: kinds stored as plain strings, metric keys, what a trial reports, the
+checkpoint names and state, and the one ranking of trials (ties by trial id)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pefttune.analysis.store import infer_kind
-from pefttune.schema import TrialKind, metric_key, predictions_file, rank_trials
+from pefttune.schema import (FILES_KEY, CheckpointState, TrialKind, TrialReport, listed_files, metric_key,
+                             predictions_file, rank_trials, state_json)
 from pefttune.search.replicates import Replicate
 from pefttune.search.summary import top_k
 
@@ -69,3 +70,56 @@ def test_search_top_k_breaks_ties_as_the_analysis_does():
     })
     best = top_k(frame, metric_key("dev", "accuracy", best=True), "max", kinds=[TrialKind.DISCRETE])
     assert list(best["trial_id"]) == ["t1", "t2", "t0"]  # not the fewer parameters of t2
+
+
+COLUMNS = {"placement_short": "L0:lora", "kind": "uniform", "method": "lora", "seed": 1, "trainable_params": 130}
+
+
+def test_a_trained_epoch_reports_its_row_in_the_trainables_order():
+    scores = {"train_loss": 0.9, "dev_accuracy": 0.5, "dev_loss": 1.1, "samples_per_s": 30.0, "epoch_seconds": 2.0}
+    report = TrialReport("accuracy", COLUMNS, 2, scores, best_dev=0.6, best_epoch=1, over_budget=False,
+                         start_epoch=1)
+    row = report.row()
+    assert list(row) == [*COLUMNS, "epoch", *scores, "best_dev_accuracy", "best_epoch", "over_budget", "start_epoch"]
+    assert row["best_dev_accuracy"] == 0.6 and row["epoch"] == 2 and row["over_budget"] is False
+    final = TrialReport("accuracy", COLUMNS, 3, scores, best_dev=0.6, best_epoch=1, over_budget=False, start_epoch=1,
+                        final={"test_accuracy": 0.55, "test_loss": 1.2}).row()
+    assert list(final)[-2:] == ["test_accuracy", "test_loss"]
+    search = TrialReport("per", {"kind": TrialKind.DARTS.value}, 1, {"dev_per": 0.4}, best_dev=0.4, best_epoch=1,
+                         start_epoch=1, extra={"derived_placement_short": "L0:none"}, final={"derived_dev_per": 0.5})
+    assert list(search.row()) == ["kind", "epoch", "dev_per", "best_dev_per", "best_epoch", "start_epoch",
+                                  "derived_placement_short", "derived_dev_per"]  # no over_budget: not reported
+
+
+def test_a_rejected_trial_reports_one_row_that_says_so_first():
+    row = TrialReport("accuracy", COLUMNS, 0, {"dev_accuracy": 0.0}, best_dev=0.0, best_epoch=0, over_budget=True,
+                      extra={"budget": 100}).row()
+    assert list(row) == [*COLUMNS, "over_budget", "epoch", "dev_accuracy", "best_dev_accuracy", "best_epoch", "budget"]
+    assert TrialReport.from_row(row, "accuracy").rejected
+
+
+def test_a_row_reads_back_through_the_schema():
+    report = TrialReport("accuracy", COLUMNS, 3, {"train_loss": 0.2, "dev_accuracy": 0.7}, best_dev=0.75,
+                         best_epoch=2, over_budget=False, start_epoch=2, final={"test_accuracy": 0.6})
+    ray_row = {**report.row(), "training_iteration": 3, "time_total_s": 12.5, "trial_id": "abc", "done": True}
+    back = TrialReport.from_row(ray_row, "accuracy")
+    assert back.row() == report.row()  # the same items
+    assert back.ray == {"training_iteration": 3, "time_total_s": 12.5, "trial_id": "abc", "done": True}
+    assert back.kind == TrialKind.UNIFORM and back.dev_score == 0.7 and back.test_score == 0.6
+    assert back.best_dev == 0.75 and back.epoch == 3 and not back.rejected
+    unfinished = TrialReport.from_row({"kind": "darts", "epoch": 1, "best_dev_accuracy": 0.4}, "accuracy")
+    assert unfinished.test_score is None and unfinished.kind == "darts" and unfinished.best_epoch is None
+    assert TrialReport.from_row({}, "accuracy").kind is None
+
+
+def test_checkpoint_state_and_its_file_list_round_trip():
+    state = CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 0.5})
+    text = state_json(state, {"model/adapter.safetensors": (12, "ab" * 32)})
+    assert CheckpointState.from_json(text) == state
+    assert listed_files(text) == {"model/adapter.safetensors": (12, "ab" * 32)}
+    assert listed_files(state_json(state)) is None  # an older state without a file list
+    assert json.loads(text)[FILES_KEY] == {"model/adapter.safetensors": [12, "ab" * 32]}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        listed_files(text[:-10])
+    with pytest.raises(ValueError, match="malformed"):
+        listed_files(json.dumps({FILES_KEY: {"a": 3}}))

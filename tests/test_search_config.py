@@ -35,7 +35,7 @@ def write(tmp_path, data: dict, name: str = "experiment.yaml"):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"search": {"algorithmm": "tpe"}}, "search.algorithmm: Extra inputs are not permitted"),
+        ({"search": {"algorithmm": "tpe"}}, "search.algorithmm: unknown key; did you mean 'algorithm'?"),
         ({"search": {"algorithm": "bayes"}}, "search.algorithm: Input should be 'tpe', 'random', 'grid' or 'nsga2'"),
         ({"search": {"num_samples": -1}}, "search.num_samples: Input should be greater than or equal to 0"),
         ({"train": {"lr_range": [0.001, 0.01]}}, "train.lr_range: replaced by train.lr_grid"),
@@ -157,3 +157,25 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, manifest, no_ray, capsys)
     assert "--resume: no search to resume at" in err and "results/other" in err
     assert main(["search", str(good), "--name", "bad/name"]) == 2
     assert "--name: invalid experiment config\n  name: must be a plain folder name" in capsys.readouterr().err
+
+
+def test_every_run_resolves_its_config_one_way(tmp_path, manifest):
+    """resolve_config: a path is loaded, a config kept, --name replaces the name and is validated
+    again with the config's own error format; run_study, run_search and run_darts start there."""
+    import inspect
+
+    from pefttune.config import StudyConfig, resolve_config
+    from pefttune.darts.run import run_darts
+    from pefttune.study import run_study
+
+    path = write(tmp_path, search_config(manifest, tmp_path / "results"))
+    loaded = resolve_config(path)
+    assert isinstance(loaded, StudyConfig) and loaded.name == "search-test"
+    assert resolve_config(loaded) is loaded
+    renamed = resolve_config(str(path), name="other")
+    assert renamed.name == "other" and renamed.model_dump(exclude={"name"}) == loaded.model_dump(exclude={"name"})
+    assert resolve_config(None).name == load_config().name  # the embedded study
+    with pytest.raises(ValueError, match=r"--name: invalid experiment config\n  name: must be a plain folder name"):
+        resolve_config(loaded, name="a/b")
+    for run in (run_study, run_search, run_darts):
+        assert "resolve_config(config, name)" in inspect.getsource(run)

@@ -12,12 +12,14 @@ from optuna.trial import TrialState
 
 from pefttune.config import parse_config
 from pefttune.placement import Placement
+from pefttune.schema import TrialReport, metric_key
 from pefttune.search.optuna_search import Objective, PefttuneSearch, classify_result, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, fixed_points, layer_param, validate_space
 from pefttune.backbones import backbone_info
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+BEST = metric_key("dev", "accuracy", best=True)
 METHODS = {"lora": {"rank": [4, 8]}, "sequential": {"bottleneck": [8, 32]}, "bitfit": {}}
 
 
@@ -38,7 +40,7 @@ def info():
 
 def make_search(tmp_path, config, info, multi=False):
     space = validate_space(config, info)
-    objective = Objective("best_dev_accuracy", "max", config.train.epochs, multi_objective=multi)
+    objective = Objective(BEST, "max", config.train.epochs, multi_objective=multi)
     return PefttuneSearch(
         space,
         objective,
@@ -128,18 +130,24 @@ def test_budget_constraint_is_recorded(tmp_path, info):
     assert out["budget_exempt"] is True and search.study.get_trials()[0].constraints["budget"] == 0.0
 
 
+def row(epoch: int, best: float, **fields) -> dict:
+    """A trial's reported row as the searcher receives it (the schema's, not built by hand)."""
+    return TrialReport("accuracy", {}, epoch, best_dev=best, **fields).row()
+
+
 def test_classify_result():
-    objective = Objective("best_dev_accuracy", "max", max_epochs=3)
-    full = {"best_dev_accuracy": 0.5, "epoch": 3}
+    objective = Objective(BEST, "max", max_epochs=3)
+    full = row(3, 0.5)
     assert classify_result(objective, full, error=False) == (TrialState.COMPLETE, [0.5])
     assert classify_result(objective, {**full, "epoch": 1}, error=False) == (TrialState.PRUNED, None)
     assert classify_result(objective, full, error=True) == (TrialState.FAIL, None)
     assert classify_result(objective, None, error=False) == (TrialState.PRUNED, None)
-    over = {"best_dev_accuracy": 0.0, "epoch": 0, "over_budget": True}
+    over = row(0, 0.0, over_budget=True)
     assert classify_result(objective, over, error=False) == (TrialState.COMPLETE, [0.0])
-    assert classify_result(objective, {**full, "best_dev_accuracy": float("nan")}, False)[0] == TrialState.FAIL
-    multi = Objective("best_dev_accuracy", "max", 3, multi_objective=True)
-    assert classify_result(multi, {**full, "trainable_params": 100}, False) == (TrialState.COMPLETE, [0.5, 100.0])
+    assert classify_result(objective, row(3, float("nan")), False)[0] == TrialState.FAIL
+    multi = Objective(BEST, "max", 3, multi_objective=True)
+    with_params = TrialReport("accuracy", {"trainable_params": 100}, 3, best_dev=0.5).row()
+    assert classify_result(multi, with_params, False) == (TrialState.COMPLETE, [0.5, 100.0])
 
 
 def test_searcher_prunes_early_stopped_trials(tmp_path, info):
@@ -149,15 +157,15 @@ def test_searcher_prunes_early_stopped_trials(tmp_path, info):
     search = make_search(tmp_path, config, info)
     for trial_id in ("full", "stopped", "error", "over"):
         search.suggest(trial_id)
-    search.on_trial_result("over", {"epoch": 0, "best_dev_accuracy": 0.0, "over_budget": True})
-    search.on_trial_complete("over", {"epoch": 0, "best_dev_accuracy": 0.0, "over_budget": True})
+    search.on_trial_result("over", row(0, 0.0, over_budget=True))
+    search.on_trial_complete("over", row(0, 0.0, over_budget=True))
     for epoch, score in [(1, 0.3), (2, 0.4)]:
-        search.on_trial_result("full", {"epoch": epoch, "best_dev_accuracy": score})
-    search.on_trial_result("full", {"epoch": 2, "best_dev_accuracy": 0.4})  # re-reported after a restore
-    search.on_trial_complete("full", {"epoch": 3, "best_dev_accuracy": 0.6})  # stopped at max_t
-    search.on_trial_result("stopped", {"epoch": 1, "best_dev_accuracy": 0.2})
+        search.on_trial_result("full", row(epoch, score))
+    search.on_trial_result("full", row(2, 0.4))  # re-reported after a restore
+    search.on_trial_complete("full", row(3, 0.6))  # stopped at max_t
+    search.on_trial_result("stopped", row(1, 0.2))
     # the result on which ASHA stops a trial reaches the searcher only through on_trial_complete
-    search.on_trial_complete("stopped", {"epoch": 2, "best_dev_accuracy": 0.25})
+    search.on_trial_complete("stopped", row(2, 0.25))
     search.on_trial_complete("error", error=True)
     search.on_trial_complete("error", error=True)  # twice: ignored
     trials = search.study.get_trials()
@@ -170,11 +178,11 @@ def test_searcher_prunes_early_stopped_trials(tmp_path, info):
     # Ray's own OptunaSearch would have told the early-stopped trial COMPLETE
     from ray.tune.search.optuna import OptunaSearch
 
-    plain = OptunaSearch(space=search._space, metric="best_dev_accuracy", mode="max",
+    plain = OptunaSearch(space=search._space, metric=BEST, mode="max",
                          storage=make_storage(f"sqlite:///{tmp_path / 'plain.db'}"), study_name="plain")
     plain.suggest("stopped")
-    plain.on_trial_result("stopped", {"epoch": 1, "best_dev_accuracy": 0.2, "training_iteration": 1})
-    plain.on_trial_complete("stopped", {"epoch": 1, "best_dev_accuracy": 0.2})
+    plain.on_trial_result("stopped", {**row(1, 0.2), "training_iteration": 1})
+    plain.on_trial_complete("stopped", row(1, 0.2))
     assert plain._ot_study.get_trials()[0].state == TrialState.COMPLETE
 
 
@@ -189,7 +197,7 @@ def test_searcher_state_round_trip_fails_orphans(tmp_path, info):
     states = [t.state for t in restored.study.get_trials()]
     assert states[:2] == [TrialState.RUNNING, TrialState.FAIL]
     assert set(states[2:]) == {TrialState.WAITING}  # fixed points not asked yet
-    restored.on_trial_complete("a", {"epoch": 3, "best_dev_accuracy": 0.7})
+    restored.on_trial_complete("a", row(3, 0.7))
     assert restored.study.get_trials()[0].state == TrialState.COMPLETE
     # the fixed points are not enqueued a second time by a new searcher on the same study
     again = make_search(tmp_path, config, info)
@@ -205,7 +213,8 @@ def test_multi_objective_samplers(tmp_path, info):
         assert search.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
         for i in range(4):
             out = search.suggest(f"t{i}")
-            search.on_trial_complete(f"t{i}", {"epoch": 3, "best_dev_accuracy": 0.1 * i, "trainable_params": out["peft_params"]})
+            search.on_trial_complete(f"t{i}", TrialReport("accuracy", {"trainable_params": out["peft_params"]}, 3,
+                                                           best_dev=0.1 * i).row())
         assert all(t.state == TrialState.COMPLETE for t in search.study.get_trials())
         assert search.study.best_trials
 

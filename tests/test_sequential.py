@@ -2,8 +2,8 @@
 
 Each replication is one finding-1 comparison (DARTS - best uniform, margin delta) decided by the
 adaptive rule: train ``n_planned`` seeds; at each look, "not reproduced" when the interval lies
-above 0, "reproduced" when it lies below +delta (the order of ``finding1_verdict``), otherwise one
-more seed, until ``n_max`` (then "inconclusive").  Seed s's difference on the whole test set is
+above 0, "reproduced" when it lies below +delta (the order of ``darts_vs_uniform.rule``), otherwise
+one more seed, until ``n_max`` (then "inconclusive").  Seed s's difference on the whole test set is
 ``truth + b + e_s``: a seed effect e_s ~ N(0, SD_SEED^2), and a speaker-level shift b ~ N(0, tau^2)
 drawn once per replication (one test set for all seeds and looks), whose variance V_spk enters the
 standard error as seeds_speakers.py adds it: ``SE^2 = s_d^2 / n + V_spk``, df = n - 1, with V_spk
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from scipy.special import stdtrit
 
-from pefttune.analysis.intervals import Comparison, bonferroni_confidence, finding1_verdict, seeds_speakers_bootstrap
+from pefttune.analysis.findings.darts_vs_uniform import rule as darts_rule
+from pefttune.analysis.intervals import Comparison, bonferroni_confidence, seeds_speakers_bootstrap
 from pefttune.analysis.seeds_speakers import Clusters, Spread, t_interval
 from pefttune.analysis.sequential import SPENDINGS, SequentialDesign, spent_alpha
 
@@ -151,7 +152,7 @@ def simulate(setting: str, truth: float, naive: bool, seed: int = 0) -> dict:
     design = SequentialDesign(n_planned, n_max, ALPHA, spending)
     est, se, q, _, _ = _looks(design, naive, truth, tau, seed)
     low, high = est - q * se, est + q * se
-    verdict = np.where(low > 0, 2, np.where(high < DELTA, 1, 0))  # finding1_verdict's order
+    verdict = np.where(low > 0, 2, np.where(high < DELTA, 1, 0))  # darts_vs_uniform.rule's order
     decided = verdict > 0
     stop = np.where(decided.any(axis=0), decided.argmax(axis=0), len(design.looks()) - 1)
     cols = np.arange(REPS)
@@ -171,7 +172,7 @@ def _pair(setting: str, truth: float, seed: int = 0) -> tuple[dict, dict]:
 
 def test_the_vectorised_looks_are_the_interval_code_and_its_verdicts():
     """The simulation's interval is ``t_interval`` at ``confidence_at(n)`` and its verdict that of
-    ``finding1_verdict``, checked on replications of one setting."""
+    :func:`pefttune.analysis.findings.darts_vs_uniform.rule`, checked on replications of one setting."""
     n_planned, n_max, spending, tau = SETTINGS["3-6 Pocock, seeds x speakers"]
     design = SequentialDesign(n_planned, n_max, ALPHA, spending)
     est, se, q, s2, v_spk = _looks(design, False, DELTA / 2, tau, seed=11)
@@ -185,7 +186,7 @@ def test_the_vectorised_looks_are_the_interval_code_and_its_verdicts():
             c = Comparison(float(est[k, r]), low, high, p, "t", 100, n, n, confidence=design.confidence_at(n),
                            interval="seeds x speakers", spread=spread)
             mine = 2 if low > 0 else 1 if high < DELTA else 0
-            labels.append(finding1_verdict(c, DELTA, converged=True).label)
+            labels.append(darts_rule(c, DELTA, converged=True).verdict)
             assert labels[-1] == VERDICTS[mine]
     assert len(set(labels)) >= 2  # the check saw more than one verdict
 

@@ -1,21 +1,21 @@
-"""Hand-computed checks for pefttune.analysis.stats."""
+"""Hand-computed checks of the paired statistics in pefttune.analysis.intervals: agreement, kappa,
+error overlap, McNemar, the sign test, the pairwise table, and the percentile bootstrap."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pefttune.analysis.stats import (
+from pefttune.analysis.intervals import (
     agreement_matrix,
     agreement_rate,
-    bootstrap_ci,
     cohen_kappa,
     error_overlap,
     mcnemar_exact,
-    sign_test,
+    paired_bootstrap,
     pairwise_table,
+    sign_test,
 )
-from pefttune.metrics import accuracy, wer
 
 
 def _table_2x2(n00, n01, n10, n11):
@@ -142,37 +142,56 @@ def test_pairwise_table():
         pairwise_table(PREDS, [0, 1, 1])
 
 
-def test_bootstrap_ci_hand_checkable():
+def test_bootstrap_hand_checkable():
+    """The percentile bootstrap over examples against a fixed reference that gets every example wrong."""
     # All correct: every resample scores 1.
-    assert tuple(bootstrap_ci(accuracy, [1, 2, 3], [1, 2, 3])) == (1.0, 1.0, 1.0)
+    c = paired_bootstrap([[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]], draws=200)
+    assert (c.diff, c.ci_low, c.ci_high) == (1.0, 1.0, 1.0)
     # Two examples, one right: resampled accuracy is 0, .5, 1 w.p. 1/4, 1/2, 1/4,
     # so the 2.5% / 97.5% quantiles are 0 and 1.
-    ci = bootstrap_ci(accuracy, np.array([1, 0]), np.array([1, 1]), n=1000, seed=3)
-    assert (ci.estimate, ci.low, ci.high) == (0.5, 0.0, 1.0)
+    c = paired_bootstrap([[1.0, 0.0]], [[0.0, 0.0]], draws=1000, seed=3)
+    assert (c.diff, c.ci_low, c.ci_high) == (0.5, 0.0, 1.0)
 
 
-def test_bootstrap_ci_contract_and_lists():
+def test_bootstrap_percentiles_of_the_resampled_differences():
     rng = np.random.default_rng(7)
     ref = rng.integers(0, 2, size=40)
     pred = np.where(rng.random(40) < 0.7, ref, 1 - ref)
-    ci = bootstrap_ci(accuracy, pred, ref, n=200, seed=5, alpha=0.1)
-    idx = np.random.default_rng(5).integers(0, 40, size=(200, 40))
-    scores = [accuracy(pred[i], ref[i]) for i in idx]
-    assert ci.estimate == accuracy(pred, ref)
-    assert (ci.low, ci.high) == tuple(np.quantile(scores, [0.05, 0.95]))
-    assert ci.low <= ci.estimate <= ci.high
-    assert bootstrap_ci(accuracy, pred, ref, n=200, seed=5, alpha=0.1) == ci
-    # Lists of strings are resampled as lists (corpus WER).
-    w = bootstrap_ci(wer, ["a b", "c d"], ["a b", "c x"], n=50)
-    assert w.estimate == 0.25 and 0.0 <= w.low <= w.high <= 0.5
+    a, b = (pred == ref).astype(float), (ref == 1).astype(float)
+    c = paired_bootstrap([a], [b], draws=200, seed=5, confidence=0.9)
+    idx = np.random.default_rng(5).integers(0, 40, size=(200, 40))  # one resample for both sides
+    diffs = a[idx].mean(1) - b[idx].mean(1)
+    assert c.diff == pytest.approx(a.mean() - b.mean())
+    assert (c.ci_low, c.ci_high) == pytest.approx(tuple(np.quantile(diffs, [0.05, 0.95])))
+    assert c.ci_low <= c.diff <= c.ci_high
+    assert paired_bootstrap([a], [b], draws=200, seed=5, confidence=0.9) == c
+    # an error rate is summed edits over summed reference lengths (corpus WER), lower is better
+    w = paired_bootstrap([(np.array([0.0, 1.0]), np.array([2.0, 2.0]))], [(np.array([2.0, 2.0]), np.array([2.0, 2.0]))],
+                         draws=50, higher_is_better=False)
+    assert w.mean_a == 0.25 and w.diff == 0.75 and 0.5 <= w.ci_low <= w.ci_high <= 1.0
 
 
-def test_bootstrap_ci_rejects_bad_input():
-    with pytest.raises(ValueError, match="same length"):
-        bootstrap_ci(accuracy, [1, 2], [1])
-    with pytest.raises(ValueError, match="alpha"):
-        bootstrap_ci(accuracy, [1], [1], alpha=1.5)
-    with pytest.raises(ValueError, match="n must be"):
-        bootstrap_ci(accuracy, [1], [1], n=0)
-    with pytest.raises(ValueError, match="pred must not be empty"):
-        bootstrap_ci(accuracy, [], [])
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap([[1.0, 0.0]], [[1.0]])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_bootstrap([[1.0]], [[1.0]], confidence=1.5)
+    with pytest.raises(ValueError, match="draws must be"):
+        paired_bootstrap([[1.0]], [[1.0]], draws=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_bootstrap([], [[1.0]])
+
+
+def test_one_kappa_and_one_overlap_for_the_table_and_the_intervals():
+    """The pairwise table's kappa and error overlap are the computation the finding-3 intervals
+    resample, to the last bit."""
+    from pefttune.analysis.intervals import agreement_by_seed
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n, k = int(rng.integers(5, 400)), int(rng.integers(2, 15))
+        y = rng.integers(0, k, n)
+        a, b = (np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n)) for _ in range(2))
+        pair = agreement_by_seed([a], [b], y, draws=2)
+        assert cohen_kappa(a, b) == pair.kappa_by_seed[0] or math.isnan(pair.kappa_by_seed[0])
+        assert error_overlap(a == y, b == y) == pair.overlap_by_seed[0] or math.isnan(pair.overlap_by_seed[0])

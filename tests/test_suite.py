@@ -11,7 +11,9 @@ import yaml
 
 from pefttune.cli import main as cli_main
 from pefttune.config import parse_config, task_configs
-from pefttune.suite import overall_verdict, task_rows, write_suite
+from pefttune.analysis.findings import across_tasks
+from pefttune.analysis.findings.across_tasks import overall_verdict
+from pefttune.suite import task_rows, write_suite
 
 
 def _fake_study(root, task, metric, mode, scores, vote, strategies, verdicts):
@@ -112,6 +114,19 @@ def test_overall_verdict_rule():
     assert overall_verdict({"ks": "reproduced", "sid": "reproduced"}) == "reproduced"
     assert overall_verdict({"ks": "reproduced", "sid": "inconclusive"}).startswith("differs by task")
     assert overall_verdict({"ks": "reproduced", "sid": "missing"}).startswith("incomplete")
+
+
+def test_findings_across_tasks_quote_each_task_and_say_when_darts_derived_uniform():
+    same = {"claim": "DARTS does not beat uniform", "verdict": "reproduced", "rule": "reproduced: [-0.01, 0]",
+            "derived_is_uniform": True}
+    lines, overall = across_tasks.render({"ks": {"findings": {"1": same}}, "sid": {}})
+    text = "\n".join(lines)
+    assert "### Finding 1: DARTS does not beat uniform" in text and "### Finding 3: " in text
+    assert ("- ks: **reproduced**: reproduced: [-0.01, 0] (DARTS derived the best uniform placement itself: one "
+            "configuration compared with itself)") in text
+    assert "- sid: **missing**: no study" in text
+    assert overall == {"1": "incomplete: ks reproduced, sid missing", "2": "incomplete: ks missing, sid missing",
+                       "3": "incomplete: ks missing, sid missing"}
 
 
 def test_task_configs_merge_overrides_and_name_bad_fields():

@@ -13,7 +13,7 @@ from pefttune.config import parse_config
 from pefttune.heads import HeadConfig
 from pefttune.model import build_model, load_model_dir
 from pefttune.placement import Placement
-from pefttune.schema import TrialKind
+from pefttune.schema import CheckpointState, TrialKind
 from pefttune.search.summary import pareto_front, summary_table, top_k
 from pefttune import backbones
 from pefttune.trainables import checkpoint as ckpt
@@ -104,7 +104,7 @@ def test_checkpoint_resume_gives_the_same_weights(setup, tmp_path):
     straight = ckpt.trainable_state(model)
 
     model, data, optimizer, scheduler, train = _trial(config, ref)
-    state = ckpt.CheckpointState()
+    state = CheckpointState()
 
     def stop_after_first(result):
         state.epoch, state.best_score, state.best_epoch = result.epoch, result.dev.score, result.epoch
@@ -143,7 +143,7 @@ def test_final_evaluation_uses_the_best_weights(setup, tmp_path):
 
     expected = evaluate(fresh, data.test, train)
     np.testing.assert_allclose(evaluations["test"].arrays["probs"], expected.arrays["probs"], atol=1e-6)
-    state = ckpt.CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 1.0})
+    state = CheckpointState(epoch=2, best_score=0.5, best_epoch=1, finished=True, metrics={"test_accuracy": 1.0})
     ckpt.write_checkpoint(tmp_path, model, state, best_weights=best, predictions=evaluations)
     stored = ckpt.checkpoint_predictions(tmp_path, "test")
     assert set(stored) == {"index", "probs", "label", "pred"}

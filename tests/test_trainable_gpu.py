@@ -63,6 +63,7 @@ def _trial(device):
 
 
 def test_bf16_training_checkpoint_resume_on_gpu(tmp_path=None):
+    from pefttune.schema import CheckpointState
     from pefttune.trainables import checkpoint as ckpt
     from pefttune.runtime import cluster
     from pefttune.training import fit
@@ -79,7 +80,7 @@ def test_bf16_training_checkpoint_resume_on_gpu(tmp_path=None):
 
     model, optimizer, scheduler, train = _trial(device)
     train_loader, dev_loader, _ = _loaders()
-    state = ckpt.CheckpointState()
+    state = CheckpointState()
 
     def stop(result):
         state.epoch, state.best_score, state.best_epoch = result.epoch, result.dev.score, result.epoch

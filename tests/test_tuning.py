@@ -190,8 +190,10 @@ def test_continuing_the_rung_gives_the_numbers_of_training_from_the_start(tuned_
     from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import trials_table
     from pefttune.runtime.cluster import grid_tune_config
-    from pefttune.runtime.plan import GridPlan, grid_run_config, grid_tuner
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.runtime.plan import GridPlan, grid_tuner
+    from pefttune.runtime.tune_run import run_config
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
     from pefttune.trainables.setup import make_setup
 
     config, path = tuned_search
@@ -201,8 +203,8 @@ def test_continuing_the_rung_gives_the_numbers_of_training_from_the_start(tuned_
     record = next(t for t in store.trials if t.trial_id == continued["trial_id"])
     trial = {k: record.config[k] for k in ("config_id", "kind", "method", "placement", "lr", "seed", "budget_exempt")}
     scratch = str(path / "from-scratch")
-    tuner = grid_tuner(make_trainable(make_setup(config, scratch)), scratch, GridPlan([{**trial, CONTINUES: None}]),
-                       grid_tune_config(1, False), grid_run_config(config, "from-scratch", str(path), [], 0))
+    tuner = grid_tuner(make_trainable(train_fn, make_setup(config, scratch)), scratch, GridPlan([{**trial, CONTINUES: None}]),
+                       grid_tune_config(1, False), run_config(config, f"{path}/from-scratch", verbose=0))
     result = tuner.fit()[0].metrics
     assert result["start_epoch"] == 1 and continued["start_epoch"] == 2
     assert result["best_dev_accuracy"] == pytest.approx(continued["best_dev_score"], abs=1e-6)

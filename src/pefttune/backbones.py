@@ -1,12 +1,13 @@
 """Frozen speech SSL encoders (wav2vec 2.0, HuBERT, WavLM), run component by component.
 
-One concept, one module (about 520 lines): every encoder the model can sit on, the log-mel
+One concept, one module (about 580 lines): every encoder the model can sit on, the log-mel
 reference pseudo-encoder included, shares the :class:`SpeechEncoder` interface defined here.
 
 `load_backbone(name_or_path)` accepts
 - a built-in tiny backbone name (`tiny-wav2vec2`, `tiny-hubert`, `tiny-wavlm`: random init
   from a fixed seed, for unit tests) or a shipped self-supervised one (see `SHIPPED`),
-- a local directory written by `save_pretrained`,
+- a local directory written by `save_pretrained` (config.json and safetensors weights: a
+  pickled pytorch_model.bin is refused, never loaded),
 - a Hugging Face model id (needs the model in the local HF cache or network access), or
 - ``log-mel`` (:data:`LOG_MEL`): the reference pseudo-backbone, no SSL encoder at all
   (:class:`LogMelEncoder`: 40-band log-mel frames at 20 ms, zero layers).
@@ -45,6 +46,7 @@ from transformers import (
 )
 
 from pefttune import attention
+from pefttune.log_mel import LogMel
 
 Family = Literal["wav2vec2", "hubert", "wavlm", "log-mel"]
 #: The transformers SSL families (``log-mel`` is the pseudo-backbone's family, not one of these).
@@ -153,11 +155,70 @@ def shipped_dir(name: str) -> Path:
     return Path(__file__).parent / "assets" / SHIPPED[name]
 
 
-def _load_pretrained(source: str | Path) -> PreTrainedModel:
+def _load_pretrained(source: str | Path, local: bool = False) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(str(source))
     family = family_of(config)
     kwargs = {"attn_implementation": "eager"} if family == "wavlm" else {}
+    if local:  # a directory a user hands over: safetensors only, never a pickle
+        kwargs["use_safetensors"] = True
     return _MODEL_CLASSES[family].from_pretrained(str(source), **kwargs)
+
+
+#: Weight files of a ``save_pretrained`` directory that pefttune loads (safetensors only).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_local_dir(path: Path) -> Path:
+    """``path`` as a loadable backbone directory: ``config.json`` and safetensors weights.
+
+    Raises FileNotFoundError naming the directory, what is missing and how to write it."""
+    save = f"write it with `model.save_pretrained('{path}')` (transformers saves config.json and model.safetensors)"
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone: {path} is a file, not a model directory; {save}")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"backbone: {path} has no config.json (expected a save_pretrained directory); {save}")
+    if any((path / name).exists() for name in WEIGHT_FILES):
+        return path
+    pickled = [name for name in _PICKLED_WEIGHTS if (path / name).exists()]
+    if pickled:
+        raise FileNotFoundError(
+            f"backbone: {path} holds only {pickled[0]}, a pickle, which pefttune never loads; convert it once "
+            f"to safetensors where you trust the file: `AutoModel.from_pretrained('{path}')"
+            f".save_pretrained('{path}')` writes model.safetensors")
+    raise FileNotFoundError(f"backbone: {path} has config.json but no weights ({' or '.join(WEIGHT_FILES)}); {save}")
+
+
+def hub_error(name: str, err: Exception) -> ValueError:
+    """The error for a Hugging Face id that could not be resolved: offline (``HF_HUB_OFFLINE``) or
+    without network, it says so and asks for a local directory."""
+    import huggingface_hub.constants
+
+    builtin = sorted(TINY_BACKBONES) + sorted(SHIPPED) + [LOG_MEL]
+    head = (f"backbone: {name!r} is neither a built-in backbone ({', '.join(builtin)}), a local directory, "
+            "nor a Hugging Face model in the local cache")
+    save = (f"on a machine with network run `python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{name}').save_pretrained('DIR')\"`, copy DIR here and set backbone: DIR "
+            "(a local directory)")
+    text = " ".join(str(err).split())
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return ValueError(f"{head}, and it cannot be fetched offline (HF_HUB_OFFLINE is set). Fix: {save}")
+    if any(word in text.lower() for word in ("connect", "network", "resolve", "offline", "timed out")):
+        return ValueError(f"{head}, and it cannot be fetched offline (no network: huggingface.co could not be "
+                          f"reached). Fix: {save}")
+    return ValueError(f"{head} ({err.__class__.__name__}: {text[:300]}). Fix: check the id, or set backbone to a "
+                      "local directory written by save_pretrained")
+
+
+def _check_hub_weights(name: str) -> None:
+    """Offline, a hub id whose config is cached but whose weights are not fails here, not in a trial."""
+    import huggingface_hub.constants
+    from huggingface_hub import try_to_load_from_cache
+
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    if not any(isinstance(try_to_load_from_cache(name, file), str) for file in (*WEIGHT_FILES, *_PICKLED_WEIGHTS)):
+        raise hub_error(name, OSError("its config is cached, its weights are not"))
 
 
 def load_backbone(name_or_path: str | Path) -> "SpeechEncoder":
@@ -177,18 +238,27 @@ def load_backbone(name_or_path: str | Path) -> "SpeechEncoder":
         return SpeechEncoder(_load_pretrained(directory), name=name)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"backbone: {path} has no config.json (expected a save_pretrained directory)")
-        return SpeechEncoder(_load_pretrained(path), name=str(path.resolve()))
+        return SpeechEncoder(_load_pretrained(check_local_dir(path), local=True), name=str(path.resolve()))
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"backbone: local path {name} does not exist")
     try:
         return SpeechEncoder(_load_pretrained(name), name=name)
     except OSError as err:
-        raise ValueError(
-            f"backbone: {name!r} is neither a built-in backbone {sorted(TINY_BACKBONES) + sorted(SHIPPED)}, "
-            f"a local directory, nor a Hugging Face id available offline ({err.__class__.__name__})"
-        ) from err
+        raise hub_error(name, err) from err
+
+
+def transformers_reference(name: str) -> str:
+    """What ``transformers.AutoModel.from_pretrained`` loads for a backbone that
+    :func:`load_backbone` knows by ``name``: a Hugging Face id as it is, a local directory
+    as its absolute path, a shipped backbone as its directory inside this installation. A
+    built-in random tiny backbone (:data:`TINY_BACKBONES`) has no directory: its name
+    stays (only :func:`build_tiny_model` makes it)."""
+    if name in TINY_BACKBONES or name == LOG_MEL:
+        return name
+    if name in SHIPPED:
+        return str(shipped_dir(name).resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 @dataclass(frozen=True)
@@ -216,8 +286,6 @@ class BackboneInfo:
 
 def backbone_info(name: str) -> BackboneInfo:
     """Shape of a backbone from its config only (no weights loaded)."""
-    from transformers import AutoConfig
-
     if name == LOG_MEL:
         return LogMelConfig().info()
     if name in TINY_BACKBONES:
@@ -229,18 +297,15 @@ def backbone_info(name: str) -> BackboneInfo:
         return BackboneInfo.from_config(AutoConfig.from_pretrained(str(source)), name)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"backbone: {path} has no config.json (expected a save_pretrained directory)")
-        return BackboneInfo.from_config(AutoConfig.from_pretrained(str(path)), str(path.resolve()))
+        return BackboneInfo.from_config(AutoConfig.from_pretrained(str(check_local_dir(path))), str(path.resolve()))
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"backbone: local path {name} does not exist")
     try:
-        return BackboneInfo.from_config(AutoConfig.from_pretrained(name), name)
+        info = BackboneInfo.from_config(AutoConfig.from_pretrained(name), name)
     except OSError as err:
-        raise ValueError(
-            f"backbone: {name!r} is neither a built-in backbone, a local directory, "
-            f"nor a Hugging Face id available offline ({err.__class__.__name__})"
-        ) from err
+        raise hub_error(name, err) from err
+    _check_hub_weights(name)
+    return info
 
 
 class SpeechEncoder(nn.Module):
@@ -301,16 +366,22 @@ class SpeechEncoder(nn.Module):
         # between the same weights built in memory, saved, or loaded elsewhere: not hashed.
         config = {k: v for k, v in self.config.to_diff_dict().items() if k not in _CONFIG_METADATA}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(self.frozen_state_dict().items()):
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen weights under the transformers model's own names (PEFT weights left out,
+        method wrappers' ``.base_layer`` removed): what ``load_state_dict`` of a fresh model
+        of the same class takes."""
         frozen = {}
         for key, tensor in self.model.state_dict().items():
             if any(tag in key for tag in ("lora_", "ia3_", ".pefttune.")):
                 continue  # PEFT weights, not the backbone's
             frozen[key.replace(".base_layer", "")] = tensor
-        for key, tensor in sorted(frozen.items()):
-            digest.update(key.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return frozen
 
     # -- forward, in two steps ------------------------------------------------------
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
@@ -414,7 +485,7 @@ class LogMelConfig:
     """Settings of the ``log-mel`` pseudo-backbone (all of them enter its content hash).
 
     Window 380 / hop 320 samples (23.75 ms / 20 ms at 16 kHz) are the tiny backbones'
-    CNN receptive field and total stride (:func:`pefttune.pretraining.targets.receptive_field`
+    CNN receptive field and total stride (:func:`pefttune.log_mel.receptive_field`
     of :func:`tiny_config`): log-mel frame ``t`` covers exactly the samples that a tiny
     backbone's frame ``t`` sees, so the head pools over the same frames as on the default
     ``tiny-hubert-ssl``. Normalisation ``utterance``: one mean and one standard deviation
@@ -449,7 +520,7 @@ class LogMelEncoder(SpeechEncoder):
     """The ``log-mel`` reference: a :class:`SpeechEncoder` without an SSL encoder.
 
     :meth:`embed` computes normalised log-mel frames (:class:`LogMelConfig`) with
-    :class:`pefttune.pretraining.targets.LogMel`; there are zero transformer layers, so the
+    :class:`pefttune.log_mel.LogMel`; there are zero transformer layers, so the
     head's weighted layer sum sees one hidden state (the features), the only placement is
     the empty one (``{"num_layers": 0, "layers": []}``) and the head holds every trainable
     parameter. It has no weights of its own (``model`` is an empty module), so
@@ -459,8 +530,6 @@ class LogMelEncoder(SpeechEncoder):
 
     def __init__(self, settings: LogMelConfig | None = None):
         nn.Module.__init__(self)  # no transformers model to wrap (SpeechEncoder.__init__ needs one)
-        from pefttune.pretraining.targets import LogMel  # lazy: pefttune.pretraining imports this module
-
         self.settings = settings or LogMelConfig()
         self.name = LOG_MEL
         self.family: Family = "log-mel"

@@ -1,7 +1,8 @@
 """The experiment config: one YAML file, validated before Ray starts.
 
 Every section is a pydantic model whose fields carry help text; unknown keys are
-errors (typos fail early) and messages name the field, e.g.
+errors (typos fail early, with the closest valid key: ``train.epohcs: unknown key; did you
+mean 'epochs'?``) and messages name the field, e.g.
 ``search.num_samples: Input should be greater than or equal to 1``.
 
 Shipped examples live in ``pefttune/configs/`` (``embedded.yaml`` is the default study of
@@ -30,7 +31,7 @@ class DataConfig(_Section):
         "ks", description="Task: keyword spotting, speaker id, phoneme recognition, intent, ASR, emotion, custom."
     )
     path: str | None = Field(None, description="Manifest file or dataset root (not used for synth).")
-    seed: int = Field(0, description="Seed of the synthesized corpus.")
+    seed: int = Field(0, description="Seed of the synthesized corpus, and of the draw of data.max_utterances.")
     per_class: int | None = Field(None, ge=1, description="Synthesized clips per class and split size knob (synth only).")
     test_per_class: int | None = Field(
         None, ge=1, description="Synthesized KS test clips per class (default: 400 for the default corpus, sized for "
@@ -49,6 +50,11 @@ class DataConfig(_Section):
         "less compute spent on padding. Default: on for CTC tasks (sentences vary in length), off for classification."
     )
     max_seconds: float | None = Field(None, gt=0, description="Crop clips longer than this many seconds (train only).")
+    max_utterances: int | None = Field(
+        None, ge=1, description="Use at most this many utterances of each split, drawn with data.seed; the train draw "
+        "keeps at least one utterance of every label of a classification task (so it may hold a few more). For a "
+        "smoke run on a large dataset: every trial evaluates the whole dev and test splits. None: all."
+    )
     on_error: Literal["raise", "skip"] = Field("raise", description="Unreadable audio: raise an error, or skip and count.")
 
     @model_validator(mode="after")
@@ -353,6 +359,56 @@ class ResourcesSection(_Section):
     )
 
 
+class MlflowSection(_Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:////path/mlflow.db, databricks, ...). "
+        "Default: a sqlite store in the study folder, sqlite:///<storage>/<name>/mlflow.db (current MLflow "
+        "refuses a new ./mlruns file store)."
+    )
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment name (default: `name`).")
+
+
+class WandbSection(_Section):
+    project: str | None = Field(None, min_length=1, description="W&B project (default: `name`).")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: runs written under `dir` only (sync later with `wandb sync`); online: "
+        "sent to the W&B server."
+    )
+    dir: str | None = Field(None, description="Folder of the W&B run files (default: <storage>/<name>/wandb).")
+
+
+def _enable(value: Any) -> Any:
+    """``true`` -> the section with its defaults, ``false`` -> off; a string -> ``{uri: ...}`` (MLflow)."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+class TrackingSection(_Section):
+    mlflow: MlflowSection | None = Field(
+        None, description="Log to MLflow: one run per trial (its config, its metrics per epoch, tags kind, "
+        "config_id and seed) under one run of the study, which holds the report, the tables and the plots. "
+        "true, a URI, or {uri, experiment}. Needs the `tracking` extra (pip install 'pefttune[tracking]')."
+    )
+    wandb: WandbSection | None = Field(
+        None, description="Log to Weights & Biases (one run per trial): true or {project, mode, dir}; offline by "
+        "default. Needs `pip install wandb`."
+    )
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow(cls, value: Any) -> Any:
+        value = _enable(value)
+        return {"uri": value} if isinstance(value, str) else value
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _wandb(cls, value: Any) -> Any:
+        return _enable(value)
+
+
 class StudyConfig(_Section):
     name: str = Field("pefttune", min_length=1, description="Experiment name (folder under storage).")
     backbone: str = Field("tiny-hubert-ssl", description="Built-in name, local model dir, or Hugging Face id.")
@@ -380,6 +436,10 @@ class StudyConfig(_Section):
         description="The local storage path is a shared filesystem (e.g. NFS) mounted at the same path on every "
         "node; required for a local storage path on a multi-node cluster.",
     )
+    tracking: TrackingSection | None = Field(
+        None, description="Send the study to an experiment tracker (MLflow, W&B); off by default. A tracker that "
+        "cannot be reached is warned about once and the study goes on without it."
+    )
     ensemble_size: int = Field(5, ge=2, description="Members of the top-k ensembles.")
     tasks: list[str] | dict[str, dict[str, Any] | None] | None = Field(
         None,
@@ -398,6 +458,17 @@ class StudyConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: a task is listed twice in {names}")
         task_configs(self)  # every task's config validated; errors name tasks.<task>
+        return self
+
+    @model_validator(mode="after")
+    def _tracking_store(self):
+        mlflow = self.tracking.mlflow if self.tracking else None
+        if mlflow is not None and mlflow.uri is None and "://" in self.storage:
+            raise ValueError(f"tracking.mlflow.uri: required when storage is a URI ({self.storage}); the default "
+                             "sqlite store lives in a local study folder")
+        wandb = self.tracking.wandb if self.tracking else None
+        if wandb is not None and wandb.dir is None and "://" in self.storage:
+            raise ValueError(f"tracking.wandb.dir: required when storage is a URI ({self.storage})")
         return self
 
     @model_validator(mode="after")
@@ -518,7 +589,9 @@ def task_configs(config: StudyConfig, tasks=None) -> dict[str, StudyConfig]:
             out[task] = StudyConfig.model_validate(data)
         except ValidationError as err:  # every bad field, named inside the task: tasks.pr.train.epochs
             problems = "; ".join(
-                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + f": {e['msg'].removeprefix('Value error, ')}"
+                f"tasks.{task}" + "".join(f".{p}" for p in e["loc"]) + ": "
+                + (unknown_key_message(e["loc"]) if e["type"] == "extra_forbidden"
+                   else e["msg"].removeprefix("Value error, "))
                 for e in err.errors()
             )
             raise ValueError(problems) from None
@@ -535,8 +608,36 @@ def _format_error(err: ValidationError, source: str) -> str:
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = unknown_key_message(item["loc"])
         lines.append(f"  {where}: {message}")
     return f"{source}: invalid experiment config\n" + "\n".join(lines)
+
+
+def unknown_key_message(loc: tuple) -> str:
+    """What to say about a key no section has, e.g. ``train.epohcs``: the closest valid key of its
+    section, or the section's keys.
+
+    Example::
+
+        >>> unknown_key_message(("train", "epohcs"))
+        "unknown key; did you mean 'epochs'?"
+    """
+    import difflib
+
+    model: type[BaseModel] | None = StudyConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = getattr(field, "annotation", None)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return "unknown key"
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    section = ".".join(str(p) for p in loc[:-1]) or "the config's top level"
+    return f"unknown key; the keys of {section} are {', '.join(keys)}"
 
 
 def parse_config(data: dict | None, source: str = "config") -> StudyConfig:
@@ -558,6 +659,17 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if overrides:
         data = _deep_merge(data, overrides)
     return parse_config(data, str(path))
+
+
+def resolve_config(config: StudyConfig | str | Path | None, name: str | None = None) -> StudyConfig:
+    """The config a run uses: ``config`` itself, or loaded from a path (None: the embedded
+    study, see :func:`load_config`); ``name`` (``--name``) replaces its name, validated again.
+    Every entry point (``run_study``, ``run_suite``, ``run_search``, ``run_darts``) starts here."""
+    if not isinstance(config, StudyConfig):
+        config = load_config(config)
+    if name is not None:
+        config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
+    return config
 
 
 REPLACED_ON_EXTEND = ("methods", "tasks")

@@ -33,6 +33,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from pefttune.analysis.findings import Decision, FindingKey
 from pefttune.config import StudyConfig
 from pefttune.runtime.storage import read_storage_text, write_storage_text
 from pefttune.schema import TrialKind
@@ -75,39 +76,26 @@ class RoundsLog:
         write_storage_text(f"{path}/{ROUNDS_FILE}", self.to_json())
 
 
-def open_findings(decided: dict) -> list[str]:
+def open_findings(decision: Decision) -> list[str]:
     """Findings that more seeds may decide: inconclusive because an interval straddles its
-    threshold. Not open: not run, an unconverged relaxation (more retrains do not make it
-    converge), and "nothing learned" once the gate is decided (every configuration's interval
-    against the trivial reference lies below +delta); while the gate itself straddles +delta,
-    every finding it holds back is open."""
-    margin = decided.get("margin", 0.01)
-    if not decided.get("learned", True):
-        trivial = (decided.get("references") or {}).get("vs_trivial") or {}
-        if not any(c and c["ci_low"] <= margin < c["ci_high"] for c in trivial.values()):
+    threshold (:attr:`~pefttune.analysis.findings.Finding.open`). Not open: not run, an
+    unconverged relaxation (more retrains do not make it converge), and "nothing learned" once
+    the gate is decided (every configuration's interval against the trivial reference lies below
+    +delta); while the gate itself straddles +delta, every finding it holds back is open."""
+    if not decision.learned:
+        trivial = decision.references.vs_trivial if decision.references is not None else {}
+        if not any(c.ci_low <= decision.margin < c.ci_high for c in trivial.values()):
             return []
-    out = []
-    for key, finding in decided.get("findings", {}).items():
-        verdict = finding.get("own_verdict", finding.get("verdict"))
-        if verdict != "inconclusive" and not (verdict and finding.get("verdict", "").endswith("nothing learned")):
-            continue
-        if key == "1" and not finding.get("convergence", {}).get("converged"):
-            continue  # more retrains do not make a relaxation converge
-        out.append(key)
-    return out
+    return [str(key) for key, finding in decision.findings.items() if finding.open]
 
 
-def round_configs(decided: dict, keys: list[str]) -> tuple[list[str], bool]:
+def round_configs(decision: Decision, keys: list[str]) -> tuple[list[str], bool]:
     """The configurations the open findings compare (DARTS-derived ones excluded: they come from a
-    new search), and whether finding 1's DARTS search is needed."""
-    configs = decided.get("configs", {})
-    uniform = sorted(cid for cid, c in configs.items() if c.get("kind") == TrialKind.UNIFORM)
-    wanted: set[str] = set()
-    if "1" in keys:
-        wanted.add(decided["findings"]["1"].get("uniform_config"))
-    if "2" in keys or "3" in keys:
-        wanted.update(uniform)
-    return sorted(c for c in wanted if c), "1" in keys
+    new search), and whether a DARTS search is needed (an open finding compares a DARTS-derived one)."""
+    kinds = {cid: c.kind for cid, c in decision.configs.items()}
+    compared = {cid for key in keys for cid in decision.findings[FindingKey(key)].compares}
+    darts = any(kinds.get(cid) == TrialKind.DARTS_DERIVED for cid in compared)
+    return sorted(cid for cid in compared if kinds.get(cid) != TrialKind.DARTS_DERIVED), darts
 
 
 def next_seed(config: StudyConfig, log: RoundsLog) -> int:
@@ -142,10 +130,12 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     from pefttune.runtime.cluster import fit_environment, grid_tune_config
     from pefttune.runtime.console import quiet_ray_loggers
     from pefttune.runtime.study_dir import holds_run
-    from pefttune.runtime.plan import GridPlan, check_plan, grid_run_config, grid_tuner, restore_grid
+    from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, restore_grid
+    from pefttune.runtime.tune_run import run_config
     from pefttune.search.replicates import plan_replicates
     from pefttune.tuning import stored_choices
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
     from pefttune.trainables.setup import make_setup
 
     root = round_path(study_path, rnd.seed)
@@ -160,11 +150,11 @@ def run_round(config: StudyConfig, study_path: str, rnd: Round, resume: bool, ve
     if trials:
         if resume and holds_run(path):
             check_plan(path, plan)
-            tuner = restore_grid(path, make_trainable(setup))
+            tuner = restore_grid(path, make_trainable(train_fn, setup))
         else:
-            tuner = grid_tuner(make_trainable(setup), path, plan,
+            tuner = grid_tuner(make_trainable(train_fn, setup), path, plan,
                                grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                               grid_run_config(config, TRAININGS_DIR, root, [], verbose))
+                               run_config(config, path, verbose=verbose))
         with fit_environment(), quiet_ray_loggers(verbose):
             tuner.fit()
     if rnd.darts:
@@ -187,7 +177,7 @@ def _darts_round(config: StudyConfig, root: str, seed: int, resume: bool, verbos
 
 def more_seeds(config: StudyConfig, study_path: str, resume: bool, verbose: int, decide) -> RoundsLog:
     """Rounds of one more seed while a finding is open (Ray connected); ``decide()`` returns the
-    findings of the study as it stands (:func:`pefttune.analysis.findings.decide`'s dict)."""
+    findings of the study as it stands (a :class:`~pefttune.analysis.findings.Decision`)."""
     log = RoundsLog.read(study_path)
     started = time.time() - sum(r.seconds or 0.0 for r in log.rounds)
     if log.rounds and log.rounds[-1].seconds is None:  # killed mid-round: finish it first

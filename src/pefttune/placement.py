@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from pefttune.backbones import BackboneInfo, SpeechEncoder
 from pefttune.methods import LayerMethod, get_method
@@ -231,8 +232,6 @@ def apply_placement(encoder: SpeechEncoder, placement: Placement) -> list[list[L
     ``.to(device)`` and appear in ``named_parameters``. Their parameters are the only
     trainable ones in the encoder.
     """
-    import torch.nn as nn
-
     info = encoder.info
     placement.validate_for(info)
     if any(hasattr(layer, "pefttune") for layer in encoder.layers):

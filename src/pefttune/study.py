@@ -42,7 +42,7 @@ from typing import Callable
 
 import pandas as pd
 
-from pefttune.config import StudyConfig, load_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.schema import TrialKind
 
 
@@ -168,9 +168,11 @@ def stage_more_seeds(study: StudyRun) -> None:
 
 def stage_analysis(study: StudyRun) -> None:
     from pefttune.analysis.report import analyze
+    from pefttune.runtime.tracking import log_study, study_files
 
     if study.discrete_finished:
         study.summary = analyze(study.path)
+        log_study(study.config, study.path, study_files(study.summary))  # report, tables, plots
 
 
 def _holds(study: StudyRun, sub: str) -> bool:
@@ -258,12 +260,10 @@ def run_study(
     """
     from pefttune.runtime.console import failure_summary
     from pefttune.runtime.study_dir import refuse_existing, study_dir
+    from pefttune.runtime.tracking import end_study, start_study
     from pefttune.search.run import build_search_plan
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     if config.tasks:
         raise ValueError(f"tasks: {config.name} is a suite of {list(config.tasks)}; run it with "
                          "pefttune.suite.run_suite (what `pefttune run` does for such a config)")
@@ -275,12 +275,18 @@ def run_study(
     if not resume:
         refuse_existing(path, "a study")
     study = StudyRun(config, path, address, resume, verbose)
-    seconds = run_stages(study)
+    start_study(config, path, resume)  # the tracker's run of the study (tracking: ...), found again on resume
+    try:
+        seconds = run_stages(study)
+    except BaseException as err:
+        end_study(config, path, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     seconds["total"] = time.perf_counter() - start
     frame = pd.concat([f for f in study.frames.values() if len(f)], ignore_index=True)
     if "error" not in frame:
         frame["error"] = ""
     outcome = failure_summary(frame)
+    end_study(config, path, "FINISHED" if study.discrete_finished and not outcome.exit_code else "FAILED")
     if not study.discrete_finished:
         print("\n".join(outcome.lines + [f"no analysis: the discrete arm finished no trial (see {path}/errors.log)"]))
         return StudyResult(str(path), {}, seconds, 1, outcome.lines)

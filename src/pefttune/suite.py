@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pefttune.analysis.findings import across_tasks, ensembles
 from pefttune.analysis.store import analysis_dir, local_output_dir
-from pefttune.config import StudyConfig, load_config, suite_path, task_configs
+from pefttune.config import StudyConfig, resolve_config, suite_path, task_configs
 from pefttune.schema import TrialKind
 
 #: The tasks of ``pefttune run --suite`` when the config names none (the synthesized corpora).
 DEFAULT_TASKS = ("ks", "sid", "pr")
 SUITE_FILE = "suite.md"
 SUITE_TABLE = "suite"
-FINDINGS = ("1", "2", "3")
 
 
 @dataclass
@@ -50,10 +50,7 @@ def run_suite(config: StudyConfig | str | Path | None = None, address: str | Non
     from pefttune.runtime.study_dir import refuse_existing, study_dir
     from pefttune.runtime.heartbeat import Heartbeat
 
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     configs = task_configs(config, tasks or config.tasks or list(DEFAULT_TASKS))
     root = suite_path(config)
     if not resume:  # refuse before any compute: every task folder named
@@ -118,20 +115,7 @@ def task_rows(task: str, path: str):
                 trial = trials.loc[trial_id]
                 records.append({"task": task, "row": label, "config_id": row["config_id"],
                                 "seed": _int(trial.get("seed")), "metric": metric, "score": float(trial["test_score"])})
-    ensembles = summary.get("findings", {}).get("2", {})
-    per_seed = ensembles.get("per_seed") or []
-    vote = ensembles.get("majority_strategy")
-    if per_seed and vote:
-        records += [{"task": task, "row": "majority vote", "config_id": f"ensemble:{vote}", "seed": s["seed"],
-                     "metric": metric, "score": float(s["vote_test"])} for s in per_seed]
-        strategies = [s for s in per_seed[0].get("strategies", {})]
-        if strategies:
-            def mean_dev(strategy):
-                return sum(s["strategies"][strategy]["dev"] for s in per_seed) / len(per_seed)
-            best = max(strategies, key=mean_dev) if mode == "max" else min(strategies, key=mean_dev)
-            records += [{"task": task, "row": "best ensemble (by dev)", "config_id": f"ensemble:{best}",
-                         "seed": s["seed"], "metric": metric, "score": float(s["strategies"][best]["test"])}
-                        for s in per_seed]
+    records += ensembles.suite_records(task, summary.get("findings", {}).get(ensembles.KEY, {}), metric, mode)
     return pd.DataFrame.from_records(records, columns=["task", "row", "config_id", "seed", "metric", "score"])
 
 
@@ -159,16 +143,6 @@ def suite_frame(task_dirs: dict[str, str]):
     if not frames:
         return pd.DataFrame(columns=["task", "row", "config_id", "seed", "metric", "score"])
     return pd.concat(frames, ignore_index=True)
-
-
-def overall_verdict(verdicts: dict[str, str]) -> str:
-    """Over all tasks: the verdict every task reached, else ``differs by task``."""
-    values = set(verdicts.values())
-    if not verdicts or "missing" in values:
-        return "incomplete: " + ", ".join(f"{t} {v}" for t, v in verdicts.items())
-    if len(values) == 1:
-        return next(iter(values))
-    return "differs by task: " + ", ".join(f"{t} {v}" for t, v in verdicts.items())
 
 
 def _run_task(result: SuiteResult, task: str, tasks: list[str], config: StudyConfig, address: str | None,
@@ -220,22 +194,8 @@ def write_suite(root: str, task_dirs: dict[str, str]) -> dict:
             interval = f" [{s.ci_low:.3f}, {s.ci_high:.3f}]" if s.n > 1 else f" ({s.note})"
             cells.append(f"{s.mean:.3f}{interval} (n={s.n})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Findings per task and over all tasks", ""]
-    overall = {}
-    for key in FINDINGS:
-        verdicts = {t: summaries[t].get("findings", {}).get(key, {}).get("verdict", "missing") for t in tasks}
-        claim = next((summaries[t]["findings"][key].get("claim") for t in tasks
-                      if summaries[t].get("findings", {}).get(key, {}).get("claim")), "")
-        overall[key] = overall_verdict(verdicts)
-        lines.append(f"### Finding {key}: {claim}")
-        lines.append(f"- over all tasks: **{overall[key]}** (rule: the verdict every task reached; otherwise the "
-                     "tasks' verdicts are listed)")
-        for task in tasks:
-            finding = summaries[task].get("findings", {}).get(key, {})
-            note = " (DARTS derived the best uniform placement itself: one configuration compared with itself)" \
-                if finding.get("derived_is_uniform") else ""
-            lines.append(f"- {task}: **{finding.get('verdict', 'missing')}**: {finding.get('rule', 'no study')}{note}")
-        lines.append("")
+    findings, overall = across_tasks.render(summaries)
+    lines += findings
     atomic_write_text(str(out / SUITE_FILE), "\n".join(lines) + "\n")
     atomic_write_text(str(out / "suite.json"), json.dumps({"tasks": task_dirs, "findings": overall}, indent=2) + "\n")
     return {"suite": str(out / SUITE_FILE), "table": str(out / f"{SUITE_TABLE}.parquet")}

@@ -234,7 +234,8 @@ def tune_rates(config: StudyConfig, path: str, candidates: list[dict], trainable
     from pefttune.metrics import metric_mode
     from pefttune.runtime.cluster import fit_environment, grid_tune_config
     from pefttune.runtime.console import Console, quiet_ray_loggers
-    from pefttune.runtime.plan import GridPlan, check_plan, grid_run_config, grid_tuner, plan_inputs, restore_grid
+    from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
+    from pefttune.runtime.tune_run import run_config
     from pefttune.runtime.study_dir import holds_run, results_frame
 
     protocol = LrProtocol.of(config)
@@ -248,11 +249,11 @@ def tune_rates(config: StudyConfig, path: str, candidates: list[dict], trainable
     else:
         if holds_run(path):
             raise FileExistsError(f"{path} already holds a learning-rate tuning; resume it (--resume)")
-        root, name = path.rsplit("/", 1)
-        console = Console(title, config.metric, mode, total=len(plan.trials), study_dir=root)
+        console = Console(title, config.metric, mode, total=len(plan.trials), study_dir=path.rsplit("/", 1)[0])
         tuner = grid_tuner(trainable, path, plan, grid_tune_config(config.search.max_concurrent,
                                                                    config.search.reuse_actors),
-                           grid_run_config(config, name, root, [console.callback()] if verbose == 1 else [], verbose))
+                           run_config(config, path, verbose=verbose,
+                                      callbacks=[console.callback()] if verbose == 1 else []))
     with fit_environment(), quiet_ray_loggers(verbose):
         results = tuner.fit()
     frame = results_frame(results)

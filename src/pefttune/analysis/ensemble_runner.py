@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 from pefttune.analysis import ensembles as E
-from pefttune.analysis.stats import sign_test
+from pefttune.analysis.intervals import paired_bootstrap, sign_test
 from pefttune.analysis.selection import select_members
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
 from pefttune.analysis.tables import ensembles_table, write_table
 from pefttune.metrics import METRICS, edit_distance, error_rate
+from pefttune.runtime.provenance import collect
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.training import unpack_sequences
 
@@ -46,6 +48,7 @@ __all__ = [
     "EnsembleResult",
     "EnsembleRun",
     "MemberPredictions",
+    "combine",
     "load_members",
     "majority_strategy",
     "run_ensembles",
@@ -96,8 +99,6 @@ class MemberPredictions:
 
     def log_probs_chunk(self, rows: np.ndarray) -> np.ndarray:
         """(M, len(rows), T, V) log-posteriors of aligned examples ``rows``, T = their max frames."""
-        from safetensors import safe_open
-
         t_max = max(1, int(self.frames[rows].max())) if len(rows) else 1
         out = []
         for path, order in zip(self.log_prob_files, self.orders):
@@ -188,7 +189,7 @@ def score(experiment: ResultsStore, preds, ref) -> float:
 
 def errors(task: str, preds, ref) -> np.ndarray:
     """Per-example errors: 0/1 (classification), the edit count of each utterance (CTC).
-    What the supporting paired tests (:func:`stats.sign_test`) compare."""
+    What the supporting paired tests (:func:`pefttune.analysis.intervals.sign_test`) compare."""
     if task == "classification":
         return (np.asarray(preds) != np.asarray(ref)).astype(np.int64)
     return np.array([edit_distance(list(h), list(r)) for h, r in zip(preds, ref)], dtype=np.int64)
@@ -208,8 +209,6 @@ def gain_interval(experiment: ResultsStore, ensemble_errors: np.ndarray, member_
     """Paired bootstrap interval (over test examples) of the ensemble's gain over one member, from
     their per-example :func:`errors`.  ``(None, None)`` when the metric is not accuracy or an error
     rate (macro F1 is not a sum over examples)."""
-    from pefttune.analysis.intervals import paired_bootstrap
-
     if experiment.metric not in ("accuracy", "per", "wer", "cer"):
         return None, None
     task = experiment.task
@@ -322,6 +321,12 @@ def _apply(strategy: str, experiment: ResultsStore, data: MemberPredictions, wei
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def combine(strategy: str, experiment: ResultsStore, data: MemberPredictions, weights=None, selection=None):
+    """The predictions of ``strategy`` over the members' loaded predictions ``data`` (``weights``:
+    the weighted vote's; ``selection``: Caruana's member indices, with repeats)."""
+    return _apply(strategy, experiment, data, weights, selection)
+
+
 def _check_strategies(task: str, strategies: Iterable[str] | None) -> list[str]:
     valid = strategies_for(task)
     if strategies is None:
@@ -361,6 +366,24 @@ def run_ensembles(
     (:func:`gain_interval`, ``confidence``, ``draws``).
     """
     experiment = open_results(experiment)
+    label, trials = _chosen_members(experiment, members)
+    chosen = _check_strategies(experiment.task, strategies)
+    test = load_members(experiment, trials, "test")
+    try:
+        dev = load_members(experiment, trials, "dev")
+    except MissingPredictionsError:
+        dev = None
+    member_scores, member_preds = _member_scores(experiment, trials, test, dev)
+    best = _best_member(experiment, trials, member_scores)
+    results = [_ensemble_result(experiment, label, trials, strategy, test, dev, member_scores, member_preds, best,
+                                confidence, draws)
+               for strategy in chosen]
+    return EnsembleRun(label, trials, member_scores, results, test.index, list(_reference(experiment, test)),
+                       member_preds)
+
+
+def _chosen_members(experiment: ResultsStore, members) -> tuple[str, list[TrialRecord]]:
+    """(label, trials) of a member choice; at least 2 of them."""
     if isinstance(members, (list, tuple)) and members and isinstance(members[0], TrialRecord):
         label, trials = "ids", list(members)
     else:
@@ -370,16 +393,18 @@ def run_ensembles(
             f"an ensemble needs at least 2 members; members {label!r} of {experiment.uri} gave "
             f"{len(trials)} ({[t.trial_id for t in trials]})"
         )
-    chosen = _check_strategies(experiment.task, strategies)
-    mode = experiment.mode
-    test = load_members(experiment, trials, "test")
-    test_ref = test.labels if experiment.task == "classification" else test.refs
-    try:
-        dev = load_members(experiment, trials, "dev")
-    except MissingPredictionsError:
-        dev = None
-    dev_ref = None if dev is None else (dev.labels if experiment.task == "classification" else dev.refs)
+    return label, trials
 
+
+def _reference(experiment: ResultsStore, split):
+    """The split's reference: labels (classification) or reference sequences (CTC)."""
+    return split.labels if experiment.task == "classification" else split.refs
+
+
+def _member_scores(experiment: ResultsStore, trials: list[TrialRecord], test, dev):
+    """(trial id -> {"dev", "test"} scores from the stored predictions, trial id -> test predictions)."""
+    test_ref = _reference(experiment, test)
+    dev_ref = None if dev is None else _reference(experiment, dev)
     member_scores: dict[str, dict[str, float | None]] = {}
     member_preds: dict[str, list] = {}
     for m, trial in enumerate(trials):
@@ -389,70 +414,84 @@ def run_ensembles(
             "dev": None if dev is None else score(experiment, dev.preds(m), dev_ref),
             "test": score(experiment, preds, test_ref),
         }
-    # best member by dev (the one picked without ensembling), reported dev if no dev preds
+    return member_scores, member_preds
+
+
+def _best_member(experiment: ResultsStore, trials: list[TrialRecord], member_scores: dict) -> TrialRecord:
+    """The best member by dev (the one picked without ensembling; the reported dev score where no dev
+    predictions are stored), the first of the best on ties (members are ranked)."""
+
     def dev_key(t: TrialRecord) -> float:
         value = member_scores[t.trial_id]["dev"]
         value = experiment.score(t, "dev") if value is None else value
         if value is None:
             return -np.inf
-        return value if mode == "max" else -value
+        return value if experiment.mode == "max" else -value
 
-    best = max(trials, key=dev_key)  # first of the best on ties (members are ranked)
+    return max(trials, key=dev_key)
+
+
+def _strategy_inputs(experiment: ResultsStore, strategy: str, trials: list[TrialRecord], dev, member_scores: dict):
+    """(weights, selection): the dev scores as vote weights (``weighted``), Caruana's greedy
+    selection on dev (``caruana``); None for the other strategies."""
+    weights = selection = None
+    if strategy in ("weighted", "caruana") and dev is None:
+        raise MissingPredictionsError(
+            f"strategy {strategy!r} needs dev predictions, missing for some of {[t.trial_id for t in trials]}"
+        )
+    if strategy == "weighted":
+        weights = np.array([member_scores[t.trial_id]["dev"] for t in trials], dtype=np.float64)
+        if experiment.mode == "min":
+            weights = np.clip(1.0 - weights, 0.0, None)
+        if not np.all(np.isfinite(weights)) or weights.sum() <= 0:
+            raise ValueError(f"weighted vote: the members' dev scores give no usable weights: {weights.tolist()}")
+    if strategy == "caruana":
+        metric_fn = METRICS[experiment.metric][0] if experiment.metric in METRICS else METRICS["accuracy"][0]
+        selection = E.caruana_selection(dev.probs, dev.labels, metric=metric_fn)
+    return weights, selection
+
+
+def _ensemble_result(experiment: ResultsStore, label: str, trials: list[TrialRecord], strategy: str, test, dev,
+                     member_scores: dict, member_preds: dict, best: TrialRecord, confidence: float,
+                     draws: int) -> EnsembleResult:
+    """One strategy's ensemble: its dev and test scores, its gain over the best member with the
+    sign test and the paired bootstrap interval."""
+    mode, test_ref = experiment.mode, _reference(experiment, test)
+    weights, selection = _strategy_inputs(experiment, strategy, trials, dev, member_scores)
+    test_pred = _apply(strategy, experiment, test, weights, selection)
+    dev_score = None
+    if dev is not None:
+        dev_score = score(experiment, _apply(strategy, experiment, dev, weights, selection), _reference(experiment, dev))
+    test_score = score(experiment, test_pred, test_ref)
     best_test = member_scores[best.trial_id]["test"]
     best_errors = errors(experiment.task, member_preds[best.trial_id], test_ref)
+    ensemble_errors = errors(experiment.task, test_pred, test_ref)
+    b, c, p = sign_test(ensemble_errors, best_errors)
+    gain_low, gain_high = gain_interval(experiment, ensemble_errors, best_errors, test_ref, confidence, draws)
     tests = [s["test"] for s in member_scores.values()]
-    oracle = max(tests) if mode == "max" else min(tests)
-
-    results = []
-    for strategy in chosen:
-        weights = selection = None
-        if strategy in ("weighted", "caruana") and dev is None:
-            raise MissingPredictionsError(
-                f"strategy {strategy!r} needs dev predictions, missing for some of {[t.trial_id for t in trials]}"
-            )
-        if strategy == "weighted":
-            weights = np.array([member_scores[t.trial_id]["dev"] for t in trials], dtype=np.float64)
-            if mode == "min":
-                weights = np.clip(1.0 - weights, 0.0, None)
-            if not np.all(np.isfinite(weights)) or weights.sum() <= 0:
-                raise ValueError(f"weighted vote: the members' dev scores give no usable weights: {weights.tolist()}")
-        if strategy == "caruana":
-            metric_fn = METRICS[experiment.metric][0] if experiment.metric in METRICS else METRICS["accuracy"][0]
-            selection = E.caruana_selection(dev.probs, dev.labels, metric=metric_fn)
-        test_pred = _apply(strategy, experiment, test, weights, selection)
-        dev_score = None
-        if dev is not None:
-            dev_score = score(experiment, _apply(strategy, experiment, dev, weights, selection), dev_ref)
-        test_score = score(experiment, test_pred, test_ref)
-        ensemble_errors = errors(experiment.task, test_pred, test_ref)
-        b, c, p = sign_test(ensemble_errors, best_errors)
-        gain_low, gain_high = gain_interval(experiment, ensemble_errors, best_errors, test_ref, confidence, draws)
-        ids = [t.trial_id for t in trials]
-        results.append(
-            EnsembleResult(
-                ensemble_id=f"{label}:{strategy}",
-                members=label,
-                strategy=strategy,
-                member_ids=ids,
-                selected=[ids[i] for i in selection] if selection is not None else ids,
-                metric=experiment.metric,
-                mode=mode,
-                dev_score=dev_score,
-                test_score=test_score,
-                best_member_id=best.trial_id,
-                best_member_dev=member_scores[best.trial_id]["dev"],
-                best_member_test=best_test,
-                oracle_member_test=oracle,
-                delta_vs_best=gain(test_score, best_test, mode),
-                mcnemar_b=b,
-                mcnemar_c=c,
-                mcnemar_p=p,
-                gain_ci_low=gain_low,
-                gain_ci_high=gain_high,
-                test_pred=list(test_pred) if experiment.task == "ctc" else np.asarray(test_pred).tolist(),
-            )
-        )
-    return EnsembleRun(label, trials, member_scores, results, test.index, list(test_ref), member_preds)
+    ids = [t.trial_id for t in trials]
+    return EnsembleResult(
+        ensemble_id=f"{label}:{strategy}",
+        members=label,
+        strategy=strategy,
+        member_ids=ids,
+        selected=[ids[i] for i in selection] if selection is not None else ids,
+        metric=experiment.metric,
+        mode=mode,
+        dev_score=dev_score,
+        test_score=test_score,
+        best_member_id=best.trial_id,
+        best_member_dev=member_scores[best.trial_id]["dev"],
+        best_member_test=best_test,
+        oracle_member_test=max(tests) if mode == "max" else min(tests),
+        delta_vs_best=gain(test_score, best_test, mode),
+        mcnemar_b=b,
+        mcnemar_c=c,
+        mcnemar_p=p,
+        gain_ci_low=gain_low,
+        gain_ci_high=gain_high,
+        test_pred=list(test_pred) if experiment.task == "ctc" else np.asarray(test_pred).tolist(),
+    )
 
 
 def default_ensembles(experiment: ResultsStore | str, strategies: Iterable[str] | None = None,
@@ -496,5 +535,6 @@ def save_ensembles(experiment: ResultsStore, runs: Sequence[EnsembleRun], out_di
     out_dir = Path(out_dir)
     path = atomic_write_text(out_dir / "ensembles.json", json.dumps(ensembles_json(experiment, runs), indent=2) + "\n")
     files = {"ensembles.json": path}
-    files.update(write_table(ensembles_table([r for run in runs for r in run.results]), out_dir, "ensembles"))
+    files.update(write_table(ensembles_table([r for run in runs for r in run.results]), out_dir, "ensembles",
+                             provenance=collect(experiment.config)))
     return files

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pefttune.analysis.costs import experiment_costs
 from pefttune.analysis.ensemble_runner import default_ensembles
 from pefttune.analysis.store import ResultsStore, open_results
 from pefttune.analysis.tables import (
@@ -22,6 +23,7 @@ from pefttune.analysis.tables import (
     trials_table,
     write_table,
 )
+from pefttune.runtime.provenance import collect
 
 __all__ = ["FORMATS", "TABLES", "export_experiment"]
 
@@ -45,6 +47,7 @@ def export_experiment(
     if unknown:
         raise ValueError(f"unknown tables {sorted(unknown)}; known: {list(TABLES)}")
     files: dict[str, Path] = {}
+    provenance = collect(experiment.config)  # in each parquet file's schema metadata
     builders = {
         "trials": lambda: trials_table(experiment),
         "configs": lambda: configs_table(experiment),
@@ -52,12 +55,15 @@ def export_experiment(
         "alpha": lambda: alpha_table(experiment),
         "predictions": lambda: predictions_table(experiment),
     }
+    ensembles = None if ensembles is None else list(ensembles)
     for name in tables:
+        if name in ("ensembles", "costs") and ensembles is None:
+            ensembles = [r for run in default_ensembles(experiment) for r in run.results]
         if name == "ensembles":
-            if ensembles is None:
-                ensembles = [r for run in default_ensembles(experiment) for r in run.results]
             frame = ensembles_table(ensembles)
+        elif name == "costs":  # each ensemble's combination timed (pefttune.analysis.costs)
+            frame = experiment_costs(experiment, ensembles)
         else:
             frame = builders[name]()
-        files.update(write_table(frame, out_dir, name, formats))
+        files.update(write_table(frame, out_dir, name, formats, provenance))
     return files

@@ -1,7 +1,6 @@
-"""Intervals over seeds, speakers and test examples, paired tests, and the finding verdict rules.
-
-One concept, one module: the verdict rules are stated in full in their docstrings, next to the
-intervals they read, so a reader checks a rule in one place.
+"""The interval and test maths of the findings: intervals over seeds, speakers and test
+examples, paired tests, agreement statistics and family corrections.  Numbers only: the verdict
+rules that read them live in :mod:`pefttune.analysis.findings`, one module per finding.
 
 The default interval of a comparison (``analysis.interval: seeds-speakers``,
 :func:`seeds_speakers_bootstrap`) covers what the findings are about: training randomness and
@@ -11,48 +10,57 @@ otherwise), because a bootstrap over 3 seeds cannot see the tails and undercover
 level adds the variance of a cluster bootstrap over test speakers (utterances when the manifest
 names no speakers).  The maths and why: :mod:`pefttune.analysis.seeds_speakers`; the coverage,
 measured by simulation: ``tests/test_interval_coverage.py``.  With one seed the interval covers
-speakers only and every verdict that rests on it is *inconclusive* ("one seed: training
-randomness not bounded").  The paired bootstrap over test examples (:func:`paired_bootstrap`,
-``analysis.interval: examples``) stays as a supporting number: it says how sure we are about
-these trained models, not about the methods.
+speakers only and carries the caveat :data:`~pefttune.analysis.seeds_speakers.ONE_SEED`.  The
+paired bootstrap over test examples (:func:`paired_bootstrap`, ``analysis.interval: examples``)
+stays as a supporting number: it says how sure we are about these trained models, not about the
+methods.
 
-Numpy only, plus scipy's Student-t quantile.  Sources:
+Also here: Cohen's kappa and the error overlap (:func:`cohen_kappa`, :func:`error_overlap`, and
+with intervals :func:`agreement_by_seed`, :func:`agreement_seeds_speakers`), the exact paired
+tests (:func:`mcnemar_exact`, :func:`sign_test`, :func:`paired_permutation`), Holm's step-down
+p-values and the Bonferroni level of a family of simultaneous intervals
+(:func:`bonferroni_confidence`, :func:`check_simultaneous`).
+
+Example::
+
+    >>> from pefttune.analysis.intervals import paired_bootstrap
+    >>> c = paired_bootstrap([[1.0, 1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0, 1.0]], draws=200)
+    >>> c.diff, c.ci_low <= c.diff <= c.ci_high
+    (0.25, True)
+
+Numpy only, plus scipy's Student-t quantile and binomial test.  Sources:
 Koehn (EMNLP 2004) and Bisani & Ney (ICASSP 2004), paired bootstrap over test examples with one
 resample for both systems and, for error rates, summed edits over summed reference lengths;
 Field & Welsh (JRSS-B 2007), bootstrapping clustered data; Colas et al. (2018) and Agarwal et al.
 (NeurIPS 2021) on few runs; Dror et al. (ACL 2018), bootstrap and permutation tests for paired
 systems and Holm's correction (Holm, Scand. J. Stat. 1979); Bouthillier et al. (MLSys 2021) and
-Dodge et al. (2020), why results are compared over seeds.
-
-Verdicts decide on intervals, never on p-values alone: "no better" needs the interval below a
-margin delta; an interval that straddles its threshold gives "inconclusive"; a comparison among
-models that learned nothing is "inconclusive"; an interval with a caveat (one seed) gives
-"inconclusive".  A rule over a *family* of intervals ("some", "no" or "most" of m comparisons)
-requires simultaneous intervals, built at ``bonferroni_confidence(family_confidence, m)`` (for
-the t-based interval: Bonferroni on the t quantile); Holm-adjusted p-values go to ``details``.
+Dodge et al. (2020), why results are compared over seeds; Cohen (1960), kappa; McNemar (1947).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.special import stdtrit
+from scipy.stats import binomtest
 
 from pefttune.analysis.seeds_speakers import (
     ONE_SEED, Clusters, Spread, cluster_counts, cluster_sums, seed_level, t_interval,
 )
-from pefttune.metrics import align_corpus
+from pefttune.metrics import _labels_1d, _pair_1d, align_corpus
 
 __all__ = [
-    "EXAMPLES_ONLY", "INTERVALS", "Comparison", "PairAgreement", "SeedSummary", "Verdict", "agreement_by_seed",
-    "agreement_seeds_speakers", "bonferroni_confidence", "ctc_agreement_by_seed", "ctc_phoneme_examples",
-    "finding1_verdict", "finding2_verdict", "finding3_verdict", "holm", "nothing_learned", "paired_bootstrap",
-    "paired_permutation", "seed_summary", "seeds_speakers_bootstrap", "unless_nothing_learned",
+    "EXAMPLES_ONLY", "INTERVALS", "Comparison", "PairAgreement", "SeedSummary", "agreement_by_seed",
+    "agreement_matrix", "agreement_rate", "agreement_seeds_speakers", "bonferroni_confidence", "check_simultaneous",
+    "cohen_kappa", "ctc_agreement_by_seed", "ctc_phoneme_examples", "error_overlap", "holm", "mcnemar_exact",
+    "paired_bootstrap", "paired_permutation", "pairwise_table", "percent", "seed_summary", "seeds_speakers_bootstrap",
+    "sign_test",
 ]
 
 #: The settings of ``analysis.interval``: the default over seeds and speakers, or test examples only.
@@ -76,7 +84,8 @@ def _check_draws(draws: int) -> int:
     return int(draws)
 
 
-def _pct(confidence: float) -> str:
+def percent(confidence: float) -> str:
+    """A confidence level as the report writes it: ``percent(0.9875)`` is ``"98.75%"``."""
     return f"{100 * confidence:.4g}%"
 
 
@@ -258,7 +267,7 @@ def paired_bootstrap(a: Any, b: Any, *, draws: int = 5000, confidence: float = 0
     out = _resampled_diffs((na, da, nb, db), n, draws, seed, sign)
     low, high = _percentile_ci(out, confidence)
     method = (f"paired bootstrap over examples, seeds averaged, {draws} draws, metric "
-              f"{'sum(num)/sum(den)' if kind == 'ratio' else 'mean'}; {_pct(confidence)} percentile CI; "
+              f"{'sum(num)/sum(den)' if kind == 'ratio' else 'mean'}; {percent(confidence)} percentile CI; "
               f"shifted-null two-sided p")
     return Comparison(diff, low, high, float(_shifted_p(out, diff)), method, n, sa, sb, mean_a, mean_b,
                       confidence, bool(higher_is_better))
@@ -328,7 +337,7 @@ def seeds_speakers_bootstrap(a: Any, b: Any, *, clusters: Clusters | None = None
         low, high = _percentile_ci(star, confidence)
         spread = Spread("one seed", min(len(ra), len(rb)), _NAN, _NAN, v_spk, _NAN, k)
         method = (f"cluster bootstrap over {k} {clusters.unit} only ({draws} draws, metric {metric}); "
-                  f"{_pct(confidence)} percentile CI; {ONE_SEED}")
+                  f"{percent(confidence)} percentile CI; {ONE_SEED}")
         return Comparison(est, low, high, float(_shifted_p(star, est)), method, na.shape[1], na.shape[0],
                           nb.shape[0], float(ma.mean()), float(mb.mean()), confidence, bool(higher_is_better),
                           f"{clusters.unit} only (one seed)", ONE_SEED, spread)
@@ -338,7 +347,7 @@ def seeds_speakers_bootstrap(a: Any, b: Any, *, clusters: Clusters | None = None
     units = (f"{k} clusters ({clusters.n_speakers} speakers, the other clips without one)"
              if clusters.unit == "speakers" and k != clusters.n_speakers else f"{k} {clusters.unit}")
     method = (f"t over {spread.n_seeds} seeds ({pairing}, df {spread.df:.3g}) + cluster bootstrap variance over "
-              f"{units} ({draws} draws, metric {metric}); {_pct(confidence)} t interval")
+              f"{units} ({draws} draws, metric {metric}); {percent(confidence)} t interval")
     return Comparison(est, low, high, p, method, na.shape[1], na.shape[0], nb.shape[0], float(ma.mean()),
                       float(mb.mean()), confidence, bool(higher_is_better), clusters.label, "", spread)
 
@@ -384,150 +393,21 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 def bonferroni_confidence(confidence: float, m: int) -> float:
     """Per-interval confidence ``1 - (1 - confidence) / m``: m intervals then hold at once with
-    probability >= ``confidence`` (Bonferroni).  The family rules of :func:`finding2_verdict`
-    and :func:`finding3_verdict` require intervals built at this level."""
+    probability >= ``confidence`` (Bonferroni).  A rule over a family of m intervals ("some",
+    "no" or "most" of m comparisons) needs them built at this level (:func:`check_simultaneous`)."""
     confidence = _check_confidence(confidence)
     if int(m) != m or m < 1:
         raise ValueError(f"m must be a positive integer, got {m}")
     return 1.0 - (1.0 - confidence) / int(m)
 
 
-def _check_family(items: Sequence[Any], family_confidence: float, what: str) -> None:
+def check_simultaneous(items: Sequence[Any], family_confidence: float, what: str) -> None:
+    """ValueError unless every interval of ``items`` (each with a ``confidence``) was built at
+    ``bonferroni_confidence(family_confidence, len(items))``, so that they hold together."""
     need = bonferroni_confidence(family_confidence, max(1, len(items)))
     if any(c.confidence < need - 1e-9 for c in items):
         raise ValueError(f"{what}: intervals are not simultaneous for {len(items)} comparisons; build them with "
                          f"confidence=bonferroni_confidence({family_confidence}, {len(items)}) = {need:.6g}")
-
-
-def _check_margin(margin: float) -> float:
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
-    return float(margin)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A finding's label, the rule that gave it (numbers substituted) and its inputs."""
-    label: str
-    rule: str
-    details: dict = field(default_factory=dict)
-
-
-def finding1_verdict(comparison: Comparison, margin: float, converged: bool) -> Verdict:
-    """Finding 1, "the DARTS-derived placement does not beat the best uniform".
-
-    ``comparison`` = DARTS - best uniform (``diff > 0``: DARTS better); delta = ``margin``.  In order:
-    * relaxation not converged -> "inconclusive" (the derived placement is an argmax over noise);
-    * the interval has a caveat (one seed) -> "inconclusive", the caveat stated;
-    * ``ci_low > 0`` -> "not reproduced" (DARTS better; also when ``ci_high < +delta``: a
-      significant gain is reported as one even when it is smaller than delta);
-    * ``ci_high < +delta`` -> "reproduced" (DARTS is not better by delta or more);
-    * otherwise "inconclusive" (the interval straddles 0 or +delta).
-    """
-    margin, c = _check_margin(margin), comparison
-    dm = f"+{margin:.4f}"
-    details = {"diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "margin": margin,
-               "confidence": c.confidence, "converged": bool(converged), "p_value": c.p_value}
-    head = f"the {_ci_name(c)} of DARTS - best uniform {c.ci_text()} (diff {c.diff:+.4f})"
-    if not converged:
-        return Verdict("inconclusive", f"inconclusive: the DARTS relaxation did not converge, so the derived "
-                       f"placement is not a search result; {head} is not used (delta = {dm})", details)
-    if c.caveat:
-        return Verdict("inconclusive", f"inconclusive: {c.caveat}: {head} covers test sampling only "
-                       f"(delta = {dm})", {**details, "caveat": c.caveat})
-    if c.lies_above(0.0):
-        extra = f", though by less than delta = {dm}" if c.lies_below(margin) else ""
-        return Verdict("not reproduced", f"not reproduced: {head} lies above 0: DARTS is better{extra}", details)
-    if c.lies_below(margin):
-        return Verdict("reproduced", f"reproduced: {head} lies below +delta = {dm}", details)
-    return Verdict("inconclusive", f"inconclusive: {head} is neither below +delta = {dm} nor above 0", details)
-
-
-def _ci_name(c: Comparison) -> str:
-    """e.g. "95% seeds x speakers CI": the confidence and what the interval covers."""
-    return f"{_pct(c.confidence)} {c.interval} CI"
-
-
-def _caveat(items: Sequence[Any]) -> str:
-    """The first caveat among intervals (comparisons or pair agreements), "" when none."""
-    return next((x.caveat for x in items if getattr(x, "caveat", "")), "")
-
-
-def _cis(d: Mapping[str, Comparison], names: Sequence[str] | None = None) -> str:
-    return ", ".join(f"{s} {d[s].ci_text()}" for s in (d if names is None else names)) or "none"
-
-
-def finding2_verdict(vote_gain: Comparison, other_gains: Mapping[str, Comparison],
-                     vote_vs_others: Mapping[str, Comparison], margin: float, *,
-                     family_confidence: float = 0.95) -> Verdict:
-    """Finding 2, "majority vote beats its best member, and no other strategy beats the vote".
-
-    ``vote_gain`` = vote - its best member; ``other_gains[s]`` = strategy s - its best member;
-    ``vote_vs_others[s]`` = strategy s - vote (``diff > 0``: s better).  ``other_gains`` and
-    ``vote_vs_others`` must each hold simultaneous intervals, built at
-    ``bonferroni_confidence(family_confidence, len(family))`` (ValueError otherwise); the
-    Holm-adjusted p-values of ``vote_vs_others`` are reported in ``details``, not used.
-
-    A strategy *beats* the vote when its strategy - vote interval lies above 0 (significantly
-    better).  "No strategy beats the vote" is also a claim of *no
-    better*, which needs the margin (a non-significant difference is not evidence of none), so
-    "reproduced" asks for both.  In order (delta = ``margin``):
-    * an interval with a caveat (one seed) -> "inconclusive", the caveat stated;
-    * vote ``ci_low > 0``, no strategy - vote ``ci_low > 0`` and every strategy - vote
-      ``ci_high < +delta`` -> "reproduced";
-    * vote ``ci_low > 0`` and some strategy beats the vote -> "partly reproduced" (ensembles
-      gain, but the vote is not the best of them; the rule says by how much: by less than delta
-      when that strategy's interval also lies below +delta);
-    * some other gain with ``ci_low > 0`` (the vote's not) -> "partly reproduced";
-    * every gain (vote and others) with ``ci_high < +delta`` -> "not reproduced";
-    * otherwise "inconclusive": a gain interval straddles 0 or +delta, or the vote gains, no
-      strategy beats it, but a strategy - vote interval straddles +delta.
-    """
-    margin, v = _check_margin(margin), vote_gain
-    _check_family(list(other_gains.values()), family_confidence, "other_gains")
-    _check_family(list(vote_vs_others.values()), family_confidence, "vote_vs_others")
-    dm = f"+{margin:.4f}"
-    beat = [s for s, c in vote_vs_others.items() if c.lies_above(0.0)]
-    not_within = [s for s, c in vote_vs_others.items() if not c.lies_below(margin)]
-    helped = [s for s, c in other_gains.items() if c.lies_above(0.0)]
-    triples = {k: {s: (c.diff, c.ci_low, c.ci_high) for s, c in d.items()}
-               for k, d in (("other_gains", other_gains), ("vote_vs_others", vote_vs_others))}
-    holm_p = holm([c.p_value for c in vote_vs_others.values()])
-    details = {"vote_gain": (v.diff, v.ci_low, v.ci_high), "margin": margin, "beats_vote": beat,
-               "not_within_margin_of_vote": not_within, "gain_above_0": helped, **triples,
-               "vote_vs_others_holm_p": dict(zip(vote_vs_others, holm_p))}
-    vtext = f"the vote's {_ci_name(v)} of its gain over its best member {v.ci_text()}"
-    caveat = _caveat([v, *other_gains.values(), *vote_vs_others.values()])
-    if caveat:
-        return Verdict("inconclusive", f"inconclusive: {caveat}: {vtext} and the strategies' intervals "
-                       f"(strategy - vote: {_cis(vote_vs_others)}) cover test sampling only",
-                       {**details, "caveat": caveat})
-    if v.lies_above(0.0) and not beat and not not_within:
-        return Verdict("reproduced", f"reproduced: {vtext} lies above 0 and no strategy beats the vote, nor is "
-                       f"better than it by delta = {dm} or more (strategy - vote CIs, simultaneous, none above 0, "
-                       f"all below {dm}: {_cis(vote_vs_others)})", details)
-    if v.lies_above(0.0) and beat:
-        small = [s for s in beat if s not in not_within]
-        how = (f"; {', '.join(small)} {'beats' if len(small) == 1 else 'beat'} it by less than delta = {dm} "
-               f"(CI below {dm})" if small else "")
-        unsure = [s for s in beat if s in not_within]
-        how += (f"; {', '.join(unsure)} not shown to be within delta = {dm} of it (CI not below {dm})"
-                if unsure else "")
-        return Verdict("partly reproduced", f"partly reproduced: {vtext} lies above 0 (ensembles gain), but "
-                       f"{_cis(vote_vs_others, beat)} beat{'s' if len(beat) == 1 else ''} the vote (strategy - vote "
-                       f"CI above 0), so majority voting is not the best strategy{how}", details)
-    if v.lies_above(0.0):
-        return Verdict("inconclusive", f"inconclusive: {vtext} lies above 0 and no strategy beats the vote, but the "
-                       f"strategy - vote CI of {_cis(vote_vs_others, not_within)} straddles +delta = {dm}: no "
-                       "strategy is shown to be no better than the vote", details)
-    if helped:
-        return Verdict("partly reproduced", f"partly reproduced: {vtext} does not lie above 0, but the gain CI "
-                       f"of {_cis(other_gains, helped)} does", details)
-    if all(c.lies_below(margin) for c in (v, *other_gains.values())):
-        return Verdict("not reproduced", f"not reproduced: every gain CI lies below +delta = {dm} "
-                       f"({vtext}; others: {_cis(other_gains)})", details)
-    return Verdict("inconclusive", f"inconclusive: no gain CI lies above 0 and not all lie below +delta = "
-                   f"{dm} ({vtext}; others: {_cis(other_gains)})", details)
 
 
 @dataclass(frozen=True)
@@ -567,17 +447,27 @@ def _one_hot(codes: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _agreement(w: np.ndarray, ca: np.ndarray, cb: np.ndarray, y: np.ndarray):
-    """(kappa, overlap) per row of multiplicities ``w`` (rows, n), for integer codes."""
+def _kappa(w: np.ndarray, ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Cohen's kappa per row of multiplicities ``w`` (rows, n) of integer codes ``ca``, ``cb``:
+    ``(p_o - p_e) / (1 - p_e)``, NaN where ``p_e == 1``."""
     both = np.intersect1d(ca, cb)  # p_e only needs the classes both models predict
-    wrong_a, wrong_b, total = ca != y, cb != y, w.sum(1)
+    total = w.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         po = (w @ (ca == cb).astype(float)) / total
         pe = np.sum((w @ _one_hot(ca, both)) * (w @ _one_hot(cb, both)), axis=1) / total**2
-        kappa = np.where(np.isclose(pe, 1.0, rtol=0, atol=1e-12), np.nan, (po - pe) / (1.0 - pe))
+        return np.where(np.isclose(pe, 1.0, rtol=0, atol=1e-12), np.nan, (po - pe) / (1.0 - pe))
+
+
+def _overlap(w: np.ndarray, wrong_a: np.ndarray, wrong_b: np.ndarray) -> np.ndarray:
+    """#both wrong / #either wrong per row of multiplicities ``w``, NaN where neither is wrong."""
+    with np.errstate(divide="ignore", invalid="ignore"):
         either = w @ (wrong_a | wrong_b).astype(float)
-        overlap = np.where(either > 0, (w @ (wrong_a & wrong_b).astype(float)) / either, np.nan)
-    return kappa, overlap
+        return np.where(either > 0, (w @ (wrong_a & wrong_b).astype(float)) / either, np.nan)
+
+
+def _agreement(w: np.ndarray, ca: np.ndarray, cb: np.ndarray, y: np.ndarray):
+    """(kappa, overlap) per row of multiplicities ``w`` (rows, n), for integer codes."""
+    return _kappa(w, ca, cb), _overlap(w, ca != y, cb != y)
 
 
 def _nanmean(rows: Any, axis: int = 0) -> np.ndarray:
@@ -641,7 +531,7 @@ def agreement_by_seed(preds_a_by_seed: Sequence[Any], preds_b_by_seed: Sequence[
     Seed k of A is paired with seed k of B (the same training seed; the counts must match).
     Each statistic is computed per seed and averaged over seeds (undefined seeds skipped); each
     draw resamples the examples once for both methods and all seeds (Koehn 2004); percentile
-    interval.  Kappa as ``stats.cohen_kappa``; labels may be any comparable values (strings too).
+    interval.  Kappa as :func:`cohen_kappa`; labels may be any comparable values (strings too).
 
     ``groups`` (one integer id per example) makes the bootstrap resample whole groups: for a
     CTC task the examples are reference phonemes and the groups their utterances, so that
@@ -735,66 +625,155 @@ def ctc_agreement_by_seed(hyps_a_by_seed: Sequence[Sequence[Sequence[int]]],
                              groups=utterance)
 
 
-def finding3_verdict(pairs: Sequence[PairAgreement], kappa_threshold: float = 0.8,
-                     overlap_threshold: float = 0.8, *, family_confidence: float = 0.95) -> Verdict:
-    """Finding 3, "different PEFT methods err differently", over the m method pairs.
+# --------------------------------------------------------------------------- point statistics of a pair
+def _correct_pair(correct_a: Any, correct_b: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _pair_1d(correct_a, correct_b, "correct_a", "correct_b")
+    out = []
+    for name, arr in (("correct_a", a), ("correct_b", b)):
+        if arr.dtype != bool:
+            if arr.dtype.kind not in "iuf" or not np.all((arr == 0) | (arr == 1)):
+                raise ValueError(f"{name} must be boolean (or 0/1): whether each example is correct")
+            arr = arr.astype(bool)
+        out.append(arr)
+    return out[0], out[1]
 
-    A pair *errs differently* when ``kappa_ci_high < kappa_threshold`` AND ``overlap_ci_high <
-    overlap_threshold``: both intervals exclude near-identical behaviour (0.8 is the lower edge
-    of "almost perfect" agreement, Landis & Koch 1977; an error overlap of 0.8 means 80% of the
-    pair's errors are shared).  It *errs alike* when ``kappa_ci_low >= kappa_threshold`` OR
-    ``overlap_ci_low >= overlap_threshold``; otherwise (an interval straddles, or is NaN) it is
-    unclear.  An interval with a caveat (one seed) -> "inconclusive", the caveat stated.
-    "reproduced" when more than m/2 pairs err differently; "not reproduced" when more
-    than m/2 err alike; otherwise "inconclusive".  The intervals must be simultaneous
-    (``bonferroni_confidence(family_confidence, m)``; ValueError otherwise).  Note: the overlap
-    of two independent models of accuracy p is ``(1-p)^2 / (1-p^2)``, high near chance (0.85 at
-    1/12), so apply :func:`unless_nothing_learned` before reading this verdict.
+
+def agreement_rate(pred_a: Any, pred_b: Any) -> float:
+    """Fraction of examples on which the two models predict the same label."""
+    a, b = _pair_1d(pred_a, pred_b, "pred_a", "pred_b")
+    return float(np.mean(a == b))
+
+
+def cohen_kappa(pred_a: Any, pred_b: Any) -> float:
+    """Cohen's kappa between two label arrays: ``(p_o - p_e) / (1 - p_e)``.
+
+    ``p_o`` is the observed agreement rate; ``p_e = sum_k pa_k * pb_k`` with
+    ``pa_k`` (``pb_k``) the fraction of examples model a (b) labels ``k``.  When
+    ``p_e == 1`` (both models always output the same single label) kappa is
+    undefined and ``nan`` is returned.  The same computation as the kappa of
+    :func:`agreement_by_seed` (all examples weighted once).
     """
-    if len(pairs) == 0:
-        raise ValueError("finding 3 needs at least one method pair")
-    _check_family(list(pairs), family_confidence, "pairs")
-    kt, ot, m = float(kappa_threshold), float(overlap_threshold), len(pairs)
-    status = {f"{p.a}-{p.b}": "different" if p.kappa_ci_high < kt and p.overlap_ci_high < ot else
-              "alike" if p.kappa_ci_low >= kt or p.overlap_ci_low >= ot else "unclear" for p in pairs}
-    n_diff, n_alike = (sum(v == x for v in status.values()) for x in ("different", "alike"))
-    details = {"status": status, "different": n_diff, "alike": n_alike, "pairs": m,
-               "kappa_threshold": kt, "overlap_threshold": ot}
-    cis = "; ".join(f"{p.a}-{p.b} kappa [{p.kappa_ci_low:.3f}, {p.kappa_ci_high:.3f}] overlap "
-                    f"[{p.overlap_ci_low:.3f}, {p.overlap_ci_high:.3f}]" for p in pairs)
-    crit = (f"a pair errs differently when its kappa CI < {kt:.2f} and its error-overlap CI < {ot:.2f}, "
-            f"alike when either lower bound >= its threshold; {_pct(pairs[0].confidence)} {pairs[0].interval} "
-            "intervals")
-    caveat = _caveat(pairs)
-    if caveat:
-        return Verdict("inconclusive", f"inconclusive: {caveat}: the pairs' intervals cover test sampling only "
-                       f"({crit}): {cis}", {**details, "caveat": caveat})
-    if 2 * n_diff > m:
-        return Verdict("reproduced", f"reproduced: {n_diff} of {m} pairs err differently (> half; {crit}): {cis}",
-                       details)
-    if 2 * n_alike > m:
-        return Verdict("not reproduced", f"not reproduced: {n_alike} of {m} pairs err alike (> half; {crit}): "
-                       f"{cis}", details)
-    return Verdict("inconclusive", f"inconclusive: {n_diff} of {m} pairs err differently, {n_alike} alike, "
-                   f"neither more than half ({crit}): {cis}", details)
+    a, b = _pair_1d(pred_a, pred_b, "pred_a", "pred_b")
+    codes = np.unique(np.concatenate([a, b]), return_inverse=True)[1].reshape(2, -1)
+    return float(_kappa(np.ones((1, a.shape[0])), codes[0], codes[1])[0])
 
 
-def nothing_learned(vs_reference: Mapping[str, Comparison], margin: float) -> bool:
-    """True when no configuration beats its reference (frozen, log-mel, chance, all-blank) by
-    more than the margin: no ``vs_reference[name]`` (configuration - reference, ``diff > 0``:
-    better) has ``ci_low > margin``."""
-    margin = _check_margin(margin)
-    if len(vs_reference) == 0:
-        raise ValueError("vs_reference must hold at least one configuration-vs-reference comparison")
-    return not any(c.lies_above(margin) for c in vs_reference.values())
+def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
+    """Exact McNemar test on paired correctness.
+
+    ``b`` = #(a correct, b wrong), ``c`` = #(a wrong, b correct).  The p-value
+    is the exact two-sided binomial test of ``b`` successes in ``b + c`` trials
+    with success probability 1/2 (``scipy.stats.binomtest``); it is 1.0 when
+    ``b + c == 0``.  Returns ``(b, c, p_value)``.
+    """
+    a, b_ = _correct_pair(correct_a, correct_b)
+    b = int(np.sum(a & ~b_))
+    c = int(np.sum(~a & b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
 
 
-def unless_nothing_learned(verdict: Verdict, vs_reference: Mapping[str, Comparison], margin: float) -> Verdict:
-    """``verdict`` unchanged, or "inconclusive" (nothing learned) when :func:`nothing_learned`."""
-    if not nothing_learned(vs_reference, margin):
-        return verdict
-    best = max(vs_reference, key=lambda s: vs_reference[s].ci_low)
-    rule = (f"inconclusive: nothing learned: no configuration beats its reference by more than delta = "
-            f"+{margin:.4f} (highest lower bound: {best} {vs_reference[best].ci_text()}); the finding's own "
-            f"rule said: {verdict.rule}")
-    return Verdict("inconclusive", rule, {**verdict.details, "nothing_learned": True, "overridden": verdict.label})
+def sign_test(errors_a: Any, errors_b: Any) -> tuple[int, int, float]:
+    """Exact two-sided sign test on paired per-example error counts.
+
+    ``b`` = #(a has fewer errors than b), ``c`` = #(a has more); ties are left out; the
+    p-value is the exact binomial test of ``b`` in ``b + c`` at 1/2 (1.0 when ``b + c == 0``).
+    On 0/1 errors (classification) this is :func:`mcnemar_exact`; on a CTC task's
+    per-utterance edit counts it is the sign test NIST's sc_stats runs, which credits an
+    utterance that went from 5 errors to 1 (exact-sentence match would call both wrong).
+    """
+    a = np.asarray(errors_a, dtype=np.float64).ravel()
+    b_ = np.asarray(errors_b, dtype=np.float64).ravel()
+    if a.shape != b_.shape:
+        raise ValueError(f"errors_a and errors_b must be paired, got {a.size} and {b_.size} examples")
+    b, c = int(np.sum(a < b_)), int(np.sum(a > b_))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def error_overlap(correct_a: Any, correct_b: Any) -> float:
+    """Jaccard overlap of the two models' error sets.
+
+    ``#(both wrong) / #(either wrong)``; ``nan`` when neither model makes an
+    error (the overlap of two empty sets is undefined).
+    """
+    a, b = _correct_pair(correct_a, correct_b)
+    return float(_overlap(np.ones((1, a.shape[0])), ~a, ~b)[0])
+
+
+def _check_preds(preds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(preds, Mapping) or len(preds) == 0:
+        raise ValueError("preds must be a non-empty dict mapping model name -> prediction array")
+    out: dict[str, np.ndarray] = {}
+    n = None
+    first = None
+    for name, p in preds.items():
+        arr = _labels_1d(p, f"preds[{name!r}]")
+        if n is None:
+            n, first = arr.shape[0], name
+        elif arr.shape[0] != n:
+            raise ValueError(
+                f"preds[{name!r}] has {arr.shape[0]} examples, but preds[{first!r}] has {n}"
+            )
+        out[name] = arr
+    return out
+
+
+def agreement_matrix(preds: Mapping[str, Any], measure: str = "agreement") -> pd.DataFrame:
+    """Square DataFrame of pairwise ``measure`` between models, in dict order.
+
+    ``measure`` is ``"agreement"`` (:func:`agreement_rate`, diagonal 1.0) or
+    ``"kappa"`` (:func:`cohen_kappa`; the diagonal is 1.0 except ``nan`` for a
+    model that always predicts one label).  Index and columns are the names.
+    """
+    fns: dict[str, Callable[[Any, Any], float]] = {"agreement": agreement_rate, "kappa": cohen_kappa}
+    if measure not in fns:
+        raise ValueError(f"measure must be one of {sorted(fns)}, got {measure!r}")
+    p = _check_preds(preds)
+    names = list(p)
+    fn = fns[measure]
+    mat = np.empty((len(names), len(names)))
+    for i, a in enumerate(names):
+        for j in range(i, len(names)):
+            mat[i, j] = mat[j, i] = fn(p[a], p[names[j]])
+    return pd.DataFrame(mat, index=pd.Index(names), columns=pd.Index(names))
+
+
+def pairwise_table(preds: Mapping[str, Any], ref: Any) -> pd.DataFrame:
+    """One row per unordered pair ``(a, b)`` of models (dict order, a before b).
+
+    Columns: ``a``, ``b``, ``agreement`` (:func:`agreement_rate`), ``kappa``
+    (:func:`cohen_kappa`), ``mcnemar_b`` (a right, b wrong), ``mcnemar_c``
+    (a wrong, b right), ``mcnemar_p`` (:func:`mcnemar_exact`), ``both_wrong``
+    (number of examples both get wrong -- the fourth cell of McNemar's 2x2
+    table) and ``error_overlap`` (:func:`error_overlap`).  Correct means
+    ``pred == ref``.
+    """
+    p = _check_preds(preds)
+    r = _labels_1d(ref, "ref")
+    n = next(iter(p.values())).shape[0]
+    if r.shape[0] != n:
+        raise ValueError(f"ref has {r.shape[0]} examples, but the predictions have {n}")
+    names = list(p)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ca, cb = p[a] == r, p[b] == r
+            mb, mc, mp = mcnemar_exact(ca, cb)
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "agreement": agreement_rate(p[a], p[b]),
+                    "kappa": cohen_kappa(p[a], p[b]),
+                    "mcnemar_b": mb,
+                    "mcnemar_c": mc,
+                    "mcnemar_p": mp,
+                    "both_wrong": int(np.sum(~ca & ~cb)),
+                    "error_overlap": error_overlap(ca, cb),
+                }
+            )
+    columns = ["a", "b", "agreement", "kappa", "mcnemar_b", "mcnemar_c", "mcnemar_p", "both_wrong", "error_overlap"]
+    return pd.DataFrame(rows, columns=columns)

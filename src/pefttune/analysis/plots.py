@@ -244,7 +244,7 @@ def ensemble_bar(
 
 
 def agreement_heatmap(matrix: pd.DataFrame, path: str | Path, title: str = "Cohen's kappa") -> Path | None:
-    """A square matrix (e.g. :func:`pefttune.analysis.stats.agreement_matrix`) as a heatmap."""
+    """A square matrix (e.g. :func:`pefttune.analysis.intervals.agreement_matrix`) as a heatmap."""
     if matrix.empty:
         return None
     values = matrix.to_numpy(dtype=float)

@@ -2,68 +2,63 @@
 
 :func:`analyze` runs everything (ensembles, exports, statistics, plots, ``report.md``)
 and returns the key numbers; ``pefttune report EXPERIMENT`` calls it. The findings are decided
-in :mod:`pefttune.analysis.findings`; this module gathers and renders (about 500 lines, most of
-them the Markdown of the report's sections).
+and rendered in :mod:`pefttune.analysis.findings` (one module per finding); this module
+assembles them with the study's tables, ensembles, pairwise statistics and plots.
 
 Trials are *selected* on dev, compared on test. Every configuration is trained once per
-seed of ``train.seeds``; each finding is decided by :mod:`pefttune.analysis.findings` on
-intervals over training seeds and test speakers (``analysis.interval: seeds-speakers``: a
-Student-t seed level, because a bootstrap over 3 seeds undercovers, plus a cluster bootstrap
-variance over the test speakers; the report names the resampling unit and the number of test
-speakers, and keeps the examples-only paired bootstrap as a supporting number).  The rules are
-printed next to the verdicts, and an undecided finding says how many seeds would decide it:
-
-1. **DARTS placement does not beat uniform placement** (best DARTS-derived vs best uniform
-   configuration; inconclusive while the relaxation has not converged);
-2. **ensembles, particularly majority voting, perform best** (per-seed ensembles of the
-   uniform methods; gains over the best member with intervals);
-3. **different PEFT methods make different errors** (kappa and error overlap of each pair
-   of uniform methods, with simultaneous intervals).
+seed of ``train.seeds``; each finding is decided on intervals over training seeds and test
+speakers (``analysis.interval: seeds-speakers``: a Student-t seed level, because a bootstrap
+over 3 seeds undercovers, plus a cluster bootstrap variance over the test speakers; the report
+names the resampling unit and the number of test speakers, and keeps the examples-only paired
+bootstrap as a supporting number).  The rules are printed next to the verdicts, and an
+undecided finding says how many seeds would decide it.
 
 The margin delta (``analysis.margin``), the confidence (``analysis.confidence``), the
 bootstrap draws (``analysis.bootstrap_draws``) and the interval (``analysis.interval``) come
-from the experiment's config. When no
-configuration beats the trivial reference by more than delta, every finding is
-*inconclusive: nothing learned*. McNemar and kappa per seed stay as supporting numbers.
+from the experiment's config. When no configuration beats the trivial reference by more than
+delta, every finding is *inconclusive: nothing learned*. McNemar and kappa per seed stay as
+supporting numbers.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis.sequential import SequentialDesign
+from pefttune.analysis import costs as cost_section, findings, html_report
 from pefttune.analysis.ensemble_runner import (
     EnsembleRun,
-    errors,
     default_ensembles,
-    gain,
     load_members,
-    majority_strategy,
     save_ensembles,
-    score,
     strategies_for,
 )
 from pefttune.analysis.export import export_experiment
+from pefttune.analysis.findings import Decision, FindingKey, ReportContext, decide
+from pefttune.analysis.findings import references as reference_section
+from pefttune.analysis.intervals import agreement_matrix, pairwise_table
+from pefttune.analysis.markdown import compact_placement, fmt, md_table, wrap
 from pefttune.analysis.selection import best_per_method, ranked
-from pefttune.analysis.stats import agreement_matrix, pairwise_table, sign_test
+from pefttune.analysis.sequential import SequentialDesign
 from pefttune.analysis.store import ResultsStore, MissingPredictionsError, TrialRecord, open_results
-from pefttune.analysis.findings import configurations, decide
 from pefttune.analysis.tables import alpha_table, configs_table, trials_table, write_table
 from pefttune.tuning import protocol_lines
+from pefttune.runtime.provenance import collect as collect_provenance, markdown as provenance_markdown
 from pefttune.runtime.storage import atomic_write_text
 from pefttune.metrics import align_corpus
 from pefttune.schema import TrialKind
 
-__all__ = ["analyze", "format_comparison", "pairwise_methods", "pairwise_trials"]
+__all__ = ["analyze", "current_findings", "format_comparison", "pairwise_methods", "pairwise_trials"]
 
-NOT_RUN = "not run"
 SKIPPED_AUDIO = "skipped_audio.csv"  # written by pefttune.trainables.setup when data.on_error: skip dropped files
+PAIRWISE_COLUMNS = ["a", "b", "agreement", "kappa", "mcnemar_b", "mcnemar_c", "mcnemar_p", "both_wrong",
+                    "error_overlap"]
 
 
 def analysis_settings(experiment: ResultsStore) -> dict:
@@ -89,59 +84,35 @@ def analysis_settings(experiment: ResultsStore) -> dict:
     }
 
 
-def current_findings(path: str) -> dict:
+def current_findings(path: str) -> Decision:
     """The findings of the study at ``path`` as it stands (nothing written)."""
     experiment = open_results(path)
     return decide(experiment, alpha=alpha_table(experiment), **analysis_settings(experiment))
 
 
-def _strategies_by_seed(finding: dict, metric: str, mode: str = "max") -> list[str]:
-    """Finding 2's per-seed table: each strategy's test score and its difference from the vote,
-    so a reader sees whether one seed or every seed carries the verdict."""
-    rows = [r for r in finding.get("per_seed", []) if r.get("strategies")]
-    vote = finding.get("majority_strategy")
-    if not rows or vote is None or any(vote not in r["strategies"] for r in rows):
-        return []
-    names = [vote] + [s for s in rows[0]["strategies"] if s != vote]
-    lines = [f"Per seed, test {metric} of each strategy, with its advantage over the vote in brackets (positive: "
-             "better than the vote, as in the rule's strategy - vote); each is one trained seed's ensemble on the test "
-             "set, so it has no interval of its own (the intervals above resample its examples):",
-             "", "| seed | best member | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-
-    def cell(score, v) -> str:  # the strategy's advantage over the vote, as ensemble_runner.gain orients it
-        return _fmt(score) if score is None or v is None else f"{_fmt(score)} ({gain(score, v, mode):+.4f})"
-
-    for r in rows:
-        v = r["strategies"][vote]["test"]
-        cells = [_fmt(v)] + [cell(r["strategies"][s]["test"], v) if s in r["strategies"] else "-" for s in names[1:]]
-        lines.append(f"| {r['seed']} | {_fmt(r['best_member_test'])} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def _intervals_line(result: dict, metric: str) -> str:
+def _intervals_line(decision: Decision, settings: dict, metric: str) -> str:
     """The report's statement of what every interval covers: the resampling unit, the number of
     test speakers, the method and why, and the supporting examples-only interval."""
-    settings, decision = result.get("settings", {}), result.get("decision", {})
     conf, draws, margin = settings.get("confidence", 0.95), settings.get("draws", 2000), settings.get("margin", 0.01)
-    unit = decision.get("resampling_unit")
+    units = decision.units
     tail = f"margin delta = {margin} ({metric}); `analysis.interval: {settings.get('interval', 'seeds-speakers')}`"
-    sequential = decision.get("sequential")
-    if sequential:  # seeds added while a finding was open: this look's level, not the nominal one
-        conf = sequential["confidence"]
-        tail += (f"; seeds added while a finding was open (`analysis.max_seeds: {sequential['n_max']}`): "
-                 f"{sequential['design']} This is the look at {sequential['look']} seeds, so every interval here "
+    look = decision.sequential
+    if look is not None:  # seeds added while a finding was open: this look's level, not the nominal one
+        conf = look.confidence
+        tail += (f"; seeds added while a finding was open (`analysis.max_seeds: {look.n_max}`): "
+                 f"{look.design} This is the look at {look.look} seeds, so every interval here "
                  f"is a {conf:.2%} interval")
-    if unit in (None, "examples"):
+    if units.resampling_unit in (None, "examples"):
         return (f"- intervals: {conf:.0%} paired bootstrap over test examples ({draws} draws), each configuration's "
                 f"seeds averaged inside every draw: examples only, these trained models; they do not cover what "
                 f"another set of training seeds or other speakers would change; {tail}")
-    speakers = decision.get("test_speakers")
-    who = (f"{speakers} test speakers ({decision.get('clusters')} clusters: a clip without a speaker is its own)"
-           if speakers is not None else f"{decision.get('clusters')} test utterances as units "
-           f"({decision.get('clusters_note') or 'no speakers known'})")
-    return (f"- intervals: resampling unit **{unit}**, {who}; {conf:.0%} intervals: Student-t over training seeds "
-            "(paired by seed where both sides share seeds, Welch otherwise; a bootstrap over 3 seeds cannot see the "
-            "tails and undercovers) plus the variance of a cluster bootstrap over the test "
+    speakers = units.test_speakers
+    who = (f"{speakers} test speakers ({units.clusters} clusters: a clip without a speaker is its own)"
+           if speakers is not None else f"{units.clusters} test utterances as units "
+           f"({units.clusters_note or 'no speakers known'})")
+    return (f"- intervals: resampling unit **{units.resampling_unit}**, {who}; {conf:.0%} intervals: Student-t over "
+            "training seeds (paired by seed where both sides share seeds, Welch otherwise; a bootstrap over 3 seeds "
+            "cannot see the tails and undercovers) plus the variance of a cluster bootstrap over the test "
             f"{'speakers' if speakers is not None else 'utterances'} ({draws} draws; one resample for both sides "
             "and all seeds; CTC: edit counts summed per cluster), t quantile at the seed level's df, Bonferroni on "
             "it within a family. They cover what other training seeds and other speakers would change; with one "
@@ -171,111 +142,6 @@ def _seed_rounds_lines(experiment: ResultsStore) -> list[str]:
     return lines + [f"Stopped: {log.get('stopped') or 'not yet'}.", ""]
 
 
-def _darts_by_seed(f: dict, metric: str) -> list[str]:
-    """Finding 1's DARTS searches, one row each, and how far their derived placements agree."""
-    threshold = f.get("convergence", {}).get("threshold", 0.7)
-    rows = [{**r, "h": _fmt(r["entropy_norm_mean"]) if r["entropy_norm_mean"] is not None else "-",
-             "flag": ", ".join(f"L{i}" for i in r["unconverged_layers"]) or "none",
-             "test": _fmt(r["retrain_test"]) if r["retrain_test"] is not None else "-"} for r in f["by_seed"]]
-    lines = [f"DARTS searches (one per seed; `?` marks a layer whose own final H/ln K is above {threshold}: its "
-             "argmax is close to a coin flip):", "",
-             md_table(rows, ["seed", "variant", "placement", "h", "flag", "test"],
-                      ["seed", "variant", "derived placement", "mean H/ln K", "layers not converged",
-                       f"retrained test {metric}"]), ""]
-    agreement = f.get("agreement")
-    if agreement:
-        common = ", ".join(f"L{i}" for i in agreement["layers_in_common"]) or "none"
-        lines += [f"Agreement of the {agreement['searches']} derived placements: on average "
-                  f"{agreement['pairwise_same_layers_mean']:.0%} of the {agreement['num_layers']} layers get the same "
-                  f"method in two searches; the same in every search: {common}.", ""]
-    return lines
-
-
-def _seeds_needed_line(finding: dict) -> list[str]:
-    need = finding.get("seeds_needed")
-    if not need or not need.get("intervals") or finding.get("verdict") != "inconclusive":
-        return []
-    each = "; ".join(f"{r['interval']}: " + (f"n = {r['n']}" if r["n"] is not None else f"none ({r['reason']})")
-                     + f" (distance to the threshold {r['gap']:+.4f})" for r in need["intervals"])
-    head = (f"**{need['n']} seeds per configuration**" if need["n"] is not None else
-            "no number of seeds alone")
-    return [f"Seeds to decide it: {head} ({need['assumption']}): {each}.", ""]
-
-
-def _with_supporting(c: dict) -> str:
-    text = f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] ({c.get('interval', 'examples')})"
-    if c.get("caveat"):
-        text += f", {c['caveat']}"
-    s = c.get("supporting")
-    if s:
-        text += f"; supporting, {s['interval']}: [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"
-    return text
-
-
-def _mcnemar_by_seed(experiment: ResultsStore, a: list[TrialRecord], b: list[TrialRecord]) -> list[dict]:
-    """Supporting numbers: McNemar of a vs b for every seed both have."""
-    by_seed = {t.seed: t for t in b}
-    rows = []
-    for trial in a:
-        other = by_seed.get(trial.seed)
-        if other is not None:
-            cmp = _compare(experiment, trial, other)
-            if cmp:
-                rows.append({"seed": trial.seed, **cmp})
-    return rows
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{float(value):.{digits}f}"
-    return str(value)
-
-
-def _p(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else (f"{value:.3g}" if value < 0.001 else f"{value:.3f}")
-
-
-def md_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table (``|`` in cells escaped)."""
-    headers = list(headers or columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        cells = [_fmt(row.get(c)).replace("|", "\\|") for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- scores on stored predictions
-def _test_eval(experiment: ResultsStore, trial: TrialRecord) -> tuple[float, np.ndarray, np.ndarray] | None:
-    """(test score, example index, per-example errors) from stored predictions (None if missing)."""
-    try:
-        data = load_members(experiment, [trial], "test")
-    except MissingPredictionsError:
-        return None
-    ref = data.labels if experiment.task == "classification" else data.refs
-    preds = data.preds(0)
-    return score(experiment, preds, ref), data.index, errors(experiment.task, preds, ref)
-
-
-def _compare(experiment: ResultsStore, a: TrialRecord, b: TrialRecord) -> dict:
-    """Test scores of a and b and the exact paired test on their common examples: McNemar
-    (classification) or the sign test on per-utterance edit counts (CTC), :func:`stats.sign_test`."""
-    ea, eb = _test_eval(experiment, a), _test_eval(experiment, b)
-    if ea is None or eb is None:
-        return {}
-    common, ia, ib = np.intersect1d(ea[1], eb[1], return_indices=True)
-    mb, mc, p = sign_test(ea[2][ia], eb[2][ib])
-    return {"a": a.trial_id, "b": b.trial_id, "a_test": ea[0], "b_test": eb[0], "mcnemar_b": mb,
-            "mcnemar_c": mc, "mcnemar_p": p, "n": int(common.shape[0]),
-            "gain": gain(ea[0], eb[0], experiment.mode)}
-
-
 def _trial_summary(experiment: ResultsStore, trial: TrialRecord | None) -> dict | None:
     if trial is None:
         return None
@@ -297,9 +163,9 @@ def pairwise_trials(
     """Pairwise statistics between trials on the same examples of ``split``.
 
     ``trials``: name -> trial (names label the rows), or a list (named by trial id).
-    Returns (:func:`stats.pairwise_table`: agreement, kappa, McNemar, error overlap per
-    pair; :func:`stats.agreement_matrix` of Cohen's kappa).  CTC predictions are compared
-    phoneme by phoneme: each hypothesis aligned to its reference (:func:`metrics.align_corpus`;
+    Returns (:func:`~pefttune.analysis.intervals.pairwise_table`: agreement, kappa, McNemar, error
+    overlap per pair; :func:`~pefttune.analysis.intervals.agreement_matrix` of Cohen's kappa).  CTC
+    predictions are compared phoneme by phoneme: each hypothesis aligned to its reference (:func:`metrics.align_corpus`;
     a reference phoneme is wrong when substituted or deleted), not as whole sentences, which
     nearly always hold some error.  McNemar there counts phonemes as independent: supporting only.
     """
@@ -348,7 +214,7 @@ def format_comparison(result: dict) -> str:
     rows = result.get("comparison", [])
     header = ("name", "params", "dev", "test")
     table = [header] + [
-        (r["name"], _fmt(r.get("trainable_params")), _fmt(r.get("dev")), _fmt(r.get("test"))) for r in rows
+        (r["name"], fmt(r.get("trainable_params")), fmt(r.get("dev")), fmt(r.get("test"))) for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -399,40 +265,37 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None) -> dict:
-    """Ensembles + exports + statistics + plots + ``report.md`` in one go.
+@dataclass(frozen=True)
+class _Pairwise:
+    """The pairwise statistics between the best trials of the uniform methods, and why there are
+    none when they could not be computed."""
 
-    Writes to ``out_dir`` (default ``<experiment>/analysis``; ``./pefttune-analysis/<name>``
-    for a remote experiment): ``report.md``, ``summary.json`` (this function's result),
-    ``ensembles.json``, ``tables/`` (trials, history, alpha, predictions, ensembles,
-    pairwise; parquet + CSV) and ``plots/*.png``.  Returns a dict with ``experiment``,
-    ``name``, ``task``, ``metric``, ``mode``, ``n_trials``, ``outcomes`` (count per
-    outcome), ``best`` (per kind: trial id, placement, params, dev, test), ``uniform``
-    (best trial per method), ``ensembles`` (table rows), ``findings`` ("1", "2", "3": a
-    ``verdict``, a ``text`` and the numbers behind it), ``comparison`` (rows for
-    :func:`format_comparison`) and ``files``.
-    """
-    experiment = open_results(study)
-    out = Path(out_dir) if out_dir is not None else experiment.default_out_dir()
-    tables_dir, plots_dir = out / "tables", out / "plots"
-    runs, ensemble_error = _run_default_ensembles(experiment)
-    ensemble_rows = [r for run in runs for r in run.results]
-    files: dict[str, Any] = {"ensembles": {k: str(v) for k, v in save_ensembles(experiment, runs, out).items()}}
+    pairs: pd.DataFrame
+    kappa: pd.DataFrame
+    by_method: dict[str, TrialRecord]
+    error: str | None = None
+
+
+def _write_tables(experiment: ResultsStore, tables_dir: Path, ensemble_rows: list) -> tuple[dict, _Pairwise]:
+    """The exported tables and the pairwise table (written), and the pairwise statistics."""
     exported = export_experiment(experiment, tables_dir, ensembles=ensemble_rows)
     try:
-        pairs, kappa, by_method = pairwise_methods(experiment)
-        pairwise_error = None
+        pairwise = _Pairwise(*pairwise_methods(experiment))
     except (ValueError, FileNotFoundError) as err:
-        pairs, kappa, by_method, pairwise_error = pd.DataFrame(), pd.DataFrame(), best_per_method(experiment), str(err)
-    exported.update(write_table(pairs if not pairs.empty else pd.DataFrame(columns=[
-        "a", "b", "agreement", "kappa", "mcnemar_b", "mcnemar_c", "mcnemar_p", "both_wrong", "error_overlap"]),
-        tables_dir, "pairwise"))
-    files["tables"] = {k: str(v) for k, v in exported.items()}
+        pairwise = _Pairwise(pd.DataFrame(), pd.DataFrame(), best_per_method(experiment), str(err))
+    pairs = pairwise.pairs if not pairwise.pairs.empty else pd.DataFrame(columns=PAIRWISE_COLUMNS)
+    exported.update(write_table(pairs, tables_dir, "pairwise", provenance=collect_provenance(experiment.config)))
+    return {k: str(v) for k, v in exported.items()}, pairwise
 
-    trials = trials_table(experiment)
+
+def _write_plots(experiment: ResultsStore, plots_dir: Path, trials: pd.DataFrame, kappa: pd.DataFrame,
+                 runs: Sequence[EnsembleRun]) -> dict[str, Any]:
+    """Placements, Pareto front, alpha, kappa and one bar chart per ensemble run (paths, None
+    where a plot has nothing to show)."""
     plots: dict[str, Any] = {}
-    plots["placements"] = _plot(lambda: _plots().placement_heatmap(trials, plots_dir / "placements.png", experiment.mode))
-    plots["pareto"] = _plot(lambda: _plots().pareto_plot(trials, plots_dir / "pareto.png", experiment.mode, experiment.metric))
+    mode, metric = experiment.mode, experiment.metric
+    plots["placements"] = _plot(lambda: _plots().placement_heatmap(trials, plots_dir / "placements.png", mode))
+    plots["pareto"] = _plot(lambda: _plots().pareto_plot(trials, plots_dir / "pareto.png", mode, metric))
     plots["alpha"] = [str(p) for p in _plots().alpha_evolution(alpha_table(experiment), plots_dir)]
     plots["agreement"] = _plot(lambda: _plots().agreement_heatmap(kappa, plots_dir / "kappa.png",
                                                                  "Cohen's kappa between uniform methods (test)"))
@@ -443,27 +306,19 @@ def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None)
         plots[f"ensembles_{run.members}"] = _plot(lambda: _plots().ensemble_bar(
             members, ens, plots_dir / f"ensembles_{run.members}.png", experiment.metric, experiment.mode,
             f"Ensembles of {run.members} members vs the members (test {experiment.metric})"))
-    files["plots"] = plots
+    return plots
 
-    settings = analysis_settings(experiment)
-    decided = decide(experiment, alpha=alpha_table(experiment), **settings)
-    findings = decided["findings"]
-    f1 = findings["1"]
-    if f1["verdict"] != NOT_RUN:
-        configs = configurations(experiment)
-        f1["mcnemar_by_seed"] = _mcnemar_by_seed(experiment, configs[f1["darts_config"]].trials,
-                                                 configs[f1["uniform_config"]].trials)
-    if findings["2"]["verdict"] == NOT_RUN and ensemble_error:
-        findings["2"]["text"] += f" ({ensemble_error})"
-    if findings["3"]["verdict"] == NOT_RUN and pairwise_error:
-        findings["3"]["text"] += f" ({pairwise_error})"
+
+def _result(experiment: ResultsStore, decision: Decision, settings: dict, runs: Sequence[EnsembleRun],
+            ensemble_rows: list, by_method: dict[str, TrialRecord], out: Path) -> dict:
+    """What :func:`analyze` returns and ``summary.json`` holds (the files are added after)."""
     config_rows = configs_table(experiment, settings["confidence"])
-    skipped = _skipped_audio(experiment)
     best = {kind.value: _trial_summary(experiment, _best_of_kind(experiment, kind))
             for kind in (TrialKind.UNIFORM, TrialKind.DISCRETE, TrialKind.HYBRID, TrialKind.DARTS_DERIVED)}
     overall = ranked(experiment)
     best["overall"] = _trial_summary(experiment, overall[0] if overall else None)
-    result = {
+    summary = decision.summary()
+    return {
         "experiment": experiment.uri,
         "name": experiment.name,
         "task": experiment.task,
@@ -475,18 +330,50 @@ def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None)
         "best": best,
         "uniform": {m: _trial_summary(experiment, t) for m, t in by_method.items()},
         "ensembles": [r.row() for r in ensemble_rows],
-        "findings": findings,
-        "decision": {k: v for k, v in decided.items() if k != "findings"},
+        "findings": summary["findings"],
+        "decision": {k: v for k, v in summary.items() if k != "findings"},
         "settings": {**settings, "design": settings["design"].describe() if settings["design"] else None},
         "configs": config_rows.astype(object).where(config_rows.notna(), None).to_dict("records"),
-        "skipped_audio": skipped,
+        "skipped_audio": _skipped_audio(experiment),
         "comparison": _comparison(experiment, runs),
         "out_dir": str(out),
+        "provenance": collect_provenance(experiment.config).to_dict(),
     }
-    report_path, summary_path = out / "report.md", out / "summary.json"
-    files["report"], files["summary"] = str(report_path), str(summary_path)
+
+
+def analyze(study: str | Path | ResultsStore, out_dir: str | Path | None = None) -> dict:
+    """Ensembles + exports + statistics + plots + ``report.md`` in one go.
+
+    Writes to ``out_dir`` (default ``<experiment>/analysis``; ``./pefttune-analysis/<name>``
+    for a remote experiment): ``report.md``, ``summary.json`` (this function's result),
+    ``ensembles.json``, ``tables/`` (trials, history, alpha, predictions, ensembles,
+    pairwise; parquet + CSV) and ``plots/*.png``.  Returns a dict with ``experiment``,
+    ``name``, ``task``, ``metric``, ``mode``, ``n_trials``, ``outcomes`` (count per
+    outcome), ``best`` (per kind: trial id, placement, params, dev, test), ``uniform``
+    (best trial per method), ``ensembles`` (table rows), ``findings`` ("1", "2", "3": a
+    ``verdict``, a ``text`` and the numbers behind it, :meth:`Decision.summary`),
+    ``comparison`` (rows for :func:`format_comparison`) and ``files``.
+    """
+    experiment = open_results(study)
+    out = Path(out_dir) if out_dir is not None else experiment.default_out_dir()
+    runs, ensemble_error = _run_default_ensembles(experiment)
+    ensemble_rows = [r for run in runs for r in run.results]
+    files: dict[str, Any] = {"ensembles": {k: str(v) for k, v in save_ensembles(experiment, runs, out).items()}}
+    files["tables"], pairwise = _write_tables(experiment, out / "tables", ensemble_rows)
+    trials = trials_table(experiment)
+    files["plots"] = _write_plots(experiment, out / "plots", trials, pairwise.kappa, runs)
+    settings = analysis_settings(experiment)
+    notes = {key: error for key, error in ((FindingKey.ENSEMBLES, ensemble_error),
+                                           (FindingKey.ERROR_DIVERSITY, pairwise.error)) if error}
+    decision = decide(experiment, alpha=alpha_table(experiment), notes=notes, **settings)
+    result = _result(experiment, decision, settings, runs, ensemble_rows, pairwise.by_method, out)
+    report_path, summary_path, html_path = out / "report.md", out / "summary.json", out / "report.html"
+    files["report"], files["summary"], files["report_html"] = str(report_path), str(summary_path), str(html_path)
     result["files"] = files
-    atomic_write_text(report_path, render_report(experiment, result, trials, pairs, kappa, out))
+    atomic_write_text(report_path, render_report(experiment, result, decision, trials, pairwise.pairs,
+                                                 pairwise.kappa, out))
+    atomic_write_text(html_path, html_report.render(result, decision, trials, pairwise.pairs,
+                                                    _intervals_line(decision, settings, experiment.metric)))
     atomic_write_text(summary_path, json.dumps(_json_safe(result), indent=2) + "\n")
     return result
 
@@ -512,164 +399,137 @@ def _rel(path: str | None, out: Path) -> str | None:
         return str(path)
 
 
-def render_report(experiment: ResultsStore, result: dict, trials: pd.DataFrame, pairs: pd.DataFrame,
-                  kappa: pd.DataFrame, out: Path) -> str:
-    m = experiment.metric
+def render_report(experiment: ResultsStore, result: dict, decision: Decision, trials: pd.DataFrame,
+                  pairs: pd.DataFrame, kappa: pd.DataFrame, out: Path) -> str:
+    """``report.md``: the study, what the intervals cover, the findings, then the supporting sections."""
+    metric, settings = experiment.metric, result.get("settings", {})
+    lines = _head_lines(experiment, result)
+    lines += [_intervals_line(decision, settings, metric), ""]
+    lines += findings.render(decision, ReportContext(metric, experiment.mode, experiment.task))
+    lines += _configs_lines(result, decision, settings, metric)
+    lines += protocol_lines(experiment.config, trials, metric) if result.get("configs") else []
+    tables = (result.get("files") or {}).get("tables", {})
+    lines += cost_section.render(experiment, decision, tables.get("costs.parquet"))
+    lines += _seed_rounds_lines(experiment)
+    lines += reference_section.render(decision.references, decision.hybrid, metric)
+    lines += _best_trials_lines(experiment, trials)
+    lines += _ensembles_lines(result, settings, metric)
+    lines += _pairwise_lines(pairs, kappa)
+    lines += _plots_lines(result, out)
+    lines += provenance_markdown(result["provenance"]) if result.get("provenance") else []
+    lines += ["## Files", "", "Tables (parquet + CSV) are in `tables/`: trials, history, alpha, predictions, "
+              "ensembles, costs, pairwise; `ensembles.json` and `summary.json` hold the numbers above; `report.html` is "
+              "this report as one page.", ""]
+    return wrap("\n".join(lines))
+
+
+def _head_lines(experiment: ResultsStore, result: dict) -> list[str]:
     better = "higher" if experiment.mode == "max" else "lower"
-    paired_test_name = "McNemar p" if result.get("task") == "classification" else "sign test p (edit counts)"
     lines = [
         f"# pefttune report: {experiment.name}",
         "",
         f"- experiment: `{experiment.uri}`",
         f"- Ray experiments: {', '.join(f'`{r}`' for r in experiment.ray_experiments)}",
-        f"- task: {experiment.task}; metric: **{m}** ({better} is better); trials are selected on dev, "
-        "compared on test",
+        f"- task: {experiment.task}; metric: **{experiment.metric}** ({better} is better); trials are selected on "
+        "dev, compared on test",
         f"- trials: {len(experiment.trials)} ("
         + ", ".join(f"{k}: {v}" for k, v in sorted(result["outcomes"].items())) + ")",
         "",
     ]
-    settings = result.get("settings", {})
     if result.get("skipped_audio"):
         lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
                      f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
-    lines += [_intervals_line(result, m),
-        "",
-        "## Findings of Lin et al. 2024 on this experiment",
-        "",
-        "| # | claim | verdict | rule |",
-        "|---|---|---|---|",
-    ]
-    for key, f in result["findings"].items():
-        lines.append(f"| {key} | {f['claim']} | **{f['verdict']}** | {f.get('rule', '')} |")
-    lines.append("")
-    if not result.get("decision", {}).get("learned", True):
-        lines += ["**Nothing learned**: no configuration beats the trivial reference (most frequent label; CTC: "
-                  "all blank) by more than the margin, so no finding is judged.", ""]
-    titles = {"1": "DARTS vs uniform placement", "2": "Ensembles and majority voting",
-              "3": "Different methods, different errors"}
-    for key, f in result["findings"].items():
-        lines += [f"### Finding {key}: {titles[key]} -- {f['verdict']}", "", f.get("text", ""), "",
-                  f"Rule: {f.get('rule', '')}", ""] + _seeds_needed_line(f)
-        if key == "1" and f.get("convergence", {}).get("trials"):
-            conv = f["convergence"]
-            lines += [f"DARTS convergence (final mean normalised entropy H/ln K of alpha, threshold "
-                      f"{conv['threshold']}): " + ", ".join(
-                          f"`{t}` {v['entropy_norm_mean']:.3f} (min top-2 margin {v['margin_min']:.3f})"
-                          for t, v in conv["trials"].items())
-                      + f" -> {'converged' if conv['converged'] else 'not converged'}.", ""]
-        if key == "1" and f.get("by_seed"):
-            lines += _darts_by_seed(f, result.get("metric", "metric"))
-        paired_test = ("McNemar" if result.get("task") == "classification" else
-                       "sign test on per-utterance edit counts: b = utterances with fewer edits, c = more")
-        if key == "1" and f.get("mcnemar_by_seed"):
-            lines += [f"Supporting, per seed (DARTS-derived vs uniform, {paired_test}): " + "; ".join(
-                f"seed {r['seed']}: {_fmt(r['a_test'])} vs {_fmt(r['b_test'])}, b={r['mcnemar_b']}, c={r['mcnemar_c']}, "
-                f"p={_p(r['mcnemar_p'])}" for r in f["mcnemar_by_seed"]), ""]
-        if key == "2" and f.get("per_seed"):
-            lines += [f"Supporting, per seed (majority vote vs its best member, {paired_test}): " + "; ".join(
-                f"seed {r['seed']}: {_fmt(r['vote_test'])} vs {_fmt(r['best_member_test'])}, b={r['mcnemar_b']}, "
-                f"c={r['mcnemar_c']}, p={_p(r['mcnemar_p'])}" for r in f["per_seed"]), ""]
-            lines += _strategies_by_seed(f, result.get("metric", "metric"), result.get("mode", "max"))
+    return lines
 
-    if result.get("configs"):
-        conf = settings.get("confidence", 0.95)
-        decision = result.get("decision", {})
-        speakers = (f"{decision['test_speakers']} test speakers" if decision.get("test_speakers") is not None
-                    else f"{decision.get('clusters', '?')} test utterances, no speakers known")
-        lines += [f"## Configurations (mean over seeds, {conf:.0%} t-interval; test split: {speakers})", "",
-                  "Reference rows: `frozen` (the head only, no PEFT) and `log-mel` (the same head on log-mel "
-                  "features, no SSL encoder) show what PEFT and the encoder add.", ""]
-        rows = []
-        for r in result["configs"]:
-            ci = r["note"] if r.get("note") else f"[{_fmt(r['test_ci_low'])}, {_fmt(r['test_ci_high'])}]"
-            rows.append({**r, "test": f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])}", "ci": ci,
-                         "dev": _fmt(r["dev_mean"])})
-        lines += [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "lr", "seeds", "dev", "test",
-                                  "ci"],
-                           ["configuration", "kind", "placement", "params", "lr", "seeds", f"dev {m} (mean)",
-                            f"test {m} (mean ± std)", "test CI"]), ""]
-        lines += protocol_lines(experiment.config, trials, m)
-    lines += _seed_rounds_lines(experiment)
-    refs = result.get("decision", {}).get("references", {})
-    ref_lines = []
-    for name, label in (("uniform_vs_frozen", "best uniform minus frozen (what PEFT adds)"),
-                        ("uniform_vs_log-mel", "best uniform minus log-mel (what the SSL encoder adds)")):
-        c = refs.get(name)
-        if c:
-            ref_lines.append(f"- {label}: {_with_supporting(c)}")
-    trivial = refs.get("vs_trivial") or {}
-    if trivial:
-        ref_lines.append("- the nothing-learned check, each configuration minus the trivial reference (most frequent "
-                         "label; CTC: all blank): " + "; ".join(f"`{cid}` {_with_supporting(c)}"
-                                                                for cid, c in trivial.items()))
-    if ref_lines:
-        lines += ["## References", ""] + ref_lines + [""]
-    hybrid = result.get("decision", {}).get("hybrid")
-    if hybrid:
-        lines += ["## Hybrid (merged in each layer) vs the best uniform", "",
-                  f"This experiment's result, not a claim of the paper: the hybrid ({hybrid['hybrid']}, "
-                  f"{_fmt(hybrid['hybrid_params'])} trainable parameters) minus the best uniform configuration "
-                  f"`{hybrid['uniform']}` ({_fmt(hybrid['uniform_params'])} trainable parameters): test {m} "
-                  f"{_with_supporting(hybrid)} ({hybrid['confidence']:.0%}; "
-                  f"{hybrid.get('method', 'paired bootstrap').split(';')[0]}).", ""]
 
-    lines += ["## Best trials (completed, by dev)", "",
-              "Single trials, one training seed each: no interval (the configurations table above has the intervals "
-              "over seeds).", ""]
-    cols = ["trial_id", "kind", "method", "placement_short", "trainable_params", "best_dev_score", "test_score", "outcome"]
+def _configs_lines(result: dict, decision: Decision, settings: dict, metric: str) -> list[str]:
+    """Every configuration's mean over seeds with its t-interval."""
+    if not result.get("configs"):
+        return []
+    conf = settings.get("confidence", 0.95)
+    units = decision.units
+    speakers = (f"{units.test_speakers} test speakers" if units.test_speakers is not None
+                else f"{units.clusters} test utterances, no speakers known")
+    lines = [f"## Configurations (mean over seeds, {conf:.0%} t-interval; test split: {speakers})", "",
+             "Reference rows: `frozen` (the head only, no PEFT) and `log-mel` (the same head on log-mel "
+             "features, no SSL encoder) show what PEFT and the encoder add.", ""]
+    rows = []
+    for r in result["configs"]:
+        ci = r["note"] if r.get("note") else f"[{fmt(r['test_ci_low'])}, {fmt(r['test_ci_high'])}]"
+        rows.append({**r, "test": f"{fmt(r['test_mean'])} ± {fmt(r['test_std'])}", "ci": ci, "dev": fmt(r["dev_mean"]),
+                     "placement_short": compact_placement(r.get("placement_short"))})
+    return lines + [md_table(rows, ["config_id", "kind", "placement_short", "trainable_params", "lr", "seeds", "dev",
+                                    "test", "ci"],
+                             ["configuration", "kind", "placement", "params", "lr", "seeds", f"dev {metric} (mean)",
+                              f"test {metric} (mean ± std)", "test CI"]), ""]
+
+
+def _best_trials_lines(experiment: ResultsStore, trials: pd.DataFrame) -> list[str]:
+    """The ten best single trials by dev."""
+    m = experiment.metric
+    lines = ["## Best trials (completed, by dev)", "",
+             "Single trials, one training seed each: no interval (the configurations table above has the intervals "
+             "over seeds).", ""]
+    cols = ["trial_id", "kind", "method", "placement_short", "trainable_params", "best_dev_score", "test_score",
+            "outcome"]
     top = trials[trials["best_dev_score"].notna() & (trials["kind"] != TrialKind.DARTS)
                  & (trials["outcome"] == "completed")]
     top = top.sort_values(["best_dev_score", "trial_id"], ascending=[experiment.mode == "min", True]).head(10)
-    lines += [md_table(top.astype(object).where(top.notna(), None).to_dict("records"), cols,
-                       ["trial", "kind", "method", "placement", "params", f"dev {m}", f"test {m}", "outcome"]), ""]
+    top = top.assign(placement_short=top["placement_short"].map(compact_placement))
+    headers = ["trial", "kind", "method", "placement", "params", f"dev {m}", f"test {m}", "outcome"]
+    return lines + [md_table(top.astype(object).where(top.notna(), None).to_dict("records"), cols, headers), ""]
 
+
+def _ensembles_lines(result: dict, settings: dict, metric: str) -> list[str]:
+    """The uniform baselines (best trial per method) and the default ensembles."""
+    lines = []
     if result["uniform"]:
         lines += ["## Uniform baselines (best trial per method)", "",
                   "Single trials, the best seed by dev: no interval (see the configurations table).", ""]
         rows = [{"method": k, **v} for k, v in result["uniform"].items()]
         lines += [md_table(rows, ["method", "trial_id", "trainable_params", "dev", "test"],
-                           ["method", "trial", "params", f"dev {m}", f"test {m}"]), ""]
-
+                           ["method", "trial", "params", f"dev {metric}", f"test {metric}"]), ""]
     lines += ["## Ensembles", ""]
-    if result["ensembles"]:
-        conf = settings.get("confidence", 0.95)
-        rows = [{**r, "gain_ci": "-" if r.get("gain_ci_low") is None else
-                 f"[{r['gain_ci_low']:+.4f}, {r['gain_ci_high']:+.4f}]"} for r in result["ensembles"]]
-        lines += [md_table(rows, ["ensemble_id", "n_members", "dev_score", "test_score", "best_member_test",
-                                  "delta_vs_best", "gain_ci", "mcnemar_p"],
-                           ["ensemble", "members", f"dev {m}", f"test {m}", "best member (test)", "gain",
-                            f"gain {conf:.0%} CI", paired_test_name]), ""]
-        lines.append("Members: the top-k trials by dev, or the best trial of each method, whatever their seeds "
-                     "(finding 2 instead builds one ensemble per seed). Gain: test improvement over the best member by "
-                     f"dev (positive = better), with its {conf:.0%} paired bootstrap interval over test examples "
-                     f"({settings.get('draws', 2000)} draws; '-' where the metric is not a sum over examples); "
-                     f"{paired_test_name}: ensemble vs that member. Caruana's dev score is the one it was fitted on.")
-        lines.append("")
-    else:
-        lines += ["Not run: fewer than 2 usable trials with stored predictions.", ""]
+    if not result["ensembles"]:
+        return lines + ["Not run: fewer than 2 usable trials with stored predictions.", ""]
+    conf = settings.get("confidence", 0.95)
+    paired_test_name = "McNemar p" if result.get("task") == "classification" else "sign test p (edit counts)"
+    rows = [{**r, "gain_ci": "-" if r.get("gain_ci_low") is None else
+             f"[{r['gain_ci_low']:+.4f}, {r['gain_ci_high']:+.4f}]"} for r in result["ensembles"]]
+    lines += [md_table(rows, ["ensemble_id", "n_members", "dev_score", "test_score", "best_member_test",
+                              "delta_vs_best", "gain_ci", "mcnemar_p"],
+                       ["ensemble", "members", f"dev {metric}", f"test {metric}", "best member (test)", "gain",
+                        f"gain {conf:.0%} CI", paired_test_name]), ""]
+    lines.append("Members: the top-k trials by dev, or the best trial of each method, whatever their seeds "
+                 "(finding 2 instead builds one ensemble per seed). Gain: test improvement over the best member by "
+                 f"dev (positive = better), with its {conf:.0%} paired bootstrap interval over test examples "
+                 f"({settings.get('draws', 2000)} draws; '-' where the metric is not a sum over examples); "
+                 f"{paired_test_name}: ensemble vs that member. Caruana's dev score is the one it was fitted on.")
+    return lines + [""]
 
-    lines += ["## Pairwise statistics between uniform methods (test)", ""]
-    if not pairs.empty:
-        lines += ["The best trial of each method (one seed each): no interval; finding 3 gives kappa and error "
-                  "overlap over all seeds with simultaneous intervals.", ""]
-        lines += [md_table(pairs.to_dict("records"), list(pairs.columns),
-                           ["a", "b", "agreement", "kappa", "McNemar b", "McNemar c", "McNemar p", "both wrong",
-                            "error overlap"]), ""]
-        rows = [{"": idx, **{c: kappa.loc[idx, c] for c in kappa.columns}} for idx in kappa.index]
-        lines += ["Cohen's kappa:", "", md_table(rows, [""] + list(kappa.columns)), ""]
-    else:
-        lines += ["Not run: fewer than 2 uniform methods with stored test predictions.", ""]
 
-    lines += ["## Plots", ""]
+def _pairwise_lines(pairs: pd.DataFrame, kappa: pd.DataFrame) -> list[str]:
+    """Agreement, kappa, McNemar and error overlap of the best trial of each uniform method."""
+    lines = ["## Pairwise statistics between uniform methods (test)", ""]
+    if pairs.empty:
+        return lines + ["Not run: fewer than 2 uniform methods with stored test predictions.", ""]
+    lines += ["The best trial of each method (one seed each): no interval; finding 3 gives kappa and error "
+              "overlap over all seeds with simultaneous intervals.", ""]
+    lines += [md_table(pairs.to_dict("records"), list(pairs.columns),
+                       ["a", "b", "agreement", "kappa", "McNemar b", "McNemar c", "McNemar p", "both wrong",
+                        "error overlap"]), ""]
+    rows = [{"": idx, **{c: kappa.loc[idx, c] for c in kappa.columns}} for idx in kappa.index]
+    return lines + ["Cohen's kappa:", "", md_table(rows, [""] + list(kappa.columns)), ""]
+
+
+def _plots_lines(result: dict, out: Path) -> list[str]:
+    lines = ["## Plots", ""]
     plots = result["files"]["plots"] if "files" in result else {}
     for name, path in plots.items():
-        paths = path if isinstance(path, list) else [path]
-        for p in paths:
+        for p in path if isinstance(path, list) else [path]:
             rel = _rel(p, out)
             if rel:
                 lines += [f"![{name}]({rel})", ""]
     if not plots.get("alpha"):
         lines += ["No DARTS search trials: no alpha plot.", ""]
-    lines += ["## Files", "", "Tables (parquet + CSV) are in `tables/`: trials, history, alpha, predictions, "
-              "ensembles, pairwise; `ensembles.json` and `summary.json` hold the numbers above.", ""]
-    return "\n".join(lines)
+    return lines

@@ -30,7 +30,7 @@ def manifest_of(config: dict | None) -> tuple[Path | None, str]:
     source, task = data.get("source", "synth"), data.get("task", "ks")
     try:
         if source == "synth":
-            from pefttune.data.corpus_cache import corpus_dir
+            from pefttune.data.sources import synth_corpus_dir as corpus_dir
 
             size = {k: data[k] for k in _SIZES if data.get(k) is not None}
             path = corpus_dir(task, int(data.get("seed") or 0), **size) / "manifest.parquet"

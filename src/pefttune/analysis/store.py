@@ -9,7 +9,8 @@ discovered (up to :data:`MAX_DEPTH` levels down) and their trials merged.
 Nothing is unpickled.  Ray's ``experiment_state-*.json`` is plain JSON whose non-JSON
 values are hex cloudpickle blobs (``{"_type": "CLOUDPICKLE_FALLBACK", ...}``); they are
 read as opaque data and ignored.  Per trial the store reads the trial status, config,
-last result, start/end times, error file name and trial dir from that JSON, the history
+last result (read through the trial schema, :class:`pefttune.schema.TrialReport`, as every
+trainable reports it), start/end times, error file name and trial dir from that JSON, the history
 from ``result.json`` (JSON lines; ``progress.csv`` as a fall-back; the last result only
 when a run disabled Ray's loggers), the checkpoints by listing ``checkpoint_NNNNNN``
 dirs, and predictions with safetensors (``<checkpoint>/predictions/{dev,test}.safetensors``,
@@ -67,10 +68,11 @@ import pyarrow.fs as pafs
 import yaml
 
 from pefttune.metrics import METRICS
+from pefttune.placement import Placement
 from pefttune.runtime.study_dir import config_id
 from pefttune.runtime.storage import atomic_output
-from pefttune.schema import (CHECKPOINT_NAME, FILES_KEY, PREDICTIONS_DIR, STATE_FILE, STOP_EPOCH, TrialKind,
-                             metric_key, predictions_file)
+from pefttune.schema import (CHECKPOINT_NAME, PREDICTIONS_DIR, STATE_FILE, STOP_EPOCH, TrialKind, TrialReport,
+                             listed_files, metric_key, predictions_file)
 from pefttune.training import load_predictions
 
 __all__ = [
@@ -87,12 +89,6 @@ SKIP_DIRS = {"analysis", "driver_artifacts", "__pycache__"}
 EXPERIMENT_STATE = re.compile(r"^experiment_state-.*\.json$")
 SPLITS = ("dev", "test")
 CTC_METRICS = ("per", "wer", "cer")
-#: Ray's bookkeeping keys of a result row (kept out of the metric columns).
-RAY_KEYS = {
-    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "trial_id", "date", "pid",
-    "hostname", "node_ip", "config", "experiment_tag", "logdir", "iterations_since_restore",
-    "time_since_restore",
-}
 
 
 class MissingPredictionsError(FileNotFoundError):
@@ -178,7 +174,8 @@ class TrialRecord:
     status: str  # Ray status: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
     outcome: str = ""
     config: dict = field(default_factory=dict)
-    last_result: dict = field(default_factory=dict)
+    last_result: dict = field(default_factory=dict)  # the last reported row, as Ray stored it
+    report: TrialReport | None = None  # that row read through the schema (set once the metric is known)
     kind: str = ""
     method: str | None = None
     placement: dict | None = None
@@ -247,8 +244,6 @@ def _finite(value: Any) -> float | None:
 def _layer_labels(placement: dict) -> list[str]:
     """One label per layer ("none", "lora", "houlsby+lora") from a placement mapping."""
     try:
-        from pefttune.placement import Placement
-
         return Placement.from_dict(placement).layer_methods()
     except Exception:  # noqa: BLE001 - unknown method names etc.: label the raw data
         raw = placement.get("layers", [])
@@ -266,8 +261,6 @@ def _layer_labels(placement: dict) -> list[str]:
 
 def _short(placement: dict, layers: list[str]) -> str:
     try:
-        from pefttune.placement import Placement
-
         return Placement.from_dict(placement).short()
     except Exception:  # noqa: BLE001
         return " ".join(f"L{i}:{m}" for i, m in enumerate(layers))
@@ -307,6 +300,8 @@ class ResultsStore:
         self.metric = self._infer_metric()
         self.mode = METRICS[self.metric][1] if self.metric in METRICS else "max"
         self.task = self._infer_task()
+        for trial in self.trials:
+            trial.report = TrialReport.from_row(trial.last_result, self.metric)
         for trial in self.trials:
             self._settle(trial)
         self._history: dict[str, pd.DataFrame] = {}
@@ -446,20 +441,17 @@ class ResultsStore:
         storage). An older ``state.json`` without a file list is taken as complete."""
         name = PurePosixPath(path).name
         try:
-            data = json.loads(_read_text(self.fs, _join(path, STATE_FILE)))
+            text = _read_text(self.fs, _join(path, STATE_FILE))
         except (FileNotFoundError, OSError):
             return f"{name}: no {STATE_FILE} (not written to the end)"
-        except ValueError:  # not UTF-8, not JSON: cut off
+        except UnicodeDecodeError:
             return f"{name}: {STATE_FILE} is not valid JSON (cut off?)"
-        files = data.get(FILES_KEY) if isinstance(data, dict) else None
-        if not isinstance(data, dict) or not isinstance(files, (dict, type(None))):
-            return f"{name}: {STATE_FILE} holds no valid state"
+        try:
+            files = listed_files(text)  # the schema's reading of a state file
+        except ValueError as err:  # not JSON, no state, a malformed list: cut off
+            return f"{name}: {err}"
         if not files:
             return None
-        try:
-            files = {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
-        except (TypeError, ValueError):
-            return f"{name}: the '{FILES_KEY}' list of its {STATE_FILE} is malformed"
         infos = self.fs.get_file_info([_join(path, rel) for rel in files])
         for (rel, (size, _)), info in zip(files.items(), infos):
             if info.type != pafs.FileType.File:
@@ -531,7 +523,8 @@ class ResultsStore:
 
     def _settle(self, trial: TrialRecord) -> None:
         """Derive placement, kind, method, params, epochs and outcome of a trial."""
-        last, config = trial.last_result, trial.config
+        report, config = trial.report, trial.config
+        last = report.columns  # what the trial is, as it reported it
         placement = None
         for source in (last.get("placement"), config.get("placement")):
             value = _maybe_json(source)
@@ -553,7 +546,7 @@ class ResultsStore:
             layer_keys = sorted(k for k in last if re.fullmatch(r"layer_\d+", k))
             trial.layers = [str(last[k]) for k in layer_keys]
             trial.placement_short = str(last.get("placement_short") or "")
-        kind = last.get("kind") or config.get("kind")
+        kind = report.kind or config.get("kind")
         if not isinstance(kind, str) or not kind:
             if any(k.startswith("alpha/") for k in last):
                 kind = TrialKind.DARTS.value
@@ -571,16 +564,16 @@ class ResultsStore:
             if value is not None:
                 trial.trainable_params = int(value)
                 break
-        epoch = last.get("epoch", last.get("training_iteration"))
+        epoch = report.epoch if report.epoch is not None else report.ray.get("training_iteration")
         trial.epochs = int(epoch) if _finite(epoch) is not None else None
-        trial.time_total_s = _finite(last.get("time_total_s"))
+        trial.time_total_s = _finite(report.ray.get("time_total_s"))
         trial.seed, trial.config_id = self._replicate_of(trial)
         trial.outcome = self._outcome(trial)
 
     def _replicate_of(self, trial: TrialRecord) -> tuple[int | None, str | None]:
         """(seed, config_id): as the trial reported them; for older trials, the experiment's
         ``train.seed`` and the id computed from kind, method and placement."""
-        last, config = trial.last_result, trial.config
+        last, config = trial.report.columns, trial.config
         seed = _finite(last.get("seed", config.get("seed")))
         if seed is None:
             seed = _finite(((self.config or {}).get("train") or {}).get("seed", 0))
@@ -606,27 +599,28 @@ class ResultsStore:
             return "error"
         if status in ("RUNNING", "PENDING", "PAUSED"):
             return status.lower()
-        if trial.last_result.get("over_budget"):
+        if trial.report.rejected:
             return "over_budget"
         if not trial.last_result:
             return "stopped_early"
-        if metric_key("test", self.metric) in trial.last_result:
+        if trial.report.test_score is not None:
             return "completed"
         if trial.config.get(STOP_EPOCH) is not None:
             return "stopped_early"  # a rung of the learning-rate protocol: stopped by design
         siblings = [t for t in self.trials if t.experiment == trial.experiment]
-        if any(metric_key("test", self.metric) in t.last_result for t in siblings):
+        if any(t.report.test_score is not None for t in siblings):
             return "stopped_early"  # others of its Ray experiment reached the final row
-        expected = max((int(t.last_result.get("training_iteration") or 0) for t in siblings), default=0)
-        return "completed" if int(trial.last_result.get("training_iteration") or 0) >= expected else "stopped_early"
+        iteration = lambda t: int(t.report.ray.get("training_iteration") or 0)  # noqa: E731
+        expected = max((iteration(t) for t in siblings), default=0)
+        return "completed" if iteration(trial) >= expected else "stopped_early"
 
     # -- scores ------------------------------------------------------------------------------
     def score(self, trial: TrialRecord, split: str = "dev") -> float | None:
         """The reported score: ``best_dev_<m>`` (else last ``dev_<m>``) or ``test_<m>``."""
         if split == "test":
-            return _finite(trial.last_result.get(metric_key("test", self.metric)))
-        best = _finite(trial.last_result.get(metric_key("dev", self.metric, best=True)))
-        return best if best is not None else _finite(trial.last_result.get(metric_key("dev", self.metric)))
+            return _finite(trial.report.test_score)
+        best = _finite(trial.report.best_dev)
+        return best if best is not None else _finite(trial.report.dev_score)
 
     def history(self, trial: TrialRecord) -> pd.DataFrame:
         """Every result row the trial reported (result.json, else progress.csv, else the last

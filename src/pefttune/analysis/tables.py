@@ -2,7 +2,7 @@
 
 :func:`pefttune.analysis.export.export_experiment` writes them all (``pefttune export EXPERIMENT --out DIR``).
 
-One concept, one module (about 480 lines, a fifth of them the column reference below): every
+One concept, one module (about 660 lines, a fifth of them the column reference below): every
 table's builder sits next to the documentation of its columns, so the two cannot drift apart.
 
 Every table is written as ``<name>.parquet`` and ``<name>.csv``, each atomically (a
@@ -93,6 +93,37 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     delta_vs_best (float64)   test gain over the best member, positive = better (either mode)
     mcnemar_b, mcnemar_c (int64)      ensemble right & best member wrong / the reverse (test)
     mcnemar_p (float64)       exact McNemar p-value of ensemble vs best member
+
+``costs`` -- one row per arm: the compute each arm's results took (:func:`costs_table`)
+    arm (str)                 ``uniform:<method>``, ``hybrid``, ``discrete search`` (the searched trials: kind
+                              discrete, the search's seed, the first of ``train.seeds``), ``discrete replicates``
+                              (the best searched placements' other seeds), ``darts search + retrain``, ``frozen``,
+                              ``log-mel``; then ``ensemble <ensemble_id>`` (one per ensembles-table row) and
+                              ``ensembles per seed:<strategy>`` (finding 2's ensembles: each seed's uniform trials)
+    kind (str)                the trials' kind(s), comma-separated; ``ensemble`` for an ensemble row
+    trials (Int64)            trials run, whatever their outcome (an ensemble: its members)
+    completed (Int64)         of which completed
+    epochs (Int64)            epochs run, summed over the trials
+    trial_seconds (float64)   Ray's ``time_total_s`` summed over the trials: seconds each trial held its slot (see
+                              ``slot``), i.e. slot-seconds, not the process's CPU time; the arm rows (not the
+                              ensembles) sum to the trials table's total
+    search_trials (Int64)     the trials that searched: every trial of ``discrete search``, the DARTS supernets of
+                              ``darts search + retrain``; null for the other arms
+    search_seconds (float64)  their ``trial_seconds``
+    params_min, params_max (Int64)  trainable parameters (PEFT + head) per configuration, smallest and largest
+                              (an ensemble: the sum over its members, both)
+    params (str)              ``params_min``, or ``min-max`` where the arm's configurations differ
+    slot (str)                what one trial held, from the experiment config: ``resources.cpu`` CPUs (the DARTS
+                              search: ``darts.search_cpu``) and ``resources.gpu`` GPUs, e.g. ``1 CPU``
+    device (str)              ``cpu`` or ``gpu`` (``resources.gpu`` > 0): what a trial-second is a second of
+    combine_ms_per_example (float64)  ensembles: MEASURED in the analysis, the strategy combining the members'
+                              stored test predictions (median of 5 timings, ``time.perf_counter``) over the test
+                              examples, in ms per example; the members' forward passes are not run (their
+                              predictions are stored), see the next column
+    members_ms_per_example_bound (float64)  ensembles: DERIVED, not measured: the sum over members of 1000 /
+                              ``samples_per_s`` (each member's last reported training throughput: forward and
+                              backward, so an upper bound of its forward pass in the same setting); null when a
+                              member did not report it
 """
 from __future__ import annotations
 
@@ -105,10 +136,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pefttune.analysis.store import RAY_KEYS, ResultsStore, TrialRecord, open_results
+from pefttune.analysis.store import ResultsStore, TrialRecord, open_results
 from pefttune.metrics import edit_distance
+from pefttune.runtime.provenance import Provenance
 from pefttune.runtime.storage import atomic_output
-from pefttune.schema import TrialKind, metric_key
+from pefttune.schema import RAY_KEYS, TrialKind, metric_key
 from pefttune.training import unpack_sequences
 
 #: The placement of a configuration whose seeds each derived their own (DARTS as a method).
@@ -116,9 +148,11 @@ VARIES_BY_SEED = "its own per seed"
 
 __all__ = [
     "ALPHA_COLUMNS",
+    "COST_COLUMNS",
     "ENSEMBLE_COLUMNS",
     "TABLES",
     "alpha_table",
+    "costs_table",
     "ensembles_table",
     "history_table",
     "predictions_table",
@@ -126,7 +160,7 @@ __all__ = [
     "write_table",
 ]
 
-TABLES = ("trials", "configs", "history", "alpha", "predictions", "ensembles")
+TABLES = ("trials", "configs", "history", "alpha", "predictions", "ensembles", "costs")
 FORMATS = ("parquet", "csv")
 LAYER_COLUMN = re.compile(r"^layer_\d+$")
 ALPHA_KEY = re.compile(r"^alpha/L(\d+)/(.+)$")
@@ -488,9 +522,127 @@ def ensembles_table(results: Iterable[Any] = ()) -> pd.DataFrame:
     return frame
 
 
+COST_COLUMNS = [
+    "arm", "kind", "trials", "completed", "epochs", "trial_seconds", "search_trials", "search_seconds", "params_min",
+    "params_max", "params", "slot", "device", "combine_ms_per_example", "members_ms_per_example_bound",
+]
+#: The arm of the discrete search's own trials, and of the replicates of its best placements.
+DISCRETE_SEARCH, DISCRETE_REPLICATES, DARTS_ARM = "discrete search", "discrete replicates", "darts search + retrain"
+
+
+def search_seed(config: dict | None) -> int:
+    """The seed the discrete search ran with: the first of ``train.seeds`` (else ``train.seed``, 0)."""
+    train = (config or {}).get("train") or {}
+    seeds = train.get("seeds") or [train.get("seed", 0)]
+    return int(seeds[0])
+
+
+def cost_arm(kind: str, method: str | None, seed: int | None, first_seed: int) -> str:
+    """The ``costs`` arm of one trial (module docstring)."""
+    if kind == TrialKind.UNIFORM:
+        return f"{TrialKind.UNIFORM}:{method}"
+    if kind == TrialKind.DISCRETE:
+        return DISCRETE_SEARCH if seed is None or int(seed) == first_seed else DISCRETE_REPLICATES
+    if kind in (TrialKind.DARTS, TrialKind.DARTS_DERIVED):
+        return DARTS_ARM
+    return str(kind)
+
+
+def _slot(config: dict | None, darts_search: bool) -> tuple[str, str]:
+    resources = (config or {}).get("resources") or {}
+    cpu = resources.get("cpu", 1)
+    if darts_search:
+        cpu = ((config or {}).get("darts") or {}).get("search_cpu") or cpu
+    gpu = float(resources.get("gpu") or 0)
+    text = f"{float(cpu):g} CPU" + (f" + {gpu:g} GPU" if gpu > 0 else "")
+    return text, "gpu" if gpu > 0 else "cpu"
+
+
+def _params_text(low: Any, high: Any) -> str | None:
+    if low is None or pd.isna(low):
+        return None
+    return f"{int(low):,}" if low == high else f"{int(low):,}-{int(high):,}"
+
+
+def _cost_row(arm: str, group: pd.DataFrame, config: dict | None, params: pd.Series) -> dict:
+    kinds = list(dict.fromkeys(str(k) for k in group["kind"].dropna()))
+    slots = {_slot(config, k == TrialKind.DARTS) for k in kinds} or {_slot(config, False)}
+    search = None
+    if arm == DISCRETE_SEARCH:
+        search = group
+    elif arm == DARTS_ARM:
+        search = group[group["kind"] == TrialKind.DARTS]
+    low, high = (params.min(), params.max()) if params.notna().any() else (None, None)
+    return {
+        "arm": arm, "kind": ",".join(kinds), "trials": len(group),
+        "completed": int((group["outcome"] == "completed").sum()),
+        "epochs": int(pd.to_numeric(group["epochs"], errors="coerce").fillna(0).sum()),
+        "trial_seconds": float(pd.to_numeric(group["time_total_s"], errors="coerce").fillna(0.0).sum()),
+        "search_trials": None if search is None else len(search),
+        "search_seconds": None if search is None else
+        float(pd.to_numeric(search["time_total_s"], errors="coerce").fillna(0.0).sum()),
+        "params_min": low, "params_max": high, "params": _params_text(low, high),
+        "slot": "; ".join(sorted(s for s, _ in slots)), "device": ",".join(sorted({d for _, d in slots})),
+    }
+
+
+def costs_table(experiment: ResultsStore | str, ensembles: Iterable[Any] = (),
+                combine_ms: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per arm, then one per ensemble (columns in the module docstring).
+
+    ``ensembles``: rows with ``ensemble_id`` and ``member_ids`` (comma-separated trial ids: the
+    ensembles table's rows, or :class:`~pefttune.analysis.ensemble_runner.EnsembleResult`);
+    an ``ensemble_id`` starting with ``per seed`` is finding 2's and is named
+    ``ensembles per seed:<strategy>``.  ``combine_ms``: ensemble id -> the measured combination
+    time per example (:func:`pefttune.analysis.costs.combine_ms_per_example`).
+    """
+    experiment = open_results(experiment)
+    trials = trials_table(experiment)
+    config = experiment.config
+    first = search_seed(config)
+    arms = [cost_arm(str(k) if not pd.isna(k) else "unknown", m if not pd.isna(m) else None,
+                     s if not pd.isna(s) else None, first)
+            for k, m, s in zip(trials["kind"], trials["method"], trials["seed"])]
+    trials = trials.assign(_arm=arms)
+    rows = []
+    for arm, group in trials.groupby("_arm", sort=False):
+        # per configuration: the parameters of its (first) completed trial, else any
+        params = pd.to_numeric(group.sort_values("outcome", key=lambda o: o != "completed", kind="mergesort")
+                               .groupby("config_id", dropna=False)["trainable_params"].first(), errors="coerce")
+        rows.append(_cost_row(str(arm), group, config, params))
+    samples = (pd.to_numeric(trials["samples_per_s"], errors="coerce") if "samples_per_s" in trials
+               else pd.Series(np.nan, index=trials.index))
+    by_id = trials.assign(_sps=samples).set_index("trial_id")
+    for ens in ensembles:
+        row = ens if isinstance(ens, dict) else ens.row()
+        ids = [i for i in str(row["member_ids"]).split(",") if i]
+        group = trials[trials["trial_id"].isin(ids)]
+        name = str(row["ensemble_id"])
+        arm = f"ensembles {name}" if name.startswith("per seed") else f"ensemble {name}"
+        out = _cost_row(arm, group, config, pd.Series(dtype="float64"))
+        total = pd.to_numeric(group["trainable_params"], errors="coerce").sum(min_count=1)
+        sps = by_id.loc[[i for i in ids if i in by_id.index], "_sps"]
+        out.update({"kind": "ensemble", "params_min": total, "params_max": total,
+                    "params": _params_text(total, total),
+                    "combine_ms_per_example": (combine_ms or {}).get(name),
+                    "members_ms_per_example_bound": float((1000.0 / sps).sum())
+                    if len(sps) == len(ids) and len(ids) and sps.notna().all() and (sps > 0).all() else None})
+        rows.append(out)
+    frame = pd.DataFrame(rows, columns=COST_COLUMNS)
+    for col in ("trials", "completed", "epochs", "search_trials", "params_min", "params_max"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").round().astype("Int64")
+    for col in ("trial_seconds", "search_seconds", "combine_ms_per_example", "members_ms_per_example_bound"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    for col in ("arm", "kind", "params", "slot", "device"):
+        frame[col] = frame[col].astype("string")
+    return frame
+
+
 # --------------------------------------------------------------------------- writing
-def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
-    """Write ``frame`` as ``<out_dir>/<name>.<format>`` for each format, atomically."""
+def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Sequence[str] = FORMATS,
+                provenance: Provenance | None = None) -> dict[str, Path]:
+    """Write ``frame`` as ``<out_dir>/<name>.<format>`` for each format, atomically; ``provenance``
+    goes into the parquet schema metadata (key ``pefttune.provenance``, JSON)."""
     out_dir = Path(out_dir)
     files = {}
     for fmt in formats:
@@ -499,8 +651,18 @@ def write_table(frame: pd.DataFrame, out_dir: str | Path, name: str, formats: Se
         path = out_dir / f"{name}.{fmt}"
         with atomic_output(path) as tmp:
             if fmt == "parquet":
-                frame.to_parquet(tmp, index=False, engine="pyarrow")
+                _write_parquet(frame, tmp, provenance)
             else:
                 frame.to_csv(tmp, index=False)
         files[f"{name}.{fmt}"] = path
     return files
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path, provenance: Provenance | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if provenance is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **provenance.parquet_metadata()})
+    pq.write_table(table, path)

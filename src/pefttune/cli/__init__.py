@@ -16,14 +16,16 @@ from pefttune.cli import ensemble as ensemble_cli
 from pefttune.cli import export as export_cli
 from pefttune.cli import export_model as export_model_cli
 from pefttune.cli import info
+from pefttune.cli import init as init_cli
 from pefttune.cli import predict as predict_cli
 from pefttune.cli import report as report_cli
 from pefttune.cli import run as run_cli
 from pefttune.cli import search as search_cli
 from pefttune.cli import status as status_cli
+from pefttune.cli.common import quiet_libraries
 
 # Subcommand modules, in the order `pefttune --help` lists them.
-SUBCOMMANDS = [run_cli, status_cli, data_cli, info, search_cli, darts_cli, ensemble_cli, export_cli, report_cli, export_model_cli, predict_cli, backbone_cli]
+SUBCOMMANDS = [init_cli, run_cli, status_cli, data_cli, info, search_cli, darts_cli, ensemble_cli, export_cli, report_cli, export_model_cli, predict_cli, backbone_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args)
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: before any compute

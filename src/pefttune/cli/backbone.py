@@ -79,9 +79,9 @@ def register(sub) -> None:
 
 
 def run_pretrain(args) -> int:
-    from pefttune.pretraining import CorpusRecipe, PretrainConfig, pretrain
-    from pefttune.pretraining.corpus import all_variants
-    from pefttune.pretraining.train import command_line, load_schedule
+    from pefttune.demo.pretraining import CorpusRecipe, PretrainConfig, pretrain
+    from pefttune.demo.pretraining.corpus import all_variants
+    from pefttune.demo.pretraining.train import command_line, load_schedule
 
     def pair(text: str, name: str) -> tuple[float, float]:
         try:

@@ -1,4 +1,5 @@
-"""Arguments shared by the commands that run experiments (`run`, `search`, `darts`)."""
+"""Arguments shared by the commands: those that run experiments (`run`, `search`, `darts`), and
+``-v`` for the commands that load models (`export-model`, `predict`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,3 +26,18 @@ def verbosity(args) -> int:
     if getattr(args, "quiet", False):
         return 0
     return 2 if args.verbose else 1
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """``-v``: show what the libraries print while they load a model (transformers' progress bars)."""
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="Also show the libraries' progress bars while models load (default: off).")
+
+
+def quiet_libraries(args) -> None:
+    """Without ``-v``: no transformers progress bars ("Loading weights") on this process's console."""
+    if getattr(args, "verbose", 0):
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

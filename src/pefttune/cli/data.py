@@ -71,7 +71,7 @@ def _size_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sizes(args) -> dict:
-    from pefttune.data.synth import DEFAULT_SIZES
+    from pefttune.demo.synth import DEFAULT_SIZES
 
     names = {"per_class": args.per_class, "eval_per_class": args.eval_per_class,
              "test_per_class": args.test_per_class, "speakers": args.speakers,
@@ -87,7 +87,7 @@ def _sizes(args) -> dict:
 
 
 def _summary(manifest: Path) -> str:
-    from pefttune.data.synth import read_corpus_info
+    from pefttune.demo.synth import read_corpus_info
 
     info = read_corpus_info(manifest.parent)
     clips = ", ".join(f"{k} {v}" for k, v in sorted(info["clips"].items()))
@@ -95,7 +95,7 @@ def _summary(manifest: Path) -> str:
 
 
 def _synth(args) -> int:
-    from pefttune.data.synth import build_corpus
+    from pefttune.demo.synth import build_corpus
 
     start = time.perf_counter()
     manifest = build_corpus(args.task, args.out, seed=args.seed, **_sizes(args))
@@ -104,9 +104,9 @@ def _synth(args) -> int:
 
 
 def _ensure(args) -> int:
-    from pefttune.data.corpus_cache import ensure_corpus
+    from pefttune.data.sources import synth_manifest
 
-    manifest = ensure_corpus(args.task, seed=args.seed, root=args.cache, **_sizes(args))
+    manifest = synth_manifest(args.task, seed=args.seed, cache=args.cache, **_sizes(args))
     print(manifest)
     return 0
 
@@ -147,7 +147,10 @@ def _validate(args) -> int:
 
     df = read_manifest(args.manifest)
     vocab = load_vocab(args.vocab) if args.vocab is not None else None
-    validate_manifest(df, args.task_kind, vocab=vocab)
+    try:
+        validate_manifest(df, args.task_kind, vocab=vocab)
+    except (ValueError, FileNotFoundError) as err:  # the message names the manifest
+        raise type(err)(f"{args.manifest}: {err}") from None
     counts = df["split"].value_counts()
     print(f"{args.manifest}: ok ({', '.join(f'{s} {int(counts.get(s, 0))}' for s in ('train', 'dev', 'test'))} rows)")
     return 0

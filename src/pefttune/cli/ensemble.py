@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pefttune.analysis.ensemble_runner import run_ensembles, save_ensembles
-    from pefttune.analysis.report import _fmt, _p
+    from pefttune.analysis.markdown import fmt as _fmt, fmt_p as _p
     from pefttune.analysis.store import open_results
 
     experiment = open_results(args.experiment)

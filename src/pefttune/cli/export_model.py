@@ -1,5 +1,7 @@
-"""`pefttune export-model EXPERIMENT (--trial ID | --best | --ensemble MEMBERS) --out DIR`."""
+"""`pefttune export-model EXPERIMENT (--trial ID | --best | --ensemble MEMBERS) [--merged] --out DIR`."""
 from __future__ import annotations
+
+from pefttune.cli.common import add_verbose_argument
 
 
 def register(sub) -> None:
@@ -13,7 +15,11 @@ def register(sub) -> None:
     which.add_argument("--best", action="store_true", help="The best trial on dev.")
     which.add_argument("--ensemble", metavar="MEMBERS", help="top-5 | top-K | per-method | id1,id2,...")
     parser.add_argument("--strategy", help="Ensemble strategy: vote|weighted|soft (CTC: frame_vote|posterior_avg|rover).")
+    parser.add_argument("--merged", action="store_true",
+                        help="Fold the PEFT weights into the backbone: a plain transformers model directory "
+                             "(AutoModel.from_pretrained) with the head beside it. LoRA, IA3 and BitFit only.")
     parser.add_argument("--out", required=True, help="New directory to write (must not exist or be empty).")
+    add_verbose_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -21,6 +27,9 @@ def run(args) -> int:
     from pefttune.predictor import export_model
 
     out = export_model(args.experiment, args.out, trial=args.trial, best=args.best, ensemble=args.ensemble,
-                       strategy=args.strategy)
+                       strategy=args.strategy, merged=args.merged)
     print(f"exported to {out} (load with pefttune.predictor.load_model or `pefttune predict {out} AUDIO...`)")
+    if args.merged:
+        print(f"  merged: transformers.AutoModel.from_pretrained({str(out)!r}) loads it without pefttune; "
+              "README.md shows how to apply the head")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import sys
 
+from pefttune.cli.common import add_verbose_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser("predict", help="Classify or transcribe audio files with an exported model or ensemble.")
@@ -11,6 +13,7 @@ def register(sub) -> None:
     parser.add_argument("audio", nargs="+", help="wav/flac files (any sample rate, mono or stereo).")
     parser.add_argument("--out", help="Write predictions to this CSV file (else print them).")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_verbose_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -24,5 +24,5 @@ def run(args) -> int:
     for key, finding in result["findings"].items():
         print(f"finding {key} ({finding['claim']}): {finding['verdict']}")
         print(textwrap.fill(f"rule: {finding.get('rule', '')}", 120, initial_indent="  ", subsequent_indent="    "))
-    print(f"\nwrote {result['files']['report']}")
+    print(f"\nwrote {result['files']['report']}\nwrote {result['files']['report_html']}")
     return 0

@@ -31,7 +31,7 @@ def run(args) -> int:
     except StageFailed as err:
         cause = err.__cause__
         if err.stage == "data" and isinstance(cause, INPUT_ERRORS):  # bad data: every bad file named, exit 2
-            print(f"pefttune run: {cause}", file=sys.stderr, flush=True)
+            print(f"pefttune run: error: {cause}", file=sys.stderr, flush=True)
             return 2
         print(f"pefttune run: {err}", file=sys.stderr, flush=True)
         return 1

@@ -35,7 +35,8 @@ import torch
 
 from pefttune.darts.convergence import CONVERGED_ENTROPY, ConvergenceTracker
 from pefttune.darts.supernet import Supernet
-from pefttune.training import EpochResult, Hooks, TrainConfig, autocast, fit, frozen_step, to_device
+from pefttune.training import (EpochResult, Hooks, TrainConfig, _steps_per_epoch, autocast, fit, frozen_step,
+                               setup_optimizer, setup_scheduler, to_device)
 
 
 class RecordingLoader:
@@ -274,8 +275,6 @@ def make_architect(
     The weight optimizer and scheduler are the ones :func:`fit` would make (same groups,
     schedule), built here because the second-order step reads the current lrs.
     """
-    from pefttune.training import _steps_per_epoch, setup_optimizer, setup_scheduler
-
     recording = RecordingLoader(train_loader)
     exclude = Hooks(exclude_parameters=[supernet.alpha])
     optimizer = setup_optimizer(supernet.model, train_config, exclude)

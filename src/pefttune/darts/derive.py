@@ -18,7 +18,7 @@ import torch
 
 from pefttune.backbones import SpeechEncoder, load_backbone
 from pefttune.darts.supernet import Supernet
-from pefttune.model import PeftSpeechModel
+from pefttune.model import PeftSpeechModel, build_model
 from pefttune.placement import MethodChoice, Placement
 
 
@@ -87,8 +87,6 @@ def inherit_weights(
     holds (a hybrid: its members, in order; :meth:`Supernet.layer_modules`), the head takes
     the supernet's head.
     """
-    from pefttune.model import build_model
-
     source = supernet.model
     encoder = backbone if isinstance(backbone, SpeechEncoder) else load_backbone(backbone or source.encoder.name)
     model = build_model(encoder, placement, source.head_config)

@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import ray
+from ray import tune
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
@@ -63,8 +65,13 @@ from pefttune.runtime.study_dir import (
     write_config_copy,
 )
 from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
+from pefttune.runtime.tracking import check_tracking
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import CONTINUES, TrialKind, metric_key
+from pefttune.trainables.darts import darts_candidates, darts_fn, variant_settings
+from pefttune.trainables.discrete import train_fn
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
+from pefttune.trainables.trial import make_trainable
 from pefttune.tuning import DARTS_TUNE_DIR, LrChoices, LrProtocol, stored_choices, tune_rates
 
 SEARCH_DIR = "darts"
@@ -102,16 +109,13 @@ def canonical(placement: Placement) -> str:
 
 def trial_space(config: StudyConfig) -> dict:
     """Ray param_space of the DARTS trials: seeds x variants."""
-    from ray import tune
-
     variants = config.darts.variants or [{}]
     return {"seed": tune.grid_search(config.darts_seeds), "variant": tune.grid_search(list(variants))}
 
 
 def validate(config: StudyConfig) -> None:
     """What can be checked before Ray starts (errors name the field)."""
-    from pefttune.trainables.darts import darts_candidates, variant_settings
-
+    check_tracking(config)
     backbone_info(config.backbone)
     darts_candidates(config)  # the candidates must fit in one supernet layer
     for variant in config.darts.variants or [{}]:
@@ -143,26 +147,14 @@ def prepare_directories(config: StudyConfig, path: str, resume: bool) -> None:
     write_config_copy(config, search)
 
 
-def _run_config(config: StudyConfig, path: str, name: str, reporter, verbose: int, console: Console | None):
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=path,
-        # result.json always: the per-epoch alpha history is part of the results (Ray adds
-        # no second JSON logger when its default loggers are on)
-        callbacks=[JsonLoggerCallback()] + ([console.callback()] if console is not None and verbose == 1 else []),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        progress_reporter=reporter if verbose >= 2 else None,
-        verbose=1 if verbose >= 2 else 0,
-    )
+def _run_config(config: StudyConfig, path: str, reporter, verbose: int, console: Console):
+    # result.json always: the per-epoch alpha history is part of the results (Ray adds no second
+    # JSON logger when its default loggers are on); one checkpoint per trial
+    return run_config(config, path, verbose=verbose, callbacks=[console.callback()] if verbose == 1 else [],
+                      reporter=reporter, keep=1, json_results=True)
 
 
 def _reporter(config: StudyConfig, parameters: dict, extra: dict):
-    from ray import tune
-
     metric = config.metric
     return tune.CLIReporter(
         metric_columns={"epoch": "epoch", metric_key("dev", metric): metric_key("dev", metric), **extra},
@@ -188,16 +180,12 @@ def search_experiment(config: StudyConfig) -> StudyConfig:
 
 
 def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
-    from ray import tune
-
-    from pefttune.trainables.darts import make_trainable
-
     reporter = _reporter(
         config, {"seed": "seed", "variant": "variant"},
         {"entropy_mean": "entropy", "none_share": "none", "derived_placement_short": "derived"},
     )
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(darts_fn, setup),
         param_space=trial_space(config),
         tune_config=tune.TuneConfig(
             num_samples=1,
@@ -206,7 +194,7 @@ def search_tuner(config: StudyConfig, path: str, setup, verbose: int):
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=_run_config(config, path, SEARCH_DIR, reporter, verbose,
+        run_config=_run_config(config, f"{path}/{SEARCH_DIR}", reporter, verbose,
                                Console("DARTS search", config.metric, _mode(config), total=_search_trials(config),
                                        study_dir=path)),
     )
@@ -288,8 +276,6 @@ def tune_derived(config: StudyConfig, search, resume: bool = False, *, verbose: 
     """The rates of the DARTS-derived configurations (:mod:`pefttune.tuning`, Ray connected): the
     study's ``tune-lr-darts`` choices; a further-seeds round (``root``) tunes in its own folder only a
     configuration the study's choices lack. No choices without ``train.lr_grid``."""
-    from pefttune.trainables.discrete import make_trainable
-
     if LrProtocol.of(config) is None:
         return LrChoices()
     candidates = derived_candidates(config, search)
@@ -298,19 +284,17 @@ def tune_derived(config: StudyConfig, search, resume: bool = False, *, verbose: 
         return stored
     path = f"{root or study_dir(config)}/{DARTS_TUNE_DIR}"
     setup = make_setup(config, path)
-    return tune_rates(config, path, candidates, make_trainable(setup), resume=resume, verbose=verbose,
+    return tune_rates(config, path, candidates, make_trainable(train_fn, setup), resume=resume, verbose=verbose,
                       title="DARTS tune-lr")
 
 
 def retrain_tuner(config: StudyConfig, path: str, setup, plan: GridPlan, verbose: int):
-    from pefttune.trainables.discrete import make_trainable
-
     best = metric_key("dev", config.metric, best=True)
     reporter = _reporter(config, {"point": "point"}, {best: "best", "placement_short": "placement"})
     console = Console("DARTS retrain", config.metric, _mode(config), total=len(plan.trials), study_dir=path)
-    return grid_tuner(make_trainable(setup), f"{path}/{RETRAIN_DIR}", plan,
+    return grid_tuner(make_trainable(train_fn, setup), f"{path}/{RETRAIN_DIR}", plan,
                       grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
-                      _run_config(config, path, RETRAIN_DIR, reporter, verbose, console))
+                      _run_config(config, f"{path}/{RETRAIN_DIR}", reporter, verbose, console))
 
 
 def collect_derived(results) -> list[DerivedPlacement]:
@@ -343,10 +327,7 @@ def run_darts(
     experiment's own ``resources``, so the search trials (``darts.search_cpu`` threads) read the
     states a study's trials would.
     """
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = StudyConfig.model_validate({**config.model_dump(), "name": name})
+    config = resolve_config(config, name)
     validate(config)
     path = study_dir(config)
     prepare_directories(config, path, resume)
@@ -360,8 +341,6 @@ def run_darts(
         retrain = run_darts_retrain(config, search, resume, verbose=verbose)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     run = DartsRun(path, search, derived, retrain)
     if verbose:
@@ -375,22 +354,16 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
     """The relaxation search (Ray connected, folders prepared by :func:`prepare_directories`) into
     ``<root>/darts`` (default root: the study folder); returns its ResultGrid. Raises
     RuntimeError when no DARTS trial finished."""
-    from ray import tune
-
-    from pefttune.trainables.darts import make_trainable
-
     path = root or study_dir(config)
     search_path = f"{path}/{SEARCH_DIR}"
     setup = dataclasses.replace(make_setup(config, search_path, faults), experiment=search_experiment(config))
     if local and config.darts.search_cpu:  # a local Ray: a trial it cannot place would wait forever
-        import ray
-
         have = ray.cluster_resources().get("CPU", 0)
         if config.darts.search_cpu > have:
             raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
                              f"machine's Ray has {have:g}")
     if resume and holds_run(search_path):
-        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(setup), resume_unfinished=True)
+        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(darts_fn, setup), resume_unfinished=True)
     else:
         tuner = search_tuner(config, path, setup, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):
@@ -406,8 +379,6 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     """Retrain what the DARTS search (its ResultGrid) derived, per :func:`retrain_plan` (Ray
     connected), into ``<root>/darts-retrain`` (default root: the study folder); returns the
     ResultGrid. A resume finishes the stored plan (``darts-retrain/plan.json``)."""
-    from pefttune.trainables.discrete import make_trainable
-
     path = root or study_dir(config)
     retrain_path = f"{path}/{RETRAIN_DIR}"
     choices = tune_derived(config, search, resume, verbose=verbose, root=root)
@@ -415,7 +386,7 @@ def run_darts_retrain(config: StudyConfig, search, resume: bool = False, *, verb
     plan = retrain_plan(config, search, choices)
     if resume and holds_run(retrain_path):
         check_plan(retrain_path, plan)
-        tuner = restore_grid(retrain_path, make_trainable(setup))
+        tuner = restore_grid(retrain_path, make_trainable(train_fn, setup))
     else:
         tuner = retrain_tuner(config, path, setup, plan, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):

@@ -35,6 +35,8 @@ import pandas as pd
 import soundfile as sf
 from tqdm.auto import tqdm  # a dependency of transformers
 
+from pefttune.cache_dir import cache_root
+
 __all__ = ["AUDIO_EXTENSIONS", "AudioCheck", "AudioCheckError", "BadFile", "check_audio", "write_skipped"]
 
 _CACHE_HEADER = {"format": "pefttune-audio-check", "version": 1}
@@ -294,14 +296,23 @@ def check_audio(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     began = time.perf_counter()
-    if cache_dir is None:
-        from pefttune.data.corpus_cache import cache_root
-
-        cache_dir = cache_root() / "audio-check"
-    cache_file = Path(cache_dir) / _CACHE_FILE
+    cache_file = Path(cache_dir if cache_dir is not None else cache_root() / "audio-check") / _CACHE_FILE
     rows_paths = [p if os.path.isabs(p) else os.path.abspath(p)
                   for p in map(str, manifest["path"].tolist())]
     paths = list(dict.fromkeys(rows_paths))
+    results, cached = _check_files(paths, cache_file, workers, progress)
+    bad, mask = _bad_rows(manifest, rows_paths, results)
+    if bad and on_error == "raise":
+        raise AudioCheckError(bad, len(paths))
+    kept = manifest.loc[[not m for m in mask]]
+    kept.attrs = dict(manifest.attrs)
+    return AudioCheck(checked=len(paths), cached=cached, bad=bad,
+                      seconds=time.perf_counter() - began, kept=kept)
+
+
+def _check_files(paths: list[str], cache_file: Path, workers: int | None, progress: bool | None):
+    """(path -> header facts or the reason it is bad, how many came from the cache): every file
+    read by a pool of threads, the ones that passed remembered in ``cache_file``."""
     cache = _load_cache(cache_file)
     results: dict[str, object] = {}
     cached, new_entries, stale = 0, {}, []
@@ -329,7 +340,12 @@ def check_audio(
         try:
             _save_cache(cache_file, cache)
         except OSError as err:  # a read-only or full cache only costs the next run time
-            warnings.warn(f"could not write the audio-check cache {cache_file}: {err}", stacklevel=2)
+            warnings.warn(f"could not write the audio-check cache {cache_file}: {err}", stacklevel=3)
+    return results, cached
+
+
+def _bad_rows(manifest: pd.DataFrame, rows_paths: list[str], results: dict) -> tuple[list[BadFile], list[bool]]:
+    """The manifest's bad rows (a bad file, or a ``start`` outside its file) and a per-row mask."""
 
     def column(name):
         return manifest[name].tolist() if name in manifest.columns else [None] * len(manifest)
@@ -348,12 +364,7 @@ def check_audio(
             row = row.item() if hasattr(row, "item") else row
             split = None if split is None or pd.isna(split) else str(split)
             bad.append(BadFile(row, split, p, outcome))
-    if bad and on_error == "raise":
-        raise AudioCheckError(bad, len(paths))
-    kept = manifest.loc[[not m for m in mask]]
-    kept.attrs = dict(manifest.attrs)
-    return AudioCheck(checked=len(paths), cached=cached, bad=bad,
-                      seconds=time.perf_counter() - began, kept=kept)
+    return bad, mask
 
 
 def write_skipped(bad: list[BadFile], path: str | Path) -> Path:

@@ -106,7 +106,9 @@ class SpeechDataset(Dataset):
             # Check the rows this dataset uses (and train, which defines the labels).
             needed = tuple(dict.fromkeys(("train", split))) if vocab is None else (split,)
             if "split" not in df.columns:
-                raise ValueError("manifest has no 'split' column")
+                from pefttune.data.manifest import ManifestError, missing_columns_message
+
+                raise ManifestError(missing_columns_message(["split"], df.columns, task_kind))
             used = df[df["split"].isin(needed)] if task_kind == "ctc" else df[df["split"].isin(("train", split))]
             validate_manifest(used, task_kind, vocab=self.vocab if task_kind == "ctc" else None,
                               splits=needed, check_files=False)
@@ -157,7 +159,9 @@ class SpeechDataset(Dataset):
                 raise ValueError(f"a {self.task_kind} dataset needs a {expected.__name__}, got {type(vocab).__name__}")
             return vocab
         if self.target_column not in df.columns:
-            raise ValueError(f"manifest has no {self.target_column!r} column (needed for {self.task_kind})")
+            from pefttune.data.manifest import ManifestError, missing_columns_message
+
+            raise ManifestError(missing_columns_message([self.target_column], df.columns, self.task_kind))
         train = df[df["split"] == "train"]
         if train.empty:
             raise ValueError("cannot build a vocabulary: the train split is empty (pass vocab=...)")

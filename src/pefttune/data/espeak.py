@@ -5,7 +5,9 @@ nothing has to be installed on the system and nothing is downloaded.
 
 One concept, one module (about 530 lines): the ctypes binding of the eSpeak NG library and
 the deterministic worker process that drives it belong together, since the determinism
-guarantee rests on how the two interact.
+guarantee rests on how the two interact.  It is part of the core, not of :mod:`pefttune.demo`:
+the LibriSpeech layout's phoneme targets come from :func:`phonemize`; the demo's corpora
+(:mod:`pefttune.demo.synth`) synthesize with it.
 
 Public API
 ----------
@@ -59,6 +61,7 @@ from math import gcd
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import espeakng_loader
 import numpy as np
 
 __all__ = [
@@ -123,8 +126,6 @@ class _Engine:
     """The process-wide eSpeak NG instance (the library has global state: one per process)."""
 
     def __init__(self) -> None:
-        import espeakng_loader
-
         self.data_path = Path(espeakng_loader.get_data_path())
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.restype = ctypes.c_int
@@ -226,8 +227,6 @@ def _engine() -> _Engine:
 
 def data_path() -> Path:
     """The ``espeak-ng-data`` directory shipped in the ``espeakng-loader`` wheel."""
-    import espeakng_loader
-
     return Path(espeakng_loader.get_data_path())
 
 

@@ -9,7 +9,7 @@ loader                  task  layout
 ``speech_commands``     ks    Speech Commands v1: ``<word>/<speaker>_nohash_<n>.wav``,
                               ``_background_noise_/*.wav``, ``validation_list.txt``,
                               ``testing_list.txt``.  SUPERB's 12 classes: the ten
-                              :data:`~pefttune.data.synth.KS_COMMANDS`, ``_unknown_`` for every
+                              :data:`KS_COMMANDS`, ``_unknown_`` for every
                               other word, ``_silence_`` as 1 s windows of the background noise
                               files (rows with ``start``; no files are cut or written).
 ``fluent_commands``     ic    Fluent Speech Commands: ``data/{train,valid,test}_data.csv``
@@ -37,10 +37,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from pefttune.data import espeak
 from pefttune.data.audio import AudioReadError, audio_duration
-from pefttune.data.synth import KS_COMMANDS, KS_SILENCE_LABEL, KS_UNKNOWN_LABEL
 
 __all__ = [
+    "KS_COMMANDS", "KS_UNKNOWN_WORDS", "KS_UNKNOWN_LABEL", "KS_SILENCE_LABEL", "KS_LABELS",
     "LAYOUTS",
     "LAYOUT_TASKS",
     "load_layout",
@@ -50,6 +51,18 @@ __all__ = [
     "load_librispeech",
     "load_iemocap",
 ]
+
+#: SUPERB's ten Speech Commands keywords.
+KS_COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+#: Speech Commands v1's auxiliary words: the ``_unknown_`` class.
+KS_UNKNOWN_WORDS = (
+    "bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin",
+    "nine", "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero",
+)
+KS_UNKNOWN_LABEL = "_unknown_"
+KS_SILENCE_LABEL = "_silence_"
+#: The twelve KS classes (SUPERB's; the demo's synthesized corpus uses the same names).
+KS_LABELS = KS_COMMANDS + (KS_UNKNOWN_LABEL, KS_SILENCE_LABEL)
 
 _AUDIO_SUFFIXES = {".wav", ".flac"}
 
@@ -271,9 +284,7 @@ def load_librispeech(
             raise FileNotFoundError(f"no train-*/dev-*/test-* subset folders in {root}")
     phonemize: Callable[[str], str] | None = None
     if target == "phonemes":
-        from pefttune.data.espeak import phonemize as _phonemize
-
-        phonemize = lambda text: " ".join(_phonemize(text.lower(), "en-us"))  # noqa: E731
+        phonemize = lambda text: " ".join(espeak.phonemize(text.lower(), "en-us"))  # noqa: E731
     rows = []
     for sub, split in subsets.items():
         sub_dir = _require_dir(root / sub, f"LibriSpeech subset {sub}")

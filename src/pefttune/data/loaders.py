@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from pefttune.data.check import check_audio
+from pefttune.data.dataset import SpeechDataset, collate_batch, length_buckets
+from pefttune.data.manifest import ManifestError, limit_rows, missing_columns_message, read_manifest
+from pefttune.data.sources import manifest_for
+from pefttune.data.vocab import LabelVocab, TokenVocab
 from pefttune.heads import HeadConfig
 
 if TYPE_CHECKING:  # pydantic is not needed to train
@@ -31,19 +36,18 @@ class DataRef:
     task_kind: str  # classification | ctc
     vocab: dict  # LabelVocab/TokenVocab.to_dict(), fixed from the train split
     skipped: tuple = ()  # (row, split, path, reason) of rows dropped by the audio check (on_error: skip)
+    subset: tuple[int, ...] | None = None  # the row ids data.max_utterances drew (None: every row)
 
     def rows(self):
-        """The manifest without the rows the audio check dropped."""
-        from pefttune.data.manifest import read_manifest
-
+        """The manifest's rows in use: those data.max_utterances drew, without those the audio check dropped."""
         frame = read_manifest(self.manifest)
+        if self.subset is not None:
+            frame = frame.loc[list(self.subset)]
         if self.skipped:
             frame = frame.drop(index=[row for row, *_ in self.skipped], errors="ignore")
         return frame
 
     def vocabulary(self):
-        from pefttune.data.vocab import LabelVocab, TokenVocab
-
         if self.vocab["kind"] == "labels":
             return LabelVocab(tuple(self.vocab["labels"]))
         return TokenVocab(tuple(self.vocab["tokens"]), self.vocab.get("unit", "phoneme"))
@@ -65,14 +69,11 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     index the dataset folder once, :func:`pefttune.data.sources.manifest_for`), check every
     audio file (one error naming every bad file; under ``data.on_error: skip`` they are
     dropped and listed in the DataRef), check every split and fix the vocabulary from train.
+    With ``data.max_utterances`` only the drawn rows are checked and used (``DataRef.subset``).
     Errors name ``data.path``/``data.source``."""
-    from pefttune.data.check import check_audio
-    from pefttune.data.dataset import SpeechDataset
-    from pefttune.data.manifest import read_manifest
-    from pefttune.data.sources import manifest_for
-
     data = config.data
     where = f"data.path: {data.path}" if data.path else f"data.source: {data.source}"
+    same = data.source == "manifest" and data.path is not None
     try:
         sizes = {k: v for k, v in (("test_per_class", data.test_per_class), ("sentences", data.sentences),
                                    ("test_speakers", data.test_speakers)) if v is not None}
@@ -81,10 +82,20 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: {err}") from None
     task_kind = config.task_kind
+    if not (same and Path(data.path).expanduser().resolve() == Path(manifest).resolve()):
+        where = f"{where} (manifest {manifest})"
     try:
-        checked = check_audio(read_manifest(manifest), on_error=data.on_error, progress=progress)
+        frame = read_manifest(manifest)
+        missing = [c for c in ("split", "label" if task_kind == "classification" else "transcript")
+                   if c not in frame.columns]
+        if missing:  # before the audio check reads every header
+            raise ManifestError(missing_columns_message(missing, frame.columns, task_kind))
+        if data.max_utterances is not None:
+            frame = limit_rows(frame, data.max_utterances, data.seed,
+                               "label" if task_kind == "classification" else None)
+        checked = check_audio(frame, on_error=data.on_error, progress=progress)
     except ValueError as err:  # AudioCheckError: every bad file, before any compute
-        raise ValueError(f"{where} (manifest {manifest}): {err}") from None
+        raise ValueError(f"{where}: {str(err).removeprefix(f'{manifest}: ')}") from None
     if checked.bad:
         print(f"[pefttune] {checked.summary()} (data.on_error: skip)", flush=True)
     rows = checked.kept
@@ -93,22 +104,18 @@ def prepare_data(config: StudyConfig, progress: bool | None = None) -> DataRef:
         for split in ("dev", "test"):
             SpeechDataset(rows, split, task_kind, vocab=train.vocab, on_error=data.on_error)
     except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{where} (manifest {manifest}): {err}") from None
+        raise type(err)(f"{where}: {err}") from None
     skipped = tuple((int(b.row), b.split, b.path, b.reason) for b in checked.bad)
-    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped)
+    subset = tuple(int(i) for i in frame.index) if data.max_utterances is not None else None
+    return DataRef(str(Path(manifest).resolve()), task_kind, train.vocab.to_dict(), skipped, subset)
 
 
-def _trial_dataset_class():
-    from pefttune.data.dataset import SpeechDataset
+class TrialDataset(SpeechDataset):
+    """A split of the manifest; ``frame`` is its manifest rows (labels for stratified splits)."""
 
-    class TrialDataset(SpeechDataset):
-        """A split of the manifest; ``frame`` is its manifest rows (labels for stratified splits)."""
-
-        @property
-        def frame(self):
-            return self.rows
-
-    return TrialDataset
+    @property
+    def frame(self):
+        return self.rows
 
 
 @dataclass
@@ -129,9 +136,7 @@ def load_data(config: StudyConfig, ref: DataRef, seed: int = 0, num_workers: int
     """Data loaders of the train/dev/test splits (trial side), batches as
     :func:`pefttune.data.dataset.collate_batch` makes them. Train is shuffled by an
     :class:`EpochSampler` and cropped to ``data.max_seconds``; dev/test keep manifest order."""
-    from pefttune.data.dataset import collate_batch
-
-    dataset = _trial_dataset_class()
+    dataset = TrialDataset
     vocab = ref.vocabulary()
     data = config.data
 
@@ -191,8 +196,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(self._bucketed(order, generator))
 
     def _bucketed(self, order: np.ndarray, generator: torch.Generator) -> list[int]:
-        from pefttune.data.dataset import length_buckets
-
         size = self.batch_size
         batches = length_buckets(order, self.lengths, size, self.pool_batches)
         short = [b for b in batches if len(b) < size]  # at most one: only the last pool can be short

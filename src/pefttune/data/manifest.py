@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pefttune.data.audio import AudioReadError, audio_duration
+from pefttune.data.vocab import TokenVocab
 
 __all__ = [
     "SPLITS",
@@ -41,6 +42,8 @@ __all__ = [
     "normalize_split",
     "validate_manifest",
     "fill_durations",
+    "missing_columns_message",
+    "limit_rows",
 ]
 
 SPLITS = ("train", "dev", "test")
@@ -78,6 +81,54 @@ def normalize_split(name: str) -> str:
     raise ManifestError(f"unknown split name {name!r}; use one of {', '.join(SPLITS)}")
 
 
+#: Column -> what else people call it; a manifest with one of these gets "rename the column".
+_COLUMN_SYNONYMS = {
+    "path": ("file", "filename", "file_name", "filepath", "file_path", "audio", "audio_path", "audio_file", "wav",
+             "wav_path", "audio_filepath"),
+    "split": ("set", "subset", "partition", "fold", "dataset", "part"),
+    "label": ("class", "classes", "category", "word", "keyword", "command", "target", "labels", "intent",
+              "emotion", "class_name", "label_name"),
+    "transcript": ("text", "sentence", "transcription", "phonemes", "phones", "normalized_text", "words"),
+}
+_COLUMN_MEANING = {
+    "path": "the audio file, relative to the manifest's folder or absolute",
+    "split": "train, dev or test",
+    "label": "the class name of each clip",
+    "transcript": "space-separated phonemes (data.task: pr) or text (data.task: asr)",
+}
+
+
+def missing_columns_message(missing: list[str], columns, task_kind: str | None = None) -> str:
+    """What a manifest lacking ``missing`` columns is told: the columns it has, and for each
+    missing one the fix (rename the column that looks like it, or add it).
+
+    Example::
+
+        >>> missing_columns_message(["label"], ["path", "split", "class"], "classification")
+        "manifest lacks column(s) ['label'] needed for classification (it has ['path', 'split', 'class']); fix: rename the column 'class' to 'label'"
+    """
+    import difflib
+
+    columns = [str(c) for c in columns]
+    spare = [c for c in columns if c not in _COLUMN_MEANING]
+    fixes = []
+    for name in missing:
+        lowered = {c.lower(): c for c in spare}
+        candidates = [lowered[c] for c in (name, *_COLUMN_SYNONYMS.get(name, ())) if c in lowered]
+        candidates += difflib.get_close_matches(name, spare, n=1, cutoff=0.75)
+        if candidates:
+            fixes.append(f"rename the column {candidates[0]!r} to {name!r}")
+            spare.remove(candidates[0])
+        else:
+            fixes.append(f"add a {name!r} column ({_COLUMN_MEANING.get(name, name)})")
+    if task_kind == "classification" and "label" in missing and "transcript" in columns:
+        fixes.append("or, for the 'transcript' column, set data.task to pr (phonemes) or asr (characters)")
+    if task_kind == "ctc" and "transcript" in missing and "label" in columns:
+        fixes.append("or, for the 'label' column, set data.task to a classification task (ks, sid, ic, er, custom)")
+    needed = f" needed for {task_kind}" if task_kind else ""
+    return f"manifest lacks column(s) {missing}{needed} (it has {columns}); fix: " + "; ".join(fixes)
+
+
 def _rows(df: pd.DataFrame, mask: Iterable[bool]) -> str:
     index = list(df.index[np.asarray(mask, dtype=bool)])
     shown = ", ".join(str(i) for i in index[:_MAX_LISTED])
@@ -112,7 +163,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     else:
         raise ValueError(f"unsupported manifest format {suffix!r} ({path}); use .parquet, .csv or .tsv")
     if "path" not in df.columns:
-        raise ManifestError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
+        raise ManifestError(f"{path}: {missing_columns_message(['path'], df.columns)}")
     root = path.parent.resolve()
     df = df.reset_index(drop=True)
     df["path"] = [str(p) if Path(str(p)).is_absolute() else str(root / str(p)) for p in df["path"]]
@@ -198,11 +249,31 @@ def validate_manifest(
     target = "label" if task_kind == "classification" else "transcript"
     missing_columns = [c for c in ("path", "split", target) if c not in df.columns]
     if missing_columns:
-        raise ManifestError(
-            f"manifest lacks column(s) {missing_columns} needed for {task_kind} "
-            f"(columns: {list(df.columns)})"
-        )
+        raise ManifestError(missing_columns_message(missing_columns, df.columns, task_kind))
     split_values = df["split"].astype(str)
+    _check_splits(df, split_values, splits)
+    values = df[target]
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise ManifestError(f"empty {target} in {_rows(df, empty)}")
+    _check_windows(df)
+    if check_files:
+        exists = np.array([Path(p).is_file() for p in df["path"]])
+        if not exists.all():
+            first = df["path"][~exists].iloc[0]
+            raise FileNotFoundError(
+                f"{int((~exists).sum())} audio file(s) listed in the manifest do not exist, "
+                f"{_rows(df, ~exists)}; first: {first}"
+            )
+    train = split_values == "train"
+    if task_kind == "classification" and train.any():
+        _check_labels_in_train(df, split_values, values)
+    else:
+        _check_tokens(df, values, train, vocab, unit)
+
+
+def _check_splits(df: pd.DataFrame, split_values: pd.Series, splits: Iterable[str]) -> None:
+    """Known split names only, and rows in each of ``splits``."""
     bad = ~split_values.isin(SPLITS)
     if bad.any():
         raise ManifestError(
@@ -212,10 +283,10 @@ def validate_manifest(
     for split in splits:
         if not (split_values == split).any():
             raise ManifestError(f"split {split!r} is empty: the manifest has no {split} rows")
-    values = df[target]
-    empty = values.isna() | (values.astype(str).str.strip() == "")
-    if empty.any():
-        raise ManifestError(f"empty {target} in {_rows(df, empty)}")
+
+
+def _check_windows(df: pd.DataFrame) -> None:
+    """Positive durations; a ``start`` only with a ``duration``, never negative."""
     if "duration" in df.columns:
         nonpositive = pd.to_numeric(df["duration"], errors="coerce") <= 0
         if nonpositive.any():
@@ -229,47 +300,71 @@ def validate_manifest(
             raise ManifestError(f"rows with a 'start' need a 'duration' too: {_rows(df, no_window)}")
         if (starts < 0).any():
             raise ManifestError(f"negative start in {_rows(df, starts < 0)}")
-    if check_files:
-        exists = np.array([Path(p).is_file() for p in df["path"]])
-        if not exists.all():
-            first = df["path"][~exists].iloc[0]
-            raise FileNotFoundError(
-                f"{int((~exists).sum())} audio file(s) listed in the manifest do not exist, "
-                f"{_rows(df, ~exists)}; first: {first}"
-            )
-    train = split_values == "train"
-    if task_kind == "classification" and train.any():
-        known = set(values[train].astype(str))
-        for split in ("dev", "test"):
-            mask = (split_values == split) & ~values.astype(str).isin(known)
-            if mask.any():
-                raise ManifestError(
-                    f"{split} has labels that never occur in train: "
-                    f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)})"
-                )
-    else:
-        from pefttune.data.vocab import TokenVocab
 
-        if vocab is None and not train.any():
-            return
-        if vocab is None:
-            vocab = TokenVocab.from_transcripts(values[train].astype(str), unit=unit)
-            checked = ~train
-            where = "train"
-        else:
-            checked = np.ones(len(df), dtype=bool)
-            where = "the vocabulary"
-        unknown_rows = []
-        unknown_tokens: set[str] = set()
-        for pos in np.flatnonzero(np.asarray(checked)):
-            extra = vocab.unknown_tokens(str(values.iloc[pos]))
-            if extra:
-                unknown_rows.append(pos)
-                unknown_tokens.update(extra)
-        if unknown_rows:
-            mask = np.zeros(len(df), dtype=bool)
-            mask[unknown_rows] = True
+
+def _check_labels_in_train(df: pd.DataFrame, split_values: pd.Series, values: pd.Series) -> None:
+    """Classification: every dev/test label occurs in train."""
+    known = set(values[split_values == "train"].astype(str))
+    for split in ("dev", "test"):
+        mask = (split_values == split) & ~values.astype(str).isin(known)
+        if mask.any():
             raise ManifestError(
-                f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
-                f"({_rows(df, mask)})"
+                f"{split} has labels that never occur in train: "
+                f"{sorted(set(values[mask].astype(str)))[:10]} ({_rows(df, mask)}); a model cannot learn a class "
+                f"it never trains on. Fix: add train rows of these labels, or drop their {split} rows"
             )
+
+
+def _check_tokens(df: pd.DataFrame, values: pd.Series, train: pd.Series, vocab, unit: str) -> None:
+    """CTC: every transcript token is in ``vocab``, or without one every dev/test token in train."""
+    if vocab is None and not train.any():
+        return
+    if vocab is None:
+        vocab = TokenVocab.from_transcripts(values[train].astype(str), unit=unit)
+        checked = ~train
+        where = "train"
+    else:
+        checked = np.ones(len(df), dtype=bool)
+        where = "the vocabulary"
+    unknown_rows = []
+    unknown_tokens: set[str] = set()
+    for pos in np.flatnonzero(np.asarray(checked)):
+        extra = vocab.unknown_tokens(str(values.iloc[pos]))
+        if extra:
+            unknown_rows.append(pos)
+            unknown_tokens.update(extra)
+    if unknown_rows:
+        mask = np.zeros(len(df), dtype=bool)
+        mask[unknown_rows] = True
+        raise ManifestError(
+            f"transcripts use tokens not in {where}: {sorted(unknown_tokens)[:10]} "
+            f"({_rows(df, mask)})"
+        )
+
+
+def limit_rows(df: pd.DataFrame, per_split: int, seed: int = 0, label: str | None = None) -> pd.DataFrame:
+    """At most ``per_split`` rows of each split, drawn with ``seed``; row ids (the index) are kept.
+
+    With ``label`` (a classification column), the train draw first takes one row of every label
+    (so train may hold a few more than ``per_split`` when there are more labels): every label
+    dev/test may use is still trained on.
+
+    Example::
+
+        >>> small = limit_rows(read_manifest("data/manifest.csv"), 50, seed=0, label="label")
+    """
+    rng = np.random.default_rng(seed)
+    kept = []
+    for split in SPLITS:
+        rows = df[df["split"] == split]
+        order = rows.index.to_numpy()[rng.permutation(len(rows))]
+        chosen = order[:per_split]
+        if label is not None and split == "train":
+            labels = rows.loc[order, label].astype(str).to_numpy()
+            _, first = np.unique(labels, return_index=True)  # one row of every label, then the rest in order
+            rest = np.setdiff1d(np.arange(len(order)), first, assume_unique=True)
+            chosen = np.concatenate([order[np.sort(first)], order[rest]])[:max(per_split, len(first))]
+        kept.extend(chosen.tolist())
+    out = df.loc[sorted(kept)]
+    out.attrs = dict(df.attrs)
+    return out

@@ -4,12 +4,17 @@
 :func:`~pefttune.data.manifest.read_manifest` and
 :class:`~pefttune.data.dataset.SpeechDataset` read:
 
-- ``"synth"``: the cached synthesized corpus (:func:`~pefttune.data.corpus_cache.ensure_corpus`);
+- ``"synth"``: the demo's cached synthesized corpus (:func:`synth_manifest`);
 - ``"manifest"``: the given manifest file (or a folder holding ``manifest.parquet``);
 - a layout name (``speech_commands``, ``fluent`` / ``fluent_commands``, ``voxceleb1``,
   ``librispeech``, ``iemocap``): the dataset folder is read by its loader
   (:mod:`pefttune.data.layouts`) and the manifest is written into the pefttune cache,
   never into the dataset folder.  It is rebuilt when the options change.
+
+The data source ``synth`` is the core's one door to :mod:`pefttune.demo`: :func:`synth_manifest`
+and :func:`synth_corpus_dir` import the demo's corpus cache when called, never before, so the
+core runs without the demo's tooling loaded and ``tests/test_layout.py`` holds every other core
+module to not importing it.  ``pefttune run`` with no argument reaches the demo corpus this way.
 """
 from __future__ import annotations
 
@@ -17,14 +22,29 @@ import hashlib
 import json
 from pathlib import Path
 
-from pefttune.data.corpus_cache import cache_root, ensure_corpus
+from pefttune.cache_dir import cache_root
 from pefttune.data.layouts import LAYOUTS, load_layout
 from pefttune.data.manifest import write_manifest
 
-__all__ = ["SOURCES", "LAYOUT_ALIASES", "manifest_for", "layout_manifest"]
+__all__ = ["SOURCES", "LAYOUT_ALIASES", "manifest_for", "layout_manifest", "synth_corpus_dir", "synth_manifest"]
 
 LAYOUT_ALIASES = {"fluent": "fluent_commands", "fsc": "fluent_commands", "speechcommands": "speech_commands"}
 SOURCES = ("synth", "manifest", *LAYOUTS, *LAYOUT_ALIASES)
+
+
+def synth_manifest(task: str, seed: int = 0, cache: str | Path | None = None, **size: int) -> Path:
+    """The manifest of the demo's synthesized ``task`` corpus, built (offline, with eSpeak NG) into
+    the cache on first use (:func:`pefttune.demo.corpus_cache.ensure_corpus`)."""
+    from pefttune.demo.corpus_cache import ensure_corpus  # the door to the demo: imported on use
+
+    return ensure_corpus(task, seed=seed, root=cache, **size)
+
+
+def synth_corpus_dir(task: str, seed: int = 0, cache: str | Path | None = None, **size: int) -> Path:
+    """Where :func:`synth_manifest` keeps that corpus, whether or not it was built."""
+    from pefttune.demo.corpus_cache import corpus_dir  # the door to the demo: imported on use
+
+    return corpus_dir(task, seed, cache, **size)
 
 
 def layout_manifest(layout: str, root: str | Path, cache: str | Path | None = None, **options) -> Path:
@@ -73,7 +93,7 @@ def manifest_for(
         path: the manifest or dataset folder (not used for ``synth``).
         seed, per_class: synthesized corpus settings (``per_class`` is the KS clips per
             class and the SID utterances per speaker).
-        cache: cache folder (default: :func:`~pefttune.data.corpus_cache.cache_root`).
+        cache: cache folder (default: :func:`~pefttune.cache_dir.cache_root`).
         **options: more corpus sizes (synth) or loader options (layouts).
     """
     if source == "synth":
@@ -82,7 +102,7 @@ def manifest_for(
             if task == "pr":
                 raise ValueError("the pr corpus has no classes: set its size with sentences=... instead of per_class")
             size["per_class"] = per_class
-        return ensure_corpus(task, seed=seed, root=cache, **size)
+        return synth_manifest(task, seed=seed, cache=cache, **size)
     if path is None:
         raise ValueError(f"data source {source!r} needs a path (manifest file or dataset folder)")
     if source == "manifest":

@@ -5,6 +5,9 @@ types and checks), a parameter-count formula that needs only the backbone's shap
 (so searches can enforce budgets without building anything), and a ``build`` function
 that attaches one instance to one encoder layer.
 
+A method whose update is an affine change of the weights it touches (LoRA, IA3, BitFit)
+says so with ``mergeable``: :mod:`pefttune.merge` folds it into the backbone's own weights.
+
 Instances are :class:`LayerMethod` modules. Their contribution to the layer can be scaled
 by ``gate`` (``None`` = 1): DARTS' one-pass ``gated`` mix sets it to the softmax weight of
 the method, and ``active = False`` removes the method from the forward pass (the exact
@@ -119,6 +122,8 @@ class MethodSpec:
     build: Callable[[nn.Module, BackboneInfo, dict], LayerMethod] | None
     identity_at_init: bool = True
     aliases: tuple[str, ...] = field(default=())
+    #: Its trained update folds into the frozen weights (:mod:`pefttune.merge`).
+    mergeable: bool = False
 
     def resolve(self, hparams: dict | None, where: str) -> dict:
         """Defaults filled in, unknown names rejected, values checked."""
@@ -230,6 +235,15 @@ class WrappedLinearMethod(LayerMethod):
     def wrap(self, base: nn.Module, target: str) -> nn.Module:
         """Return the wrapper module for projection ``target`` (``base``: the projection
         as it is now, the frozen Linear or another method's wrapper around it)."""
+
+    def fold(self, target: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The (weight, bias) of this method's wrapper at ``target``, given those of the
+        affine map it wraps. Methods that cannot fold (a nonlinear update) raise."""
+        raise NotImplementedError(f"{type(self).__name__} does not fold into the frozen weights")
+
+    def wrapper_of(self, target: str) -> nn.Module | None:
+        """This method's wrapper module at projection ``target`` (None if it has none there)."""
+        return self._wrapped.get(target)
 
     def attach(self, layer: nn.Module) -> None:
         self._layer[:] = [layer]

@@ -6,6 +6,8 @@ is a learned delta (zero-initialised) that the submodule uses in place of its bi
 ``W x + (b + d)``, so DARTS can gate the update (``b + g d``). Folding the delta into
 the bias vector costs nothing per frame, where adding it to the output would cost a
 full-size add (and, when gated, a full-size reduction in backward) at each of 8 sites.
+Merges: :func:`effective_bias` is the bias a submodule runs with, which :mod:`pefttune.merge`
+writes into the plain backbone.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ class BitFit(LayerMethod):
         return delta if frozen is None else frozen + delta
 
 
+def effective_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias ``module`` (a frozen Linear or LayerNorm) runs with: its own, passed through
+    every BitFit method attached to it (its own bias when none is)."""
+    value = module.bias
+    for owner, site in vars(module).get("_pefttune_bias_chain", ()):
+        value = owner.bias(site, value)
+    return value
+
+
 class _BiasOverride:
     """Makes ``module`` (a Linear or LayerNorm) run with its bias passed through every BitFit
     method attached to it (``method.bias(site, b)`` in turn: one in a plain layer, two when
@@ -72,21 +83,15 @@ class _BiasOverride:
             raise RuntimeError(f"bitfit: {site} already has its forward replaced")
         chain = module._pefttune_bias_chain = [self.entry]
 
-        def bias() -> torch.Tensor | None:
-            value = module.bias
-            for owner, at in chain:
-                value = owner.bias(at, value)
-            return value
-
         if isinstance(module, nn.Linear):
 
             def forward(x):
-                return F.linear(x, module.weight, bias())
+                return F.linear(x, module.weight, effective_bias(module))
 
         elif isinstance(module, nn.LayerNorm):
 
             def forward(x):
-                return F.layer_norm(x, module.normalized_shape, module.weight, bias(), module.eps)
+                return F.layer_norm(x, module.normalized_shape, module.weight, effective_bias(module), module.eps)
 
         else:
             raise TypeError(f"bitfit: {site} is a {type(module).__name__}, expected Linear or LayerNorm")
@@ -108,5 +113,6 @@ register_method(
         hparams={},
         count=lambda info, hp: 7 * info.hidden_size + info.intermediate_size,
         build=lambda layer, info, hp: BitFit(layer),
+        mergeable=True,
     )
 )

@@ -5,6 +5,9 @@ of the FFN's second linear (``output_dense``, a "feedforward" target in peft's t
 Vectors start at one, so the layer starts as the frozen backbone. 2 D + I parameters per
 layer with the default targets.
 
+Merges: scaling a projection's output scales its weight's rows and its bias; scaling its
+input scales the weight's columns (:meth:`IA3.fold`, used by :mod:`pefttune.merge`).
+
 Under a DARTS gate g the output is ``base(x) + g * (ia3(x) - base(x))``.
 """
 from __future__ import annotations
@@ -41,6 +44,16 @@ class IA3(WrappedLinearMethod):
     def trainable_parameters(self):
         return [w.ia3_l[ADAPTER] for w in self._wrapped.values()]
 
+    def fold(self, target, weight, bias):
+        """Input scaling (feedforward targets): ``W diag(l)``; output scaling: ``diag(l) W``, ``l * b``.
+
+        peft keeps ``l`` as (1, in_features) or (out_features, 1), so it broadcasts over W.
+        """
+        scale = self._wrapped[target].ia3_l[ADAPTER]
+        if target in FEEDFORWARD:
+            return weight * scale, bias
+        return weight * scale, None if bias is None else bias * scale.flatten()
+
 
 def _count(info, hp) -> int:
     # feedforward targets scale their input, the others their output
@@ -58,5 +71,6 @@ register_method(
         },
         count=_count,
         build=lambda layer, info, hp: IA3(hp["targets"]),
+        mergeable=True,
     )
 )

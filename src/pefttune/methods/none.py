@@ -8,5 +8,6 @@ SPEC = register_method(
         hparams={},
         count=lambda info, hp: 0,
         build=None,
+        mergeable=True,
     )
 )

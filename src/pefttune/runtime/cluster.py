@@ -18,21 +18,42 @@ def connect_ray(address: str | None, num_cpus: int | None = None, log_to_driver:
     Without ``address``, ``RAY_ADDRESS`` (set by ``ray job submit`` for its drivers) is
     joined if set. An already initialized Ray is used as is. ``log_to_driver=False`` keeps
     the workers' output (trial prints, checkpoint lines, weight-loading bars) off the
-    driver's console; it stays in Ray's log files."""
-    import ray
+    driver's console; it stays in Ray's log files. It also keeps off the notice on token
+    authentication that Ray logs at every ``ray.init`` (Ray's default applies either way)."""
+    import ray  # Ray on use: the analysis reads results without it
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return True
-    temp_dir = tempfile.mkdtemp(prefix="pefttune-ray-")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    with _loopback_only():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-                 configure_logging=False, log_to_driver=log_to_driver)
+    with _quiet_logger(_RAY_AUTH_LOGGER, not log_to_driver):
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver)
+            return True
+        temp_dir = tempfile.mkdtemp(prefix="pefttune-ray-")
+        os.environ["RAY_TMPDIR"] = temp_dir
+        with _loopback_only():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=log_to_driver)
     return True
+
+
+#: The logger of Ray's notice "Token authentication is enabled for this Ray cluster. ..."
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, quiet: bool):
+    """Only errors of logger ``name`` while the block runs (when ``quiet``)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def is_node_local(storage: str) -> bool:
@@ -61,7 +82,7 @@ def check_cluster_storage(storage: str, nodes: int, storage_shared: bool = False
 
 def alive_nodes() -> int:
     """Alive nodes of the connected Ray cluster."""
-    import ray
+    import ray  # Ray on use: the analysis reads results without it
 
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
@@ -75,7 +96,7 @@ def _loopback_only():
     by the GCS, raylet and workers it starts, and by this process at import, hence the
     constant is set too). Both are restored once Ray runs; its node address stays 127.0.0.1.
     """
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # Ray on use: the analysis reads results without it
 
     key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     previous_env, previous_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
@@ -151,7 +172,7 @@ def set_threads(cpus: float) -> None:
 
 def grid_tune_config(max_concurrent: int, reuse_actors: bool):
     """``TuneConfig`` of a grid experiment (one trial per grid point), trials named by :func:`trial_name`."""
-    from ray import tune
+    from ray import tune  # Ray on use: the analysis reads results without it
 
     return tune.TuneConfig(
         num_samples=1,

@@ -9,7 +9,8 @@ By default (verbosity 1) Ray's own console stream is replaced by:
   experiment folder, never to the console.
 
 With ``-v`` (verbosity 2) Ray's status tables, checkpoint lines and the workers' output
-(transformers' weight-loading bars among them) come back. Ray's files in the experiment
+(transformers' weight-loading bars among them) come back, with Ray's notice on token
+authentication and Optuna's line on the study it created. Ray's files in the experiment
 (``result.json``, ``error.txt``, ...) are complete either way.
 
 :func:`failure_summary` groups identical trial errors and decides the exit status: a run
@@ -24,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -39,6 +41,11 @@ WIDTH = 120  # the summary and the trial lines fit in this many columns
 
 #: Loggers whose records would put Ray's tracebacks and status lines on the console.
 _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
+#: Loggers whose info lines ("A new study created in RDB with name: ...") stay off the console.
+_INFO_LOGGERS = ("optuna",)
+#: Warnings that say nothing a user can act on: Ray's note that pefttune's search space (a
+#: define-by-run function) took over a second on a busy machine.
+_QUIET_WARNINGS = ("Define-by-run function passed in the `space` argument took",)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -291,18 +298,24 @@ def _error_text(trial) -> str | None:
 
 @contextlib.contextmanager
 def quiet_ray_loggers(verbose: int):
-    """Below ``-v``, keep Ray's driver-side log records (trial tracebacks, status) off the console."""
+    """Below ``-v``, keep Ray's driver-side log records (trial tracebacks, status), Optuna's info
+    lines (a study created or loaded) and Ray's note on a slow search space off the console;
+    Optuna's warnings still show."""
     if verbose >= 2:
         yield
         return
-    loggers = [logging.getLogger(name) for name in _RAY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+    loggers = [(logging.getLogger(name), logging.CRITICAL) for name in _RAY_LOGGERS]
+    loggers += [(logging.getLogger(name), logging.WARNING) for name in _INFO_LOGGERS]
+    levels = [logger.level for logger, _ in loggers]
+    for logger, level in loggers:
+        logger.setLevel(level)
     try:
-        yield
+        with warnings.catch_warnings():
+            for message in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for (logger, _), level in zip(loggers, levels):
             logger.setLevel(level)
 
 

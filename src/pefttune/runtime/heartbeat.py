@@ -36,6 +36,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pefttune.runtime.storage import read_storage_text, write_storage_text
+
 HEARTBEAT_FILE = "heartbeat.json"
 ERRORS_LOG = "errors.log"  # the same log the console writes trial tracebacks to
 STATES = ("running", "finished", "failed", "interrupted")
@@ -173,8 +175,6 @@ def read_heartbeat(study_dir) -> HeartbeatRecord | None:
         if local is not None:
             text = (local / HEARTBEAT_FILE).read_text(encoding="utf-8")
         else:
-            from pefttune.runtime.storage import read_storage_text
-
             text = read_storage_text(f"{str(study_dir).rstrip('/')}/{HEARTBEAT_FILE}")
             if text is None:
                 return None
@@ -290,8 +290,6 @@ class Heartbeat:
                 with open(self.log_path, "a", encoding="utf-8") as handle:
                     handle.write(entry)
             else:
-                from pefttune.runtime.storage import read_storage_text, write_storage_text
-
                 write_storage_text(str(self.log_path), (read_storage_text(str(self.log_path)) or "") + entry)
         except Exception:  # noqa: BLE001 - the log must not hide the study's own error
             pass

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from ray import tune
+
 from pefttune.runtime.storage import read_storage_text, write_storage_text
 
 PLAN_FILE = "plan.json"
@@ -89,8 +91,6 @@ def check_plan(path: str, current: GridPlan) -> None:
 
 def grid_space(trials: list[dict]) -> dict:
     """Ray ``param_space``: one grid point per trial, each key of its config looked up by the point."""
-    from ray import tune
-
     keys = list(trials[0])
     return {
         POINT: tune.grid_search(list(range(len(trials)))),
@@ -100,31 +100,13 @@ def grid_space(trials: list[dict]) -> dict:
 
 def grid_tuner(trainable, path: str, plan: GridPlan, tune_config, run_config):
     """A new grid experiment at ``path`` (its ``plan.json`` written first)."""
-    from ray import tune
-
     write_plan(path, plan)
     return tune.Tuner(trainable, param_space=grid_space(plan.trials), tune_config=tune_config, run_config=run_config)
-
-
-def grid_run_config(config, name: str, storage: str, callbacks: list, verbose: int):
-    """Ray's run config of the grid experiment ``<storage>/<name>`` of ``config``'s trainings."""
-    from ray import tune
-
-    return tune.RunConfig(
-        name=name,
-        storage_path=storage,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
-        callbacks=callbacks,
-        verbose=1 if verbose >= 2 else 0,
-    )
 
 
 def restore_grid(path: str, trainable):
     """Restore the grid experiment at ``path`` to finish its unfinished trials, its values resolved
     from the stored plan."""
-    from ray import tune
-
     plan = read_plan(path)
     if plan is None:
         raise FileNotFoundError(f"--resume: {path} holds a run but no {PLAN_FILE}; it cannot be resumed")

@@ -93,7 +93,7 @@ def trial_storage_dir(ray_dir: str | None) -> str | None:
     if not ray_dir:
         return None
     try:
-        from ray import tune
+        from ray import tune  # Ray on use: the analysis reads results without it
 
         name = tune.get_context().get_trial_name()
     except Exception:  # noqa: BLE001 - not inside a Tune session
@@ -118,7 +118,7 @@ def trial_dir(ray_dir: str | None = None) -> str | Path | None:
     if stable is not None:
         return stable
     try:
-        from ray import tune
+        from ray import tune  # Ray on use: the analysis reads results without it
 
         return Path(tune.get_context().get_trial_dir())
     except Exception:  # noqa: BLE001 - not inside a Tune session

@@ -13,6 +13,8 @@ Rules shared by the discrete and the DARTS arm:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -90,8 +92,8 @@ def write_config_copy(config: StudyConfig, path: str) -> None:
 
 def load_results(path: str | Path):
     """The ResultGrid of a finished (or interrupted) Ray experiment directory, without running it."""
-    from ray import tune
-    from ray.tune import ResultGrid
+    from ray import tune  # Ray on use: the analysis reads results without it
+    from ray.tune import ResultGrid  # Ray on use: the analysis reads results without it
 
     return ResultGrid(tune.ExperimentAnalysis(str(path)))
 
@@ -158,8 +160,6 @@ def error_text(error) -> str:
 
 def placement_columns(placement: Placement) -> dict:
     """Result columns describing a placement: JSON, short form, one column per layer."""
-    import json
-
     columns = {
         "placement": json.dumps(placement.to_dict(), separators=(",", ":")),
         "placement_short": placement.short(),
@@ -171,8 +171,6 @@ def placement_columns(placement: Placement) -> dict:
 
 def parse_placement(value) -> Placement:
     """A placement from a trial config value: dict, JSON string or Placement."""
-    import json
-
     if isinstance(value, Placement):
         return value
     if isinstance(value, str):
@@ -189,9 +187,6 @@ def config_id(kind: str, method: str | None, placement: Placement | dict | str) 
     """The configuration a trial replicates, the same for every seed: ``uniform:lora``,
     ``hybrid``, ``frozen``, ``log-mel``, or ``<kind>:<8 hex digits of the placement>`` (searched and
     DARTS-derived placements)."""
-    import hashlib
-    import json
-
     if kind == TrialKind.UNIFORM and method:
         return f"{TrialKind.UNIFORM}:{method}"
     if kind in (TrialKind.HYBRID, TrialKind.FROZEN, TrialKind.LOG_MEL):

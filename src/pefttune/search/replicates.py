@@ -32,7 +32,7 @@ from pefttune.config import StudyConfig
 from pefttune.placement import Placement
 from pefttune.runtime.cluster import fit_environment, grid_tune_config
 from pefttune.runtime.console import Console, quiet_ray_loggers
-from pefttune.runtime.plan import GridPlan, check_plan, grid_run_config, grid_tuner, plan_inputs, restore_grid
+from pefttune.runtime.plan import GridPlan, check_plan, grid_tuner, plan_inputs, restore_grid
 from pefttune.runtime.study_dir import (
     config_id,
     study_dir,
@@ -40,6 +40,7 @@ from pefttune.runtime.study_dir import (
     load_results,
     results_frame,
 )
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import CONTINUES, TrialKind, metric_key
 from pefttune.search.space import fixed_points, validate_space
 from pefttune.search.summary import top_k
@@ -162,14 +163,15 @@ def run_replicates(
     """Train the replicates of ``config`` (Ray must be connected); returns the ResultGrid, or
     None when there is nothing to replicate. ``resume`` finishes an interrupted replicates run
     from its stored plan (``replicates/plan.json``), refusing one this config would plan otherwise."""
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     path = replicates_path(config)
     setup = make_setup(config, path, faults)
     plan = replicates_plan(config, search, stored_choices(config))
     if resume and holds_run(path):
         check_plan(path, plan)
-        tuner = restore_grid(path, make_trainable(setup))
+        tuner = restore_grid(path, make_trainable(train_fn, setup))
     else:
         if not plan.trials:
             return None
@@ -177,10 +179,10 @@ def run_replicates(
             raise FileExistsError(f"{path} already holds replicates; resume them (--resume)")
         console = Console("replicates", config.metric, space_mode(config), total=len(plan.trials),
                           study_dir=study_dir(config))
-        run_config = grid_run_config(config, REPLICATES_DIR, study_dir(config),
-                                     [console.callback()] if verbose == 1 else [], verbose)
-        tuner = grid_tuner(make_trainable(setup), path, plan,
-                           grid_tune_config(config.search.max_concurrent, config.search.reuse_actors), run_config)
+        tuner = grid_tuner(make_trainable(train_fn, setup), path, plan,
+                           grid_tune_config(config.search.max_concurrent, config.search.reuse_actors),
+                           run_config(config, path, verbose=verbose,
+                                      callbacks=[console.callback()] if verbose == 1 else []))
     with fit_environment(), quiet_ray_loggers(verbose):
         results = tuner.fit()
     if verbose:

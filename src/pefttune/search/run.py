@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefttune.backbones import backbone_info
-from pefttune.config import StudyConfig, load_config, parse_config
+from pefttune.config import StudyConfig, resolve_config
 from pefttune.metrics import metric_mode
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
@@ -56,6 +56,8 @@ from pefttune.runtime.study_dir import (
     write_config_copy,
 )
 from pefttune.runtime.storage import storage_exists
+from pefttune.runtime.tracking import check_tracking
+from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
 from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space, with_rates
@@ -93,10 +95,6 @@ class SearchPlan:
         return "://" not in self.path
 
     @property
-    def storage_path(self) -> str:
-        return self.path.rsplit("/", 1)[0] if not self.is_local else str(Path(self.path).parent)
-
-    @property
     def optuna_url(self) -> str:
         if self.config.search.optuna_storage:
             return self.config.search.optuna_storage
@@ -119,6 +117,7 @@ class SearchPlan:
 
 def build_search_plan(config: StudyConfig, extra_points: list[FixedPoint] | None = None) -> SearchPlan:
     """Validate everything that can be checked without Ray (errors name the field)."""
+    check_tracking(config)
     info = backbone_info(config.backbone)
     space = validate_space(config, info)
     metric = config.metric
@@ -237,32 +236,15 @@ def progress_reporter(plan: SearchPlan):
     )
 
 
-def run_config(plan: SearchPlan, verbose: int = 1, callbacks: list | None = None):
-    """Ray's run config. ``verbose``: 0 silent, 1 pefttune's console (``callbacks``), 2 (``-v``)
-    Ray's own status table as well."""
-    from ray import tune
-
-    return tune.RunConfig(
-        name=plan.config.name,
-        storage_path=plan.storage_path,
-        # the latest checkpoint holds the best-dev weights too; keeping two means the one the
-        # last experiment snapshot refers to still exists when a resume needs it
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=plan.config.search.max_failures),
-        progress_reporter=progress_reporter(plan) if verbose >= 2 else None,
-        verbose=1 if verbose >= 2 else 0,
-        callbacks=list(callbacks or []),
-    )
-
-
 def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
 
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     search = plan.config.search
     return tune.Tuner(
-        make_trainable(setup),
+        make_trainable(train_fn, setup),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(plan),
             scheduler=build_scheduler(plan),
@@ -272,7 +254,8 @@ def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | Non
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),
-        run_config=run_config(plan, verbose, callbacks),
+        run_config=run_config(plan.config, plan.path, verbose=verbose, callbacks=callbacks or (),
+                              reporter=progress_reporter(plan) if verbose >= 2 else None),
     )
 
 
@@ -307,12 +290,7 @@ def run_search(
     ``verbose``: 0 prints nothing; 1 (default) one line per finished trial, a progress line
     and the summary (:mod:`pefttune.runtime.console`); 2 adds Ray's own console stream.
     """
-    from ray import tune
-
-    if not isinstance(config, StudyConfig):
-        config = load_config(config)
-    if name is not None:
-        config = parse_config({**config.model_dump(mode="json"), "name": name}, source="--name")
+    config = resolve_config(config, name)
     plan = build_search_plan(config, extra_points)
     restore = prepare_directory(plan, resume, write=False)
     setup = make_setup(config, plan.path, faults)
@@ -330,19 +308,8 @@ def run_search(
         plan.points = with_rates(plan.points, lr_choices)
         if not restore:
             write_config_copy(config, plan.path)
-        if restore:
-            from pefttune.trainables.discrete import make_trainable
-
-            tuner = tune.Tuner.restore(
-                plan.path,
-                trainable=make_trainable(setup),
-                resume_unfinished=True,
-                resume_errored=resume_errored,
-            )
-        else:
-            console = Console("discrete arm", config.metric, plan.mode, total=plan.num_samples,
-                              study_dir=plan.path)
-            tuner = build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
+        with quiet_ray_loggers(verbose):  # Optuna's study is created or loaded here
+            tuner = _search_tuner(plan, setup, restore, resume_errored, verbose)
         with fit_environment(), quiet_ray_loggers(verbose):
             results = tuner.fit()
         if replicates:
@@ -359,6 +326,20 @@ def run_search(
         print(summary_table(frame, config))
         print("\n".join(failure_summary(frame).lines))
     return results
+
+
+def _search_tuner(plan: SearchPlan, setup, restore: bool, resume_errored: bool, verbose: int):
+    """The search's Tuner: restored to finish an earlier run, else new."""
+    if restore:
+        from ray import tune
+
+        from pefttune.trainables.discrete import train_fn
+        from pefttune.trainables.trial import make_trainable
+
+        return tune.Tuner.restore(plan.path, trainable=make_trainable(train_fn, setup), resume_unfinished=True,
+                                  resume_errored=resume_errored)
+    console = Console("discrete arm", plan.config.metric, plan.mode, total=plan.num_samples, study_dir=plan.path)
+    return build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
 
 
 def load_study(path: str | Path, name: str | None = None):

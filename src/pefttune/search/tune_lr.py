@@ -29,12 +29,13 @@ def run_tune_lr(config: StudyConfig, resume: bool = False, *, verbose: int = 1,
                 faults: Faults | None = None) -> LrChoices:
     """Choose the rate of every fixed configuration of ``config`` (Ray connected); no choices
     without ``train.lr_grid``."""
-    from pefttune.trainables.discrete import make_trainable
+    from pefttune.trainables.discrete import train_fn
+    from pefttune.trainables.trial import make_trainable
 
     if LrProtocol.of(config) is None:
         return LrChoices()
     path = tune_lr_path(config)
     candidates = [r.trial_config() for r in fixed_configurations(config)]
     setup = make_setup(config, path, faults)
-    return tune_rates(config, path, candidates, make_trainable(setup), resume=resume, verbose=verbose,
+    return tune_rates(config, path, candidates, make_trainable(train_fn, setup), resume=resume, verbose=verbose,
                       title="tune-lr")

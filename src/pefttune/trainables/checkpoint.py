@@ -28,20 +28,20 @@ taken as complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from ray import tune
 from safetensors.torch import load_file, save_file
 
 from pefttune.model import MODEL_FILE, PLACEMENT_FILE, WEIGHTS_FILE, PeftSpeechModel
-from pefttune.schema import (BEST_DIR, CHECKPOINT_NAME, FILES_KEY, MODEL_DIR, PREDICTIONS_DIR, STATE_FILE,
-                             TRAINER_FILE, predictions_file)
+from pefttune.schema import (BEST_DIR, CHECKPOINT_NAME, MODEL_DIR, PREDICTIONS_DIR, STATE_FILE, TRAINER_FILE,
+                             CheckpointState, predictions_file, state_json)
+from pefttune.schema import listed_files as _listed_files
 from pefttune.training import Evaluation, TrainConfig, evaluate, load_predictions, save_predictions
 
 
@@ -50,32 +50,6 @@ class IncompleteCheckpointError(FileNotFoundError, ValueError):
     """A checkpoint that was not written (or copied) to the end: no valid ``state.json``, or a
     file it lists missing, truncated or different.  (Both a FileNotFoundError, like the missing
     ``state.json`` of old, and a ValueError.)"""
-
-
-@dataclass
-class CheckpointState:
-    """What a trial needs, besides weights, to resume or to be read afterwards."""
-
-    epoch: int = 0  # last finished epoch
-    best_score: float | None = None
-    best_epoch: int = 0
-    finished: bool = False  # final evaluation done, predictions stored
-    metrics: dict = field(default_factory=dict)  # the metrics reported with this checkpoint
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=_json_default) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "CheckpointState":
-        data = json.loads(text)
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def trainable_state(model: PeftSpeechModel) -> dict[str, torch.Tensor]:
@@ -151,13 +125,11 @@ def write_state(directory: str | Path, state: CheckpointState) -> Path:
     """Write ``state.json`` listing every other file of ``directory`` (size, SHA-256), atomically:
     the last step of a checkpoint, which makes it complete (see the module docstring)."""
     directory = Path(directory)
-    data = json.loads(state.to_json())
-    data[FILES_KEY] = {rel: [(directory / rel).stat().st_size, _sha256(directory / rel)]
-                       for rel in _checkpoint_files(directory)}
+    files = {rel: ((directory / rel).stat().st_size, _sha256(directory / rel)) for rel in _checkpoint_files(directory)}
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=directory)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+            handle.write(state_json(state, files))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, directory / STATE_FILE)
@@ -181,18 +153,9 @@ def listed_files(text: str) -> dict[str, tuple[int, str]] | None:
     """The ``files`` list of a ``state.json`` text (None: an older checkpoint without one).
     Raises :class:`IncompleteCheckpointError` when the text is not a valid state."""
     try:
-        data = json.loads(text)
+        return _listed_files(text)
     except ValueError as err:
-        raise IncompleteCheckpointError(f"{STATE_FILE} is not valid JSON (cut off?): {err}") from None
-    if not isinstance(data, dict):
-        raise IncompleteCheckpointError(f"{STATE_FILE} holds no state")
-    files = data.get(FILES_KEY)
-    if files is None:
-        return None
-    try:
-        return {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise IncompleteCheckpointError(f"{STATE_FILE}: its '{FILES_KEY}' list is malformed") from None
+        raise IncompleteCheckpointError(str(err)) from None
 
 
 def checkpoint_problem(directory: str | Path, hashes: bool = True) -> str | None:
@@ -299,8 +262,6 @@ def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=N
     back to the newest complete checkpoint before it in the same trial folder (local storage),
     else starts from scratch, and says so.  ``on_restore(path)`` runs with the checkpoint
     folder that was read (e.g. to read more files of it)."""
-    from ray import tune
-
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and start_from:
         checkpoint = tune.Checkpoint(start_from)
@@ -332,8 +293,6 @@ def report(metrics: dict, write: Callable[[Path], None] | None = None) -> None:
     The checkpoint is written to a temporary directory that Ray copies to the
     experiment's storage during the call; the temporary copy is removed afterwards.
     """
-    from ray import tune
-
     if write is None:
         tune.report(metrics)
         return

@@ -1,9 +1,10 @@
 """The Ray Tune function trainable of one DARTS search: ``darts_fn``.
 
-``tune.with_parameters(darts_fn, setup=TrialSetup(...))`` (see :func:`make_trainable`;
+``make_trainable(darts_fn, setup)`` (:func:`pefttune.trainables.trial.make_trainable`;
 :class:`~pefttune.trainables.setup.TrialSetup` is shared with the discrete trainable;
 its ``ray_dir`` is the DARTS Ray experiment, ``<storage>/<name>/darts``, where
-per-trial markers live).
+per-trial markers live). The steps of a trial are :class:`pefttune.trainables.trial.Trial`'s;
+this module writes those of a search (:class:`DartsTrial`).
 The trial config holds ``seed`` (one of ``darts.seeds``) and ``variant`` (a mapping of
 ``darts`` fields overriding the experiment's ``darts`` section, ``{}`` for none), so
 several seeds and variants are trials of one Ray experiment. Tests inject failures through
@@ -55,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pefttune.config import DartsSection, StudyConfig
@@ -71,13 +73,10 @@ from pefttune.darts import (
 )
 from pefttune.placement import MethodChoice, Placement
 from pefttune.data.loaders import EpochSampler, TaskData, load_data
-from pefttune.runtime import storage
-from pefttune.runtime.cluster import set_threads, trial_device
-from pefttune.schema import TrialKind, metric_key
-from pefttune.trainables import checkpoint as ckpt
-from pefttune.trainables.checkpoint import CheckpointState
+from pefttune.schema import TrialKind
 from pefttune.trainables.setup import TrialSetup, frozen_cache, train_config
-from pefttune.training import DivergedError, EpochResult, evaluate, fit, is_better, skip_cached_audio
+from pefttune.trainables.trial import Parts, Trial
+from pefttune.training import EpochResult, Hooks, evaluate, skip_cached_audio
 
 TRAINABLE_NAME = "pefttune_darts"
 ALPHA_FILE = "alpha.safetensors"
@@ -221,8 +220,6 @@ def load_arch(directory: Path, supernet: Supernet, architect, arch_sampler: Epoc
 
 def read_alpha(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
     """(alpha (L, K), candidate names) from a DARTS checkpoint directory."""
-    from safetensors import safe_open
-
     path = Path(directory) / ALPHA_FILE
     with safe_open(str(path), framework="pt") as handle:
         names = json.loads(handle.metadata()["candidates"])
@@ -232,147 +229,103 @@ def read_alpha(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
 # -- the trainable --------------------------------------------------------------------------------------
 
 
-def make_trainable(setup: TrialSetup):
-    """``darts_fn`` bound to ``setup``, with the per-trial resources of the experiment."""
-    from ray import tune
+class DartsTrial(Trial):
+    """A DARTS search: the supernet and its architecture step, the derived placement in every
+    report and checkpoint, and that placement's dev score at the end."""
 
-    resources = setup.experiment.resources
-    trainable = tune.with_parameters(darts_fn, setup=setup)
-    return tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+    def plan(self) -> None:
+        config, experiment = self.config, self.experiment
+        self.seed = int(config.get("seed", experiment.darts_seeds[0]))
+        variant = dict(config.get("variant") or {})
+        self.settings = settings = variant_settings(experiment, variant)
+        epochs = settings.epochs or experiment.train.epochs
+        self.train = train_config(experiment, epochs=epochs, seed=self.seed)
+        self.candidates = candidates = darts_candidates(experiment)
+        self.budget = budget = experiment.budget
+        if settings.budget_penalty and budget is None:
+            raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
+        self.columns = {
+            "kind": TrialKind.DARTS.value,
+            "seed": self.seed,
+            "variant": variant_label(variant),
+            "mix": settings.mix,
+            "relaxation": settings.relaxation,
+            "order": settings.order,
+            "arch_steps_per_weight_step": settings.arch_steps_per_weight_step,
+            "candidates": ",".join(c.short() for c in candidates),
+        }
+        if budget is not None:
+            self.columns["budget"] = budget
 
+    def build(self, device) -> Parts:
+        experiment, setup, settings, seed = self.experiment, self.setup, self.settings, self.seed
+        data = load_data(experiment, setup.data, seed=seed)
+        self.parts = parts = darts_data(
+            data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind, settings.arch_batch_size
+        )
+        self.supernet = supernet = build_supernet(
+            experiment.backbone, self.candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
+        ).to(device)
+        supernet.cache = frozen_cache(experiment, setup.data, supernet.model)
+        skip_cached_audio(supernet.cache, supernet.model, data.train, data.dev, data.test)
+        optimizer, scheduler, recording, self.architect = make_architect(
+            supernet,
+            parts.weight,
+            parts.arch,
+            self.train,
+            order=settings.order,
+            lr=settings.arch_lr,
+            weight_decay=settings.arch_weight_decay,
+            warmup_epochs=settings.warmup_epochs,
+            steps_per_weight_step=settings.arch_steps_per_weight_step,
+            betas=settings.arch_betas,
+            budget=self.budget,
+            budget_penalty=settings.budget_penalty,
+        )
+        self.columns["supernet_peft_params"] = supernet.model.count_parameters()["peft"]
+        return Parts(supernet.model, recording, parts.dev, parts.weight_sampler, optimizer, scheduler, supernet.cache)
 
-def darts_fn(config: dict, setup: TrialSetup) -> None:
-    """One DARTS search (a Ray Tune function trainable); see the module docstring."""
-    experiment = setup.experiment
-    seed = int(config.get("seed", experiment.darts_seeds[0]))
-    variant = dict(config.get("variant") or {})
-    settings = variant_settings(experiment, variant)
-    epochs = settings.epochs or experiment.train.epochs
-    train = train_config(experiment, epochs=epochs, seed=seed)
-    metric, mode = train.metric, train.mode
-    candidates = darts_candidates(experiment)
-    budget = experiment.budget
-    if settings.budget_penalty and budget is None:
-        raise ValueError("darts.budget_penalty: needs the experiment's `budget`")
-    columns = {
-        "kind": TrialKind.DARTS.value,
-        "seed": seed,
-        "variant": variant_label(variant),
-        "mix": settings.mix,
-        "relaxation": settings.relaxation,
-        "order": settings.order,
-        "arch_steps_per_weight_step": settings.arch_steps_per_weight_step,
-        "candidates": ",".join(c.short() for c in candidates),
-    }
-    if budget is not None:
-        columns["budget"] = budget
-    directory = storage.trial_dir(setup.ray_dir)
-    previous = storage.diverged_message(directory)
-    if previous is not None:
-        raise DivergedError(f"{previous} (diverged in an earlier attempt; not retried)")
+    def restore_extra(self, path: Path) -> None:
+        load_arch(path, self.supernet, self.architect, self.parts.arch_sampler)
 
-    set_threads(experiment.resources.cpu)
-    device = trial_device(experiment.resources.gpu, experiment.resources.gpu_wait_s)
-    torch.manual_seed(seed)
-    data = load_data(experiment, setup.data, seed=seed)
-    parts = darts_data(
-        data, settings.arch_split, experiment.train.seed, seed, setup.data.task_kind, settings.arch_batch_size
-    )
-    supernet = build_supernet(
-        experiment.backbone, candidates, setup.head, mix=settings.mix, relaxation=make_relaxation(settings)
-    ).to(device)
-    supernet.cache = frozen_cache(experiment, setup.data, supernet.model)
-    skip_cached_audio(supernet.cache, supernet.model, data.train, data.dev, data.test)
-    optimizer, scheduler, recording, architect = make_architect(
-        supernet,
-        parts.weight,
-        parts.arch,
-        train,
-        order=settings.order,
-        lr=settings.arch_lr,
-        weight_decay=settings.arch_weight_decay,
-        warmup_epochs=settings.warmup_epochs,
-        steps_per_weight_step=settings.arch_steps_per_weight_step,
-        betas=settings.arch_betas,
-        budget=budget,
-        budget_penalty=settings.budget_penalty,
-    )
-    columns["supernet_peft_params"] = supernet.model.count_parameters()["peft"]
+    def hooks(self, parts: Parts, state) -> Hooks:
+        # the previous argmax is the restored alpha's (the last reported epoch's); the count goes on
+        tracker = convergence_tracker(
+            self.supernet, self.settings.converged_entropy, int((state.metrics or {}).get("argmax_stable_epochs", 0))
+        )
+        return search_hooks(self.supernet, self.architect, tracker)
 
-    state = CheckpointState()
-    # the newest complete checkpoint (an incomplete one is never read), with its architecture state
-    restored = ckpt.restore(supernet.model, optimizer=optimizer, scheduler=scheduler,
-                            on_restore=lambda path: load_arch(path, supernet, architect, parts.arch_sampler))
-    if restored is not None:
-        state, _ = restored
-        if state.finished:  # restored after the final report: report it again, train nothing
-            ckpt.report(state.metrics)
-            return
-    start_epoch = state.epoch + 1
-    parts.weight_sampler.set_epoch(state.epoch)
-    # the previous argmax is the restored alpha's (the last reported epoch's); the count goes on
-    tracker = convergence_tracker(
-        supernet, settings.converged_entropy, int((state.metrics or {}).get("argmax_stable_epochs", 0))
-    )
-
-    def on_epoch(result: EpochResult) -> None:
-        score = result.dev.score
-        if is_better(score, state.best_score, mode):
-            state.best_score, state.best_epoch = score, result.epoch
-        state.epoch = result.epoch
-        placement = derive_placement(supernet, budget)
-        report = derivation_report(supernet, placement)
-        metrics = {
-            **columns,
-            **result.metrics(),
-            metric_key("dev", metric, best=True): state.best_score,
-            "best_epoch": state.best_epoch,
-            "start_epoch": start_epoch,
+    def epoch_columns(self, result: EpochResult) -> dict:
+        """The placement derived now (kept for the final score and the checkpoint)."""
+        self.placement = placement = derive_placement(self.supernet, self.budget)
+        report = derivation_report(self.supernet, placement)
+        return {
             "derived_placement": json.dumps(placement.to_dict(), separators=(",", ":")),
             "derived_placement_short": placement.short(),
             "derived_params": report["derived_params"],
             "derived_is_argmax": report["derived_is_argmax"],
             "derived_log_prob": report["derived_log_prob"],
         }
-        if result.epoch == train.epochs:
-            with supernet.fixed_weights(supernet.one_hot(placement)):
-                derived = evaluate(supernet.model, parts.dev, train, device, layer_fn=supernet.layer_fn,
-                                   cache=supernet.cache)
-            metrics.update(derived.metrics("derived_dev"))
-            state.finished = True
-        state.metrics = metrics
 
-        def write(path: Path) -> None:
-            ckpt.write_checkpoint(
-                path, supernet.model, state, optimizer=optimizer, scheduler=scheduler,
-                metadata={"kind": TrialKind.DARTS.value, "seed": seed, "variant": columns["variant"],
-                          "epoch": result.epoch},
-            )
-            save_arch(path, supernet, architect, parts.arch_sampler)
-            placement.save(path / DERIVED_FILE)
+    def final_scores(self, parts: Parts, best_weights):
+        """The derived placement's dev score with the supernet's weights (its one-hot mix)."""
+        supernet = self.supernet
+        with supernet.fixed_weights(supernet.one_hot(self.placement)):
+            derived = evaluate(supernet.model, parts.dev, self.train, self.device, layer_fn=supernet.layer_fn,
+                               cache=supernet.cache)
+        return derived.metrics("derived_dev"), None
 
-        ckpt.report(metrics, write)
-        setup.after_epoch(config, result.epoch, directory)
+    def metadata(self) -> dict:
+        return {"kind": TrialKind.DARTS.value, "seed": self.seed, "variant": self.columns["variant"]}
 
-    if start_epoch > train.epochs:
-        return
-    try:
-        fit(
-            supernet.model,
-            recording,
-            parts.dev,
-            train,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            start_epoch=start_epoch,
-            hooks=search_hooks(supernet, architect, tracker),
-            on_epoch=on_epoch,
-            device=device,
-            cache=supernet.cache,
-        )
-    except DivergedError as err:
-        storage.mark_diverged(directory, f"DivergedError: {err}")
-        raise
+    def write_extra(self, path: Path) -> None:
+        save_arch(path, self.supernet, self.architect, self.parts.arch_sampler)
+        self.placement.save(path / DERIVED_FILE)
+
+
+def darts_fn(config: dict, setup: TrialSetup) -> None:
+    """One DARTS search (a Ray Tune function trainable); see the module docstring."""
+    DartsTrial(config, setup).run()
 
 
 def derived_from_checkpoint(directory: str | Path) -> Placement:

@@ -9,15 +9,29 @@
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import math
-from dataclasses import dataclass, field
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from pefttune.backbones import BackboneInfo
-from pefttune.data.loaders import DataRef, prepare_data
+import torch
+
+from pefttune.backbones import BackboneInfo, backbone_info
+from pefttune.cache_dir import cache_root
+from pefttune.data.loaders import DataRef, load_data, prepare_data
+from pefttune.data.manifest import read_manifest
+from pefttune.frozen_cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
 from pefttune.heads import Head, HeadConfig
-from pefttune.model import PeftSpeechModel
+from pefttune.model import PeftSpeechModel, build_model
+from pefttune.placement import Placement
+from pefttune.runtime.cluster import set_threads
 from pefttune.runtime.study_dir import study_dir
 from pefttune.runtime.storage import write_storage_text
 from pefttune.training import TrainConfig, num_frozen_states
@@ -84,9 +98,6 @@ SKIPPED_AUDIO = "skipped_audio.csv"
 
 def write_skipped_audio(data: DataRef, root: str) -> None:
     """``<experiment>/skipped_audio.csv``: the manifest rows the audio check dropped."""
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["row", "split", "path", "reason"])
@@ -128,9 +139,6 @@ def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
     ``train.frozen_cache_disk_gb`` for all of them together. Prints its size: for the
     manifest when it has durations, else per second of audio.
     """
-    from pefttune.frozen_cache import FrozenStateCache, cache_key, estimate_bytes, format_bytes
-    from pefttune.data.corpus_cache import cache_root
-
     mode = experiment.train.frozen_cache
     if mode == "off":
         return None
@@ -143,8 +151,6 @@ def frozen_cache(experiment: StudyConfig, ref: DataRef, model: PeftSpeechModel):
     caps = f"memory cap {memory_gb:.1f} GiB" + (f", disk cap {disk_gb:.1f} GiB" if mode == "disk" else "")
     size = f"about {per_second / 2**10:.0f} KiB per second of audio ({caps})"
     try:  # the manifest's durations (train cropped to data.max_seconds); never fails the trial
-        from pefttune.data.manifest import read_manifest
-
         rows = read_manifest(ref.manifest)
         seconds = rows["duration"].astype(float)
         if experiment.data.max_seconds:
@@ -173,10 +179,6 @@ def prefill_frozen_cache(experiment: StudyConfig, ref: DataRef, workers: int | N
     are those a trial would have cached.  Trials whose lowest adapted layer is above 0 (and
     the ``frozen`` reference) compute their deeper states from these h_0, reading no audio.
     Nothing to do when the cache is not on disk or trials run on GPUs."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     if experiment.train.frozen_cache != "disk" or experiment.resources.gpu > 0:
         return 0
     threads = max(1, int(experiment.resources.cpu))
@@ -193,8 +195,6 @@ def prefill_local(experiment: StudyConfig, ref: DataRef, address: str | None) ->
     machine's cache), with one line on what it did; returns its seconds, None when it computed
     nothing.  Used by ``pefttune run``, ``search`` and ``darts`` alike, always with the
     experiment's own ``resources``, so each caches the numbers the others would."""
-    import time
-
     if address is not None:
         return None
     start = time.perf_counter()
@@ -209,17 +209,6 @@ def prefill_local(experiment: StudyConfig, ref: DataRef, address: str | None) ->
 
 def _prefill_share(experiment: StudyConfig, ref: DataRef, share: int, shares: int) -> int:
     """Utterances ``index % shares == share`` of :func:`prefill_frozen_cache`, in one process."""
-    import contextlib
-    import io
-
-    import torch
-
-    from pefttune.backbones import backbone_info
-    from pefttune.data.loaders import load_data
-    from pefttune.model import build_model
-    from pefttune.placement import Placement
-    from pefttune.runtime.cluster import set_threads
-
     set_threads(experiment.resources.cpu)
     info = backbone_info(experiment.backbone)
     # quiet: the weights' loading bars and the cache's size line are the trials' to print

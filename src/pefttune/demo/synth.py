@@ -1,10 +1,12 @@
-"""Synthesized speech corpora: the embedded, offline default datasets.
+"""Synthesized speech corpora: the embedded, offline default datasets (the demo's; the core
+reads them as manifests, through the data source ``synth`` of :mod:`pefttune.data.sources`).
 
 Three SUPERB-like tasks, spoken by eSpeak NG "speakers" (a language voice, a voice
 variant and a pitch/rate profile) over generated background noise:
 
 - ``ks``  keyword spotting like Speech Commands v1 / SUPERB KS: the ten
-  :data:`KS_COMMANDS`, ``_unknown_`` (words from :data:`KS_UNKNOWN_WORDS`) and
+  :data:`~pefttune.data.layouts.KS_COMMANDS`, ``_unknown_`` (words from
+  :data:`~pefttune.data.layouts.KS_UNKNOWN_WORDS`) and
   ``_silence_`` (noise only).  1 s clips, random word onset, random SNR; the
   train/dev/test splits have disjoint speakers (``test_speakers`` of them in test, so
   an interval that resamples speakers has enough of them); every class has the same
@@ -43,6 +45,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -51,28 +54,16 @@ import pandas as pd
 
 from pefttune.data import espeak
 from pefttune.data.audio import SAMPLE_RATE, write_flac
+from pefttune.data.layouts import KS_LABELS, KS_SILENCE_LABEL, KS_UNKNOWN_LABEL, KS_UNKNOWN_WORDS
 from pefttune.data.manifest import write_manifest
 from pefttune.data.vocab import TokenVocab
 
 __all__ = [
-    "KS_COMMANDS", "KS_UNKNOWN_WORDS", "KS_UNKNOWN_LABEL", "KS_SILENCE_LABEL", "KS_LABELS",
     "ENGLISH_VOICES", "SENTENCE_WORDS", "EN_US_PHONEMES", "NOISE_KINDS", "TASKS",
     "DEFAULT_SIZES", "CORPUS_MARKER", "CORPUS_FORMAT",
     "Speaker", "make_speakers", "make_sentences", "make_noise", "mix_at_snr", "trim_silence",
     "corpus_sizes", "corpus_plan", "build_corpus", "is_corpus_dir", "read_corpus_info",
 ]
-
-#: SUPERB's ten Speech Commands keywords.
-KS_COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-#: Speech Commands v1's auxiliary words: the ``_unknown_`` class.
-KS_UNKNOWN_WORDS = (
-    "bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin",
-    "nine", "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero",
-)
-KS_UNKNOWN_LABEL = "_unknown_"
-KS_SILENCE_LABEL = "_silence_"
-#: The twelve KS classes (same names as the Speech Commands loader uses).
-KS_LABELS = KS_COMMANDS + (KS_UNKNOWN_LABEL, KS_SILENCE_LABEL)
 
 #: English eSpeak voices used for synthetic speakers (accents).
 ENGLISH_VOICES = (
@@ -584,8 +575,6 @@ def _check_output_dir(out_dir: Path) -> None:
 
 
 def _package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for name in ("pefttune", "espeakng-loader"):
         try:

@@ -2,16 +2,17 @@
 
 - :mod:`.corpus`: :class:`CorpusRecipe` / :func:`build_corpus` (eSpeak NG words and
   phrases, keyword-spotting words excluded);
-- :mod:`.targets`: log-mel frames aligned with the encoder, k-means targets;
+- :mod:`.targets`: k-means targets of frames aligned with the encoder (log-mel:
+  :mod:`pefttune.log_mel`, MFCC-39);
 - :mod:`.train`: :class:`PretrainConfig` / :func:`pretrain` (HuBERT masked prediction or
   wav2vec 2.0 contrastive), writing a transformers model directory + ``provenance.json``
   + ``schedule.json`` (replayable with :func:`load_schedule`).
 
 :data:`SHIPPED_SHA256` is the hash of the shipped ``tiny-hubert-ssl`` weights file.
 """
-from pefttune.pretraining.corpus import VOCABULARY, Corpus, CorpusRecipe, build_corpus, ks_words
-from pefttune.pretraining.targets import LogMel, check_alignment, fit_kmeans, frame_count
-from pefttune.pretraining.train import (
+from pefttune.demo.pretraining.corpus import VOCABULARY, Corpus, CorpusRecipe, build_corpus, ks_words
+from pefttune.demo.pretraining.targets import check_alignment, fit_kmeans
+from pefttune.demo.pretraining.train import (
     OBJECTIVES,
     PROVENANCE_FILE,
     PretrainConfig,
@@ -25,7 +26,7 @@ from pefttune.pretraining.train import (
 
 __all__ = [
     "VOCABULARY", "Corpus", "CorpusRecipe", "build_corpus", "ks_words",
-    "LogMel", "check_alignment", "fit_kmeans", "frame_count",
+    "check_alignment", "fit_kmeans",
     "SHIPPED_SHA256", "OBJECTIVES", "PROVENANCE_FILE", "PretrainConfig", "PretrainResult", "command_line",
     "file_sha256", "load_schedule", "pretrain", "span_mask",
 ]

@@ -8,7 +8,7 @@ returns fixed-length 16 kHz clips.
 
 The vocabulary (:data:`VOCABULARY`) is a hand-written list of common English words
 without numerals (``"42"`` would be spoken as "forty two"). The keyword-spotting
-words (``KS_COMMANDS`` + ``KS_UNKNOWN_WORDS`` of :mod:`pefttune.data.synth`) and their
+words (``KS_COMMANDS`` + ``KS_UNKNOWN_WORDS`` of :mod:`pefttune.data.layouts`) and their
 common homophones (:data:`KS_HOMOPHONES`, e.g. "to" for "two", "know" for "no") are
 removed from it, and :func:`build_corpus` checks every drawn text again.
 """
@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pefttune.data import espeak
 from pefttune.data.espeak import TARGET_SAMPLE_RATE, SynthRequest, synthesize_many
+from pefttune.data.layouts import KS_COMMANDS, KS_UNKNOWN_WORDS
+from pefttune.demo.synth import NOISE_KINDS, make_noise
 
 #: Common English words (no numerals, no keyword-spotting words or their homophones).
 VOCABULARY: tuple[str, ...] = tuple(
@@ -104,8 +107,6 @@ DEFAULT_VARIANTS: tuple[str, ...] = (
 
 def ks_words() -> tuple[str, ...]:
     """The keyword-spotting words (commands + unknown-class words) of the KS corpus."""
-    from pefttune.data.synth import KS_COMMANDS, KS_UNKNOWN_WORDS
-
     return tuple(KS_COMMANDS) + tuple(KS_UNKNOWN_WORDS)
 
 
@@ -130,7 +131,7 @@ class CorpusRecipe:
     peak: tuple[float, float] = (0.05, 0.9)  # peak amplitude after scaling
     snr_db: tuple[float, float] = (5.0, 40.0)
     noise_prob: float = 0.8
-    noise_kinds: tuple[str, ...] = DEFAULT_NOISE_KINDS  # others: pefttune.data.synth.make_noise
+    noise_kinds: tuple[str, ...] = DEFAULT_NOISE_KINDS  # others: pefttune.demo.synth.make_noise
     speed: tuple[float, float] = (1.0, 1.0)  # speed perturbation factor range (tempo and pitch, by resampling)
     reverb_prob: float = 0.0  # probability of convolving a clip with a synthetic room impulse response
     rt60: tuple[float, float] = (0.15, 0.8)  # reverberation time range of those responses (seconds)
@@ -154,8 +155,6 @@ class CorpusRecipe:
                 raise ValueError(f"corpus.{name}: range ({low}, {high}) is reversed")
         if not 0.0 <= self.noise_prob <= 1.0:
             raise ValueError(f"corpus.noise_prob: must be within 0..1, got {self.noise_prob}")
-        from pefttune.data.synth import NOISE_KINDS
-
         if not self.noise_kinds or any(k not in NOISE_KINDS for k in self.noise_kinds):
             raise ValueError(f"corpus.noise_kinds: expected a non-empty list from {NOISE_KINDS}, got {self.noise_kinds}")
         if not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
@@ -205,8 +204,6 @@ class CorpusRecipe:
 
 def all_variants() -> tuple[str, ...]:
     """Every eSpeak NG voice variant installed, plus ``""`` (the plain voice), sorted."""
-    from pefttune.data import espeak
-
     return ("",) + tuple(sorted(set(espeak.list_variants()) - {""}))
 
 
@@ -333,8 +330,6 @@ def build_corpus(recipe: CorpusRecipe, chunk: int = 500) -> Corpus:
             if legacy_noise:
                 noise = _noise(rng, recipe.samples)
             else:
-                from pefttune.data.synth import make_noise
-
                 kind = recipe.noise_kinds[int(rng.integers(len(recipe.noise_kinds)))]
                 noise = make_noise(rng, recipe.samples, kind, recipe.sample_rate)[0]
             clip = clip + noise * speech_rms * 10 ** (-snr / 20)

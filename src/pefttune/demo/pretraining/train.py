@@ -44,6 +44,7 @@ checks a prefix of a long run bit for bit in a fraction of its time.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as metadata
 import json
 import math
 import platform
@@ -56,13 +57,14 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import HubertModel, Wav2Vec2ForPreTraining
 
 from pefttune.backbones import tiny_config
 from pefttune.data.dataset import normalize_waveform
-from pefttune.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
-from pefttune.pretraining.targets import TARGET_FEATURES, check_alignment, fit_kmeans, target_features
+from pefttune.demo.pretraining.corpus import Corpus, CorpusRecipe, build_corpus
+from pefttune.demo.pretraining.targets import TARGET_FEATURES, check_alignment, fit_kmeans, target_features
 
 Objective = Literal["hubert", "wav2vec2"]
 OBJECTIVES: tuple[str, ...] = ("hubert", "wav2vec2")
@@ -367,10 +369,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as metadata
-
-    import transformers
-
     try:
         package = metadata.version("pefttune")
     except metadata.PackageNotFoundError:  # running from a source tree
@@ -462,153 +460,207 @@ def pretrain(
 
 
 def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
+    """The run's steps, in order: corpus, objective and its targets, training, model and provenance."""
     timings = {}
+    corpus, waves = _corpus_waves(config, corpus, started, timings, log)
+    torch.manual_seed(config.seed)
+    objective, labels, codebooks = _objective(config, waves, config.eval_utterances, timings, log)
+    encoder_params = sum(p.numel() for p in encoder_of(objective).parameters())
+    frames = int(encoder_of(objective)._get_feat_extract_output_lengths(waves.shape[1]))
+    if labels is not None and labels.shape[1] != frames:
+        raise ValueError(f"targets: {labels.shape[1]} target frames per clip but {frames} encoder frames")
+    run = _Training(config, objective, waves, labels, frames, codebooks, timings, log)
+    eval_before = run.evaluate()
+    log(f"[pretrain] held-out ({run.num_eval} clips) before training: loss {eval_before[0]:.3f}, "
+        f"masked accuracy {eval_before[1]:.3f}")
+    run.train()
+    eval_after = run.evaluate()
+    log(f"[pretrain] held-out after {len(run.history)} steps: loss {eval_after[0]:.3f}, "
+        f"masked accuracy {eval_after[1]:.3f}")
+    weights = _write_model(out, objective, run.schedule)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    provenance = _provenance(config, out, command, corpus, run, eval_before, eval_after, weights,
+                             {"parameters": encoder_params, "frames_per_clip": frames})
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    log(f"[pretrain] wrote {out} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {provenance['weights_sha256'][:16]}...) "
+        f"in {_fmt_time(timings['total_s'])}")
+    return PretrainResult(directory=out, provenance=provenance)
+
+
+def _corpus_waves(config: PretrainConfig, corpus: Corpus | None, started: float, timings: dict, log):
+    """The corpus (built unless given) and its clips as one (N, samples) tensor, each normalised per
+    clip to zero mean, unit variance: what ``SpeechDataset(normalize=True)`` feeds downstream."""
     recipe = config.corpus
     log(f"[pretrain] building corpus: {recipe.utterances} clips of {recipe.seconds:g} s "
         f"(vocabulary {len(recipe.vocabulary())} words, {len(recipe.excluded_words)} excluded)")
     if corpus is None:
         corpus = build_corpus(recipe)
     timings["corpus_s"] = round(time.perf_counter() - started, 2)
-    # Per-clip zero mean, unit variance: what SpeechDataset(normalize=True) feeds downstream.
-    waves = torch.from_numpy(np.stack([normalize_waveform(w) for w in corpus.waveforms]))
-    num_eval = config.eval_utterances
-    train_waves, eval_waves = waves[: len(waves) - num_eval], waves[len(waves) - num_eval:]
+    return corpus, torch.from_numpy(np.stack([normalize_waveform(w) for w in corpus.waveforms]))
 
-    torch.manual_seed(config.seed)
-    labels = targets = None
-    codebooks = []  # provenance of every k-means codebook
-    if config.objective == "hubert":
-        objective = HubertObjective(config)
-        t0 = time.perf_counter()
-        books = []
-        for book, kind in enumerate(config.targets):
-            extractor = target_features(kind, objective.encoder.config, config.num_mels)
-            check_alignment(objective.encoder, getattr(extractor, "log_mel", extractor))
-            with torch.no_grad():
-                features = torch.cat([extractor(chunk) for chunk in waves.split(256)])
-            books.append(_cluster(features, len(train_waves), config.num_clusters, config.seed + 97 * book,
-                                  f"{kind} (window {extractor.window}, hop {extractor.hop})", codebooks, log))
-        labels = torch.stack(books, -1)
-        timings["kmeans_s"] = round(time.perf_counter() - t0, 2)
-    else:
-        objective = Wav2Vec2Objective(config)
-    encoder_params = sum(p.numel() for p in encoder_of(objective).parameters())
-    frames = int(encoder_of(objective)._get_feat_extract_output_lengths(waves.shape[1]))
-    if labels is not None and labels.shape[1] != frames:
-        raise ValueError(f"targets: {labels.shape[1]} target frames per clip but {frames} encoder frames")
 
-    def new_optimizer(module):
-        decay = [p for n, p in module.named_parameters() if p.dim() > 1]
-        no_decay = [p for n, p in module.named_parameters() if p.dim() <= 1]
-        return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
-        )
+def _objective(config: PretrainConfig, waves: torch.Tensor, num_eval: int, timings: dict, log):
+    """(objective, targets, codebook records): HuBERT with k-means targets of each iteration-1
+    feature (frame-aligned with the encoder), or wav2vec 2.0 with none."""
+    if config.objective != "hubert":
+        return Wav2Vec2Objective(config), None, []
+    objective = HubertObjective(config)
+    t0 = time.perf_counter()
+    books, codebooks = [], []
+    for book, kind in enumerate(config.targets):
+        extractor = target_features(kind, objective.encoder.config, config.num_mels)
+        check_alignment(objective.encoder, getattr(extractor, "log_mel", extractor))
+        with torch.no_grad():
+            features = torch.cat([extractor(chunk) for chunk in waves.split(256)])
+        books.append(_cluster(features, len(waves) - num_eval, config.num_clusters, config.seed + 97 * book,
+                              f"{kind} (window {extractor.window}, hop {extractor.hop})", codebooks, log))
+    timings["kmeans_s"] = round(time.perf_counter() - t0, 2)
+    return objective, torch.stack(books, -1), codebooks
 
-    # -- train -------------------------------------------------------------------------------------
-    optimizer = new_optimizer(objective)
-    batch_gen = torch.Generator().manual_seed(config.seed)
-    mask_gen = torch.Generator().manual_seed(config.seed + 1)
-    eval_gen = torch.Generator().manual_seed(config.seed + 2)
-    eval_masks = span_mask(num_eval, frames, config.mask_prob, config.mask_length, eval_gen) if num_eval else None
-    eval_neg_seed = config.seed + 3
 
-    def evaluate() -> tuple[float, float]:
-        if not num_eval:
+class _Training:
+    """The training loop of one run and what it records (loss history, the progress schedule,
+    weight hashes, the step of HuBERT's iteration 2).
+
+    Seeded generators: batches ``seed``, masks ``seed + 1``, the held-out masks ``seed + 2``, the
+    held-out negatives ``seed + 3``; dropout draws from torch's global generator."""
+
+    def __init__(self, config: PretrainConfig, objective: nn.Module, waves: torch.Tensor, labels, frames: int,
+                 codebooks: list, timings: dict, log):
+        self.config, self.objective, self.labels, self.frames = config, objective, labels, frames
+        self.codebooks, self.timings, self.log = codebooks, timings, log
+        self.num_eval = config.eval_utterances
+        self.waves = waves
+        self.train_waves, self.eval_waves = waves[: len(waves) - self.num_eval], waves[len(waves) - self.num_eval:]
+        self.optimizer = _optimizer(objective, config)
+        self.batch_gen = torch.Generator().manual_seed(config.seed)
+        self.mask_gen = torch.Generator().manual_seed(config.seed + 1)
+        eval_gen = torch.Generator().manual_seed(config.seed + 2)
+        self.eval_masks = (span_mask(self.num_eval, frames, config.mask_prob, config.mask_length, eval_gen)
+                           if self.num_eval else None)
+        self.history: list[tuple[float, float]] = []  # (loss, masked accuracy) per step
+        self.schedule: list[float] = []  # progress value of each step taken
+        self.state_hashes: dict[int, str] = {}  # step -> sha256 of the encoder's weights after that step
+        self.iteration2: int | None = None  # step at which the targets switched to k-means of a layer
+        self.train_start = 0.0
+
+    def evaluate(self) -> tuple[float, float]:
+        """(loss, masked accuracy) on the held-out clips, with fixed masks and negatives."""
+        if not self.num_eval:
             return float("nan"), float("nan")
+        objective, num_train = self.objective, len(self.train_waves)
         objective.eval()
         total_loss, correct, count = 0.0, 0, 0
-        gen = torch.Generator().manual_seed(eval_neg_seed)
+        gen = torch.Generator().manual_seed(self.config.seed + 3)
         with torch.no_grad():
-            for start in range(0, num_eval, 16):
+            for start in range(0, self.num_eval, 16):
                 sl = slice(start, start + 16)
-                batch_labels = None if labels is None else labels[len(train_waves):][sl]
-                loss, c, n = objective.step(eval_waves[sl], batch_labels, eval_masks[sl], gen)
+                batch_labels = None if self.labels is None else self.labels[num_train:][sl]
+                loss, c, n = objective.step(self.eval_waves[sl], batch_labels, self.eval_masks[sl], gen)
                 total_loss += float(loss) * n
                 correct += c
                 count += n
         objective.train()
         return total_loss / count, correct / count
 
-    eval_before = evaluate()
-    log(f"[pretrain] held-out ({num_eval} clips) before training: loss {eval_before[0]:.3f}, "
-        f"masked accuracy {eval_before[1]:.3f}")
-    objective.train()
-    train_start = time.perf_counter()
-    history = []  # (step, loss, accuracy) per step
-    order = torch.randperm(len(train_waves), generator=batch_gen)
-    cursor, last_log = 0, train_start
-    budget_s = None if config.minutes is None else config.minutes * 60.0
-    schedule = []  # progress value of each step taken
-
-    def progress(step: int) -> float:
+    def progress(self, step: int) -> float:
+        """How far the run is, 0..1: the replayed schedule, else by steps or by time (the further)."""
+        config = self.config
         if config.schedule is not None:
             return config.schedule[step] if step < len(config.schedule) else 1.0
+        budget_s = None if config.minutes is None else config.minutes * 60.0
         by_steps = step / config.steps if config.steps else 0.0
-        by_time = (time.perf_counter() - train_start) / budget_s if budget_s else 0.0
+        by_time = (time.perf_counter() - self.train_start) / budget_s if budget_s else 0.0
         return max(by_steps, by_time)
 
-    step = 0
-    state_hashes = {}  # step -> sha256 of the encoder's weights after that step
-    iteration2 = None  # step at which the targets switched to k-means of a layer
-    while (p := progress(step)) < 1.0:
-        if config.stop_after is not None and step >= config.stop_after:
-            log(f"[pretrain] stopping after {step} steps (--stop-after)")
-            break
-        if config.iter2_at is not None and iteration2 is None and p >= config.iter2_at:
-            t0 = time.perf_counter()
-            layer = config.iter2_layer
-            features = objective.layer_features(waves, layer)
-            size = config.iter2_clusters or config.num_clusters
-            labels = _cluster(features, len(train_waves), size, config.seed + 1000, f"layer {layer} (iteration 2)",
-                              codebooks, log)[..., None]
-            fresh = objective.new_codebooks([size])
-            optimizer.add_param_group({"params": [q for q in fresh if q.dim() > 1], "weight_decay": config.weight_decay})
-            optimizer.add_param_group({"params": [q for q in fresh if q.dim() <= 1], "weight_decay": 0.0})
-            iteration2 = step
-            timings["iteration2_s"] = round(time.perf_counter() - t0, 2)
-            codebooks[-1]["from_step"] = step
-            log(f"[pretrain] iteration 2 from step {step}: targets are k-means({size}) of hidden state {layer} "
-                f"({timings['iteration2_s']} s)")
-        if cursor + config.batch_size > len(order):
-            order, cursor = torch.randperm(len(train_waves), generator=batch_gen), 0
-        idx = order[cursor:cursor + config.batch_size]
-        cursor += config.batch_size
-        schedule.append(p)
+    def train(self) -> None:
+        """Steps until the progress reaches 1 (or ``stop_after``), then the final weight hash."""
+        config, objective = self.config, self.objective
+        objective.train()
+        self.train_start = time.perf_counter()
+        order = torch.randperm(len(self.train_waves), generator=self.batch_gen)
+        cursor, last_log, step = 0, self.train_start, 0
+        while (p := self.progress(step)) < 1.0:
+            if config.stop_after is not None and step >= config.stop_after:
+                self.log(f"[pretrain] stopping after {step} steps (--stop-after)")
+                break
+            if config.iter2_at is not None and self.iteration2 is None and p >= config.iter2_at:
+                self._switch_to_iteration2(step)
+            if cursor + config.batch_size > len(order):
+                order, cursor = torch.randperm(len(self.train_waves), generator=self.batch_gen), 0
+            self._step(order[cursor:cursor + config.batch_size], step, p)
+            cursor += config.batch_size
+            step += 1
+            if step % config.hash_every == 0:
+                self.state_hashes[step] = state_sha256(encoder_of(objective))
+            now = time.perf_counter()
+            if now - last_log >= config.log_every_s:
+                last_log = now
+                self._log_progress(step, now)
+        completed = len(self.history)
+        if self.history:
+            recent = self.history[-50:]
+            self.log(f"[pretrain] finished {completed} steps: loss {np.mean([h[0] for h in recent]):.3f} "
+                     f"masked-acc {np.mean([h[1] for h in recent]):.3f}")
+        self.timings["train_s"] = round(time.perf_counter() - self.train_start, 2)
+        self.state_hashes[completed] = state_sha256(encoder_of(objective))
+
+    def _step(self, idx: torch.Tensor, step: int, p: float) -> None:
+        """One optimizer step on the clips ``idx`` at progress ``p``."""
+        config, objective, optimizer = self.config, self.objective, self.optimizer
+        self.schedule.append(p)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(p, step, config.warmup, config.warmup_steps)
         objective.anneal(p)
-        mask = span_mask(len(idx), frames, config.mask_prob, config.mask_length, mask_gen)
-        loss, correct, count = objective.step(train_waves[idx], None if labels is None else labels[idx], mask, mask_gen)
+        mask = span_mask(len(idx), self.frames, config.mask_prob, config.mask_length, self.mask_gen)
+        labels = None if self.labels is None else self.labels[idx]
+        loss, correct, count = objective.step(self.train_waves[idx], labels, mask, self.mask_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), config.grad_clip)
         optimizer.step()
-        history.append((loss.item(), correct / max(count, 1)))
-        step += 1
-        if step % config.hash_every == 0:
-            state_hashes[step] = state_sha256(encoder_of(objective))
-        now = time.perf_counter()
-        if now - last_log >= config.log_every_s:
-            last_log = now
-            recent = history[-50:]
-            elapsed = now - train_start
-            done = max(progress(step), 1e-9)
-            eta = elapsed / done * (1.0 - done)
-            log(f"[pretrain] step {step} ({done:.0%}) "
-                f"loss {np.mean([h[0] for h in recent]):.3f} masked-acc {np.mean([h[1] for h in recent]):.3f} "
-                f"lr {optimizer.param_groups[0]['lr']:.1e} elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
-    completed = len(history)
-    if history:
-        recent = history[-50:]
-        log(f"[pretrain] finished {completed} steps: loss {np.mean([h[0] for h in recent]):.3f} "
-            f"masked-acc {np.mean([h[1] for h in recent]):.3f}")
-    timings["train_s"] = round(time.perf_counter() - train_start, 2)
-    state_hashes[completed] = state_sha256(encoder_of(objective))
-    eval_after = evaluate()
-    log(f"[pretrain] held-out after {completed} steps: loss {eval_after[0]:.3f}, masked accuracy {eval_after[1]:.3f}")
+        self.history.append((loss.item(), correct / max(count, 1)))
 
-    # -- write -------------------------------------------------------------------------------------
+    def _switch_to_iteration2(self, step: int) -> None:
+        """HuBERT iteration 2: targets from k-means of a hidden layer, fresh classifiers."""
+        config, objective = self.config, self.objective
+        t0 = time.perf_counter()
+        layer = config.iter2_layer
+        features = objective.layer_features(self.waves, layer)
+        size = config.iter2_clusters or config.num_clusters
+        self.labels = _cluster(features, len(self.train_waves), size, config.seed + 1000,
+                               f"layer {layer} (iteration 2)", self.codebooks, self.log)[..., None]
+        fresh = objective.new_codebooks([size])
+        self.optimizer.add_param_group({"params": [q for q in fresh if q.dim() > 1], "weight_decay": config.weight_decay})
+        self.optimizer.add_param_group({"params": [q for q in fresh if q.dim() <= 1], "weight_decay": 0.0})
+        self.iteration2 = step
+        self.timings["iteration2_s"] = round(time.perf_counter() - t0, 2)
+        self.codebooks[-1]["from_step"] = step
+        self.log(f"[pretrain] iteration 2 from step {step}: targets are k-means({size}) of hidden state {layer} "
+                 f"({self.timings['iteration2_s']} s)")
+
+    def _log_progress(self, step: int, now: float) -> None:
+        recent = self.history[-50:]
+        elapsed = now - self.train_start
+        done = max(self.progress(step), 1e-9)
+        eta = elapsed / done * (1.0 - done)
+        self.log(f"[pretrain] step {step} ({done:.0%}) "
+                 f"loss {np.mean([h[0] for h in recent]):.3f} masked-acc {np.mean([h[1] for h in recent]):.3f} "
+                 f"lr {self.optimizer.param_groups[0]['lr']:.1e} elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
+
+
+def _optimizer(module: nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only."""
+    decay = [p for n, p in module.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in module.named_parameters() if p.dim() <= 1]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+
+
+def _write_model(out: Path, objective: nn.Module, schedule: list[float]) -> Path:
+    """The encoder as a transformers model folder and the run's progress schedule; the weights file."""
     out.mkdir(parents=True, exist_ok=True)
     objective.save_encoder(out)
     weights = out / WEIGHTS_FILE
@@ -616,7 +668,14 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
         raise FileNotFoundError(f"save_pretrained did not write {weights}")
     weights.chmod(0o644)  # written through a private temp file; the model is meant to be shared
     (out / SCHEDULE_FILE).write_text(json.dumps({"progress": schedule}) + "\n")
-    timings["total_s"] = round(time.perf_counter() - started, 2)
+    return weights
+
+
+def _provenance(config: PretrainConfig, out: Path, command: str | None, corpus: Corpus, run: _Training,
+                eval_before, eval_after, weights: Path, model: dict) -> dict:
+    """What ``provenance.json`` records of the run."""
+    recipe, history, timings = config.corpus, run.history, run.timings
+    completed = len(history)
     recent = history[-50:]
     provenance = {
         "command": command if command is not None else command_line(config, out),
@@ -629,21 +688,17 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
             "example_texts": corpus.texts[:10],
         },
         "input_normalization": "per clip zero mean, unit variance (pefttune.data.dataset.normalize_waveform)",
-        "model": {
-            "class": "HubertModel" if config.objective == "hubert" else "Wav2Vec2Model",
-            "parameters": encoder_params,
-            "frames_per_clip": frames,
-        },
+        "model": {"class": "HubertModel" if config.objective == "hubert" else "Wav2Vec2Model", **model},
         "steps": {
             "completed": completed,
             "schedule": config.budget,
             "schedule_file": SCHEDULE_FILE,
             "seconds_per_step": round(timings["train_s"] / max(completed, 1), 3),
             "stopped_after": config.stop_after,
-            "iteration2_from_step": iteration2,
+            "iteration2_from_step": run.iteration2,
             # sha256 of the encoder's state dict (names + raw bytes, see state_sha256) after these steps:
             # a run stopped early with --stop-after K must match entry K bit for bit
-            "state_sha256": {str(k): v for k, v in sorted(state_hashes.items())},
+            "state_sha256": {str(k): v for k, v in sorted(run.state_hashes.items())},
         },
         "wall_time_s": timings,
         "initial": {"heldout_loss": round(eval_before[0], 4), "heldout_masked_accuracy": round(eval_before[1], 4)},
@@ -669,12 +724,9 @@ def _pretrain(config, out, command, log, corpus, started) -> PretrainResult:
                                    "delta-deltas (+-2 frames)"},
             "standardised": "per dimension over the training frames, before k-means",
             "num_clusters": config.num_clusters,
-            "codebooks": codebooks,
+            "codebooks": run.codebooks,
         }
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    log(f"[pretrain] wrote {out} ({weights.stat().st_size / 1e6:.1f} MB, sha256 {provenance['weights_sha256'][:16]}...) "
-        f"in {_fmt_time(timings['total_s'])}")
-    return PretrainResult(directory=out, provenance=provenance)
+    return provenance
 
 
 def _cluster(features: torch.Tensor, num_train: int, size: int, seed: int, what: str, record: list, log) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """The corpus cache: synthesized corpora are built once and reused.
 
-Location, in order of precedence: the ``root`` argument, the ``PEFTTUNE_CACHE``
-environment variable, ``$XDG_CACHE_HOME/pefttune``, ``~/.cache/pefttune``.  Corpora
-live in ``<cache>/corpora/<task>-seed<seed>-<key>/`` where ``key`` hashes the task,
-seed, complete sizes, corpus format and the pefttune and espeakng-loader versions, so a
+Corpora live in ``<cache>/corpora/<task>-seed<seed>-<key>/`` (``<cache>``:
+:func:`pefttune.cache_dir.cache_root`), ``ensure_corpus("ks", seed=0)`` returns the manifest of
+one, built on first use.  ``key`` hashes the task, seed, complete sizes, corpus format and the pefttune and espeakng-loader versions, so a
 change in any of them builds a new corpus instead of reusing a stale one.
 
 Concurrent callers (e.g. several Ray Tune trials starting at once) are safe: each
@@ -14,25 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from pefttune.data import synth
+from pefttune.cache_dir import cache_root
+from pefttune.demo import synth
 
-__all__ = ["cache_root", "corpus_key", "corpus_dir", "ensure_corpus"]
-
-
-def cache_root(root: str | Path | None = None) -> Path:
-    """The pefttune cache folder (not created here)."""
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("PEFTTUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "pefttune"
+__all__ = ["corpus_key", "corpus_dir", "ensure_corpus"]
 
 
 def corpus_key(task: str, seed: int, sizes: dict[str, int]) -> str:
@@ -60,8 +47,8 @@ def ensure_corpus(task: str, seed: int = 0, root: str | Path | None = None, **si
     Args:
         task: ``"ks"``, ``"sid"`` or ``"pr"``.
         seed: generation seed.
-        root: cache folder (default: see :func:`cache_root`).
-        **size: size settings, see :data:`pefttune.data.synth.DEFAULT_SIZES`.
+        root: cache folder (default: :func:`pefttune.cache_dir.cache_root`).
+        **size: size settings, see :data:`pefttune.demo.synth.DEFAULT_SIZES`.
     """
     sizes = synth.corpus_sizes(task, **size)
     target = corpus_dir(task, seed, root, **sizes)
