@@ -180,8 +180,11 @@ def test_resumed_rungs_choose_the_uninterrupted_rates(killed_and_reference):
     pd.testing.assert_series_equal(rungs["killed"]["best_dev_score"], rungs["reference"]["best_dev_score"],
                                    check_exact=False, atol=1e-6)
     for folder in TUNINGS:
-        choices = [json.loads((killed_and_reference[k] / folder / "lr_choices.json").read_text())
+        choices = [json.loads((killed_and_reference[k] / folder / "lr_choices.json").read_text())["choices"]
                    for k in ("killed", "reference")]
+        for choice in choices[0] + choices[1]:  # the rung continued: the same grid point, in each study's own folder
+            trial, checkpoint = Path(choice.pop("checkpoint")).parts[-2:]
+            choice["checkpoint"] = (trial.rsplit("_", 1)[1], checkpoint)
         assert choices[0] == choices[1]
 
 
