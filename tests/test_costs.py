@@ -42,3 +42,15 @@ def test_the_arm_of_a_trial():
     assert cost_arm("uniform", "lora", 4, 3) == "uniform:lora" and cost_arm("darts-derived", None, 1, 3) == \
         "darts search + retrain"
     assert cost_arm("darts", None, 0, 3) == "darts search + retrain" and cost_arm("log-mel", None, 0, 0) == "log-mel"
+
+
+def test_a_trial_that_continued_a_rung_counts_only_the_epochs_it_trained():
+    from pefttune.analysis.tables import trained_epochs
+
+    trials = pd.DataFrame({
+        "trial_id": ["68bac_00000", "68bac_00001", "b847b_00000", "b847b_00001"],
+        "epochs": [2, 2, 5, 5],
+        "config/continues": [None, None, "/s/tune-lr/train_fn_68bac_00001/checkpoint_000001", None],
+    })
+    assert trained_epochs(trials).tolist() == [2.0, 2.0, 3.0, 5.0]  # the continued seed trained epochs 3-5
+    assert trained_epochs(trials.drop(columns="config/continues")).tolist() == [2, 2, 5, 5]

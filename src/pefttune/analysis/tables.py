@@ -103,7 +103,7 @@ temporary file in the same folder, then ``os.replace``).  Column reference (COLU
     kind (str)                the trials' kind(s), comma-separated; ``ensemble`` for an ensemble row
     trials (Int64)            trials run, whatever their outcome (an ensemble: its members)
     completed (Int64)         of which completed
-    epochs (Int64)            epochs run, summed over the trials
+    epochs (Int64)            epochs trained, summed over the trials (a trial that continued a rung counts only its own)
     trial_seconds (float64)   Ray's ``time_total_s`` summed over the trials: seconds each trial held its slot (see
                               ``slot``), i.e. slot-seconds, not the process's CPU time; the arm rows (not the
                               ensembles) sum to the trials table's total
@@ -537,6 +537,25 @@ def search_seed(config: dict | None) -> int:
     return int(seeds[0])
 
 
+def trained_epochs(trials: pd.DataFrame) -> pd.Series:
+    """The epochs each trial trained itself: its ``epochs``, less, for a trial that continued a rung of
+    the learning-rate protocol (``config/continues``: the rung's checkpoint), the rung's epochs, which
+    the rung's own trial counts."""
+    epochs = pd.to_numeric(trials["epochs"], errors="coerce")
+    if "config/continues" not in trials:
+        return epochs
+    by_id = dict(zip(trials["trial_id"], epochs))
+
+    def rung(path) -> float:
+        if not isinstance(path, str) or not path:
+            return 0.0
+        trial = Path(path.rstrip("/")).parent.name.split("_", 2)[-1]  # <trainable>_fn_<trial id>
+        found = by_id.get(trial)
+        return 0.0 if found is None or pd.isna(found) else float(found)
+
+    return epochs - trials["config/continues"].map(rung).astype("float64")
+
+
 def cost_arm(kind: str, method: str | None, seed: int | None, first_seed: int) -> str:
     """The ``costs`` arm of one trial (module docstring)."""
     if kind == TrialKind.UNIFORM:
@@ -576,7 +595,7 @@ def _cost_row(arm: str, group: pd.DataFrame, config: dict | None, params: pd.Ser
     return {
         "arm": arm, "kind": ",".join(kinds), "trials": len(group),
         "completed": int((group["outcome"] == "completed").sum()),
-        "epochs": int(pd.to_numeric(group["epochs"], errors="coerce").fillna(0).sum()),
+        "epochs": int(group["_trained_epochs"].fillna(0).sum()),
         "trial_seconds": float(pd.to_numeric(group["time_total_s"], errors="coerce").fillna(0.0).sum()),
         "search_trials": None if search is None else len(search),
         "search_seconds": None if search is None else
@@ -603,7 +622,7 @@ def costs_table(experiment: ResultsStore | str, ensembles: Iterable[Any] = (),
     arms = [cost_arm(str(k) if not pd.isna(k) else "unknown", m if not pd.isna(m) else None,
                      s if not pd.isna(s) else None, first)
             for k, m, s in zip(trials["kind"], trials["method"], trials["seed"])]
-    trials = trials.assign(_arm=arms)
+    trials = trials.assign(_arm=arms, _trained_epochs=trained_epochs(trials))
     rows = []
     for arm, group in trials.groupby("_arm", sort=False):
         # per configuration: the parameters of its (first) completed trial, else any
