@@ -144,3 +144,22 @@ def test_encoder_cost_prints_each_round_and_the_median(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[:2]] == ["round 0", "round 1"]
     assert lines[-1].startswith("base-size / tiny-hubert-ssl forward per clip: median") and median > 1  # 12 x 768 vs 4 x 128
+
+
+def test_head_convergence_trains_the_head_in_each_variant():
+    import head_convergence
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 3
+
+    def split(n):
+        labels = np.arange(n) % 3
+        states = centres[labels][:, None, :] + rng.normal(size=(n, 2, 6))  # two hidden states per clip
+        return {"mean": states * np.array([1.0, 50.0])[None, :, None], "labels": labels}  # badly scaled 2nd state
+
+    features = {"train": split(90), "dev": split(30), "test": split(30)}
+    for variant in head_convergence.VARIANTS:
+        result = head_convergence.fit_head(features, lr=0.05, epochs=15, variant=variant, batch=16)
+        assert result["dev"] >= 0.9 and result["test"] >= 0.8 and 1 <= result["epoch"] <= 15, variant
+    with pytest.raises(ValueError, match="variant"):
+        head_convergence.fit_head(features, lr=0.05, epochs=1, variant="layernorm")

@@ -362,3 +362,17 @@ def test_verdict_stability_flags_only_contradicting_verdicts():
     assert verdict_stability.contradicts(["reproduced", "not reproduced", "inconclusive"])
     assert verdict_stability.contradicts(["partly reproduced: ...", "not reproduced"])
     assert not verdict_stability.contradicts(["reproduced", "inconclusive", "inconclusive: one seed"])
+
+
+def test_the_references_section_says_what_the_log_mel_head_pools(replicated):
+    import dataclasses
+
+    from pefttune.analysis.findings import references
+
+    decided = decide(replicated, margin=0.01, confidence=0.95, draws=200, alpha=alpha_table(replicated))
+    without = " ".join(references.render(decided.references, None, "accuracy"))
+    assert "log-mel frames" not in without  # no log-mel row in this study: nothing said of it
+    refs = dataclasses.replace(decided.references, uniform_vs_log_mel=decided.references.uniform_vs_frozen)
+    text = " ".join(references.render(refs, None, "accuracy"))
+    assert "best uniform minus log-mel (what the SSL encoder adds)" in text
+    assert "pools their mean over time" in text and "References against converged probes" in text

@@ -126,6 +126,11 @@ def render(references: References | None, hybrid: HybridRow | None, metric: str)
             ref_lines.append("- the nothing-learned check, each configuration minus the trivial reference (most "
                              "frequent label; CTC: all blank): " + "; ".join(
                                  f"`{cid}` {_with_supporting(c)}" for cid, c in references.vs_trivial.items()))
+    if references is not None and references.uniform_vs_log_mel is not None:
+        ref_lines.append("- `log-mel` is the study's head on log-mel frames: like every row's head it pools their "
+                         "mean over time; a classifier on the mean and standard deviation of each band sees more "
+                         "(benchmarks/README.md, \"References against converged probes\", compares both with "
+                         "converged linear probes)")
     if ref_lines:
         lines += ["## References", ""] + ref_lines + [""]
     if hybrid is not None:
