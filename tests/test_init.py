@@ -75,7 +75,7 @@ def test_init_writes_a_config_that_runs_the_profile_on_the_data_and_model(tmp_pa
                      "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"next: pefttune run {out}" in printed and "expected wall time: 714 s" in printed
+    assert f"next: pefttune run {out}" in printed and "expected wall time: 881 s" in printed
     text = out.read_text()
     assert text.startswith("# A pefttune study") and "extends: profiles/laptop.yaml" in text
     config = load_config(out)

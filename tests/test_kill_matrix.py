@@ -7,8 +7,9 @@ further-seeds round of ``analysis.max_seeds`` included); after each
 kill ``pefttune run --resume`` goes on until the next. The finished study is compared with an
 uninterrupted one of the same config and seeds: the same configurations and seeds, one
 completed trial each, the same scores and verdicts; and, in its MLflow store, one run per trial. The
-learning-rate protocol's tunings (``tune-lr``, and the DARTS-derived configuration's at the start of
-``darts-retrain``) are killed too, and resume to the uninterrupted rungs and choices.
+learning-rate protocol's tuning (``tune-lr``) is killed too, and resumes to the uninterrupted rungs
+and choices; the DARTS-derived configuration's tuning, the same grid experiment
+(:func:`pefttune.tuning.tune_rates`), runs uninterrupted in both studies and is compared too.
 """
 from __future__ import annotations
 
@@ -82,7 +83,6 @@ MOMENTS = {
     "discrete": ("", _reported),
     "replicates": ("replicates", _reported),
     "darts-search": ("darts", _reported),
-    "tune-lr-darts": ("tune-lr-darts", _reported),  # the derived configuration's rates, in darts-retrain
     "darts-retrain": ("darts-retrain", _reported),
     "more-seeds": ("seeds-2/trainings", _reported),
     "analysis": ("analysis", lambda f: (f / "tables" / "trials.parquet").is_file()),

@@ -293,8 +293,10 @@ def test_resume_after_interruption_finishes_remaining_trials(ray_session, manife
     assert (frame["status"] == "TERMINATED").all() and frame["epoch"].eq(EPOCHS).all()
     assert frame["test_accuracy"].notna().all()
     after = _checkpoints(path)
-    for name in finished:  # finished trials were not run again: no new checkpoints
-        assert after[name]["names"] == before[name]["names"]
+    for name in finished:  # finished trials were not run again: no new checkpoints (Ray may prune the
+        # oldest on restore, keeping num_to_keep of them, so compare the newest and what is left)
+        assert set(after[name]["names"]) <= set(before[name]["names"])
+        assert max(after[name]["names"]) == max(before[name]["names"])
         assert frame.loc[name.removeprefix("train_fn_"), "start_epoch"] == 1
     for name in midway:  # unfinished trials went on from a checkpoint, not from scratch
         # (a checkpoint written between the snapshot and the kill may be newer than what Tune
