@@ -90,7 +90,7 @@ class TrainSection(_Section):
     lr_rung: float = Field(
         0.2, gt=0, lt=1, description="The protocol's rung: the share of a trial's epochs (rounded up) that every rate "
         "of lr_grid trains, on the trial's full schedule, before the best dev score picks the rate (successive halving "
-        "with one rung; the chosen rate then trains from the start)."
+        "with one rung); every seed then trains at it, the first one continuing its rung."
     )
     lr_range: None = Field(None, exclude=True, description="Removed: replaced by lr_grid (a value given here is "
                            "refused).")
