@@ -85,8 +85,6 @@ def run_grid(config, name: str, trials: list[dict]) -> None:
 def histories(root: Path):
     """One row per trial and epoch: config_id, lr, epoch, dev, best dev so far, seconds of that epoch; and
     one row per trial with its test score."""
-    import pandas as pd
-
     from pefttune.analysis.store import open_results
     from pefttune.analysis.tables import history_table, trials_table
 

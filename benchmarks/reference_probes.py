@@ -96,7 +96,6 @@ def probe(train_x, train_y, dev_x, dev_y, test_x, test_y) -> dict:
 
 def study_rows(study: Path) -> tuple[dict, dict]:
     """The study's configs rows of the references, and each completed frozen trial's softmax layer weights."""
-    import pandas as pd
     from safetensors.numpy import load_file
 
     from pefttune.analysis.store import open_results
