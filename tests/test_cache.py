@@ -289,8 +289,22 @@ def test_prefill_computes_each_utterance_once_as_a_trial_would(tmp_path, monkeyp
     config = parse_config(search_config(manifest, tmp_path / "results"))
     ref = loaders.prepare_data(config, progress=False)
     rows = len(read_manifest(manifest))
+    assert trial_setup.uncached_utterances(config, ref) == rows
     assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == rows
-    assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == 0
+    assert trial_setup.uncached_utterances(config, ref) == 0
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a warm cache needs no prefill process")
+
+    monkeypatch.setattr(trial_setup, "ProcessPoolExecutor", no_process)
+    assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == 0  # warm: checked here, nothing started
+    cache_dir = next((tmp_path / "cache" / "frozen").iterdir())
+    first = sorted(cache_dir.glob("*.npy"))[0]
+    first.unlink()  # one utterance lost: the check counts it
+    assert trial_setup.uncached_utterances(config, ref) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("PEFTTUNE_CACHE", str(tmp_path / "cache"))
+    assert trial_setup.prefill_frozen_cache(config, ref, workers=2) == 1
     model = build_model(config.backbone, Placement.uniform("lora", 4), ref.head_config(config)).eval()
     cache = trial_setup.frozen_cache(config, ref, model)
     data = loaders.load_data(config, ref, seed=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pefttune.cli import main as cli_main
+from pefttune.config import parse_config
+from pefttune.data.loaders import prepare_data
 from pefttune.schema import STOP_EPOCH
+from pefttune.trainables.setup import prefill_frozen_cache
 from helpers import kill_driver_group
 from test_search_fixtures import search_config, write_tone_manifest
 
@@ -89,12 +92,12 @@ MOMENTS = {
 }
 
 
-def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Path) -> dict:
+def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Path, env: dict) -> dict:
     """Start ``pefttune run`` and SIGKILL it once ``stage`` is under way; what was seen then."""
     sub, under_way = MOMENTS[stage]
     folder = study / sub if sub else study
     temp_root = tempfile.mkdtemp(prefix="pk-")  # Ray's temp folder of this driver: its leftovers are found by it
-    env = {**os.environ, "TMPDIR": temp_root}
+    env = {**env, "TMPDIR": temp_root}
     cmd = [sys.executable, "-m", "pefttune", "run", str(config_path)] + (["--resume"] if resume else [])
     with log.open("a") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -129,24 +132,42 @@ def _table(study: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def killed_and_reference(ray_session, tmp_path_factory):
+def killed_and_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
     manifest = write_tone_manifest(root / "data", classes=3, per_split={"train": 8, "dev": 4, "test": 4})
+    cache = root / "cache"
+    # the frozen cache filled once, so neither study's kill lands in a prefill (its own case:
+    # test_kill_matrix_data.py) and the two studies never compute the same states at once
+    env = {**os.environ, "PEFTTUNE_CACHE": str(cache)}
     reference_cfg = root / "reference.yaml"
     reference_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "reference")))
-    assert cli_main(["run", str(reference_cfg)]) == 0
-
-    killed_cfg = root / "killed.yaml"
-    # the killed study logs to MLflow (sqlite in its folder): every resume finds its runs again
-    killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed", {"mlflow": True})))
-    study = root / "results" / "killed"
-    log = root / "killed.log"
-    seen = {}
-    for k, stage in enumerate(MOMENTS):
-        seen[stage] = _run_until(killed_cfg, study, stage, resume=k > 0, log=log)
-    final = subprocess.run([sys.executable, "-m", "pefttune", "run", str(killed_cfg), "--resume"],
-                           capture_output=True, text=True, env={**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="pk-")},
-                           timeout=600)
+    experiment = parse_config(yaml.safe_load(reference_cfg.read_text()), str(reference_cfg))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFTTUNE_CACHE", str(cache))
+        prefill_frozen_cache(experiment, prepare_data(experiment), workers=1)
+    # the uninterrupted study runs beside the killed one (its own driver, Ray and temp folder):
+    # one CPU thread per trial, so contention changes no number
+    reference_log = root / "reference.log"
+    with reference_log.open("w") as out:
+        reference = subprocess.Popen([sys.executable, "-m", "pefttune", "run", str(reference_cfg)], stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**env, "TMPDIR": tempfile.mkdtemp(prefix="pk-")})
+    try:
+        killed_cfg = root / "killed.yaml"
+        # the killed study logs to MLflow (sqlite in its folder): every resume finds its runs again
+        killed_cfg.write_text(yaml.safe_dump(_config(manifest, root / "results", "killed", {"mlflow": True})))
+        study = root / "results" / "killed"
+        log = root / "killed.log"
+        seen = {}
+        for k, stage in enumerate(MOMENTS):
+            seen[stage] = _run_until(killed_cfg, study, stage, resume=k > 0, log=log, env=env)
+        final = subprocess.run([sys.executable, "-m", "pefttune", "run", str(killed_cfg), "--resume"],
+                               capture_output=True, text=True,
+                               env={**env, "TMPDIR": tempfile.mkdtemp(prefix="pk-")}, timeout=600)
+        assert reference.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
     return {"root": root, "reference": root / "results" / "reference", "killed": study, "seen": seen,
             "final": final, "log": log}
 

@@ -1,5 +1,5 @@
-"""The kill matrix's remaining moments: the corpus build, the frozen-cache prefill and a suite's
-task boundary.
+"""The kill matrix's remaining moments: the corpus build and the frozen-cache prefill (a suite's
+task boundary: ``tests/test_suite.py``).
 
 Each case runs ``python -m pefttune run CONFIG`` in a subprocess (its own Ray, a private
 TMPDIR whose prefix finds Ray's leftovers, and where the case needs a cold cache its own
@@ -178,33 +178,3 @@ def test_kill_during_the_prefill(tmp_path, monkeypatch):
     assert sorted(p.name for p in reference.glob("*.npy")) == names
     for name in names:
         np.testing.assert_allclose(np.load(key / name), np.load(reference / name), rtol=0, atol=1e-6)
-
-
-def test_kill_while_the_second_task_of_a_suite_runs(tmp_path):
-    manifest = write_tone_manifest(tmp_path / "data", classes=3, per_split={"train": 6, "dev": 3, "test": 3})
-    config = _config(tmp_path / "results", "suite", manifest, train={"frozen_cache": "memory"})  # no prefill
-    config["tasks"] = {"ks": None, "sid": None}
-    path = _write(tmp_path / "suite.yaml", config)
-    root = tmp_path / "results" / "suite"
-
-    def trial_files(study: Path) -> dict[str, tuple[int, int]]:
-        return {p.relative_to(study).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-                for p in sorted(study.rglob("*")) if p.is_file() and "train_fn_" in p.as_posix()}
-
-    def second_task_running():
-        if not any(p.stat().st_size > 0 for p in (root / "sid").glob("train_fn_*/result.json")):
-            return None
-        return {"ks": trial_files(root / "ks"), "sid_done": (root / "sid" / "analysis" / "report.md").exists()}
-
-    seen = _run_until(path, second_task_running, tmp_path / "suite.log")
-    assert not seen["sid_done"] and seen["ks"]
-    assert (root / "ks" / "analysis" / "report.md").is_file() and not (root / "suite.md").exists()
-
-    result = _resume(path)
-    _ok(result)
-    assert "suite task ks: finished before, kept" in result.stdout
-    assert trial_files(root / "ks") == seen["ks"]  # the first task was not run again
-    _finished(root / "ks")
-    _finished(root / "sid")
-    assert "| configuration | ks (accuracy) | sid (accuracy) |" in (root / "suite.md").read_text()
-    assert set(pd.read_parquet(root / "suite.parquet")["task"]) == {"ks", "sid"}

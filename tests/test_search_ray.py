@@ -195,8 +195,11 @@ def test_top_k_and_saved_experiment(search):
 
 DRIVER = textwrap.dedent(
     """
-    import sys, tempfile, torch, ray
+    import os, sys, tempfile, torch, ray
     torch.set_num_threads(1)
+    # the experiment state written every second (Ray's "auto" period can outlast the slow trial
+    # under load): the moment to kill, a checkpoint the state already refers to, then comes
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     from pefttune.config import load_config
     from pefttune.search.run import run_search
     from pefttune.search.space import FixedPoint

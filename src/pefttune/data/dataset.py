@@ -219,6 +219,11 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self._paths)
 
+    @property
+    def row_ids(self) -> tuple[int, ...]:
+        """The manifest row ids of this split's utterances (what batches report as ``"index"``)."""
+        return tuple(self._row_ids)
+
     def __getitem__(self, i: int) -> dict | None:
         path, row_id = self._paths[i], self._row_ids[i]
         if self.skip_audio is not None and self.skip_audio(row_id):

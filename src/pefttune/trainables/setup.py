@@ -181,6 +181,8 @@ def prefill_frozen_cache(experiment: StudyConfig, ref: DataRef, workers: int | N
     Nothing to do when the cache is not on disk or trials run on GPUs."""
     if experiment.train.frozen_cache != "disk" or experiment.resources.gpu > 0:
         return 0
+    if not uncached_utterances(experiment, ref):  # a warm cache (a resume, a second study): no process started
+        return 0
     threads = max(1, int(experiment.resources.cpu))
     workers = workers or max(1, min((os.cpu_count() or 1) // threads, experiment.search.max_concurrent))
     if workers == 1:
@@ -207,16 +209,33 @@ def prefill_local(experiment: StudyConfig, ref: DataRef, address: str | None) ->
     return seconds
 
 
-def _prefill_share(experiment: StudyConfig, ref: DataRef, share: int, shares: int) -> int:
-    """Utterances ``index % shares == share`` of :func:`prefill_frozen_cache`, in one process."""
-    set_threads(experiment.resources.cpu)
+def _frozen_model_and_cache(experiment: StudyConfig, ref: DataRef) -> tuple[PeftSpeechModel, FrozenStateCache]:
+    """The frozen encoder (no PEFT) and the experiment's disk cache, built quietly: the weights'
+    loading bars and the cache's size line are the trials' to print."""
     info = backbone_info(experiment.backbone)
-    # quiet: the weights' loading bars and the cache's size line are the trials' to print
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         model = build_model(experiment.backbone, Placement.from_dict({"num_layers": info.num_layers, "layers": {}}),
                             ref.head_config(experiment)).eval()
         cache = frozen_cache(experiment, ref, model)
     cache.max_memory_bytes = 0  # nothing kept in this process
+    return model, cache
+
+
+def uncached_utterances(experiment: StudyConfig, ref: DataRef) -> int:
+    """How many utterances of the experiment's splits have no states in the disk cache (0 when
+    the cache is off or not on disk: nothing a prefill could add). Reads no audio."""
+    if experiment.train.frozen_cache != "disk":
+        return 0
+    _, cache = _frozen_model_and_cache(experiment, ref)
+    data = load_data(experiment, ref)
+    return sum(not cache.on_disk(row) for loader in (data.train, data.dev, data.test)
+               for row in loader.dataset.row_ids)
+
+
+def _prefill_share(experiment: StudyConfig, ref: DataRef, share: int, shares: int) -> int:
+    """Utterances ``index % shares == share`` of :func:`prefill_frozen_cache`, in one process."""
+    set_threads(experiment.resources.cpu)
+    model, cache = _frozen_model_and_cache(experiment, ref)
     data = load_data(experiment, ref)
     done = 0
     with torch.no_grad():
