@@ -132,7 +132,9 @@ def test_local_storage_is_refused_on_a_cluster(cluster, manifest, tmp_path):
 
 
 def test_trials_spread_over_worker_nodes(cluster, manifest, tmp_path):
-    config = _config(manifest, tmp_path, "spread", 1, num_samples=1, hybrid=False)
+    # a new actor per trial: two trials at once need both one-CPU workers (a reused actor may run
+    # every short trial on the node whose actor started first)
+    config = _config(manifest, tmp_path, "spread", 1, num_samples=1, hybrid=False, reuse_actors=False)
     results = run_search(config, address=cluster["cluster"].address, verbose=0)
     frame = results_frame(results, 1)
     assert len(frame) == 4 and frame["trial_id"].is_unique  # 3 uniform baselines + 1 searched
