@@ -22,7 +22,8 @@ run: setup
 	$(VENV)/bin/pefttune run
 
 test: setup
-	$(PY) -m pytest -q tests
+	# two processes, each taking whole test files (the machine's 2 cores; benchmarks/README.md, "The test suite")
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV)

@@ -25,9 +25,11 @@ def test_darts_cost_prints_every_loop_with_ratios(capsys):
     rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("uniform") else ""): line
             for line in out.splitlines() if line and not line.startswith(("#", "loop"))}
     assert set(rows) == {"uniform sequential", "uniform parallel", "uniform lora", "uniform bitfit", "gated", "exact"}
-    ratios = [float(rows[name].split()[3].rstrip("x")) for name in rows]
-    assert all(r > 0 for r in ratios)
-    assert float(rows["exact"].split()[2].rstrip("x")) > float(rows["gated"].split()[2].rstrip("x"))  # K passes vs 1
+    # every loop timed, as ratios to the uniform mean and to LoRA (which is faster is the benchmark's
+    # to say, on a quiet machine: benchmarks/README.md; two epochs of tiny shapes decide nothing)
+    for name, line in rows.items():
+        seconds, to_uniform, to_lora = line.split()[len(name.split()):][:3]
+        assert float(seconds) > 0 and float(to_uniform.rstrip("x")) > 0 and float(to_lora.rstrip("x")) > 0
 
 
 def test_throughput_loops_share_one_loss_trajectory_and_interleave():

@@ -75,7 +75,8 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():  # the session's local Ray (tests/conftest.py)
+    session_ray = ray.is_initialized()  # the session's local Ray (tests/conftest.py): started again after
+    if session_ray:
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix="pefttune-cluster-")
     previous = os.environ.get("RAY_TMPDIR")
@@ -98,6 +99,10 @@ def cluster():
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = previous
+        if session_ray:  # the files after this one (pytest -n runs files in any order) find it running
+            from conftest import start_local_ray
+
+            start_local_ray()
 
 
 @pytest.fixture(scope="module")

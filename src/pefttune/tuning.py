@@ -45,6 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
+from pefttune.runtime.atomic_fs import ATOMIC_LOCAL
 from pefttune.runtime.storage import read_storage_text, write_storage_text
 from pefttune.schema import STOP_EPOCH, TrialKind, metric_key
 
@@ -220,7 +221,8 @@ def _checkpoint_uri(checkpoint) -> str:
     if checkpoint is None:
         return ""
     kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
-    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+    local = kind in ("local", ATOMIC_LOCAL)  # pefttune's atomic local storage is a local folder
+    return checkpoint.path if local else f"{kind}://{checkpoint.path}"
 
 
 def tune_rates(config: StudyConfig, path: str, candidates: list[dict], trainable, *, resume: bool = False,

@@ -43,6 +43,7 @@ from pefttune.backbones import backbone_info
 from pefttune.config import StudyConfig, resolve_config
 from pefttune.placement import Placement
 from pefttune.metrics import metric_mode
+from pefttune.runtime.atomic_fs import restore_filesystem, restore_path
 from pefttune.runtime.console import WIDTH, Console, Outcome, failure_summary, format_table, quiet_ray_loggers
 from pefttune.runtime.cluster import (
     alive_nodes,
@@ -363,7 +364,8 @@ def run_darts_search(config: StudyConfig, resume: bool = False, *, verbose: int 
             raise ValueError(f"darts.search_cpu: {config.darts.search_cpu:g} CPUs per search trial, but this "
                              f"machine's Ray has {have:g}")
     if resume and holds_run(search_path):
-        tuner = tune.Tuner.restore(search_path, trainable=make_trainable(darts_fn, setup), resume_unfinished=True)
+        tuner = tune.Tuner.restore(restore_path(search_path), trainable=make_trainable(darts_fn, setup),
+                                   resume_unfinished=True, storage_filesystem=restore_filesystem(search_path))
     else:
         tuner = search_tuner(config, path, setup, verbose)
     with fit_environment(), quiet_ray_loggers(verbose):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ray import tune
 
+from pefttune.runtime.atomic_fs import restore_filesystem, restore_path
 from pefttune.runtime.storage import read_storage_text, write_storage_text
 
 PLAN_FILE = "plan.json"
@@ -110,4 +111,5 @@ def restore_grid(path: str, trainable):
     plan = read_plan(path)
     if plan is None:
         raise FileNotFoundError(f"--resume: {path} holds a run but no {PLAN_FILE}; it cannot be resumed")
-    return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, param_space=grid_space(plan.trials))
+    return tune.Tuner.restore(restore_path(path), trainable=trainable, resume_unfinished=True,
+                              param_space=grid_space(plan.trials), storage_filesystem=restore_filesystem(path))

@@ -3,7 +3,9 @@
 The discrete search, the replicates, the DARTS search and retrains and the rounds of further
 seeds are Ray experiments in the study folder; :func:`run_config` gives each the same
 checkpointing (the newest ``keep`` checkpoints), retries (``search.max_failures``), console
-(``verbose``) and the tracking callbacks of ``tracking:`` (:mod:`pefttune.runtime.tracking`).
+(``verbose``), the tracking callbacks of ``tracking:`` (:mod:`pefttune.runtime.tracking`) and,
+in a local folder, atomic writes of Ray's state files (:mod:`pefttune.runtime.atomic_fs`: pass
+:func:`~pefttune.runtime.atomic_fs.restore_filesystem` to ``Tuner.restore`` too).
 
 Example::
 
@@ -12,9 +14,11 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from pefttune.config import StudyConfig
+from pefttune.runtime.atomic_fs import ray_storage_filesystem
 from pefttune.runtime.study_dir import study_dir
 from pefttune.runtime.tracking import mlflow_target, relative_experiment
 
@@ -32,9 +36,11 @@ def run_config(config: StudyConfig, path: str, *, verbose: int = 1, callbacks: S
 
     storage, name = path.rstrip("/").rsplit("/", 1)
     extra = [JsonLoggerCallback()] if json_results else []
+    filesystem = ray_storage_filesystem(storage)
     return tune.RunConfig(
         name=name,
-        storage_path=storage,
+        storage_path=storage if filesystem is None else os.path.abspath(storage),
+        storage_filesystem=filesystem,  # a local folder: Ray's state files written atomically
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=config.search.max_failures),
         progress_reporter=reporter if verbose >= 2 else None,

@@ -43,6 +43,7 @@ from pathlib import Path
 from pefttune.backbones import backbone_info
 from pefttune.config import StudyConfig, resolve_config
 from pefttune.metrics import metric_mode
+from pefttune.runtime.atomic_fs import restore_filesystem, restore_path
 from pefttune.runtime.console import Console, failure_summary, quiet_ray_loggers
 from pefttune.runtime.cluster import alive_nodes, check_cluster_storage, connect_ray, fit_environment, trial_name
 from pefttune.runtime.study_dir import (
@@ -336,8 +337,9 @@ def _search_tuner(plan: SearchPlan, setup, restore: bool, resume_errored: bool, 
         from pefttune.trainables.discrete import train_fn
         from pefttune.trainables.trial import make_trainable
 
-        return tune.Tuner.restore(plan.path, trainable=make_trainable(train_fn, setup), resume_unfinished=True,
-                                  resume_errored=resume_errored)
+        return tune.Tuner.restore(restore_path(plan.path), trainable=make_trainable(train_fn, setup),
+                                  resume_unfinished=True, resume_errored=resume_errored,
+                                  storage_filesystem=restore_filesystem(plan.path))
     console = Console("discrete arm", plan.config.metric, plan.mode, total=plan.num_samples, study_dir=plan.path)
     return build_tuner(plan, setup, verbose, [console.callback()] if verbose == 1 else None)
 

@@ -27,6 +27,7 @@ taken as complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -39,6 +40,7 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 
 from pefttune.model import MODEL_FILE, PLACEMENT_FILE, WEIGHTS_FILE, PeftSpeechModel
+from pefttune.runtime.atomic_fs import ATOMIC_LOCAL
 from pefttune.schema import (BEST_DIR, CHECKPOINT_NAME, MODEL_DIR, PREDICTIONS_DIR, STATE_FILE, TRAINER_FILE,
                              CheckpointState, predictions_file, state_json)
 from pefttune.schema import listed_files as _listed_files
@@ -267,7 +269,8 @@ def restore(model: PeftSpeechModel | None = None, *, optimizer=None, scheduler=N
         checkpoint = tune.Checkpoint(start_from)
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as path:
+    local = getattr(checkpoint.filesystem, "type_name", "") in ("local", ATOMIC_LOCAL)
+    with contextlib.nullcontext(checkpoint.path) if local else checkpoint.as_directory() as path:
         try:
             restored = read_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler)
             if on_restore is not None:
