@@ -214,3 +214,40 @@ def kill_ray_leftovers(temp_root: str) -> None:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+
+
+def run_until_killed(args: list[str], moment, log, env: dict | None = None, timeout: float = 300,
+                     poll_s: float = 0.02, notes=()):
+    """Start ``python -m pefttune ARGS`` (its own session and private TMPDIR, output appended to
+    ``log``) and SIGKILL its process group (:func:`kill_driver_group`) once ``moment()`` returns
+    something true, found through files on disk, never by sleeping; returns that value. The test
+    fails, quoting the log's end (and the end of each existing file in ``notes``), when the run
+    ends first or the moment never comes within ``timeout`` seconds."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import pytest
+
+    temp_root = tempfile.mkdtemp(prefix="pk-")  # Ray's temp folder of this driver: its leftovers are found by it
+    env = {**(os.environ if env is None else env), "TMPDIR": temp_root}
+    with open(log, "a") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "pefttune", *args], stdout=out, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            seen = moment()
+            if seen:
+                kill_driver_group(driver, temp_root)
+                return seen
+            if driver.poll() is not None:
+                tails = [open(p).read()[-3000:] for p in (log, *notes) if os.path.isfile(p)]
+                pytest.fail(f"the run ended (rc {driver.returncode}) before the moment to kill it:\n" + "\n".join(tails))
+            time.sleep(poll_s)
+        pytest.fail(f"the moment to kill never came; see {log}")
+    finally:
+        if driver.poll() is None:
+            kill_driver_group(driver, temp_root)

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +29,7 @@ from pefttune.config import parse_config
 from pefttune.data.loaders import prepare_data
 from pefttune.schema import STOP_EPOCH
 from pefttune.trainables.setup import prefill_frozen_cache
-from helpers import kill_driver_group
+from helpers import run_until_killed
 from test_search_fixtures import search_config, write_tone_manifest
 
 pytestmark = pytest.mark.slow
@@ -54,8 +53,9 @@ def _config(manifest: Path, storage: Path, name: str, tracking: dict | None = No
 
 
 def _reported(folder: Path) -> bool:
-    """A trial of the Ray experiment in ``folder`` has reported a result (the stage is under way)."""
-    return any(p.stat().st_size > 0 for p in folder.glob("*/result.json"))
+    """A trial of the Ray experiment in ``folder`` has reported (the stage is under way): a checkpoint
+    in its folder (written when the trial reports) or a result (which the driver copies there later)."""
+    return any(folder.glob("*/checkpoint_*")) or any(p.stat().st_size > 0 for p in folder.glob("*/result.json"))
 
 
 def _trials_done(folder: Path) -> bool:
@@ -96,30 +96,16 @@ def _run_until(config_path: Path, study: Path, stage: str, resume: bool, log: Pa
     """Start ``pefttune run`` and SIGKILL it once ``stage`` is under way; what was seen then."""
     sub, under_way = MOMENTS[stage]
     folder = study / sub if sub else study
-    temp_root = tempfile.mkdtemp(prefix="pk-")  # Ray's temp folder of this driver: its leftovers are found by it
-    env = {**env, "TMPDIR": temp_root}
-    cmd = [sys.executable, "-m", "pefttune", "run", str(config_path)] + (["--resume"] if resume else [])
-    with log.open("a") as out:
-        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                if folder.is_dir() and under_way(folder):
-                    seen = {"finished_before_kill": sub != "analysis" and _trials_done(folder)}
-                    if stage == "analysis":
-                        seen["finished_before_kill"] = (folder / "summary.json").is_file()
-                    kill_driver_group(driver, temp_root)
-                    return seen
-                if driver.poll() is not None:
-                    errors = study / "errors.log"
-                    pytest.fail(f"the study ended (rc {driver.returncode}) before stage {stage} was under way:\n"
-                                + log.read_text()[-3000:] + (errors.read_text()[-3000:] if errors.is_file() else ""))
-                time.sleep(0.05)
-            pytest.fail(f"stage {stage} never started; see {log}")
-        finally:
-            if driver.poll() is None:
-                kill_driver_group(driver, temp_root)
-    return {}
+
+    def moment():
+        if not (folder.is_dir() and under_way(folder)):
+            return None
+        if stage == "analysis":
+            return {"finished_before_kill": (folder / "summary.json").is_file()}
+        return {"finished_before_kill": _trials_done(folder)}
+
+    return run_until_killed(["run", str(config_path)] + (["--resume"] if resume else []), moment, log, env=env,
+                            poll_s=0.05, notes=[study / "errors.log"])
 
 
 TUNINGS = ["tune-lr", "tune-lr-darts"]  # the learning-rate protocol's rungs (stopped by design)

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import kill_driver_group, kill_ray_leftovers
+from helpers import kill_ray_leftovers, run_until_killed
 from test_search_fixtures import search_config, write_tone_manifest
 
 pytestmark = pytest.mark.slow
@@ -59,24 +58,9 @@ def _run_until(config_path: Path, moment, log: Path, cache: Path | None = None, 
                timeout: float = 240):
     """Start ``pefttune run`` and SIGKILL its process group once ``moment()`` returns something
     true; returns that value (what was seen at the kill)."""
-    env, temp_root = _env(cache)
-    cmd = [sys.executable, "-m", "pefttune", "run", str(config_path)] + (["--resume"] if resume else [])
-    with log.open("a") as out:
-        driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                seen = moment()
-                if seen:
-                    kill_driver_group(driver, temp_root)
-                    return seen
-                if driver.poll() is not None:
-                    pytest.fail(f"the run ended (rc {driver.returncode}) before the moment to kill it; see {log}")
-                time.sleep(0.005)
-            pytest.fail(f"the moment to kill never came; see {log}")
-        finally:
-            if driver.poll() is None:
-                kill_driver_group(driver, temp_root)
+    env = {**os.environ, **({"PEFTTUNE_CACHE": str(cache)} if cache is not None else {})}
+    return run_until_killed(["run", str(config_path)] + (["--resume"] if resume else []), moment, log, env=env,
+                            timeout=timeout, poll_s=0.005)
 
 
 def _resume(config_path: Path, cache: Path | None = None) -> subprocess.CompletedProcess:

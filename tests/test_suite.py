@@ -146,7 +146,7 @@ def test_suite_runs_each_task_writes_the_table_and_resumes(ray_session, tmp_path
     """A one-task suite runs; a second task added is refused without ``--resume``; a ``--resume``
     killed (SIGKILL of its process group) while the second task's trials run is resumed again,
     keeping the first task's study as it was, and the suite's table holds both tasks."""
-    from helpers import kill_driver_group
+    from helpers import run_until_killed
     from test_search_fixtures import search_config, write_tone_manifest
 
     manifest = write_tone_manifest(tmp_path / "data", classes=3, per_split={"train": 6, "dev": 3, "test": 3})
@@ -167,7 +167,12 @@ def test_suite_runs_each_task_writes_the_table_and_resumes(ray_session, tmp_path
     assert cli_main(["run", str(path)]) == 2  # without --resume an existing suite is refused
     capsys.readouterr()
     ks_files, table_before = _trial_files(root / "ks"), (root / "suite.md").read_text()
-    seen = _kill_once_the_second_task_runs(path, root / "sid", tmp_path / "killed.log", kill_driver_group)
+    def second_task_running():  # a trial of sid has reported
+        if any(p.stat().st_size > 0 for p in (root / "sid").glob("train_fn_*/result.json")):
+            return {"sid_done": (root / "sid" / "analysis" / "report.md").exists()}
+        return None
+
+    seen = run_until_killed(["run", str(path), "--resume"], second_task_running, tmp_path / "killed.log")
     assert not seen["sid_done"] and (root / "suite.md").read_text() == table_before  # ks alone, as before
     assert cli_main(["run", str(path), "--resume"]) == 0
     out = capsys.readouterr().out
@@ -189,36 +194,6 @@ def _trial_files(study: Path) -> dict[str, tuple[int, int]]:
     """Size and mtime of every file of the study's trials (and its summary)."""
     return {p.relative_to(study).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(study.rglob("*")) if p.is_file() and ("train_fn_" in p.as_posix() or p.name == "summary.json")}
-
-
-def _kill_once_the_second_task_runs(config: Path, second: Path, log: Path, kill_driver_group) -> dict:
-    """``pefttune run CONFIG --resume`` in a subprocess (its own Ray and temp folder), SIGKILLed once a
-    trial of the second task has reported; what was seen then."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    temp_root = tempfile.mkdtemp(prefix="pk-")
-    with log.open("w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "pefttune", "run", str(config), "--resume"], stdout=out,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": temp_root},
-                                  start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                if any(p.stat().st_size > 0 for p in second.glob("train_fn_*/result.json")):
-                    seen = {"sid_done": (second / "analysis" / "report.md").exists()}
-                    kill_driver_group(driver, temp_root)
-                    return seen
-                assert driver.poll() is None, f"the suite ended before its second task ran; see {log}"
-                time.sleep(0.02)
-            pytest.fail(f"the second task never started; see {log}")
-        finally:
-            if driver.poll() is None:
-                kill_driver_group(driver, temp_root)
-    return {}
 
 
 def test_a_config_extends_another_and_replaces_its_methods(tmp_path):
