@@ -240,6 +240,8 @@ def test_the_stages_to_come_are_estimated_from_the_config():
     # the learning-rate protocol: (2 uniform + hybrid + frozen + log-mel) x 3 rates; each of 3 variants x 3 rates
     assert upcoming_stages(None, tuned) == {"tune-lr": 15, "replicates": 8, "DARTS search": 6,
                                             "DARTS tune-lr": 9, "DARTS retrain": 6}
+    own = {**config, "train": {**tuned["train"], "reference_lr_grid": [0.01, 0.03, 0.1, 0.3]}}
+    assert upcoming_stages(None, own)["tune-lr"] == 3 * 3 + 2 * 4  # the references train their own grid
 
 
 # -- robust console, and grouped failures of a resumed run --------------------------------------------

@@ -117,6 +117,20 @@ def test_one_hot_alpha_is_the_discrete_model_and_gradients_reach_everything(back
     assert all(m.active and m.gate is None for layer in net.model.methods for m in layer)
 
 
+def test_the_derived_model_inherits_a_normed_heads_running_statistics():
+    torch.manual_seed(2)
+    net = build_supernet("tiny-hubert", {"lora": {"rank": 4}}, HeadConfig("classification", 3, norm="batch"))
+    x, mask = audio_batch(0)
+    net.model.train()
+    with torch.no_grad():
+        head_output(net.model, x * 20 + 3, mask, net.layer_fn)  # the statistics move off (0, 1)
+    derived = inherit_weights(net, Placement.from_dict({"num_layers": 4, "layers": {"2": {"method": "lora", "rank": 4}}}))
+    theirs = dict(net.model.head.named_buffers())
+    assert not torch.equal(theirs["head.norm.running_var"], torch.ones_like(theirs["head.norm.running_var"]))
+    for name, buffer in derived.head.named_buffers():
+        assert torch.equal(buffer, theirs[name]), name
+
+
 def test_gated_and_exact_agree_to_first_order_and_differ_beyond():
     """Both mixes are the frozen layer plus sum_k w_k (change by method k) to first order."""
     x, mask = audio_batch(0)

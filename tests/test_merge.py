@@ -46,6 +46,11 @@ def _perturbed(backbone, placement: dict, head: HeadConfig, seed: int = 0):
     with torch.no_grad():
         for param in model.head.parameters():
             param.add_(torch.randn_like(param) * 0.5)
+        for name, buffer in model.head.named_buffers():  # PooledNorm's statistics, as training leaves them
+            if name.endswith("running_mean"):
+                buffer.add_(torch.randn_like(buffer))
+            elif name.endswith("running_var"):
+                buffer.mul_(torch.rand_like(buffer) * 3 + 0.1)
     return model
 
 
@@ -142,6 +147,7 @@ CHILD = textwrap.dedent('''
 
 HEADS = {
     "linear": HeadConfig("classification", 4),
+    "linear-norm": HeadConfig("classification", 4, norm="batch"),
     "mlp": HeadConfig("classification", 3, kind="mlp", hidden=16),
     "ctc": HeadConfig("ctc", 6),
     "bilstm": HeadConfig("ctc", 5, kind="bilstm", hidden=8),

@@ -57,6 +57,38 @@ def test_save_load_round_trip_is_exact(backbone, case, tmp_path):
     # (the head was perturbed too: equal outputs mean the saved weights were loaded, not re-initialised)
 
 
+def test_a_normed_heads_running_statistics_are_saved_loaded_and_checkpointed(tmp_path):
+    from pefttune.trainables.checkpoint import load_trainable_state, trainable_state
+
+    model = build_model(fresh_encoder("tiny-hubert"), Placement.from_dict({"num_layers": 4, "layers": {"1": "lora"}}),
+                        HeadConfig("classification", 3, norm="batch"))
+    model.train()
+    x, mask = audio_batch(2)
+    with torch.no_grad():
+        model(x * 30 + 1, mask)  # training-mode batches move the running statistics off (0, 1)
+    perturb(model, seed=4)
+    buffers = {"head.head.norm.running_mean", "head.head.norm.running_var", "head.head.norm.num_batches_tracked"}
+    assert buffers <= set(model.trained_tensors()) and not buffers & set(model.trainable_named_parameters())
+    directory = model.save(tmp_path / "m")
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    assert set(tensors) == set(model.trainable_named_parameters()) | buffers
+    assert not torch.equal(tensors["head.head.norm.running_var"], torch.ones_like(tensors["head.head.norm.running_var"]))
+    loaded = load_model_dir(directory)
+    assert loaded.head_config.norm == "batch"
+    for name in buffers:
+        assert torch.equal(dict(loaded.named_buffers())[name], dict(model.named_buffers())[name])
+    assert torch.equal(_outputs(model)[0], _outputs(loaded)[0])  # eval mode: the running statistics decide
+    # a trial's in-memory copy (best weights, the discrete trainable's swap) carries them too
+    state = trainable_state(model)
+    fresh = build_model(fresh_encoder("tiny-hubert"), model.placement, HeadConfig("classification", 3, norm="batch"))
+    load_trainable_state(fresh, state)
+    assert torch.equal(_outputs(fresh)[0], _outputs(model)[0])
+    # weights saved without the statistics (or for the plain head) do not load into a normed head
+    save_file({k: v for k, v in tensors.items() if "norm" not in k}, str(directory / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="missing.*running_mean"):
+        load_model_dir(directory)
+
+
 def test_round_trip_ctc_bilstm_and_backbone_override(tmp_path):
     """A CTC/BiLSTM head, and loading onto the same weights found at another path."""
     head = HeadConfig("ctc", 7, kind="bilstm", hidden=16)

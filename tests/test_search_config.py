@@ -44,6 +44,7 @@ def write(tmp_path, data: dict, name: str = "experiment.yaml"):
         ({"methods": {"dora": {}}}, "unknown PEFT method 'dora'"),
         ({"resources": {"gpu": -1}}, "resources.gpu: Input should be greater than or equal to 0"),
         ({"budget": -5}, "budget: Input should be greater than or equal to 0"),
+        ({"head": {"norm": "layer"}}, "head.norm: Input should be 'none' or 'batch'"),
     ],
 )
 def test_invalid_config_fails_before_ray_with_the_field(tmp_path, manifest, no_ray, change, message):
@@ -179,3 +180,17 @@ def test_every_run_resolves_its_config_one_way(tmp_path, manifest):
         resolve_config(loaded, name="a/b")
     for run in (run_study, run_search, run_darts):
         assert "resolve_config(config, name)" in inspect.getsource(run)
+
+
+def test_the_heads_norm_defaults_by_task_and_is_refused_on_ctc():
+    from pefttune.data.loaders import DataRef
+
+    assert parse_config({}).head.resolved_norm("classification") == "batch"
+    assert parse_config({"data": {"task": "pr"}}).head.resolved_norm("ctc") == "none"
+    assert parse_config({"head": {"norm": "none"}}).head.resolved_norm("classification") == "none"
+    with pytest.raises(ValueError, match="head.norm: 'batch' standardises pooled features, for classification tasks "
+                                         "only; data.task 'pr' is a CTC task"):
+        parse_config({"data": {"task": "pr"}, "head": {"norm": "batch"}})
+    ref = DataRef("unused.parquet", "classification", {"kind": "labels", "labels": ["a", "b", "c"]})  # a trial's
+    assert ref.head_config(parse_config({})).norm == "batch"
+    assert ref.head_config(parse_config({"head": {"norm": "none"}})).norm == "none"

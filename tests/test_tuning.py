@@ -41,6 +41,14 @@ def test_rung_trials_stop_at_the_share_of_each_trials_epochs_and_a_reference_tun
         ("uniform:lora", r, 1) for r in GRID] + [("log-mel", r, 6) for r in GRID]
     assert [t["head_lr"] for t in trials] == [None] * 3 + GRID  # the head alone trains: the rate is its head's
     assert len({tuple(sorted(t)) for t in trials}) == 1  # the same keys in every trial (a grid plan)
+    # the references' own grid (the head alone takes larger rates): theirs only, the rest keep the grid
+    own = LrProtocol(tuple(GRID), rung=0.2, reference_grid=(0.01, 0.03, 0.1))
+    trials = rung_trials(own, candidates)
+    assert [(t["config_id"], t["lr"], t["head_lr"]) for t in trials] == [
+        ("uniform:lora", r, None) for r in GRID] + [("log-mel", r, r) for r in (0.01, 0.03, 0.1)]
+    assert own.grid_of("frozen") == (0.01, 0.03, 0.1) and own.grid_of("uniform") == tuple(GRID)
+    assert "the references, which train the head alone: [0.01, 0.03, 0.1]" in own.rule(5, 30)
+    assert "the references, which train" not in protocol.rule(5, 30)
 
 
 def test_choices_from_a_rung_with_a_fake_scorer():
@@ -76,6 +84,12 @@ def test_the_old_key_is_refused_and_the_grid_validated():
     assert config.train.lr_grid == GRID and "lr_range" not in config.model_dump()["train"]
     assert trial_epochs(config, "log-mel") == 20 and trial_epochs(config, "uniform") == 5
     assert LrProtocol.of(parse_config({})) is None
+    references = parse_config({"train": {"lr_grid": GRID, "reference_lr_grid": [0.1, 0.03]}})
+    assert LrProtocol.of(references).reference_grid == (0.03, 0.1) and LrProtocol.of(config).reference_grid is None
+    with pytest.raises(ValueError, match="train.reference_lr_grid: used by the learning-rate protocol"):
+        parse_config({"train": {"reference_lr_grid": [0.1]}})
+    with pytest.raises(ValueError, match="train.reference_lr_grid: must be a non-empty list"):
+        parse_config({"train": {"lr_grid": GRID, "reference_lr_grid": []}})
 
 
 def test_the_chosen_rates_reach_every_trial_config(tmp_path):

@@ -75,6 +75,15 @@ class DataConfig(_Section):
 class HeadSection(_Section):
     kind: Literal["linear", "mlp", "bilstm"] = Field("linear", description="Head on the weighted layer sum.")
     hidden: int = Field(128, ge=1, description="Width of the MLP / BiLSTM head.")
+    norm: Literal["none", "batch"] | None = Field(
+        None, description="The pooled features' normalisation before a classification head: 'batch' standardises "
+        "them (a batch norm without affine parameters; at evaluation an affine map of the pooled features, so the "
+        "same family of heads, better conditioned to train), 'none' feeds them as they are. Default: 'batch' for "
+        "classification tasks, 'none' for CTC (no pooling).")
+
+    def resolved_norm(self, task_kind: str) -> str:
+        """``norm``, or its default for ``task_kind``."""
+        return self.norm or ("batch" if task_kind == "classification" else "none")
 
 
 class TrainSection(_Section):
@@ -86,6 +95,11 @@ class TrainSection(_Section):
         "baselines, hybrid, the frozen and log-mel references, each DARTS-derived placement) trains every rate for "
         "lr_rung of its epochs with the first seed, keeps the rate with the best dev score and trains every seed at "
         "it; the discrete search draws each trial's rate from the grid. None: every trial at lr."
+    )
+    reference_lr_grid: list[float] | None = Field(
+        None, description="The protocol's grid for the references (frozen, log-mel), which train the head alone: "
+        "their rate is the head's, and a head alone on fixed features can take larger rates than PEFT weights. "
+        "Chosen by the same rule as lr_grid's. Default: lr_grid."
     )
     lr_rung: float = Field(
         0.2, gt=0, lt=1, description="The protocol's rung: the share of a trial's epochs (rounded up) that every rate "
@@ -171,7 +185,7 @@ class TrainSection(_Section):
         raise ValueError("replaced by train.lr_grid, a list of rates (e.g. [0.003, 0.01, 0.03]): every fixed "
                          "configuration's rate is chosen from it on dev, and the search draws its own from it")
 
-    @field_validator("lr_grid")
+    @field_validator("lr_grid", "reference_lr_grid")
     @classmethod
     def _grid(cls, value):
         if value is None:
@@ -182,6 +196,13 @@ class TrainSection(_Section):
         if len(set(value)) != len(value):
             raise ValueError(f"rates must be distinct, got {value}")
         return sorted(float(rate) for rate in value)
+
+    @model_validator(mode="after")
+    def _reference_grid_needs_the_protocol(self):
+        if self.reference_lr_grid is not None and self.lr_grid is None:
+            raise ValueError("train.reference_lr_grid: used by the learning-rate protocol, which train.lr_grid turns "
+                             "on; set train.lr_grid too (or leave reference_lr_grid out)")
+        return self
 
 
 class SearchSection(_Section):
@@ -458,6 +479,13 @@ class StudyConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: a task is listed twice in {names}")
         task_configs(self)  # every task's config validated; errors name tasks.<task>
+        return self
+
+    @model_validator(mode="after")
+    def _head_norm(self):
+        if self.head.norm == "batch" and self.task_kind != "classification":
+            raise ValueError(f"head.norm: 'batch' standardises pooled features, for classification tasks only; "
+                             f"data.task {self.data.task!r} is a CTC task (leave head.norm out, or set 'none')")
         return self
 
     @model_validator(mode="after")

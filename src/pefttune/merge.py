@@ -156,6 +156,7 @@ def save_merged(model: PeftSpeechModel, out: str | Path) -> Path:
                  "all num_states of them, embedding output first",
         "featurizer": "softmax(featurizer.weights) . hidden_states",
         "pooling": "classification: mean over valid frames; ctc: none (per frame)",
+        "norm": "batch: pooled standardised by head.norm.running_mean / running_var (eps 1e-5); none: as pooled",
         "output": "classification: logits (B, classes); ctc: log-probabilities (B, frames, tokens), blank = 0",
     }, indent=2) + "\n")
     (out / MERGED_FROM_FILE).write_text(json.dumps({
@@ -218,6 +219,9 @@ def head_recipe(config: HeadConfig) -> str:
             "    valid = frame_mask[..., None].to(features.dtype)",
             "    pooled = (features * valid).sum(1) / valid.sum(1).clamp_min(1.0)",
         ]
+        if config.norm == "batch":  # PooledNorm at evaluation: the training's running statistics
+            lines.append('    pooled = (pooled - head["head.norm.running_mean"]) / torch.sqrt(head["head.norm.running_var"] '
+                         '+ 1e-5)')
         if config.kind == "mlp":
             lines += [
                 '    pooled = torch.relu(F.linear(pooled, head["head.proj.0.weight"], head["head.proj.0.bias"]))',

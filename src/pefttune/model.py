@@ -71,6 +71,11 @@ class PeftSpeechModel(nn.Module):
     def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """What training changes, by name: the trainable (PEFT + head) parameters and the head's
+        buffers (:class:`pefttune.heads.PooledNorm`'s running statistics). What is saved and loaded."""
+        return {**self.trainable_named_parameters(), **dict(self.head.named_buffers(prefix="head"))}
+
     def count_parameters(self) -> dict[str, int]:
         peft = sum(p.numel() for m in self.methods for method in m for p in method.trainable_parameters())
         head = sum(p.numel() for p in self.head.parameters())
@@ -81,7 +86,7 @@ class PeftSpeechModel(nn.Module):
         """Write PEFT + head weights (safetensors), placement and model description."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().cpu().contiguous() for name, p in self.trainable_named_parameters().items()}
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.trained_tensors().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
         self.placement.save(directory / PLACEMENT_FILE)
         description = {
@@ -99,7 +104,7 @@ class PeftSpeechModel(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"weights file {path} does not exist")
         tensors = load_file(str(path))
-        own = self.trainable_named_parameters()
+        own = self.trained_tensors()
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:

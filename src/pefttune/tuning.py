@@ -20,8 +20,10 @@ The rule, with ``train.lr_grid`` set (without it every trial trains at ``train.l
 
 The rate is that of everything a configuration trains (``train.lr``: PEFT weights, and the head
 unless ``train.head_lr`` is set); the references (``frozen``, ``log-mel``) train the head alone,
-so theirs is the head's. They train ``train.reference_epochs`` epochs (few parameters, cheap),
-so that they converge; their rung is the same share of their epochs.
+so theirs is the head's, drawn from ``train.reference_lr_grid`` (default: the same grid; a head
+alone on fixed features takes larger rates than PEFT weights). They train
+``train.reference_epochs`` epochs (few parameters, cheap), so that they converge; their rung is
+the same share of their epochs.
 
 Each tuning is one grid experiment (:mod:`pefttune.runtime.plan`: its trials stored in
 ``plan.json`` before Ray starts, so a killed one resumes); its choices are written next to it,
@@ -33,8 +35,9 @@ Example::
 
     from pefttune.tuning import LrProtocol, choose_rate
 
-    protocol = LrProtocol(grid=(0.003, 0.01, 0.03), rung=0.2)
+    protocol = LrProtocol(grid=(0.003, 0.01, 0.03), rung=0.2, reference_grid=(0.01, 0.03, 0.1))
     protocol.rung_epochs(5)                                  # 1
+    protocol.grid_of("frozen")                               # (0.01, 0.03, 0.1)
     choose_rate({0.003: 0.61, 0.01: 0.70, 0.03: 0.70})     # 0.01: the best dev, ties to the smaller rate
     print(protocol.rule(epochs=5, reference_epochs=30))
 """
@@ -62,7 +65,8 @@ CHOICES_FILE = "lr_choices.json"
 #: Kinds that train ``train.reference_epochs`` epochs.
 REFERENCE_KINDS = (TrialKind.FROZEN, TrialKind.LOG_MEL)
 #: The config fields a tuning's plan is derived from (with its configurations).
-PLAN_INPUTS = ("train.seeds", "train.lr", "train.lr_grid", "train.lr_rung", "train.epochs", "train.reference_epochs")
+PLAN_INPUTS = ("train.seeds", "train.lr", "train.lr_grid", "train.reference_lr_grid", "train.lr_rung", "train.epochs",
+               "train.reference_epochs")
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,20 @@ class LrProtocol:
 
     grid: tuple[float, ...]
     rung: float = 0.2  # share of a trial's epochs every rate trains before the choice
+    reference_grid: tuple[float, ...] | None = None  # the references' (head alone); None: grid
 
     @classmethod
     def of(cls, config: StudyConfig) -> "LrProtocol | None":
         """The protocol of ``config``; None without ``train.lr_grid`` (every trial at ``train.lr``)."""
-        grid = config.train.lr_grid
-        return None if not grid else cls(tuple(sorted(float(r) for r in grid)), float(config.train.lr_rung))
+        grid, references = config.train.lr_grid, config.train.reference_lr_grid
+        if not grid:
+            return None
+        return cls(tuple(sorted(float(r) for r in grid)), float(config.train.lr_rung),
+                   tuple(sorted(float(r) for r in references)) if references else None)
+
+    def grid_of(self, kind: str) -> tuple[float, ...]:
+        """The rates a configuration of ``kind`` chooses from: the references' grid for them."""
+        return (self.reference_grid or self.grid) if kind in REFERENCE_KINDS else self.grid
 
     def rung_epochs(self, epochs: int) -> int:
         """Epochs every rate trains before the choice: ``ceil(rung x epochs)``, at least 1."""
@@ -87,6 +99,8 @@ class LrProtocol:
         grid = ", ".join(f"{r:g}" for r in self.grid)
         refs = reference_epochs or epochs
         own = f" (the references: {self.rung_epochs(refs)} of {refs})" if refs != epochs else ""
+        if self.reference_grid and self.reference_grid != self.grid:
+            grid += "; the references, which train the head alone: [" + ", ".join(f"{r:g}" for r in self.reference_grid) + "]"
         return (f"each fixed configuration's learning rate is chosen on dev from the grid [{grid}] with its first "
                 f"seed: every rate trains the first {self.rung_epochs(epochs)} of its {epochs} epochs{own} "
                 "and the best dev score (ties: the smaller "
@@ -181,12 +195,12 @@ def stored_choices(config: StudyConfig, folder: str = TUNE_DIR, required: bool =
 def rung_trials(protocol: LrProtocol, candidates: list[dict]) -> list[dict]:
     """One trial config per candidate and rate: the candidate (a configuration's first-seed trial
     config, with ``epochs``) at that rate, stopped after its rung. A reference trains its head
-    alone: the rate is its head's (``head_lr``)."""
+    alone: the rate is its head's (``head_lr``), from the references' grid."""
     out = []
     for candidate in candidates:
         epochs, reference = int(candidate["epochs"]), candidate.get("kind") in REFERENCE_KINDS
         out += [{**candidate, "lr": rate, "head_lr": rate if reference else candidate.get("head_lr"),
-                 STOP_EPOCH: protocol.rung_epochs(epochs)} for rate in protocol.grid]
+                 STOP_EPOCH: protocol.rung_epochs(epochs)} for rate in protocol.grid_of(candidate.get("kind"))]
     return out
 
 

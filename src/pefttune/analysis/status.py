@@ -35,7 +35,8 @@ Rules, stated so the numbers can be checked:
   plus each stage not started yet (no Ray experiment folder of it): ``mean x its trials /
   concurrency``, its trials estimated from the saved config copy (``experiment.yaml``):
 
-  * tune-lr (``tune-lr/``, with ``train.lr_grid``): ``(fixed points + the references) x len(train.lr_grid)``;
+  * tune-lr (``tune-lr/``, with ``train.lr_grid``): ``fixed points x len(train.lr_grid)`` + ``references x
+    len(train.reference_lr_grid)`` (default: the same grid);
     DARTS tune-lr (``tune-lr-darts/``): ``derived configurations x len(train.lr_grid)`` (one per
     variant with ``darts.retrain: per-seed``);
   * replicates (``replicates/``): ``fixed points x (len(train.seeds) - 1)`` + ``len(train.seeds)``
@@ -194,9 +195,10 @@ def upcoming_stages(experiment: ResultsStore | None, config: dict | None) -> dic
     rates = len(grid) if isinstance(grid, list) else 0
     if rates and TUNE_DIR not in present:
         search, analysis = _section(config, "search"), _section(config, "analysis")
-        fixed = (_fixed_points(config) + bool(search.get("frozen_reference", True))
-                 + bool(analysis.get("logmel_reference", True)))
-        out["tune-lr"] = fixed * rates
+        references = bool(search.get("frozen_reference", True)) + bool(analysis.get("logmel_reference", True))
+        reference_grid = _section(config, "train").get("reference_lr_grid")
+        reference_rates = len(reference_grid) if isinstance(reference_grid, list) else rates
+        out["tune-lr"] = _fixed_points(config) * rates + references * reference_rates
     if REPLICATES_DIR not in present:
         replicates = expected_replicates(config)
         if replicates:

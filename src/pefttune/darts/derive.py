@@ -95,6 +95,7 @@ def inherit_weights(
         for own, theirs in zip(model.methods[index], supernet.layer_modules(index, layer), strict=True):
             pairs += zip(own.trainable_parameters(), theirs.trainable_parameters(), strict=True)
     pairs += zip(model.head.parameters(), source.head.parameters(), strict=True)
+    pairs += zip(model.head.buffers(), source.head.buffers(), strict=True)  # PooledNorm's statistics
     with torch.no_grad():
         for param, weights in pairs:
             if param.shape != weights.shape:

@@ -57,7 +57,8 @@ class DataRef:
         return len(self.vocabulary())
 
     def head_config(self, experiment: StudyConfig) -> HeadConfig:
-        return HeadConfig(self.task_kind, self.num_outputs, experiment.head.kind, experiment.head.hidden)
+        return HeadConfig(self.task_kind, self.num_outputs, experiment.head.kind, experiment.head.hidden,
+                          experiment.head.resolved_norm(self.task_kind))
 
 
 def _unit(config: StudyConfig) -> str:

@@ -55,12 +55,12 @@ class IncompleteCheckpointError(FileNotFoundError, ValueError):
 
 
 def trainable_state(model: PeftSpeechModel) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable (PEFT + head) weights."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.trainable_named_parameters().items()}
+    """A CPU copy of the trained (PEFT + head) weights and the head's buffers."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.trained_tensors().items()}
 
 
 def load_trainable_state(model: PeftSpeechModel, state: dict[str, torch.Tensor]) -> None:
-    own = model.trainable_named_parameters()
+    own = model.trained_tensors()
     if set(own) != set(state):
         raise ValueError(f"weights do not match the model: missing {sorted(set(own) - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - set(own))[:5]}")
