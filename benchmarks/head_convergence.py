@@ -31,9 +31,12 @@ VARIANTS = ("plain", "standardised", "batchnorm")
 
 
 def fit_head(features: dict, *, lr: float, epochs: int, variant: str = "plain", batch: int = 32,
-             weight_decay: float = 0.01, warmup_ratio: float = 0.1, grad_clip: float = 1.0, seed: int = 0) -> dict:
+             weight_decay: float = 0.01, warmup_ratio: float = 0.1, grad_clip: float = 1.0, seed: int = 0,
+             rung: int | None = None) -> dict:
     """Train the head on ``features`` (per split: ``mean`` (N, S, D) pooled states, ``labels`` (N,));
-    returns the best dev accuracy, the test accuracy at that epoch and the epoch."""
+    returns the best dev accuracy, the test accuracy at that epoch and the epoch; with ``rung``, also
+    the best dev accuracy of the first ``rung`` epochs (``rung_dev``: what the learning-rate
+    protocol's rung sees of this rate)."""
     import torch
 
     if variant not in VARIANTS:
@@ -78,8 +81,10 @@ def fit_head(features: dict, *, lr: float, epochs: int, variant: str = "plain", 
         with torch.no_grad():
             dev = float((logits(x["dev"]).argmax(1) == y["dev"]).float().mean())
             if dev > best["dev"]:
-                best = {"dev": dev, "test": float((logits(x["test"]).argmax(1) == y["test"]).float().mean()),
+                best = {**best, "dev": dev, "test": float((logits(x["test"]).argmax(1) == y["test"]).float().mean()),
                         "epoch": epoch}
+            if rung is not None and epoch == rung:
+                best["rung_dev"] = best["dev"]
     return best
 
 
@@ -91,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rung", type=int, default=None,
+                        help="Also print the best dev of the first RUNG epochs (what the protocol's rung sees).")
     args = parser.parse_args(argv)
     import torch
     import yaml
@@ -103,16 +110,18 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     features = pooled_features(config, config.backbone)
     print(f"pooled frozen features of {config.backbone}: {time.perf_counter() - started:.0f} s", flush=True)
-    print("| head input | epochs | lr | seed | best dev | test at that epoch | epoch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    rung = f" dev by epoch {args.rung} |" if args.rung else ""
+    print(f"| head input | epochs | lr | seed |{rung} best dev | test at that epoch | epoch |")
+    print("|---|---:|---:|---:|" + ("---:|" if args.rung else "") + "---:|---:|---:|")
     for variant in args.variants:
         for epochs in args.epochs:
             for lr in args.rates:
                 for seed in args.seeds:
                     r = fit_head(features, lr=lr, epochs=epochs, variant=variant, batch=config.data.batch_size,
                                  weight_decay=config.train.weight_decay, warmup_ratio=config.train.warmup_ratio,
-                                 grad_clip=config.train.grad_clip, seed=seed)
-                    print(f"| {variant} | {epochs} | {lr:g} | {seed} | {r['dev']:.3f} | {r['test']:.3f} | "
+                                 grad_clip=config.train.grad_clip, seed=seed, rung=args.rung)
+                    at_rung = f" {r['rung_dev']:.3f} |" if args.rung else ""
+                    print(f"| {variant} | {epochs} | {lr:g} | {seed} |{at_rung} {r['dev']:.3f} | {r['test']:.3f} | "
                           f"{r['epoch']} |", flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0

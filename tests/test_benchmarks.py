@@ -163,5 +163,8 @@ def test_head_convergence_trains_the_head_in_each_variant():
     for variant in head_convergence.VARIANTS:
         result = head_convergence.fit_head(features, lr=0.05, epochs=15, variant=variant, batch=16)
         assert result["dev"] >= 0.9 and result["test"] >= 0.8 and 1 <= result["epoch"] <= 15, variant
+    ruled = head_convergence.fit_head(features, lr=0.05, epochs=15, variant="plain", batch=16, rung=3)
+    early = head_convergence.fit_head(features, lr=0.05, epochs=15, variant="plain", batch=16, rung=15)
+    assert ruled["rung_dev"] <= ruled["dev"] and early["rung_dev"] == early["dev"]  # the best of the first epochs
     with pytest.raises(ValueError, match="variant"):
         head_convergence.fit_head(features, lr=0.05, epochs=1, variant="layernorm")

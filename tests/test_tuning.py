@@ -48,6 +48,10 @@ def test_rung_trials_stop_at_the_share_of_each_trials_epochs_and_a_reference_tun
         ("uniform:lora", r, None) for r in GRID] + [("log-mel", r, r) for r in (0.01, 0.03, 0.1)]
     assert own.grid_of("frozen") == (0.01, 0.03, 0.1) and own.grid_of("uniform") == tuple(GRID)
     assert "the references, which train the head alone: [0.01, 0.03, 0.1]" in own.rule(5, 30)
+    late = LrProtocol(tuple(GRID), rung=0.2, reference_grid=(0.01, 0.1), reference_rung=0.9)  # the references' rung
+    assert [t[STOP_EPOCH] for t in rung_trials(late, candidates)] == [1, 1, 1, 27, 27]
+    assert late.rung_epochs(30, "log-mel") == 27 and late.rung_epochs(30, "uniform") == 6
+    assert "the first 1 of its 5 epochs (the references: 27 of 30)" in late.rule(5, 30)
     assert "the references, which train" not in protocol.rule(5, 30)
 
 
@@ -88,6 +92,9 @@ def test_the_old_key_is_refused_and_the_grid_validated():
     assert LrProtocol.of(references).reference_grid == (0.03, 0.1) and LrProtocol.of(config).reference_grid is None
     with pytest.raises(ValueError, match="train.reference_lr_grid: used by the learning-rate protocol"):
         parse_config({"train": {"reference_lr_grid": [0.1]}})
+    with pytest.raises(ValueError, match="train.reference_lr_rung: used by the learning-rate protocol"):
+        parse_config({"train": {"reference_lr_rung": 0.9}})
+    assert LrProtocol.of(parse_config({"train": {"lr_grid": GRID, "reference_lr_rung": 0.9}})).reference_rung == 0.9
     with pytest.raises(ValueError, match="train.reference_lr_grid: must be a non-empty list"):
         parse_config({"train": {"lr_grid": GRID, "reference_lr_grid": []}})
 

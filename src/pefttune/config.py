@@ -108,6 +108,11 @@ class TrainSection(_Section):
     )
     lr_range: None = Field(None, exclude=True, description="Removed: replaced by lr_grid (a value given here is "
                            "refused).")
+    reference_lr_rung: float | None = Field(
+        None, gt=0, lt=1, description="The references' rung: the share of their epochs every rate of "
+        "reference_lr_grid trains before the choice. They are cheap, so a late rung (e.g. 0.9) compares their rates "
+        "near the end of the schedule, where a short rung favours the smaller rate. Default: lr_rung."
+    )
     reference_epochs: int | None = Field(
         None, ge=1, description="Epochs of the references (frozen, log-mel: the head alone, few parameters, cheap), "
         "so they train to convergence. Default: epochs."
@@ -199,9 +204,10 @@ class TrainSection(_Section):
 
     @model_validator(mode="after")
     def _reference_grid_needs_the_protocol(self):
-        if self.reference_lr_grid is not None and self.lr_grid is None:
-            raise ValueError("train.reference_lr_grid: used by the learning-rate protocol, which train.lr_grid turns "
-                             "on; set train.lr_grid too (or leave reference_lr_grid out)")
+        for name in ("reference_lr_grid", "reference_lr_rung"):
+            if getattr(self, name) is not None and self.lr_grid is None:
+                raise ValueError(f"train.{name}: used by the learning-rate protocol, which train.lr_grid turns "
+                                 f"on; set train.lr_grid too (or leave {name} out)")
         return self
 
 

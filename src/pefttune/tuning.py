@@ -23,7 +23,9 @@ unless ``train.head_lr`` is set); the references (``frozen``, ``log-mel``) train
 so theirs is the head's, drawn from ``train.reference_lr_grid`` (default: the same grid; a head
 alone on fixed features takes larger rates than PEFT weights). They train
 ``train.reference_epochs`` epochs (few parameters, cheap), so that they converge; their rung is
-the same share of their epochs.
+``train.reference_lr_rung`` of their epochs (default: ``train.lr_rung``): they are cheap, so
+their rates can be compared near the end of their schedule, where a short rung favours the
+smaller rate (a larger one is still far from its decayed end).
 
 Each tuning is one grid experiment (:mod:`pefttune.runtime.plan`: its trials stored in
 ``plan.json`` before Ray starts, so a killed one resumes); its choices are written next to it,
@@ -35,9 +37,10 @@ Example::
 
     from pefttune.tuning import LrProtocol, choose_rate
 
-    protocol = LrProtocol(grid=(0.003, 0.01, 0.03), rung=0.2, reference_grid=(0.01, 0.03, 0.1))
+    protocol = LrProtocol(grid=(0.003, 0.01, 0.03), rung=0.2, reference_grid=(0.01, 0.03, 0.1), reference_rung=0.9)
     protocol.rung_epochs(5)                                  # 1
     protocol.grid_of("frozen")                               # (0.01, 0.03, 0.1)
+    protocol.rung_epochs(40, "frozen")                       # 36
     choose_rate({0.003: 0.61, 0.01: 0.70, 0.03: 0.70})     # 0.01: the best dev, ties to the smaller rate
     print(protocol.rule(epochs=5, reference_epochs=30))
 """
@@ -65,8 +68,8 @@ CHOICES_FILE = "lr_choices.json"
 #: Kinds that train ``train.reference_epochs`` epochs.
 REFERENCE_KINDS = (TrialKind.FROZEN, TrialKind.LOG_MEL)
 #: The config fields a tuning's plan is derived from (with its configurations).
-PLAN_INPUTS = ("train.seeds", "train.lr", "train.lr_grid", "train.reference_lr_grid", "train.lr_rung", "train.epochs",
-               "train.reference_epochs")
+PLAN_INPUTS = ("train.seeds", "train.lr", "train.lr_grid", "train.reference_lr_grid", "train.lr_rung",
+               "train.reference_lr_rung", "train.epochs", "train.reference_epochs")
 
 
 @dataclass(frozen=True)
@@ -76,29 +79,35 @@ class LrProtocol:
     grid: tuple[float, ...]
     rung: float = 0.2  # share of a trial's epochs every rate trains before the choice
     reference_grid: tuple[float, ...] | None = None  # the references' (head alone); None: grid
+    reference_rung: float | None = None  # the references' rung; None: rung
 
     @classmethod
     def of(cls, config: StudyConfig) -> "LrProtocol | None":
         """The protocol of ``config``; None without ``train.lr_grid`` (every trial at ``train.lr``)."""
-        grid, references = config.train.lr_grid, config.train.reference_lr_grid
+        train = config.train
+        grid, references = train.lr_grid, train.reference_lr_grid
         if not grid:
             return None
-        return cls(tuple(sorted(float(r) for r in grid)), float(config.train.lr_rung),
-                   tuple(sorted(float(r) for r in references)) if references else None)
+        return cls(tuple(sorted(float(r) for r in grid)), float(train.lr_rung),
+                   tuple(sorted(float(r) for r in references)) if references else None,
+                   None if train.reference_lr_rung is None else float(train.reference_lr_rung))
 
     def grid_of(self, kind: str) -> tuple[float, ...]:
         """The rates a configuration of ``kind`` chooses from: the references' grid for them."""
         return (self.reference_grid or self.grid) if kind in REFERENCE_KINDS else self.grid
 
-    def rung_epochs(self, epochs: int) -> int:
-        """Epochs every rate trains before the choice: ``ceil(rung x epochs)``, at least 1."""
-        return min(epochs, max(1, math.ceil(self.rung * epochs - 1e-9)))
+    def rung_epochs(self, epochs: int, kind: str | None = None) -> int:
+        """Epochs every rate trains before the choice: ``ceil(rung x epochs)``, at least 1 (a
+        reference's: its own rung)."""
+        rung = self.reference_rung if kind in REFERENCE_KINDS and self.reference_rung is not None else self.rung
+        return min(epochs, max(1, math.ceil(rung * epochs - 1e-9)))
 
     def rule(self, epochs: int, reference_epochs: int | None = None) -> str:
         """The rule as one sentence (the report prints it)."""
         grid = ", ".join(f"{r:g}" for r in self.grid)
         refs = reference_epochs or epochs
-        own = f" (the references: {self.rung_epochs(refs)} of {refs})" if refs != epochs else ""
+        own = (f" (the references: {self.rung_epochs(refs, REFERENCE_KINDS[0])} of {refs})"
+               if refs != epochs or self.reference_rung is not None else "")
         if self.reference_grid and self.reference_grid != self.grid:
             grid += "; the references, which train the head alone: [" + ", ".join(f"{r:g}" for r in self.reference_grid) + "]"
         return (f"each fixed configuration's learning rate is chosen on dev from the grid [{grid}] with its first "
@@ -200,7 +209,8 @@ def rung_trials(protocol: LrProtocol, candidates: list[dict]) -> list[dict]:
     for candidate in candidates:
         epochs, reference = int(candidate["epochs"]), candidate.get("kind") in REFERENCE_KINDS
         out += [{**candidate, "lr": rate, "head_lr": rate if reference else candidate.get("head_lr"),
-                 STOP_EPOCH: protocol.rung_epochs(epochs)} for rate in protocol.grid_of(candidate.get("kind"))]
+                 STOP_EPOCH: protocol.rung_epochs(epochs, candidate.get("kind"))}
+                for rate in protocol.grid_of(candidate.get("kind"))]
     return out
 
 
