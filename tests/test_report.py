@@ -76,6 +76,8 @@ def test_analyze_writes_report_tables_and_plots(analysis):
     assert "seed 0: 1.0000 vs 0.7000, b=3, c=0, p=0.250" in report  # finding 2's supporting McNemar
     assert "own rule said: inconclusive: one seed: training randomness not bounded: the pairs' intervals" in report
     assert "## Configurations (mean over seeds" in report and "| one seed: no interval |" in report
+    assert ("Every configuration has the same head: a softmax-weighted sum of the hidden states, mean-pooled over "
+            "valid frames, standardised (`head.norm: batch`") in report  # the classification default
     for png in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     assert {"placements", "pareto", "agreement", "ensembles_per-method", "ensembles_top-3"} <= set(
@@ -109,6 +111,7 @@ def test_report_handles_missing_parts_ctc(ray_session, tmp_path):
                                                                   "uniform:sequential"}
     assert costs.loc[costs["arm"] == "ensemble per-method:rover", "combine_ms_per_example"].iloc[0] > 0
     assert "No DARTS search trials: no alpha plot." in report
+    assert "the same head: a softmax-weighted sum of the hidden states, then per frame a linear layer" in report
     assert result["files"]["plots"]["alpha"] == []
     assert pd.read_parquet(tmp_path / "tables" / "alpha.parquet").empty
 

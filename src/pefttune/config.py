@@ -85,6 +85,17 @@ class HeadSection(_Section):
         """``norm``, or its default for ``task_kind``."""
         return self.norm or ("batch" if task_kind == "classification" else "none")
 
+    def describe(self, task_kind: str) -> str:
+        """The head as one sentence (the report prints it)."""
+        if task_kind != "classification":
+            return (f"every configuration has the same head: a softmax-weighted sum of the hidden states, then per "
+                    f"frame {'a BiLSTM and ' if self.kind == 'bilstm' else ''}a linear layer to the tokens (CTC)")
+        norm = self.resolved_norm(task_kind)
+        return ("every configuration has the same head: a softmax-weighted sum of the hidden states, mean-pooled "
+                "over valid frames, " + ("standardised (`head.norm: batch`: a batch norm without affine parameters, "
+                                         "its running statistics at evaluation), " if norm == "batch" else "")
+                + ("then an MLP" if self.kind == "mlp" else "then a linear layer") + " to the classes")
+
 
 class TrainSection(_Section):
     epochs: int = Field(4, ge=1, description="Epochs per trial (ASHA's max_t).")

@@ -407,6 +407,7 @@ def render_report(experiment: ResultsStore, result: dict, decision: Decision, tr
     lines += [_intervals_line(decision, settings, metric), ""]
     lines += findings.render(decision, ReportContext(metric, experiment.mode, experiment.task))
     lines += _configs_lines(result, decision, settings, metric)
+    lines += _head_description(experiment.config) if result.get("configs") else []
     lines += protocol_lines(experiment.config, trials, metric) if result.get("configs") else []
     tables = (result.get("files") or {}).get("tables", {})
     lines += cost_section.render(experiment, decision, tables.get("costs.parquet"))
@@ -440,6 +441,19 @@ def _head_lines(experiment: ResultsStore, result: dict) -> list[str]:
         lines.append(f"- audio: {result['skipped_audio']} manifest rows with unreadable audio were dropped "
                      f"(`data.on_error: skip`; listed in `{SKIPPED_AUDIO}`)")
     return lines
+
+
+def _head_description(config: dict | None) -> list[str]:
+    """The head every configuration shares, from the saved config (nothing when it cannot be read)."""
+    from pefttune.config import HeadSection
+
+    try:
+        head = HeadSection(**((config or {}).get("head") or {}))
+    except ValueError:
+        return []
+    task = ((config or {}).get("data") or {}).get("task", "ks")
+    sentence = head.describe("ctc" if task in ("pr", "asr") else "classification")
+    return [wrap(sentence[0].upper() + sentence[1:] + "."), ""]
 
 
 def _configs_lines(result: dict, decision: Decision, settings: dict, metric: str) -> list[str]:
