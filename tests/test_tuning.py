@@ -167,7 +167,7 @@ def tuned_search(ray_session, tmp_path_factory):
     config = parse_config(search_config(
         manifest, storage, name="tuned", methods={"lora": {"rank": 2}},
         train={"epochs": 2, "max_steps_per_epoch": 2, "seeds": [0, 1], "lr_grid": [0.001, 0.05], "lr_rung": 0.5,
-               "reference_epochs": 4},
+               "reference_lr_grid": [0.05, 0.2], "reference_lr_rung": 0.75, "reference_epochs": 4},
         search={"num_samples": 1, "hybrid": False, "replicate_top": 0, "frozen_reference": True}))
     run_search(config, verbose=0)
     return config, Path(storage) / config.name
@@ -183,7 +183,8 @@ def test_a_tuning_chooses_on_the_rung_and_every_seed_trains_at_the_choice(tuned_
     trials = trials_table(open_results(path))
     rungs = trials[trials["experiment"] == "tune-lr"]
     assert len(rungs) == 4 and (rungs["outcome"] == "stopped_early").all()  # never a configuration's result
-    assert rungs.set_index("config_id")["epochs"].to_dict() == {"uniform:lora": 1, "frozen": 2}  # 0.5 of 2 and 4
+    assert rungs.set_index("config_id")["epochs"].to_dict() == {"uniform:lora": 1, "frozen": 3}  # 0.5 of 2, 0.75 of 4
+    assert sorted(rungs[rungs["config_id"] == "frozen"]["lr"]) == [0.05, 0.2]  # the references' own grid
     assert rungs["test_score"].isna().all()  # a rung never scores test
     for cid, choice in choices.choices.items():
         scores = dict(choice.scores)
@@ -203,8 +204,12 @@ def test_a_tuning_chooses_on_the_rung_and_every_seed_trains_at_the_choice(tuned_
     assert configs.loc["uniform:lora", "lr"] == choices.lr("uniform:lora", -1)
     assert configs.loc["frozen", "lr"] == choices.lr("frozen", -1)
     lines = "\n".join(protocol_lines(json.loads(json.dumps(config.model_dump(mode="json"))), trials, "accuracy"))
-    assert "[0.001, 0.05]" in lines and "first 1 of its 2 epochs" in lines and "2 of 4" in lines
+    assert "[0.001, 0.05; the references, which train the head alone: [0.05, 0.2]]" in lines
+    assert "first 1 of its 2 epochs (the references: 3 of 4)" in lines
     assert f"| uniform:lora | 1 |" in lines and f"| {choices.lr('uniform:lora', -1):g} |" in lines
+    assert "| dev accuracy at 0.001 | dev accuracy at 0.05 | dev accuracy at 0.2 |" in lines
+    frozen = next(line for line in lines.splitlines() if line.startswith("| frozen |")).split(" | ")
+    assert frozen[1] == "3" and frozen[2] == "-" and frozen[3] != "-" and frozen[4] != "-"  # not in its grid: -
 
 
 def test_continuing_the_rung_gives_the_numbers_of_training_from_the_start(tuned_search):

@@ -307,7 +307,11 @@ def protocol_lines(config: dict | None, trials: pd.DataFrame, metric: str) -> li
     if not train.get("lr_grid"):
         return [f"Learning rate: every trial at `train.lr` {train.get('lr', '?')} (no `train.lr_grid`: no tuning).",
                 ""]
-    protocol = LrProtocol(tuple(float(r) for r in train["lr_grid"]), float(train.get("lr_rung", 0.2)))
+    references = train.get("reference_lr_grid")
+    protocol = LrProtocol(tuple(sorted(float(r) for r in train["lr_grid"])), float(train.get("lr_rung", 0.2)),
+                          tuple(sorted(float(r) for r in references)) if references else None,
+                          None if train.get("reference_lr_rung") is None else float(train["reference_lr_rung"]))
+    rates = sorted(set(protocol.grid) | set(protocol.reference_grid or ()))  # the table's columns
     epochs = int(train.get("epochs", 1))
     lines = ["Learning rate (`train.lr_grid`, `pefttune.tuning`): "
              + protocol.rule(epochs, train.get("reference_epochs")) + ".", ""]
@@ -316,12 +320,12 @@ def protocol_lines(config: dict | None, trials: pd.DataFrame, metric: str) -> li
         return lines
     rungs = trials[trials[column].notna()]
     chosen = trials[(trials["outcome"] == "completed") & trials[column].isna()].groupby("config_id")["lr"].first()
-    header = ["configuration", "rung epochs"] + [f"dev {metric} at {r:g}" for r in protocol.grid] + ["chosen lr"]
+    header = ["configuration", "rung epochs"] + [f"dev {metric} at {r:g}" for r in rates] + ["chosen lr"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cid, group in rungs.groupby("config_id", sort=True):
         by_rate = {float(r["lr"]): r for _, r in group.iterrows()}
         cells = []
-        for rate in protocol.grid:
+        for rate in rates:  # "-": not in this configuration's grid, or its trial did not reach the rung
             row = by_rate.get(rate)
             score = None if row is None or row["outcome"] != "stopped_early" else row["best_dev_score"]
             cells.append("-" if score is None or pd.isna(score) else f"{float(score):.4f}")
