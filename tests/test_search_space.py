@@ -168,6 +168,12 @@ def test_searcher_prunes_early_stopped_trials(tmp_path, info):
     search.on_trial_complete("stopped", row(2, 0.25))
     search.on_trial_complete("error", error=True)
     search.on_trial_complete("error", error=True)  # twice: ignored
+    # a driver killed after Optuna was told of a trial, before Ray saved that it had ended: after the
+    # resume Ray runs it again from its checkpoint and reports an epoch Optuna never saw
+    search._reported_steps.pop("stopped")
+    search._completed_trials.discard("stopped")
+    search.on_trial_result("stopped", row(3, 0.3))  # no error: the finished trial is left as it is
+    search.on_trial_complete("stopped", row(3, 0.3))
     trials = search.study.get_trials()
     states = [t.state for t in trials]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.COMPLETE]

@@ -123,7 +123,7 @@ def build_model(backbone: str | SpeechEncoder, placement: Placement, head: HeadC
 
 
 def load_model_dir(directory: str | Path, backbone: str | SpeechEncoder | None = None, check_hash: bool = True):
-    """Rebuild a model saved by :meth:`PeftSpeechModel.save`.
+    """Rebuild a model saved by :meth:`PeftSpeechModel.save`, in evaluation mode.
 
     ``backbone`` overrides the recorded reference (e.g. the same model at another path);
     with ``check_hash`` the frozen weights must hash to the recorded value.
@@ -143,4 +143,4 @@ def load_model_dir(directory: str | Path, backbone: str | SpeechEncoder | None =
         )
     model = PeftSpeechModel(encoder, placement, head)
     model.load_weights(directory / WEIGHTS_FILE)
-    return model
+    return model.eval()  # to predict with (a standardised head: its running statistics)

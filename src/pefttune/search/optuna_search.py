@@ -150,7 +150,10 @@ class PefttuneSearch(OptunaSearch):
         if int(epoch) in steps:
             return  # re-reported after a restore
         steps.add(int(epoch))
-        self._ot_trials[trial_id].report(float(value), int(epoch))
+        try:
+            self._ot_trials[trial_id].report(float(value), int(epoch))
+        except optuna.exceptions.UpdateFinishedTrialError:  # told before a crash, Ray re-ran it after the resume
+            self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
