@@ -72,6 +72,11 @@ class DataConfig(_Section):
         return self
 
 
+def task_kind_of(task: str) -> str:
+    """The head a task needs: ``ctc`` for transcription tasks (pr, asr), else ``classification``."""
+    return "ctc" if task in ("pr", "asr") else "classification"
+
+
 class HeadSection(_Section):
     kind: Literal["linear", "mlp", "bilstm"] = Field("linear", description="Head on the weighted layer sum.")
     hidden: int = Field(128, ge=1, description="Width of the MLP / BiLSTM head.")
@@ -609,7 +614,7 @@ class StudyConfig(_Section):
 
     @property
     def task_kind(self) -> str:
-        return "ctc" if self.data.task in ("pr", "asr") else "classification"
+        return task_kind_of(self.data.task)
 
     @property
     def metric(self) -> str:

@@ -445,14 +445,13 @@ def _head_lines(experiment: ResultsStore, result: dict) -> list[str]:
 
 def _head_description(config: dict | None) -> list[str]:
     """The head every configuration shares, from the saved config (nothing when it cannot be read)."""
-    from pefttune.config import HeadSection
+    from pefttune.config import HeadSection, task_kind_of
 
     try:
         head = HeadSection(**((config or {}).get("head") or {}))
     except ValueError:
         return []
-    task = ((config or {}).get("data") or {}).get("task", "ks")
-    sentence = head.describe("ctc" if task in ("pr", "asr") else "classification")
+    sentence = head.describe(task_kind_of(((config or {}).get("data") or {}).get("task", "ks")))
     return [wrap(sentence[0].upper() + sentence[1:] + "."), ""]
 
 
