@@ -45,19 +45,3 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(_RAY_TMP[0], ignore_errors=True)  # Ray's session folders are large: not left in /tmp
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest test files first, each file's tests kept together and in order.
-
-    A ``slow`` mark may say what its test costs (``pytest.mark.slow(seconds=300)``: wall seconds on
-    the 2-core machine, benchmarks/README.md, "The test suite"). With ``-n 2 --dist loadfile``
-    the two processes then begin with the long end-to-end files and fill in with the short ones,
-    instead of one of them starting a long file near the end while the other has run dry
-    (longest-first scheduling)."""
-    cost: dict[str, float] = {}
-    for item in items:
-        mark = item.get_closest_marker("slow")
-        seconds = float(mark.kwargs.get("seconds", 0)) if mark is not None else 0.0
-        cost[str(item.path)] = max(seconds, cost.get(str(item.path), 0.0))
-    items.sort(key=lambda item: -cost[str(item.path)])  # stable: files and their tests keep their order

@@ -11,7 +11,7 @@ from pefttune.analysis.report import analyze
 from pefttune.analysis.store import open_results
 from pefttune.analysis.tables import trials_table
 
-pytestmark = pytest.mark.slow(seconds=10)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

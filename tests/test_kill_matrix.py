@@ -32,7 +32,7 @@ from pefttune.trainables.setup import prefill_frozen_cache
 from helpers import run_until_killed
 from test_search_fixtures import search_config, write_tone_manifest
 
-pytestmark = pytest.mark.slow(seconds=300)
+pytestmark = pytest.mark.slow
 
 SEEDS = [0, 1]
 

@@ -24,7 +24,7 @@ import yaml
 from helpers import kill_ray_leftovers, run_until_killed
 from test_search_fixtures import search_config, write_tone_manifest
 
-pytestmark = pytest.mark.slow(seconds=70)
+pytestmark = pytest.mark.slow
 
 CORPUS_SIZE = {"per_class": 12, "test_per_class": 2}  # 12 labels x (12 train + 3 dev + 2 test) clips
 

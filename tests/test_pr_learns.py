@@ -13,7 +13,7 @@ from pefttune.placement import Placement
 from pefttune.trainables.setup import TrialSetup, frozen_cache, train_config
 from pefttune.training import evaluate, fit
 
-pytestmark = pytest.mark.slow(seconds=17)
+pytestmark = pytest.mark.slow
 
 
 def test_a_short_pr_run_gets_well_below_per_one():

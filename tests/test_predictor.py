@@ -12,7 +12,7 @@ import torch
 
 from pefttune.cli import main as cli_main
 
-pytestmark = pytest.mark.slow(seconds=10)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

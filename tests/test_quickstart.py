@@ -21,7 +21,7 @@ import pytest
 
 from data_fixtures import make_own_data
 
-pytestmark = pytest.mark.slow(seconds=60)
+pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "own-data.md"
 NOISE = ("Loading weights", "Token authentication", "A new study created", "Define-by-run function")

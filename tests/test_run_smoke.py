@@ -9,7 +9,7 @@ import yaml
 
 from pefttune.cli import main as cli_main
 
-pytestmark = pytest.mark.slow(seconds=35)
+pytestmark = pytest.mark.slow
 
 
 def test_pefttune_run_smoke_writes_every_artefact(ray_session, tmp_path, capsys):

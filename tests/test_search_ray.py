@@ -34,8 +34,6 @@ from pefttune.search.space import FixedPoint
 from pefttune.trainables.checkpoint import checkpoint_predictions, read_state
 from test_search_fixtures import search_config, write_tone_manifest
 
-pytestmark = pytest.mark.slow(seconds=65)  # every test here runs Ray trials
-
 EPOCHS = 3
 BUDGET = 5000
 FAIL_ONCE = {"num_layers": 4, "layers": ["lora", "none", "bitfit", "none"]}

@@ -141,7 +141,7 @@ def test_task_configs_merge_overrides_and_name_bad_fields():
         parse_config({"tasks": ["ks", "ks"]})
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow
 def test_suite_runs_each_task_writes_the_table_and_resumes(ray_session, tmp_path, capsys):
     """A one-task suite runs; a second task added is refused without ``--resume``; a ``--resume``
     killed (SIGKILL of its process group) while the second task's trials run is resumed again,
