@@ -85,12 +85,17 @@ class LrProtocol:
     def of(cls, config: StudyConfig) -> "LrProtocol | None":
         """The protocol of ``config``; None without ``train.lr_grid`` (every trial at ``train.lr``)."""
         train = config.train
-        grid, references = train.lr_grid, train.reference_lr_grid
-        if not grid:
+        return cls.from_fields(train.lr_grid, train.lr_rung, train.reference_lr_grid, train.reference_lr_rung)
+
+    @classmethod
+    def from_fields(cls, lr_grid, lr_rung, reference_lr_grid=None, reference_lr_rung=None) -> "LrProtocol | None":
+        """The protocol of the ``train`` fields of those names (a config or a saved one's values);
+        None without ``lr_grid``."""
+        if not lr_grid:
             return None
-        return cls(tuple(sorted(float(r) for r in grid)), float(train.lr_rung),
-                   tuple(sorted(float(r) for r in references)) if references else None,
-                   None if train.reference_lr_rung is None else float(train.reference_lr_rung))
+        return cls(tuple(sorted(float(r) for r in lr_grid)), float(lr_rung),
+                   tuple(sorted(float(r) for r in reference_lr_grid)) if reference_lr_grid else None,
+                   None if reference_lr_rung is None else float(reference_lr_rung))
 
     def grid_of(self, kind: str) -> tuple[float, ...]:
         """The rates a configuration of ``kind`` chooses from: the references' grid for them."""
@@ -307,10 +312,8 @@ def protocol_lines(config: dict | None, trials: pd.DataFrame, metric: str) -> li
     if not train.get("lr_grid"):
         return [f"Learning rate: every trial at `train.lr` {train.get('lr', '?')} (no `train.lr_grid`: no tuning).",
                 ""]
-    references = train.get("reference_lr_grid")
-    protocol = LrProtocol(tuple(sorted(float(r) for r in train["lr_grid"])), float(train.get("lr_rung", 0.2)),
-                          tuple(sorted(float(r) for r in references)) if references else None,
-                          None if train.get("reference_lr_rung") is None else float(train["reference_lr_rung"]))
+    protocol = LrProtocol.from_fields(train["lr_grid"], train.get("lr_rung", 0.2), train.get("reference_lr_grid"),
+                                      train.get("reference_lr_rung"))
     rates = sorted(set(protocol.grid) | set(protocol.reference_grid or ()))  # the table's columns
     epochs = int(train.get("epochs", 1))
     lines = ["Learning rate (`train.lr_grid`, `pefttune.tuning`): "
