@@ -233,6 +233,18 @@ def _checkpoints(path: Path) -> dict[str, dict]:
     return out
 
 
+def _search_state(path: Path) -> dict[str, bytes] | None:
+    """The search generator's and the searcher's saved state (both files, non-empty), or None."""
+    state = {}
+    for prefix in ("search_gen_state", "searcher-state"):
+        files = sorted(path.glob(f"{prefix}-*"))
+        content = files[-1].read_bytes() if files else b""
+        if not content:
+            return None
+        state[prefix] = content
+    return state
+
+
 def _state_mtime(path: Path) -> float:
     return max((p.stat().st_mtime for p in path.glob("experiment_state-*.json")), default=0.0)
 
@@ -262,10 +274,13 @@ def test_resume_after_interruption_finishes_remaining_trials(ray_session, manife
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     temp_dir = ""
+    stale = None  # the search state of Ray's first save, before the experiment held all its trials
     try:
         temp_dir = driver.stdout.readline().split()[-1]
         deadline = time.time() + 180
         while time.time() < deadline:
+            if stale is None:
+                stale = _search_state(path)
             # kill once a trial has finished and another one is mid-run with a checkpoint that
             # the experiment state already refers to (snapshot newer than the checkpoint)
             checkpoints = _checkpoints(path)
@@ -309,3 +324,17 @@ def test_resume_after_interruption_finishes_remaining_trials(ray_session, manife
     complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
     assert sorted(t.user_attrs["ray_trial_id"] for t in complete) == sorted(frame.index)
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+    # a kill between Ray's save of the experiment state and of the search state: the newest
+    # search state is the first one, from before the experiment held its five trials
+    import ray.cloudpickle
+
+    assert stale is not None and ray.cloudpickle.loads(stale["search_gen_state"])["counter"] < 5
+    for prefix, content in stale.items():
+        max(path.glob(f"{prefix}-*")).write_bytes(content)
+    again = results_frame(run_search(parse_config(config), resume=True, verbose=0), EPOCHS).set_index("trial_id")
+    assert sorted(again.index) == sorted(frame.index)  # no place suggested twice
+    assert again.loc[frame.index, "start_epoch"].tolist() == frame["start_epoch"].tolist()  # nothing trained again
+    trials = optuna.load_study(study_name="resume-test", storage=f"sqlite:///{path / 'optuna.db'}").get_trials()
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials if t.state == TrialState.COMPLETE) == sorted(frame.index)
+    assert len(trials) == len(study.get_trials())

@@ -13,7 +13,15 @@ from optuna.trial import TrialState
 from pefttune.config import parse_config
 from pefttune.placement import Placement
 from pefttune.schema import TrialReport, metric_key
-from pefttune.search.optuna_search import Objective, PefttuneSearch, classify_result, make_sampler, make_storage
+from pefttune.search.optuna_search import (
+    Objective,
+    PefttuneSearch,
+    PefttuneSearchGenerator,
+    classify_result,
+    experiment_trial_ids,
+    make_sampler,
+    make_storage,
+)
 from pefttune.search.space import FixedPoint, fixed_points, layer_param, validate_space
 from pefttune.backbones import backbone_info
 
@@ -209,6 +217,63 @@ def test_searcher_state_round_trip_fails_orphans(tmp_path, info):
     again = make_search(tmp_path, config, info)
     waiting = [t for t in again.study.get_trials() if t.state == TrialState.WAITING]
     assert len(waiting) == len(fixed_points(config)) - 2
+
+
+def write_experiment_state(directory, trial_ids, session="2026-12-08_00-00-00"):
+    """An experiment state file as Ray's TuneController writes it (the trials' JSON inside JSON)."""
+    trial_data = [[json.dumps({"trial_id": t, "status": "RUNNING"}), "{}"] for t in trial_ids]
+    path = directory / f"experiment_state-{session}.json"
+    path.write_text(json.dumps({"trial_data": trial_data, "runner_data": {}, "stats": {}}))
+    return path
+
+
+def test_restored_searcher_follows_the_experiment_state(tmp_path, info):
+    """A kill between Ray's save of the experiment state and of the searcher's leaves them a
+    trial apart, either way round: the restored links are the experiment's."""
+    config = make_config()
+    state = tmp_path / "state"
+    state.mkdir()
+    # the experiment state saved, the searcher's not: the experiment holds "b", the searcher forgot it
+    search = make_search(tmp_path, config, info)
+    search.suggest("a")
+    search.save_to_dir(str(state), "s1")
+    search.suggest("b")
+    write_experiment_state(state, ["a", "b"])
+    restored = pickle.loads(pickle.dumps(search))
+    restored.restore_from_dir(str(state))
+    assert set(restored._ot_trials) == {"a", "b"}
+    assert [t.state for t in restored.study.get_trials()[:2]] == [TrialState.RUNNING, TrialState.RUNNING]
+    restored.on_trial_complete("b", row(3, 0.7))  # told to its own Optuna trial, not lost
+    assert restored.study.get_trials()[1].state == TrialState.COMPLETE
+    # the searcher's state saved, the experiment's not: the searcher links "c", the experiment lacks it
+    search.suggest("c")
+    search.save_to_dir(str(state), "s2")
+    write_experiment_state(state, ["a", "b"], session="2026-12-08_00-00-01")  # the newer file wins
+    again = pickle.loads(pickle.dumps(search))
+    again.restore_from_dir(str(state))
+    assert set(again._ot_trials) == {"a", "b"}
+    assert again.study.get_trials()[2].state == TrialState.FAIL  # asked, never run: its place is free
+    assert experiment_trial_ids(str(state)) == {"a", "b"}
+    assert experiment_trial_ids(str(tmp_path)) is None  # no experiment state: Ray's restore as it was
+
+
+def test_restored_search_generator_counts_the_experiments_trials(tmp_path, info):
+    from ray.tune.experiment import Experiment
+
+    config = make_config()
+    state = tmp_path / "state"
+    state.mkdir()
+    generator = PefttuneSearchGenerator(make_search(tmp_path, config, info))
+    generator.add_configurations(Experiment("grid", lambda config: None, num_samples=5))
+    generator._counter = 2  # two trials created when the search state was saved
+    generator.save_to_dir(str(state), "s1")
+    write_experiment_state(state, ["a", "b", "c"])  # a third created before the kill, in the experiment state
+    restored = PefttuneSearchGenerator(make_search(tmp_path, config, info))  # what Tuner.restore builds
+    restored.restore_from_dir(str(state))
+    assert restored._counter == 3 and not restored.is_finished()
+    write_experiment_state(state, ["a"], session="2026-12-08_00-00-01")  # saved before the second was created
+    restored.restore_from_dir(str(state))
+    assert restored._counter == 1  # the lost place is suggested again
 
 
 def test_multi_objective_samplers(tmp_path, info):

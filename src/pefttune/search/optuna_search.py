@@ -15,8 +15,13 @@ changes what Optuna is told:
   ``budget`` constraint > 0, so TPE/NSGA-II treat them as infeasible.
 - **Fixed points** (uniform baselines, hybrid) are enqueued into a fresh study with the
   ``pefttune_fixed`` user attribute, so they are ordinary Optuna trials of the same study.
-- **Resume**: after Ray restores the searcher, Optuna trials left ``RUNNING`` that Ray
-  no longer knows (asked right before a crash, never recorded) are marked ``FAIL``.
+- **Resume**: Ray saves the experiment state (its trials) and the search state (the count of
+  trials suggested, the links to Optuna trials) as separate files, so a driver killed between
+  the two leaves them a trial apart. Restored, both follow the experiment state
+  (:class:`PefttuneSearchGenerator`, :meth:`PefttuneSearch.restore_from_dir`): a trial the
+  experiment holds is linked again and never suggested twice; an Optuna trial left ``RUNNING``
+  that the experiment does not hold (asked right before a crash) is marked ``FAIL`` and its
+  place suggested anew.
 
 The study lives in an RDB storage (sqlite in the experiment dir by default), so
 ``optuna-dashboard sqlite:///<dir>/optuna.db`` opens it and a resumed search keeps the
@@ -24,13 +29,17 @@ sampler's history.
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from pefttune.config import StudyConfig
@@ -178,9 +187,36 @@ class PefttuneSearch(OptunaSearch):
             logger.warning("pefttune search: could not tell Optuna trial %s %s: %s", ot_trial.number, state, err)
 
     def restore(self, checkpoint_path: str) -> None:
+        follow = self.__dict__.pop("_follow_trial_ids", None)  # set by restore_from_dir
         super().restore(checkpoint_path)
         if not hasattr(self, "_reported_steps"):
             self._reported_steps = {}
+        if follow is None:
+            self.fail_orphans()
+        else:
+            self.follow_experiment(follow)
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        """Restore, then follow the experiment state saved beside it (:func:`experiment_trial_ids`)."""
+        self._follow_trial_ids = experiment_trial_ids(checkpoint_dir)
+        try:
+            super().restore_from_dir(checkpoint_dir)
+        finally:
+            self.__dict__.pop("_follow_trial_ids", None)
+
+    def follow_experiment(self, trial_ids: set[str]) -> None:
+        """Make the links to Optuna trials those of the Ray trials in ``trial_ids``.
+
+        A Ray trial whose link was suggested after the searcher's last save is linked again to
+        its Optuna trial (found by its ``ray_trial_id``); a link to a Ray trial the experiment
+        does not hold is dropped, and its Optuna trial, if still running, marked ``FAIL``."""
+        for trial_id in [t for t in self._ot_trials if t not in trial_ids]:
+            del self._ot_trials[trial_id]
+            self._completed_trials.discard(trial_id)
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial_id = frozen.user_attrs.get("ray_trial_id")
+            if trial_id in trial_ids and trial_id not in self._ot_trials:
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
         self.fail_orphans()
 
     def fail_orphans(self) -> list[int]:
@@ -191,3 +227,43 @@ class PefttuneSearch(OptunaSearch):
         for number in orphans:
             self._ot_study.tell(number, state=TrialState.FAIL)
         return orphans
+
+
+class PefttuneSearchGenerator(SearchGenerator):
+    """Ray's :class:`~ray.tune.search.SearchGenerator` whose count of created trials, restored,
+    is the experiment state's (Ray saves the two in separate files: see the module docstring).
+
+    Without it, a count saved before the experiment's last trial was created makes the restored
+    search suggest that trial's place again, and a count saved after a trial the experiment state
+    does not hold leaves that place empty.
+
+    Example::
+
+        generator = PefttuneSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+        tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=generator, num_samples=5))
+    """
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        trial_ids = experiment_trial_ids(dirpath)
+        if trial_ids is not None:
+            self._counter = len(trial_ids)
+
+
+#: Ray Tune's experiment state file (``TuneController.CKPT_FILE_TMPL``).
+EXPERIMENT_STATE = "experiment_state-*.json"
+
+
+def experiment_trial_ids(directory: str) -> set[str] | None:
+    """The trial ids in the newest experiment state of ``directory`` (the one Ray restores: the
+    greatest file name), or None when it holds none or cannot be read."""
+    files = glob.glob(os.path.join(glob.escape(directory), EXPERIMENT_STATE))
+    if not files:
+        return None
+    try:
+        with open(max(files)) as f:
+            state = json.load(f)
+        return {json.loads(trial)["trial_id"] for trial, _ in state["trial_data"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("pefttune search: could not read the trials of %s: %s", max(files), err)
+        return None

@@ -60,7 +60,13 @@ from pefttune.runtime.storage import storage_exists
 from pefttune.runtime.tracking import check_tracking
 from pefttune.runtime.tune_run import run_config
 from pefttune.schema import TrialKind, metric_key
-from pefttune.search.optuna_search import Objective, PefttuneSearch, make_sampler, make_storage
+from pefttune.search.optuna_search import (
+    Objective,
+    PefttuneSearch,
+    PefttuneSearchGenerator,
+    make_sampler,
+    make_storage,
+)
 from pefttune.search.space import FixedPoint, PlacementSpace, fixed_points, validate_space, with_rates
 from pefttune.search.summary import summary_table
 from pefttune.trainables.setup import Faults, make_setup, prefill_local
@@ -239,18 +245,19 @@ def progress_reporter(plan: SearchPlan):
 
 def build_tuner(plan: SearchPlan, setup, verbose: int = 1, callbacks: list | None = None):
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     from pefttune.trainables.discrete import train_fn
     from pefttune.trainables.trial import make_trainable
 
     search = plan.config.search
+    searcher = ConcurrencyLimiter(build_searcher(plan), max_concurrent=search.max_concurrent)
     return tune.Tuner(
         make_trainable(train_fn, setup),
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(plan),
+            search_alg=PefttuneSearchGenerator(searcher),  # restored to agree with the experiment state
             scheduler=build_scheduler(plan),
             num_samples=plan.num_samples,
-            max_concurrent_trials=search.max_concurrent,
             reuse_actors=search.reuse_actors,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
