@@ -13,6 +13,9 @@ hidden temporary beside its target and renamed over it when complete (``os.repla
 sees the old file or the new one, never a part. Used for every Ray experiment of a study whose
 storage is a local path (``runtime.tune_run.run_config`` and each ``Tuner.restore``); a URI
 (``s3://...``) keeps pyarrow's own filesystem, whose object stores write whole objects.
+Whole files, not a whole set: the experiment state and the search state can still be a trial
+apart after a kill; a restored search reconciles them
+(:class:`pefttune.search.optuna_search.PefttuneSearchGenerator`).
 
 >>> fs = atomic_storage()
 >>> fs.type_name
